@@ -1,0 +1,1 @@
+"""KnowZoom kg_qa_builder package."""

@@ -1,0 +1,77 @@
+"""The `knowzoom` command: `knowzoom <stage> [--config FILE.yaml] [--field value ...]`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+from pipeline.config import config_help, load_config
+from pipeline.errors import KnowZoomError
+from pipeline.stages import STAGES, run_stage
+
+USAGE = """usage: knowzoom <stage> [--config FILE.yaml] [--field value ...]
+       knowzoom run [CONFIG.yaml]          (default: configs/tiny/pipeline.yaml)
+       knowzoom <stage> --help             (fields, types, defaults)
+
+stages:
+"""
+
+DEFAULT_PIPELINE = "configs/tiny/pipeline.yaml"
+
+
+def _usage() -> str:
+    return USAGE + "\n".join(f"  {s.name:<15} {s.summary}" for s in STAGES.values())
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=os.environ.get("KNOWZOOM_LOG", "INFO"), format="%(asctime)s %(name)s: %(message)s")
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in STAGES:
+        print(f"knowzoom: unknown stage {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    try:
+        cls, _ = STAGES[name].load()
+    except ImportError as e:
+        print(f"knowzoom {name}: cannot import its module ({e}); is the project installed (pip install -e .)?",
+              file=sys.stderr)
+        return 2
+    if "-h" in rest or "--help" in rest:
+        print(f"knowzoom {name}: {STAGES[name].summary}\n\nfields:\n{config_help(cls)}")
+        return 0
+    config_path = None
+    if "--config" in rest:
+        i = rest.index("--config")
+        if i + 1 >= len(rest):
+            print("knowzoom: --config needs a YAML file path", file=sys.stderr)
+            return 2
+        config_path = rest[i + 1]
+        rest = rest[:i] + rest[i + 2:]
+    elif any(a.startswith("--config=") for a in rest):
+        a = next(a for a in rest if a.startswith("--config="))
+        config_path = a.split("=", 1)[1]
+        rest.remove(a)
+    elif name == "run" and rest and not rest[0].startswith("-"):
+        config_path, rest = rest[0], rest[1:]
+    if name == "run" and config_path is None and os.path.exists(DEFAULT_PIPELINE):
+        config_path = DEFAULT_PIPELINE
+    try:
+        cfg = load_config(cls, config_path, rest)
+        summary = run_stage(name, cfg)
+    except KnowZoomError as e:
+        print(f"knowzoom {name}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"knowzoom {name}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,116 @@
+"""Run manifests: every stage writes its resolved config and a manifest (git SHA, versions, seed)
+next to its outputs, and a DONE marker (with the config fingerprint) written last and atomically, so a
+rerun with the same config skips the stage and a changed config reruns it."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import StageConfig, save_config
+
+_PACKAGES = (
+    "knowzoom", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "ray", "rasterio",
+    "numpy", "pillow", "networkx", "vllm",
+)
+DONE = "DONE.json"
+
+
+def git_sha() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+            cwd=Path(__file__).resolve().parent.parent,
+        )
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for p in _PACKAGES:
+        try:
+            out[p] = metadata.version(p)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    os.environ.setdefault("PYTHONHASHSEED", str(seed))
+    try:
+        import numpy as np
+
+        np.random.seed(seed)
+    except ImportError:
+        pass
+    if "torch" in sys.modules:
+        import torch
+
+        torch.manual_seed(seed)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_manifest(cfg: StageConfig, stage: str, extra: dict[str, Any] | None = None) -> Path:
+    """Write `config.yaml` and `manifest.json` into cfg.output_dir (called when a stage starts)."""
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    manifest = {
+        "stage": stage,
+        "config_fingerprint": cfg.fingerprint(),
+        "git_sha": git_sha(),
+        "versions": package_versions(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "seed": cfg.seed,
+        "argv": sys.argv,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        **(extra or {}),
+    }
+    atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2, default=str))
+    return out / "manifest.json"
+
+
+def mark_done(cfg: StageConfig, stage: str, summary: dict[str, Any] | None = None) -> None:
+    """Written last: the stage's outputs for this exact config are complete."""
+    atomic_write_text(
+        Path(cfg.output_dir) / DONE,
+        json.dumps({"stage": stage, "config_fingerprint": cfg.fingerprint(), "summary": summary or {},
+                    "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2, default=str),
+    )
+
+
+def is_done(cfg: StageConfig) -> bool:
+    p = Path(cfg.output_dir) / DONE
+    if not p.exists():
+        return False
+    try:
+        return json.loads(p.read_text())["config_fingerprint"] == cfg.fingerprint()
+    except (ValueError, KeyError):
+        return False
+
+
+def read_done(output_dir: str | Path) -> dict[str, Any] | None:
+    p = Path(output_dir) / DONE
+    return json.loads(p.read_text()) if p.exists() else None

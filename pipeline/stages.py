@@ -1,0 +1,65 @@
+"""The stage registry: command name → (module, config class, run function).
+
+Every stage is `run(cfg) -> dict` (a JSON-able summary) on its own config dataclass. Modules are imported
+lazily so `knowzoom make-scenes` never imports torch. `run_stage` writes the resolved config and the
+manifest before the stage and the DONE marker after it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.config import StageConfig
+from pipeline.manifest import is_done, mark_done, seed_everything, write_manifest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    module: str
+    config: str
+    func: str = "run"
+    summary: str = ""
+
+    def load(self) -> tuple[type[StageConfig], Any]:
+        mod = importlib.import_module(self.module)
+        return getattr(mod, self.config), getattr(mod, self.func)
+
+
+STAGES: dict[str, Stage] = {
+    s.name: s
+    for s in [
+        Stage("make-scenes", "tools.scenes", "MakeScenesConfig", summary="procedural UHR scenes (COGs) + VQA JSONL"),
+        Stage("prepare-images", "tools.prepare", "PrepareImagesConfig", summary="rasters/JPEG/PNG → tiled COGs with overviews"),
+        Stage("build-qa", "kg_qa_builder.stage", "BuildQAConfig", summary="knowledge graph → verified text QA JSONL"),
+        Stage("build-model", "pipeline.models", "BuildModelConfig", summary="build the embedded tiny Qwen2.5-VL offline"),
+        Stage("sft", "sft.stage", "SFTConfig", summary="TRL SFT: text cold start and/or image pre-warm"),
+        Stage("mine-hard", "sft.mining", "MineHardConfig", summary="pass-rate mining of hard VQA samples"),
+        Stage("rl", "rl.stage", "RLConfig", summary="agentic GRPO with the zoom tool (TRL + Ray)"),
+        Stage("eval", "pipeline.evaluate", "EvalConfig", summary="Pass@1/Pass@k on XLRS-Bench or our VQA JSONL"),
+        Stage("serve-tools", "tools.server", "ServeConfig", summary="zoom tool as HTTP API / MCP server"),
+        Stage("run", "pipeline.runner", "PipelineConfig", summary="run the stages of a pipeline config in order"),
+        Stage("ablate", "pipeline.ablate", "AblateConfig", summary="the paper's ablation: RL only / +pre-warm / +cold start"),
+    ]
+}
+
+
+def run_stage(name: str, cfg: StageConfig, *, skip_if_done: bool = False) -> dict[str, Any]:
+    """Run one stage with manifest + DONE bookkeeping; skip when its outputs for this config exist."""
+    stage = STAGES[name]
+    if skip_if_done and is_done(cfg):
+        log.info("%s: outputs for this config exist in %s, skipping", name, cfg.output_dir)
+        from pipeline.manifest import read_done
+
+        return {"skipped": True, **((read_done(cfg.output_dir) or {}).get("summary") or {})}
+    _, func = stage.load()
+    write_manifest(cfg, name)
+    seed_everything(cfg.seed)
+    summary = func(cfg) or {}
+    mark_done(cfg, name, summary)
+    return summary

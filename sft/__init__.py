@@ -1,0 +1,1 @@
+"""KnowZoom sft package."""

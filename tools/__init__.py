@@ -1,0 +1,1 @@
+"""KnowZoom tools package."""
