@@ -1,0 +1,112 @@
+"""`knowzoom ablate`: the paper's ablation as one command.
+
+(a) RL only, (b) pre-warm SFT + RL, (c) text cold start + pre-warm + RL — each a variant of the same
+pipeline config, from the same seeds, sharing the data stages (scenes, QA) and evaluated on the same
+held-out synthetic set; printed as one table with Pass@1 and Pass@k (micro and macro)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import StageConfig, config_from_dict, hfield, load_yaml
+from pipeline.manifest import atomic_write_text
+
+DEFAULT_VARIANTS: dict[str, dict[str, Any]] = {
+    "a_rl_only": {
+        "label": "RL only",
+        "skip": ["sft_text", "sft_prewarm"],
+        "overrides": {"mine_hard": {"model": "tiny"}, "rl": {"model": "tiny"}},
+    },
+    "b_prewarm_rl": {
+        "label": "+ pre-warm",
+        "skip": ["sft_text"],
+        "overrides": {"mine_hard": {"model": "tiny"}, "sft_prewarm": {"model": "tiny"}},
+    },
+    "c_coldstart_prewarm_rl": {"label": "+ text cold start", "skip": [], "overrides": {}},
+}
+
+
+@dataclass
+class AblateConfig(StageConfig):
+    """Which pipeline to ablate, where, and which variants."""
+
+    output_dir: str = hfield("runs/tiny/ablate", help="Each variant runs under OUTPUT_DIR/<variant>.")
+    pipeline: str = hfield("configs/tiny/pipeline.yaml", help="The pipeline YAML whose stages are ablated.")
+    data_root: str = hfield("runs/tiny", help="Shared data stages (scenes, QA) read/write here, once for all variants.")
+    data_stages: list[str] = hfield(["make-scenes", "build-qa"], help="Stage ids that write shared data under data_root.")
+    variants: dict = hfield(DEFAULT_VARIANTS, help="variant → {label, skip: [stage ids], overrides: {stage id: {field: value}}}.")
+    eval_stage: str = hfield("eval", help="Stage id whose metrics.json is tabulated.")
+    force: bool = hfield(False, help="Rerun stages even when their outputs exist.")
+
+    def validate(self) -> list[str]:
+        problems = super().validate()
+        if not self.variants:
+            problems.append("variants: empty; give at least one variant")
+        for k, v in self.variants.items():
+            if not isinstance(v, dict) or set(v) - {"label", "skip", "overrides"}:
+                problems.append(f"variants.{k}: must be a mapping with label, skip, overrides")
+        return problems
+
+
+def _pipeline_for(cfg: AblateConfig, name: str, variant: dict[str, Any]):
+    from pipeline.runner import PipelineConfig, _resolve_path
+
+    data = load_yaml(_resolve_path(cfg.pipeline))
+    data["output_dir"] = str(Path(cfg.output_dir) / name)
+    data["data_root"] = cfg.data_root
+    data["seed"] = cfg.seed
+    data["force"] = cfg.force
+    data["skip"] = list(data.get("skip", [])) + list(variant.get("skip", []))
+    overrides = dict(data.get("overrides", {}) or {})
+    for sid, o in (variant.get("overrides") or {}).items():
+        overrides[sid] = {**overrides.get(sid, {}), **o}
+    data["overrides"] = overrides
+    data["report"] = True
+    return config_from_dict(PipelineConfig, data, f"ablation variant {name}")
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    keys = ["pass@1_macro", "pass@1_micro", "pass@k_macro", "pass@k_micro", "k", "n_items", "parse_failures",
+            "tool_calls_per_q"]
+    head = "| variant | " + " | ".join(keys) + " |"
+    lines = [head, "|" + "---|" * (len(keys) + 1)]
+    for r in rows:
+        cells = []
+        for k in keys:
+            v = r.get(k)
+            cells.append(f"{v:.2f}" if isinstance(v, float) else ("" if v is None else str(v)))
+        lines.append(f"| {r['variant']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def metrics_row(name: str, label: str, metrics: dict[str, Any]) -> dict[str, Any]:
+    """Flatten an eval metrics.json into one table row."""
+    row: dict[str, Any] = {"variant": f"{name} ({label})"}
+    for k in ("pass@1_macro", "pass@1_micro", "pass@k_macro", "pass@k_micro", "k", "n_items",
+              "parse_failures", "tool_calls_per_q"):
+        if k in metrics:
+            row[k] = metrics[k]
+    return row
+
+
+def run(cfg: AblateConfig) -> dict[str, Any]:
+    from pipeline.runner import run as run_pipeline
+    from pipeline.runner import stage_configs
+
+    rows = []
+    for name, variant in cfg.variants.items():
+        pcfg = _pipeline_for(cfg, name, variant)
+        run_pipeline(pcfg)
+        eval_cfg = next(c for sid, _, c in stage_configs(pcfg) if sid == cfg.eval_stage)
+        mpath = Path(eval_cfg.output_dir) / "metrics.json"
+        metrics = json.loads(mpath.read_text()) if mpath.exists() else {}
+        rows.append(metrics_row(name, variant.get("label", name), metrics))
+    table = format_table(rows)
+    print(table)
+    out = Path(cfg.output_dir)
+    atomic_write_text(out / "ablation.md", "# Ablation\n\n" + table + "\n")
+    atomic_write_text(out / "ablation.json", json.dumps(rows, indent=2))
+    return {"table": table, "rows": rows}
