@@ -1,0 +1,323 @@
+"""The tool protocol: the ONE module that renders prompts/observations and parses tool calls.
+
+Text format (Qwen2.5-VL style): optional `<think>...</think>`, then either one
+`<tool_call>{"name": "zoom_in", "arguments": {"bbox": [x0, y0, x1, y1], "source": "image_0"}}</tool_call>`
+or a final `<answer>...</answer>`. Generation stops at `</tool_call>` (the stop string may be stripped by the
+backend, so an unclosed final `<tool_call>` is accepted). TRL, SFT trajectories, evaluation and the HTTP
+API all use this module, so a box means the same thing everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from tools.errors import (
+    BoxOutsideError,
+    LimitError,
+    MultipleToolCallsError,
+    ToolCallParseError,
+    ToolError,
+    UnknownSourceError,
+    UnknownToolError,
+)
+from tools.store import ImageStore
+from tools.zoom import FRAMES, Observation, ZoomConfig, check_box, read_overview, read_region
+
+TOOL_NAME = "zoom_in"
+STOP = "</tool_call>"
+
+_FRAME_TEXT = {
+    "shown_pixels": "absolute pixel coordinates of that image as you see it",
+    "norm1000": "coordinates normalised to 0-1000 on both axes of that image",
+    "lonlat": "longitude/latitude degrees [west, south, east, north]",
+}
+
+DEFAULT_INSTRUCTION = (
+    "Select the best answer for the multiple-choice question based on the image(s). "
+    "Answer with the option letter(s) inside <answer></answer>."
+)
+
+
+def zoom_tool_schema(frame: str = "shown_pixels") -> dict[str, Any]:
+    """The zoom_in tool in OpenAI tools format."""
+    _check_frame(frame)
+    return {
+        "type": "function",
+        "function": {
+            "name": TOOL_NAME,
+            "description": (
+                "Zoom into a region of an image or of an earlier zoomed view and return it at higher "
+                f"resolution. bbox is [x0, y0, x1, y1] in {_FRAME_TEXT[frame]}."
+            ),
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "bbox": {
+                        "type": "array",
+                        "items": {"type": "number"},
+                        "minItems": 4,
+                        "maxItems": 4,
+                        "description": f"[x0, y0, x1, y1] in {_FRAME_TEXT[frame]}",
+                    },
+                    "source": {
+                        "type": "string",
+                        "description": "The view the box refers to: image_0, image_1, ... or an earlier obs_N.",
+                        "default": "image_0",
+                    },
+                },
+                "required": ["bbox"],
+            },
+        },
+    }
+
+
+def system_prompt(frame: str = "shown_pixels") -> str:
+    """Short system prompt describing the tool and the answer format (short: tiny models pay per token)."""
+    _check_frame(frame)
+    return (
+        "You answer questions about very large remote-sensing images. Small objects are invisible in the "
+        "overview; zoom in first. To zoom, reply with "
+        '<tool_call>{"name": "zoom_in", "arguments": {"bbox": [x0, y0, x1, y1], "source": "image_0"}}</tool_call> '
+        f"where bbox is in {_FRAME_TEXT[frame]} named by source (image_0, image_1, or an earlier obs_N). "
+        "You may think inside <think></think>. When sure, reply with <answer>letter(s)</answer>."
+    )
+
+
+def _check_frame(frame: str) -> None:
+    if frame not in FRAMES:
+        raise ValueError(f"frame {frame!r} not in {FRAMES}")
+
+
+@dataclass
+class ToolCall:
+    name: str
+    arguments: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ParsedTurn:
+    think: str | None
+    tool_call: ToolCall | None
+    answer: str | None
+    error: ToolError | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+_THINK = re.compile(r"<think>(.*?)</think>", re.S)
+_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.S)
+_CALL = re.compile(r"<tool_call>(.*?)(?:</tool_call>|\Z)", re.S)
+
+
+def _parse_call(body: str) -> ToolCall:
+    try:
+        d = json.loads(body.strip())
+    except json.JSONDecodeError as e:
+        raise ToolCallParseError(detail=f"bad JSON: {e}") from e
+    if not isinstance(d, dict) or not isinstance(d.get("name"), str):
+        raise ToolCallParseError(detail="tool call must be an object with a string 'name'")
+    args = d.get("arguments", d.get("parameters", {}))
+    if isinstance(args, str):  # OpenAI style: arguments as a JSON string
+        try:
+            args = json.loads(args)
+        except json.JSONDecodeError as e:
+            raise ToolCallParseError(detail=f"bad arguments JSON: {e}") from e
+    if not isinstance(args, dict):
+        raise ToolCallParseError(detail="'arguments' must be an object")
+    return ToolCall(name=d["name"], arguments=args)
+
+
+def parse_turn(text: str) -> ParsedTurn:
+    """Split one assistant turn into think / tool call / answer; format problems go to `error`."""
+    if not isinstance(text, str):
+        return ParsedTurn(None, None, None, ToolCallParseError(detail="turn is not text"))
+    m = _THINK.search(text)
+    think = m.group(1).strip() if m else None
+    answers = _ANSWER.findall(text)
+    answer = answers[-1].strip() if answers else None
+    calls = _CALL.findall(text)
+    if len(calls) > 1:
+        return ParsedTurn(think, None, answer, MultipleToolCallsError())
+    if calls and answer is not None:
+        return ParsedTurn(think, None, answer, ToolCallParseError(
+            "Give either one tool call or an answer in a turn, not both."))
+    if not calls:
+        return ParsedTurn(think, None, answer, None)
+    try:
+        call = _parse_call(calls[0])
+    except ToolCallParseError as e:
+        return ParsedTurn(think, None, None, e)
+    if call.name != TOOL_NAME:
+        return ParsedTurn(think, call, None, UnknownToolError())
+    return ParsedTurn(think, call, None, None)
+
+
+def _num(v: float) -> int | float:
+    return int(v) if float(v).is_integer() else round(float(v), 2)
+
+
+def format_tool_call(bbox: Any, source: str = "image_0") -> str:
+    """The canonical tool-call text (what SFT trajectories teach and parse_turn reads back)."""
+    box = [_num(v) for v in bbox]
+    body = json.dumps({"name": TOOL_NAME, "arguments": {"bbox": box, "source": source}})
+    return f"<tool_call>{body}</tool_call>"
+
+
+@dataclass
+class ToolResult:
+    text: str
+    observation: Observation | None = None
+    error: ToolError | None = None
+
+
+def _box_text(box: Any) -> str:
+    return "[" + ", ".join(str(_num(v)) for v in box) + "]"
+
+
+class Episode:
+    """The observations of one question and the zoom calls made on them (frames kept exact)."""
+
+    def __init__(self, store: ImageStore, image_ids: list[str], cfg: ZoomConfig | None = None):
+        self.store = store
+        self.cfg = cfg or ZoomConfig()
+        self.cfg.check()
+        self.image_ids = list(image_ids)
+        self.observations: dict[str, Observation] = {}
+        for k, iid in enumerate(self.image_ids):
+            obs = read_overview(store, iid, self.cfg, name=f"image_{k}", image_index=k)
+            self.observations[obs.name] = obs
+        self.n_calls = 0
+        self.n_errors = 0
+        self._next_obs = 1
+
+    def initial_observations(self) -> list[Observation]:
+        return [self.observations[f"image_{k}"] for k in range(len(self.image_ids))]
+
+    def zoom_in(self, bbox: Any, source: str = "image_0") -> Observation:
+        """Map `bbox` from `source`'s frame to native pixels and read it; raises ToolError."""
+        if self.n_calls >= self.cfg.max_turns:
+            self.n_calls += 1
+            self.n_errors += 1
+            raise LimitError(f"No zoom calls left (limit {self.cfg.max_turns}); answer now.")
+        self.n_calls += 1
+        try:
+            box = check_box(bbox)
+            if not isinstance(source, str) or source not in self.observations:
+                raise UnknownSourceError(
+                    f"Unknown source {str(source)[:40]!r}; use one of {', '.join(self.observations)}.")
+            src = self.observations[source]
+            native = src.frame_to_native(box)
+            wx0, wy0, wx1, wy1 = src.window
+            clipped = (max(native[0], wx0), max(native[1], wy0), min(native[2], wx1), min(native[3], wy1))
+            if clipped[0] >= clipped[2] or clipped[1] >= clipped[3]:
+                raise BoxOutsideError(f"bbox {_box_text(box)} lies outside {source}.")
+            name = f"obs_{self._next_obs}"
+            obs = read_region(self.store, src.image_id, clipped, self.cfg, name=name,
+                              image_index=src.image_index, parent=source, source_box=[float(v) for v in box])
+        except ToolError:
+            self.n_errors += 1
+            raise
+        self._next_obs += 1
+        self.observations[name] = obs
+        return obs
+
+    def execute(self, call: ToolCall) -> ToolResult:
+        """Run a parsed call; every ToolError becomes a text-only result the model reads."""
+        try:
+            if call.name != TOOL_NAME:
+                self.n_calls += 1
+                self.n_errors += 1
+                raise UnknownToolError()
+            args = call.arguments if isinstance(call.arguments, dict) else {}
+            bbox = args.get("bbox", args.get("bbox_2d"))
+            if bbox is None:
+                self.n_calls += 1
+                self.n_errors += 1
+                raise ToolCallParseError("zoom_in needs a 'bbox' argument [x0, y0, x1, y1].")
+            source = args.get("source", "image_0")
+            if "source" not in args and "image_index" in args:
+                source = f"image_{args['image_index']}"
+            obs = self.zoom_in(bbox, source)
+        except ToolError as e:
+            return ToolResult(text=e.model_message(), observation=None, error=e)
+        return ToolResult(text=observation_text(obs), observation=obs, error=None)
+
+    def oracle_bbox(self, image_index: int, native_box: Any) -> list[float]:
+        """The box (in image_k's frame) that zooms onto `native_box`; pixel frames round outward to ints."""
+        obs = self.observations[f"image_{image_index}"]
+        x0, y0, x1, y1 = obs.native_to_frame(native_box)
+        if obs.frame == "lonlat":
+            return [round(v, 6) for v in (x0, y0, x1, y1)]
+        w, h = obs.image.size if obs.frame == "shown_pixels" else (1000, 1000)
+        return [
+            float(max(0, math.floor(x0 + 1e-6))), float(max(0, math.floor(y0 + 1e-6))),
+            float(min(w, math.ceil(x1 - 1e-6))), float(min(h, math.ceil(y1 - 1e-6))),
+        ]
+
+    def observation_list(self) -> list[dict[str, Any]]:
+        """JSON-able descriptions of all observations (for Trajectory.observations)."""
+        return [o.to_dict() for o in self.observations.values()]
+
+
+def observation_text(obs: Observation) -> str:
+    """The text accompanying a zoomed view: its name, what it shows and its size."""
+    w, h = obs.image.size
+    return f"{obs.name}: zoom of {obs.parent} {_box_text(obs.source_box or [])}, shown at {w}x{h}."
+
+
+def user_message(question: str, choices: list[str], n_images: int, instruction: str | None = None,
+                 sizes: list[tuple[int, int]] | None = None) -> dict[str, Any]:
+    """The user turn: one image placeholder per input image (named image_k), question, choices."""
+    content: list[dict[str, Any]] = []
+    for k in range(n_images):
+        label = f"image_{k}" + (f" ({sizes[k][0]}x{sizes[k][1]})" if sizes else "") + ":"
+        content.append({"type": "text", "text": label})
+        content.append({"type": "image"})
+    text = question.strip()
+    if choices:
+        text += "\nThe choices are listed below:\n" + "\n".join(c.strip() for c in choices)
+    text += "\n" + (instruction if instruction is not None else DEFAULT_INSTRUCTION)
+    content.append({"type": "text", "text": text})
+    return {"role": "user", "content": content}
+
+
+def tool_message(result: ToolResult) -> dict[str, Any]:
+    """The tool turn: the new view (image placeholder + its text) or the error text alone."""
+    if result.observation is None:
+        return {"role": "tool", "content": [{"type": "text", "text": result.text}]}
+    return {"role": "tool", "content": [{"type": "image"}, {"type": "text", "text": result.text}]}
+
+
+def build_prompt_messages(sample: Any, frame: str = "shown_pixels", *, instruction: str | None = None,
+                          system: bool = True, sizes: list[tuple[int, int]] | None = None) -> list[dict[str, Any]]:
+    """System + user messages for a VQASample (images are passed separately, in order)."""
+    msgs: list[dict[str, Any]] = []
+    if system:
+        msgs.append({"role": "system", "content": system_prompt(frame)})
+    msgs.append(user_message(sample.question, list(sample.choices), len(sample.images), instruction, sizes))
+    return msgs
+
+
+__all__ = [
+    "TOOL_NAME",
+    "STOP",
+    "DEFAULT_INSTRUCTION",
+    "zoom_tool_schema",
+    "system_prompt",
+    "ToolCall",
+    "ParsedTurn",
+    "parse_turn",
+    "format_tool_call",
+    "ToolResult",
+    "Episode",
+    "observation_text",
+    "user_message",
+    "tool_message",
+    "build_prompt_messages",
+]

@@ -1,0 +1,311 @@
+"""The image store: images are addressed by id, never by a path an agent supplies.
+
+Ids are registered by the operator (a folder, a manifest, or one by one) and must resolve under the
+allowed roots (symlinks are resolved first, so a link cannot escape). Datasets are opened lazily and
+pooled: `open(id)` lends a rasterio handle to one thread at a time (GDAL handles are not thread-safe),
+so concurrent readers of one image each get their own handle; at most `max_open` idle handles stay open.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import threading
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+# GDAL's block cache defaults to 5% of RAM *per process*; many workers x 5% adds up. 256 MB is plenty
+# for window reads of tiled COGs. Set before the first read; callers may override via the environment.
+os.environ.setdefault("GDAL_CACHEMAX", "256")
+
+import numpy as np  # noqa: E402
+import rasterio  # noqa: E402
+from rasterio.errors import NotGeoreferencedWarning, RasterioIOError  # noqa: E402
+
+from tools.errors import ForbiddenPathError, UnknownImageError, UnreadableImageError  # noqa: E402
+
+DEFAULT_PATTERNS = ("*.tif", "*.tiff", "*.png", "*.jpg", "*.jpeg")
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/\-]{0,199}$")
+
+
+@dataclass
+class ImageInfo:
+    """Metadata of one registered image (JSON-able through `to_dict`)."""
+
+    id: str
+    path: str
+    width: int
+    height: int
+    count: int
+    dtype: str
+    crs: str | None
+    bounds: tuple[float, float, float, float] | None  # in `crs` units; None when not georeferenced
+    overviews: list[int]  # decimation factors of band 1's overviews ([] for none)
+    nodata: float | None
+    driver: str = ""
+    transform: tuple[float, ...] | None = None  # affine (a, b, c, d, e, f) of the native grid
+    geo_bounds: tuple[float, float, float, float] | None = None  # lon/lat (EPSG:4326) when georeferenced
+    tiled: bool = False
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self, include_path: bool = False) -> dict[str, Any]:
+        d = asdict(self)
+        if not include_path:
+            d.pop("path")  # never shown to agents/clients
+        return d
+
+
+def _open_raw(path: str) -> rasterio.io.DatasetReader:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        return rasterio.open(path)
+
+
+class ImageStore:
+    """Registry of image ids → files under allowed roots, with a pool of open rasterio handles."""
+
+    def __init__(self, roots: Sequence[str | Path], max_open: int = 64, overview_cache: int = 16):
+        if isinstance(roots, (str, Path)):
+            roots = [roots]
+        if not roots:
+            raise ForbiddenPathError("no allowed roots", detail="ImageStore needs at least one root folder")
+        self.roots = [Path(r).resolve() for r in roots]
+        self.max_open = int(max_open)
+        self._paths: dict[str, Path] = {}
+        self._info: dict[str, ImageInfo] = {}
+        self._free: OrderedDict[str, list[Any]] = OrderedDict()  # id -> idle handles (LRU order)
+        self._n_open = 0
+        self._lock = threading.RLock()
+        self._cache: OrderedDict[tuple, Any] = OrderedDict()
+        self._cache_size = int(overview_cache)
+        self._stats: dict[str, tuple[float, float]] = {}
+
+    # -- registration -------------------------------------------------------------------------------
+    def _check_path(self, path: str | Path) -> Path:
+        p = Path(path)
+        try:
+            real = p.resolve(strict=True)
+        except (OSError, RuntimeError) as e:
+            raise UnreadableImageError(detail=f"{path}: {e}") from e
+        if not any(real == r or r in real.parents for r in self.roots):
+            raise ForbiddenPathError(detail=f"{path} resolves to {real}, outside the allowed roots")
+        if not real.is_file():
+            raise UnreadableImageError(detail=f"{path} is not a file")
+        return real
+
+    def register(self, image_id: str, path: str | Path) -> None:
+        """Register one image under `image_id`; the path must resolve (symlinks followed) under a root."""
+        if not isinstance(image_id, str) or not _ID_RE.match(image_id) or ".." in image_id:
+            raise UnknownImageError("Invalid image id.", detail=f"{image_id!r}: use letters, digits, _ . : / -")
+        real = self._check_path(path)
+        with self._lock:
+            old = self._paths.get(image_id)
+            if old is not None and old != real:
+                self._drop_handles(image_id)
+                self._info.pop(image_id, None)
+                self._stats.pop(image_id, None)
+            self._paths[image_id] = real
+
+    def register_folder(self, folder: str | Path, patterns: Sequence[str] = DEFAULT_PATTERNS) -> list[str]:
+        """Register every matching file in `folder` (non-recursive); the id is the file stem."""
+        folder = Path(folder)
+        ids = []
+        files = sorted({f for pat in patterns for f in folder.glob(pat)})
+        for f in files:
+            self.register(f.stem, f)
+            ids.append(f.stem)
+        return ids
+
+    def register_manifest(self, path: str | Path) -> list[str]:
+        """Register the `{"id", "path"}` lines of an images.jsonl; paths are relative to its folder."""
+        path = Path(path)
+        if not path.is_file():
+            raise UnknownImageError("Unknown manifest.", detail=f"{path} does not exist")
+        ids = []
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                d = json.loads(line)
+                image_id, rel = d["id"], d["path"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise UnreadableImageError("Bad manifest line.", detail=f"{path}:{i}: {e}") from e
+            self.register(str(image_id), path.parent / rel)
+            ids.append(str(image_id))
+        return ids
+
+    @classmethod
+    def from_manifest(cls, manifest_path: str | Path, roots: Sequence[str | Path] | None = None,
+                      **kwargs: Any) -> ImageStore:
+        """A store holding a manifest's images; the allowed root defaults to the manifest's folder."""
+        manifest_path = Path(manifest_path)
+        store = cls(roots or [manifest_path.parent], **kwargs)
+        store.register_manifest(manifest_path)
+        return store
+
+    def ids(self) -> list[str]:
+        with self._lock:
+            return sorted(self._paths)
+
+    def __contains__(self, image_id: object) -> bool:
+        return image_id in self._paths
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    def path(self, image_id: str) -> Path:
+        """The resolved file of an id (operator use; never shown to a model or client)."""
+        try:
+            return self._paths[image_id]
+        except (KeyError, TypeError):
+            raise UnknownImageError(detail=f"{image_id!r} is not registered") from None
+
+    # -- handles ------------------------------------------------------------------------------------
+    def _drop_handles(self, image_id: str) -> None:
+        for ds in self._free.pop(image_id, []):
+            ds.close()
+            self._n_open -= 1
+
+    def _evict_one(self) -> None:
+        for key in list(self._free):
+            lst = self._free[key]
+            if lst:
+                lst.pop().close()
+                self._n_open -= 1
+                if not lst:
+                    del self._free[key]
+                return
+            del self._free[key]
+
+    @contextlib.contextmanager
+    def open(self, image_id: str) -> Iterator[rasterio.io.DatasetReader]:
+        """Lend an open dataset for `image_id` to the calling thread (returned to the pool after)."""
+        path = self.path(image_id)
+        ds = None
+        with self._lock:
+            lst = self._free.get(image_id)
+            if lst:
+                ds = lst.pop()
+                self._free.move_to_end(image_id)
+            else:
+                while self._n_open >= self.max_open and any(self._free.values()):
+                    self._evict_one()
+                self._n_open += 1  # reserve the slot before the (slow) open outside the lock
+        if ds is None:
+            try:
+                ds = _open_raw(str(path))
+            except (RasterioIOError, OSError) as e:
+                with self._lock:
+                    self._n_open -= 1
+                raise UnreadableImageError(detail=f"{image_id}: {e}") from e
+        try:
+            yield ds
+        finally:
+            with self._lock:
+                if self._paths.get(image_id) == path and self._n_open <= self.max_open and not ds.closed:
+                    self._free.setdefault(image_id, []).append(ds)
+                    self._free.move_to_end(image_id)
+                else:
+                    ds.close()
+                    self._n_open -= 1
+
+    def close(self) -> None:
+        """Close every idle handle (handles lent out are closed when returned)."""
+        with self._lock:
+            for key in list(self._free):
+                self._drop_handles(key)
+            self._cache.clear()
+
+    def __enter__(self) -> ImageStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def n_open(self) -> int:
+        return self._n_open
+
+    # -- metadata -----------------------------------------------------------------------------------
+    def info(self, image_id: str) -> ImageInfo:
+        """Metadata of an image (cached after the first call)."""
+        with self._lock:
+            if image_id in self._info:
+                return self._info[image_id]
+        with self.open(image_id) as ds:
+            crs = ds.crs.to_string() if ds.crs else None
+            georef = ds.crs is not None and not ds.transform.is_identity
+            geo = None
+            if georef:
+                from rasterio.warp import transform_bounds
+
+                try:
+                    geo = tuple(float(v) for v in transform_bounds(ds.crs, "EPSG:4326", *ds.bounds, densify_pts=21))
+                except Exception:  # noqa: BLE001 - a CRS PROJ cannot transform: no geo frame
+                    geo = None
+            info = ImageInfo(
+                id=image_id,
+                path=str(self._paths[image_id]),
+                width=int(ds.width),
+                height=int(ds.height),
+                count=int(ds.count),
+                dtype=str(ds.dtypes[0]),
+                crs=crs if georef else None,
+                bounds=tuple(float(v) for v in ds.bounds) if georef else None,
+                overviews=list(ds.overviews(1)),
+                nodata=None if ds.nodata is None else float(ds.nodata),
+                driver=str(ds.driver),
+                transform=tuple(ds.transform)[:6] if georef else None,
+                geo_bounds=geo,
+                tiled=bool(ds.block_shapes and ds.block_shapes[0][0] < ds.height and ds.block_shapes[0][1] < ds.width),
+            )
+        with self._lock:
+            self._info[image_id] = info
+        return info
+
+    def display_range(self, image_id: str) -> tuple[float, float]:
+        """(low, high) used to map non-8-bit data to 0..255: 2nd/98th percentiles of a coarse read."""
+        with self._lock:
+            if image_id in self._stats:
+                return self._stats[image_id]
+        info = self.info(image_id)
+        if info.dtype == "uint8":
+            rng = (0.0, 255.0)
+        else:
+            scale = max(1, max(info.width, info.height) // 256)
+            shape = (min(info.count, 3), max(1, info.height // scale), max(1, info.width // scale))
+            with self.open(image_id) as ds:
+                arr = ds.read(indexes=list(range(1, shape[0] + 1)), out_shape=shape, masked=True)
+            vals = np.asarray(arr.compressed() if np.ma.isMaskedArray(arr) else arr, dtype="float64")
+            vals = vals[np.isfinite(vals)]
+            if vals.size == 0:
+                rng = (0.0, 1.0)
+            else:
+                lo, hi = np.percentile(vals, [2, 98])
+                rng = (float(lo), float(hi if hi > lo else lo + 1))
+        with self._lock:
+            self._stats[image_id] = rng
+        return rng
+
+    def cached(self, key: tuple, make: Callable[[], Any]) -> Any:
+        """Small LRU for derived values (e.g. overview arrays) keyed by (image id, ...)."""
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+        value = make()
+        if self._cache_size > 0:
+            with self._lock:
+                self._cache[key] = value
+                while len(self._cache) > self._cache_size:
+                    self._cache.popitem(last=False)
+        return value
+
+
+__all__ = ["ImageInfo", "ImageStore", "DEFAULT_PATTERNS"]
