@@ -1,0 +1,300 @@
+"""Generation backends of the agent loop, one small interface (`rl.agent.Backend`):
+
+- `TransformersBackend`: any HF image-text-to-text model + processor (CPU default; the tiny model), batched
+  with left padding, stopped per row by a StoppingCriteria that reads the decoded text for the stop strings.
+- `VLLMBackend`: the vLLM offline engine (`gpu` extra; `vllm` imported lazily). Prompts are rendered with the
+  model's own chat template (the same one training used) and sent with `multi_modal_data`.
+- `OpenAIBackend`: any OpenAI-compatible chat endpoint with image inputs (a vLLM server, an API model), over
+  httpx; images as base64 PNG data URLs; our text tool protocol, so API models run the same tasks.
+
+Every backend returns each text with the stop string that ended it, so `tools.protocol.parse_turn` sees
+complete tags; engines that drop stop strings get them re-appended (`rl.agent.close_stopped`).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from PIL import Image
+
+from rl.agent import BackendError, close_stopped, trim_at_stop
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------ transformers
+def _stop_criteria_class() -> type:
+    from transformers import StoppingCriteria
+
+    class StopOnStrings(StoppingCriteria):
+        """Per-row stop when the text generated so far contains a stop string (decoded, so a string split
+        across tokens or merged into a larger token is still seen)."""
+
+        def __init__(self, tokenizer: Any, stops: list[str], prompt_len: int, window: int = 24):
+            self.tokenizer = tokenizer
+            self.stops = [s for s in stops if s]
+            self.prompt_len = prompt_len
+            self.window = window
+
+        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+            import torch
+
+            new = input_ids[:, self.prompt_len:]
+            tail = new[:, -self.window:]
+            texts = self.tokenizer.batch_decode(tail, skip_special_tokens=False)
+            return torch.tensor([any(s in t for s in self.stops) for t in texts], dtype=torch.bool,
+                                device=input_ids.device)
+
+    return StopOnStrings
+
+
+class TransformersBackend:
+    """Batched `model.generate` with the processor's chat template. Images must already be sized by the zoom
+    tool; set the processor's pixel bounds to the tool's (pipeline.models.set_pixel_bounds) so they are
+    not resized again."""
+
+    def __init__(self, model: Any, processor: Any, *, seed: int | None = None):
+        self.model = model
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.seed = seed
+        self._stop_cls = _stop_criteria_class()
+        self._end_strings = [s for s in {self.tokenizer.eos_token, self.tokenizer.pad_token, "<|im_end|>",
+                                         "<|endoftext|>"} if s]
+
+    def render(self, conversation: list[dict]) -> str:
+        return self.processor.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+
+    def _clean(self, text: str, stop: list[str]) -> str:
+        cut = len(text)
+        for s in self._end_strings:
+            i = text.find(s)
+            if i >= 0:
+                cut = min(cut, i)
+        return trim_at_stop(text[:cut], stop)
+
+    def generate(self, conversations: list[list[dict]], images: list[list[Image.Image]], *,
+                 max_new_tokens: int, temperature: float, top_p: float, stop: list[str]) -> list[str]:
+        import torch
+
+        texts = [self.render(c) for c in conversations]
+        flat = [im for ims in images for im in ims]
+        old_side = self.tokenizer.padding_side
+        self.tokenizer.padding_side = "left"
+        try:
+            inputs = self.processor(text=texts, images=flat or None, return_tensors="pt", padding=True)
+        finally:
+            self.tokenizer.padding_side = old_side
+        device = getattr(self.model, "device", torch.device("cpu"))
+        inputs = {k: v.to(device) if hasattr(v, "to") else v for k, v in inputs.items()}
+        prompt_len = inputs["input_ids"].shape[1]
+        do_sample = temperature > 0
+        kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample,
+                                  "pad_token_id": self.tokenizer.pad_token_id or self.tokenizer.eos_token_id}
+        if do_sample:
+            kwargs.update(temperature=temperature, top_p=top_p)
+            if self.seed is not None:
+                torch.manual_seed(self.seed)
+        else:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        if stop:
+            kwargs["stopping_criteria"] = [self._stop_cls(self.tokenizer, stop, prompt_len)]
+        with torch.no_grad():
+            out = self.model.generate(**inputs, **kwargs)
+        new = out[:, prompt_len:]
+        decoded = self.tokenizer.batch_decode(new, skip_special_tokens=False)
+        return [self._clean(t, stop) for t in decoded]
+
+
+# ------------------------------------------------------------------------------------------ vLLM
+class VLLMBackend:
+    """vLLM offline engine. `llm` is a `vllm.LLM` (or anything with the same `generate`); `processor` renders
+    the chat template. Build one with `VLLMBackend.from_pretrained(path, ...)` (imports vllm lazily)."""
+
+    def __init__(self, llm: Any, processor: Any, *, sampling_params_cls: Any = None, seed: int | None = None):
+        self.llm = llm
+        self.processor = processor
+        self.seed = seed
+        self._sp_cls = sampling_params_cls
+
+    @classmethod
+    def from_pretrained(cls, path: str, *, max_images: int = 8, max_pixels: int = 1003520, min_pixels: int = 3136,
+                        gpu_memory_utilization: float = 0.85, tensor_parallel_size: int = 1,
+                        max_model_len: int = 32768, seed: int = 0, **engine_kwargs: Any) -> VLLMBackend:
+        try:
+            import vllm
+        except ImportError as e:
+            raise BackendError("vLLM is not installed: pip install 'knowzoom[gpu]' on a GPU host") from e
+        from pipeline.models import load_processor
+
+        llm = vllm.LLM(
+            model=str(path), limit_mm_per_prompt={"image": max_images},
+            mm_processor_kwargs={"max_pixels": max_pixels, "min_pixels": min_pixels},
+            gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size,
+            max_model_len=max_model_len, seed=seed, **engine_kwargs,
+        )
+        processor = load_processor(str(path), max_pixels=max_pixels, min_pixels=min_pixels)
+        return cls(llm, processor, sampling_params_cls=vllm.SamplingParams, seed=seed)
+
+    def build_requests(self, conversations: list[list[dict]], images: list[list[Image.Image]]) -> list[dict]:
+        """One vLLM prompt dict per conversation: the rendered chat text and its images in order."""
+        reqs = []
+        for conv, ims in zip(conversations, images, strict=True):
+            n_ph = sum(1 for m in conv if isinstance(m.get("content"), list)
+                       for c in m["content"] if isinstance(c, dict) and c.get("type") == "image")
+            if n_ph != len(ims):
+                raise BackendError(f"conversation has {n_ph} image placeholders but {len(ims)} images")
+            prompt = self.processor.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+            req: dict[str, Any] = {"prompt": prompt}
+            if ims:
+                req["multi_modal_data"] = {"image": list(ims) if len(ims) > 1 else ims[0]}
+            reqs.append(req)
+        return reqs
+
+    def sampling_params(self, *, max_new_tokens: int, temperature: float, top_p: float, stop: list[str]) -> Any:
+        if self._sp_cls is None:
+            from vllm import SamplingParams
+
+            self._sp_cls = SamplingParams
+        return self._sp_cls(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
+                            stop=list(stop), include_stop_str_in_output=True, seed=self.seed)
+
+    def generate(self, conversations: list[list[dict]], images: list[list[Image.Image]], *,
+                 max_new_tokens: int, temperature: float, top_p: float, stop: list[str]) -> list[str]:
+        reqs = self.build_requests(conversations, images)
+        params = self.sampling_params(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop=stop)
+        outs = self.llm.generate(reqs, params, use_tqdm=False)
+        if len(outs) != len(reqs):
+            raise BackendError(f"vLLM returned {len(outs)} outputs for {len(reqs)} prompts")
+        return [trim_at_stop(close_stopped(o.outputs[0].text), stop) for o in outs]
+
+
+# ------------------------------------------------------------------------------------------ OpenAI-compatible
+def image_data_url(image: Image.Image) -> str:
+    """A PNG data URL (lossless: the model sees exactly the pixels the tool produced)."""
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def to_openai_messages(conversation: list[dict], images: list[Image.Image]) -> list[dict]:
+    """HF multimodal chat messages → OpenAI chat messages. Tool observations become user turns wrapped in
+    `<tool_response>` (how the Qwen template renders them), so any chat endpoint runs the text protocol."""
+    it = iter(images)
+    out = []
+    for m in conversation:
+        role, content = m.get("role"), m.get("content")
+        parts: list[dict] = []
+        if isinstance(content, list):
+            for c in content:
+                if c.get("type") == "image":
+                    try:
+                        parts.append({"type": "image_url", "image_url": {"url": image_data_url(next(it))}})
+                    except StopIteration:
+                        raise BackendError("more image placeholders than images") from None
+                elif c.get("type") == "text":
+                    parts.append({"type": "text", "text": str(c.get("text", ""))})
+        else:
+            parts.append({"type": "text", "text": "" if content is None else str(content)})
+        if role == "tool":
+            parts = [{"type": "text", "text": "<tool_response>\n"}] + parts + [{"type": "text", "text": "\n</tool_response>"}]
+            role = "user"
+        if role in ("system", "assistant") and all(p["type"] == "text" for p in parts):
+            out.append({"role": role, "content": "".join(p["text"] for p in parts)})
+        else:
+            out.append({"role": role, "content": parts})
+    if next(it, None) is not None:
+        raise BackendError("more images than image placeholders")
+    return out
+
+
+class OpenAIBackend:
+    """POST /chat/completions on an OpenAI-compatible server; conversations of a batch run concurrently."""
+
+    def __init__(self, base_url: str, model: str, *, api_key: str | None = None, timeout_s: float = 120.0,
+                 max_retries: int = 3, concurrency: int = 8, include_stop_str: bool = False,
+                 extra_body: dict | None = None, client: Any = None):
+        import httpx
+
+        self.model = model
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.max_retries = max_retries
+        self.concurrency = max(1, concurrency)
+        self.include_stop_str = include_stop_str  # vLLM servers accept include_stop_str_in_output
+        self.extra_body = dict(extra_body or {})
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.client = client or httpx.Client(timeout=timeout_s, headers=headers)
+
+    def _payload(self, conversation: list[dict], images: list[Image.Image], *, max_new_tokens: int,
+                 temperature: float, top_p: float, stop: list[str]) -> dict:
+        body: dict[str, Any] = {"model": self.model, "messages": to_openai_messages(conversation, images),
+                                "max_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
+                                "stop": list(stop)[:4]}
+        if self.include_stop_str:
+            body["include_stop_str_in_output"] = True
+        body.update(self.extra_body)
+        return body
+
+    def _post(self, body: dict, stop: list[str]) -> str:
+        import httpx
+
+        last: str = ""
+        for attempt in range(self.max_retries + 1):
+            try:
+                r = self.client.post(self.url, json=body)
+            except httpx.HTTPError as e:
+                last = f"{type(e).__name__}: {e}"
+            else:
+                if r.status_code == 200:
+                    try:
+                        text = r.json()["choices"][0]["message"].get("content") or ""
+                    except (ValueError, KeyError, IndexError, TypeError) as e:
+                        raise BackendError(f"bad response from {self.url}: {r.text[:200]!r}") from e
+                    return trim_at_stop(close_stopped(text), stop)
+                last = f"HTTP {r.status_code}: {r.text[:200]}"
+                if r.status_code not in (408, 409, 429) and r.status_code < 500:
+                    break
+            if attempt < self.max_retries:
+                time.sleep(min(8.0, 0.5 * 2 ** attempt))
+        raise BackendError(f"{self.url}: {last}")
+
+    def generate(self, conversations: list[list[dict]], images: list[list[Image.Image]], *,
+                 max_new_tokens: int, temperature: float, top_p: float, stop: list[str]) -> list[str]:
+        bodies = [self._payload(c, ims, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                stop=stop) for c, ims in zip(conversations, images, strict=True)]
+        if len(bodies) == 1 or self.concurrency == 1:
+            return [self._post(b, stop) for b in bodies]
+        with ThreadPoolExecutor(max_workers=min(self.concurrency, len(bodies))) as pool:
+            return list(pool.map(lambda b: self._post(b, stop), bodies))
+
+
+def make_backend(kind: str, model: str, *, base_url: str = "", api_key_env: str = "OPENAI_API_KEY",
+                 agent_max_pixels: int = 50176, agent_min_pixels: int = 3136, seed: int = 0,
+                 **kw: Any) -> Any:
+    """Backend by name: "transformers" (loads `model` with pipeline.models.load_model), "vllm", "openai"."""
+    import os
+
+    if kind == "transformers":
+        from pipeline.models import load_model, set_pixel_bounds
+
+        m, proc = load_model(model, device=kw.pop("device", "cpu"), dtype=kw.pop("dtype", "auto"))
+        m.eval()
+        set_pixel_bounds(proc, min_pixels=agent_min_pixels, max_pixels=agent_max_pixels)
+        return TransformersBackend(m, proc, seed=seed)
+    if kind == "vllm":
+        return VLLMBackend.from_pretrained(model, max_pixels=agent_max_pixels, min_pixels=agent_min_pixels,
+                                           seed=seed, **kw)
+    if kind == "openai":
+        if not base_url:
+            raise BackendError("backend openai needs base_url (e.g. http://localhost:8000/v1)")
+        return OpenAIBackend(base_url, model, api_key=os.environ.get(api_key_env), **kw)
+    raise BackendError(f"unknown backend {kind!r}; use transformers, vllm or openai")
+
+
+__all__ = ["TransformersBackend", "VLLMBackend", "OpenAIBackend", "make_backend", "image_data_url",
+           "to_openai_messages"]
