@@ -1,0 +1,279 @@
+"""SFT datasets: `TextQA` → chat messages; `VQASample` → oracle zoom trajectories in the tool protocol.
+
+Text cold start: the question (with its options and an instruction) → `<think>` the graph rationale
+`</think><answer>…</answer>`.
+Image pre-warm: system + user prompt from `tools.protocol.build_prompt_messages` → for each target region, an
+assistant turn with `zoom_in` on that region (the native box mapped into the declared frame of the image the
+model saw, by `Episode.oracle_bbox`) → the tool's observation (a real crop made by `Episode.execute`) → a
+final assistant turn with the answer; a sample without a target region answers directly. Trajectories are
+materialized once (crops as PNG beside a `Trajectory` JSONL, resumable) so training reads small PNGs, not
+rasters.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.records import JsonlAppender, TextQA, Trajectory, VQASample, read_jsonl
+from sft.errors import SFTDataError, TrajectoryError
+
+log = logging.getLogger(__name__)
+
+TEXT_INSTRUCTIONS = {
+    "mcq": "Think step by step inside <think></think>, then give the letter of the correct option inside "
+           "<answer></answer>.",
+    "tf": "Think step by step inside <think></think>, then answer true or false inside <answer></answer>.",
+    "fill": "Think step by step inside <think></think>, then give the missing term inside <answer></answer>.",
+    "free": "Think step by step inside <think></think>, then give a short final answer inside "
+            "<answer></answer>.",
+}
+
+
+# ----------------------------------------------------------------------------------------------- text QA
+def text_user_prompt(qa: TextQA) -> str:
+    """The user turn of a text question: question, options (mcq), instruction."""
+    parts = [qa.question.strip()]
+    if qa.choices:
+        parts.append("\n".join(qa.choices))
+    parts.append(TEXT_INSTRUCTIONS.get(qa.qtype, TEXT_INSTRUCTIONS["free"]))
+    return "\n".join(parts)
+
+
+def text_target(qa: TextQA, think: bool = True) -> str:
+    """The assistant turn: `<think>` rationale steps `</think><answer>answer</answer>`."""
+    answer = f"<answer>{qa.answer}</answer>"
+    if not think:
+        return answer
+    rationale = " ".join(s.strip() for s in qa.rationale if s.strip()) or "The answer follows from the question."
+    return f"<think>{rationale}</think>{answer}"
+
+
+def text_prompt_messages(qa: TextQA, system: str | None = None) -> list[dict]:
+    """Prompt-only messages (for generation/evaluation of text QA)."""
+    msgs = [{"role": "system", "content": system}] if system else []
+    return msgs + [{"role": "user", "content": text_user_prompt(qa)}]
+
+
+def text_qa_messages(qa: TextQA, *, think: bool = True, system: str | None = None) -> list[dict]:
+    """Full training conversation of a TextQA record."""
+    return text_prompt_messages(qa, system) + [{"role": "assistant", "content": text_target(qa, think)}]
+
+
+def read_text_qa(paths: Sequence[str | Path], split: str | None = None, limit: int | None = None) -> list[TextQA]:
+    """TextQA records from JSONL files (optionally one split), in file order."""
+    out: list[TextQA] = []
+    for p in paths:
+        for qa in read_jsonl(p, TextQA):
+            if split and qa.split != split:  # type: ignore[union-attr]
+                continue
+            out.append(qa)  # type: ignore[arg-type]
+            if limit is not None and len(out) >= limit:
+                return out
+    return out
+
+
+def read_vqa(paths: Sequence[str | Path], limit: int | None = None) -> list[VQASample]:
+    out: list[VQASample] = []
+    for p in paths:
+        for s in read_jsonl(p, VQASample):
+            out.append(s)  # type: ignore[arg-type]
+            if limit is not None and len(out) >= limit:
+                return out
+    return out
+
+
+# ----------------------------------------------------------------------------------------- trajectories
+ZOOM_THINK = "<think>The evidence is small in the overview, so I zoom in on it.</think>"
+ANSWER_THINK = "<think>The zoomed view shows the evidence.</think>"
+DIRECT_THINK = "<think>The overview shows the evidence.</think>"
+
+
+def oracle_trajectory(sample: VQASample, store: Any, zoom_cfg: Any, *, think: bool = True,
+                      max_zooms: int | None = None) -> tuple[list[dict], list[Any], list[Any]]:
+    """(messages, images, observations) of the oracle episode of a sample: overview → zoom_in on each
+    target region (at most `max_zooms`, default zoom_cfg.max_turns) → answer. Crops come from the real
+    tool (`Episode.execute`); a rejected box raises TrajectoryError."""
+    from tools.protocol import (
+        TOOL_NAME,
+        Episode,
+        ToolCall,
+        build_prompt_messages,
+        format_tool_call,
+        tool_message,
+    )
+
+    messages = build_prompt_messages(sample, zoom_cfg.frame)
+    episode = Episode(store, list(sample.images), zoom_cfg)
+    observations = list(episode.initial_observations())
+    images = [o.image for o in observations]
+    limit = zoom_cfg.max_turns if max_zooms is None else min(max_zooms, zoom_cfg.max_turns)
+    targets = sample.targets[:limit]
+    for t in targets:
+        source = f"image_{t.image}"
+        bbox = episode.oracle_bbox(t.image, t.bbox)
+        call_text = format_tool_call(bbox, source=source)
+        messages.append({"role": "assistant", "content": (ZOOM_THINK if think else "") + call_text})
+        result = episode.execute(ToolCall(name=TOOL_NAME, arguments={"bbox": list(bbox), "source": source}))
+        if result.error is not None or result.observation is None:
+            raise TrajectoryError(f"sample {sample.id}: the zoom tool rejected the oracle box {bbox}: "
+                                  f"{result.error}")
+        messages.append(tool_message(result))
+        observations.append(result.observation)
+        images.append(result.observation.image)
+    final = (ANSWER_THINK if targets else DIRECT_THINK) if think else ""
+    messages.append({"role": "assistant", "content": f"{final}<answer>{sample.answer}</answer>"})
+    return messages, images, observations
+
+
+def materialize_trajectories(samples: Iterable[VQASample], store: Any, zoom_cfg: Any, out_dir: str | Path, *,
+                             think: bool = True, max_zooms: int | None = None,
+                             progress: bool = True) -> tuple[Path, dict[str, int]]:
+    """Write oracle trajectories as `Trajectory` JSONL (`trajectories.jsonl`) + PNG observations under
+    `out_dir/images/`. Resumable: samples already in the JSONL are skipped; a sample whose box the tool
+    rejects is counted and skipped (never crashes the build)."""
+    from tqdm import tqdm
+
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    path = out / "trajectories.jsonl"
+    stats = {"written": 0, "skipped_existing": 0, "failed": 0}
+    samples = list(samples)
+    with JsonlAppender(path, key="sample_id") as app:
+        done = app.keys()
+        for s in tqdm(samples, desc="oracle trajectories", disable=not progress):
+            if s.id in done:
+                stats["skipped_existing"] += 1
+                continue
+            try:
+                messages, images, observations = oracle_trajectory(s, store, zoom_cfg, think=think,
+                                                                   max_zooms=max_zooms)
+            except TrajectoryError as e:
+                log.warning("%s", e)
+                stats["failed"] += 1
+                continue
+            obs_dicts = []
+            safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in s.id)
+            for k, (o, img) in enumerate(zip(observations, images, strict=False)):
+                rel = f"images/{safe}_{k}_{o.name}.png"
+                img.save(out / rel)
+                d = o.to_dict()
+                d.update(file=rel, shown_size=list(img.size))
+                obs_dicts.append(d)
+            app.append(Trajectory(
+                sample_id=s.id, messages=messages, observations=obs_dicts,
+                final_text=messages[-1]["content"], prediction=s.answer, correct=True,
+                turns=sum(m["role"] == "assistant" for m in messages), tool_calls=len(observations) - len(s.images),
+                meta={"kind": "oracle", "qtype": s.qtype, "category": s.category},
+            ))
+            stats["written"] += 1
+    return path, stats
+
+
+# ------------------------------------------------------------------------------------------ the dataset
+@dataclass
+class ChatItem:
+    """One SFT example: messages and image files (or in-memory images) in placeholder order."""
+
+    messages: list[dict]
+    image_files: list[str]
+    kind: str  # "text" | "vqa"
+    n_image_tokens: int = 0  # visual tokens after merging (for length filtering)
+    images: list[Any] | None = None
+
+
+def trajectory_items(path: str | Path, merge_pixels: int = 28 * 28) -> list[ChatItem]:
+    """ChatItems from a materialized trajectory JSONL (image paths resolved against its folder)."""
+    base = Path(path).parent
+    items = []
+    for t in read_jsonl(path, Trajectory):
+        files = [str(base / o["file"]) for o in t.observations]  # type: ignore[union-attr]
+        n_tok = sum(int(o["shown_size"][0]) * int(o["shown_size"][1]) // merge_pixels
+                    for o in t.observations)  # type: ignore[union-attr]
+        items.append(ChatItem(messages=t.messages, image_files=files, kind="vqa",  # type: ignore[union-attr]
+                              n_image_tokens=n_tok))
+    return items
+
+
+def text_items(records: Iterable[TextQA], *, think: bool = True, system: str | None = None) -> list[ChatItem]:
+    return [ChatItem(messages=text_qa_messages(q, think=think, system=system), image_files=[], kind="text")
+            for q in records]
+
+
+def mix(text: list[ChatItem], vqa: list[ChatItem], text_ratio: float | None, seed: int) -> list[ChatItem]:
+    """Mix the two sources. None: all items of both. A ratio r in (0, 1): text items are resampled (seeded)
+    so that they are a fraction r of the result; all VQA items are kept."""
+    if text_ratio is None or not text or not vqa:
+        return text + vqa
+    rng = random.Random(seed)
+    n_text = round(len(vqa) * text_ratio / (1.0 - text_ratio))
+    full, rem = divmod(n_text, len(text))
+    picked = text * full + rng.sample(text, rem)
+    return picked + vqa
+
+
+class ChatDataset:
+    """Map-style dataset of {"messages", "images"} dicts for the SFT collator (PNG images load lazily)."""
+
+    def __init__(self, items: list[ChatItem]) -> None:
+        if not items:
+            raise SFTDataError("the SFT dataset is empty; give text_data and/or vqa_data with records")
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        from PIL import Image
+
+        if not 0 <= i < len(self.items):
+            raise IndexError(i)
+        it = self.items[i]
+        if it.images is not None:
+            images = list(it.images)
+        else:
+            images = []
+            for f in it.image_files:
+                with Image.open(f) as im:
+                    images.append(im.convert("RGB"))
+        return {"messages": it.messages, "images": images}
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for i in range(len(self)):
+            yield self[i]
+
+    def to_hf(self) -> Any:
+        """A `datasets.Dataset` of row indices whose transform yields {"messages", "images"} lazily (what
+        TRL's trainer requires; messages and PIL images never go through Arrow)."""
+        from datasets import Dataset
+
+        def transform(batch: dict[str, list[int]]) -> dict[str, list[Any]]:
+            rows = [self[i] for i in batch["index"]]
+            return {"messages": [r["messages"] for r in rows], "images": [r["images"] for r in rows]}
+
+        return Dataset.from_dict({"index": list(range(len(self)))}).with_transform(transform)
+
+
+def filter_by_length(items: list[ChatItem], processor: Any, max_length: int) -> tuple[list[ChatItem], int]:
+    """Drop examples whose tokenized length (text + visual tokens) exceeds max_length; returns (kept, dropped)."""
+    tok = processor.tokenizer
+    kept, dropped = [], 0
+    for it in items:
+        text = processor.apply_chat_template(it.messages, tokenize=False)
+        n = len(tok(text, add_special_tokens=False)["input_ids"]) + it.n_image_tokens - len(it.image_files)
+        if n > max_length:
+            dropped += 1
+        else:
+            kept.append(it)
+    return kept, dropped
+
+
+__all__ = [
+    "TEXT_INSTRUCTIONS", "text_user_prompt", "text_target", "text_prompt_messages", "text_qa_messages",
+    "read_text_qa", "read_vqa", "oracle_trajectory", "materialize_trajectories", "ChatItem", "ChatDataset",
+    "trajectory_items", "text_items", "mix", "filter_by_length",
+]

@@ -1,0 +1,359 @@
+"""`knowzoom sft`: supervised fine-tuning on TRL's SFTTrainer — text cold start, image pre-warm, or both.
+
+Sources: TextQA JSONL (cold start) and/or VQASample JSONL + its images.jsonl store (pre-warm, turned into
+oracle zoom trajectories with crops from the real tool). Both in one run (the paper's mixed SFT; optional
+`text_mix_ratio` resamples text to a share of the mix, which keeps text facts from being forgotten during
+image SFT) or staged as two runs, the second starting from the first's `<output_dir>/model`.
+Loss on assistant tokens only, with masks computed by `sft.masks` (see its docstring for why not TRL's
+`assistant_only_loss`). Checkpoints every `save_steps`; a rerun resumes from the last one (optimizer, LR
+schedule, RNG and data position restored by the HF Trainer). Outputs: `<output_dir>/model`,
+`loss_curve.png`, `metrics.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import StageConfig, hfield
+from pipeline.records import TextQA
+from sft.errors import SFTDataError
+
+log = logging.getLogger(__name__)
+
+LM_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class SFTConfig(StageConfig):
+    """Config of `knowzoom sft` (defaults: the tiny CPU model; see configs/ for the recipes)."""
+
+    output_dir: str = hfield("runs/tiny/sft_text", help="Stage folder: model/, checkpoints/, metrics, plot.")
+    model: str = hfield("tiny", help="'tiny', a model folder (a previous stage's output_dir or its model/), "
+                                     "or a Hugging Face id in the local cache.")
+    # --- data
+    text_data: list[str] = hfield([], help="TextQA JSONL files (text cold start).")
+    text_split: str = hfield("", help="Keep only TextQA records of this split ('' = all records).")
+    vqa_data: list[str] = hfield([], help="VQASample JSONL files (pre-warm: oracle zoom trajectories).")
+    images_manifest: str = hfield("", help="images.jsonl of the image store holding the VQA images "
+                                           "(required with vqa_data).")
+    image_roots: list[str] = hfield([], help="Allowed image roots (default: the manifest's folder).")
+    text_mix_ratio: float | None = hfield(None, help="With both sources: text share of the mix (text "
+                                                     "resampled); None = every item of both once.")
+    max_text_samples: int | None = hfield(None, help="Use at most this many TextQA records (None = all).")
+    max_vqa_samples: int | None = hfield(None, help="Use at most this many VQA samples (None = all).")
+    think: bool = hfield(True, help="Targets carry a <think> rationale before <answer>.")
+    frame: str = hfield("shown_pixels", help="Coordinate frame of zoom boxes: shown_pixels or norm1000.")
+    max_pixels: int = hfield(50176, help="Image pixel cap for overviews and crops (tiny 224*224; 7B "
+                                         "1003520); the processor uses the same bound so it never resizes.")
+    min_pixels: int = hfield(3136, help="Image pixel floor (4*28*28).")
+    max_zooms: int = hfield(5, help="Zoom calls per oracle trajectory (one per target region, at most this).")
+    max_length: int = hfield(4096, help="Examples longer than this many tokens (text + visual) are dropped.")
+    # --- optimisation
+    learning_rate: float = hfield(3e-3, help="Peak learning rate (AdamW).")
+    adam_beta1: float = hfield(0.9, help="AdamW beta1.")
+    adam_beta2: float = hfield(0.98, help="AdamW beta2.")
+    weight_decay: float = hfield(0.01, help="AdamW weight decay.")
+    max_grad_norm: float = hfield(1.0, help="Gradient clipping norm.")
+    lr_scheduler_type: str = hfield("cosine", help="HF scheduler name: cosine, linear, constant_with_warmup, ...")
+    warmup_steps: int = hfield(50, help="Warmup steps (used when warmup_ratio is 0).")
+    warmup_ratio: float = hfield(0.0, help="Warmup as a fraction of training steps (overrides warmup_steps).")
+    num_train_epochs: float = hfield(1.0, help="Epochs (ignored when max_steps > 0).")
+    max_steps: int = hfield(-1, help="Optimizer steps; -1 = num_train_epochs over the data.")
+    per_device_train_batch_size: int = hfield(32, help="Micro-batch size per device.")
+    gradient_accumulation_steps: int = hfield(1, help="Micro-batches per optimizer step.")
+    bf16: bool = hfield(False, help="bfloat16 mixed precision (GPU).")
+    gradient_checkpointing: bool = hfield(False, help="Recompute activations to save memory (large models).")
+    deepspeed: str = hfield("", help="DeepSpeed JSON config path ('' = none), e.g. ZeRO-2 for the 7B.")
+    torch_threads: int = hfield(0, help="torch CPU threads (0 = leave torch's default).")
+    dataloader_num_workers: int = hfield(0, help="DataLoader worker processes.")
+    # --- what trains
+    freeze_vision: bool = hfield(False, help="Freeze the vision tower (the paper froze it for the 7B).")
+    freeze_projector: bool = hfield(False, help="Freeze the vision→language projector (merger).")
+    lora: bool = hfield(False, help="Train LoRA adapters on the language model instead of full weights; the "
+                                    "saved model has them merged.")
+    lora_r: int = hfield(16, help="LoRA rank.")
+    lora_alpha: int = hfield(32, help="LoRA alpha.")
+    lora_dropout: float = hfield(0.05, help="LoRA dropout.")
+    lora_target_modules: list[str] = hfield(LM_PROJECTIONS, help="Language-model linear layers that get LoRA.")
+    # --- bookkeeping
+    logging_steps: int = hfield(10, help="Log the loss every this many steps.")
+    save_steps: int = hfield(100, help="Checkpoint every this many steps (resume point after a kill).")
+    save_total_limit: int = hfield(2, help="Checkpoints kept.")
+    resume: str = hfield("auto", help="'auto' = resume from the last checkpoint in output_dir/checkpoints if "
+                                      "any; 'never'; or a checkpoint folder.")
+    # --- held-out text evaluation (before/after)
+    eval_text_data: list[str] = hfield([], help="Held-out TextQA JSONL scored before and after training.")
+    eval_max_samples: int = hfield(200, help="At most this many held-out questions.")
+    eval_max_new_tokens: int = hfield(128, help="Generation budget per held-out question.")
+    eval_batch_size: int = hfield(32, help="Held-out generation batch size.")
+
+    def validate(self) -> list[str]:
+        p = super().validate()
+        if not self.text_data and not self.vqa_data:
+            p.append("text_data/vqa_data: both empty; give TextQA and/or VQASample JSONL files")
+        if self.vqa_data and not self.images_manifest:
+            p.append("images_manifest: required with vqa_data; give the images.jsonl written by make-scenes")
+        if self.text_mix_ratio is not None and not 0.0 < self.text_mix_ratio < 1.0:
+            p.append("text_mix_ratio: must be in (0, 1) or null")
+        if self.frame not in ("shown_pixels", "norm1000"):
+            p.append("frame: use shown_pixels or norm1000")
+        if not 0 < self.min_pixels <= self.max_pixels:
+            p.append("min_pixels/max_pixels: need 0 < min_pixels <= max_pixels")
+        for name in ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps",
+                     "max_length", "logging_steps", "save_steps", "save_total_limit", "eval_batch_size",
+                     "max_zooms"):
+            if getattr(self, name) <= 0:
+                p.append(f"{name}: must be > 0")
+        if self.max_steps <= 0 and self.num_train_epochs <= 0:
+            p.append("max_steps/num_train_epochs: give max_steps > 0 or num_train_epochs > 0")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            p.append("warmup_ratio: must be in [0, 1)")
+        if self.resume not in ("auto", "never") and not Path(self.resume).exists():
+            p.append(f"resume: {self.resume} is not 'auto', 'never' or an existing checkpoint folder")
+        if self.deepspeed and not Path(self.deepspeed).exists():
+            p.append(f"deepspeed: {self.deepspeed} does not exist; give a DeepSpeed JSON or ''")
+        if self.lora and self.lora_r <= 0:
+            p.append("lora_r: must be > 0")
+        if self.bf16 and self.deepspeed == "" and not _cuda():
+            p.append("bf16: needs a GPU here; set bf16: false on CPU")
+        return p
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+# ------------------------------------------------------------------------------------------- data build
+def build_items(cfg: SFTConfig, processor: Any) -> tuple[list[Any], dict[str, Any]]:
+    """Text items + materialized trajectories, mixed and length-filtered; returns (items, stats)."""
+    from sft.data import (
+        filter_by_length,
+        materialize_trajectories,
+        mix,
+        read_text_qa,
+        read_vqa,
+        text_items,
+        trajectory_items,
+    )
+
+    stats: dict[str, Any] = {}
+    texts: list[Any] = []
+    vqas: list[Any] = []
+    if cfg.text_data:
+        records = read_text_qa(cfg.text_data, split=cfg.text_split or None, limit=cfg.max_text_samples)
+        texts = text_items(records, think=cfg.think)
+        stats["text_records"] = len(records)
+    if cfg.vqa_data:
+        from tools.store import ImageStore
+        from tools.zoom import ZoomConfig
+
+        manifest = Path(cfg.images_manifest)
+        if not manifest.exists():
+            raise SFTDataError(f"images_manifest {manifest} does not exist; run make-scenes or fix the path")
+        store = ImageStore.from_manifest(manifest, roots=cfg.image_roots or None)
+        zoom_cfg = ZoomConfig(max_pixels=cfg.max_pixels, min_pixels=cfg.min_pixels, frame=cfg.frame,
+                              max_turns=cfg.max_zooms)
+        samples = read_vqa(cfg.vqa_data, limit=cfg.max_vqa_samples)
+        path, tstats = materialize_trajectories(samples, store, zoom_cfg, Path(cfg.output_dir) / "sft_data",
+                                                think=cfg.think, max_zooms=cfg.max_zooms)
+        vqas = trajectory_items(path)
+        stats.update({"vqa_records": len(samples), **{f"trajectories_{k}": v for k, v in tstats.items()}})
+    items = mix(texts, vqas, cfg.text_mix_ratio, cfg.seed)
+    items, dropped = filter_by_length(items, processor, cfg.max_length)
+    stats.update(items=len(items), text_items=sum(i.kind == "text" for i in items),
+                 vqa_items=sum(i.kind == "vqa" for i in items), dropped_too_long=dropped)
+    if not items:
+        raise SFTDataError("no SFT examples left (empty inputs, or all longer than max_length)")
+    return items, stats
+
+
+# --------------------------------------------------------------------------------------------- model prep
+def prepare_model(model: Any, cfg: SFTConfig) -> dict[str, int]:
+    """Apply freezing and LoRA; returns trainable/total parameter counts."""
+    visual = getattr(getattr(model, "model", model), "visual", None)
+    if visual is not None:
+        merger = getattr(visual, "merger", None)
+        merger_ids = {id(p) for p in merger.parameters()} if merger is not None else set()
+        for p in visual.parameters():
+            is_proj = id(p) in merger_ids
+            if (is_proj and cfg.freeze_projector) or (not is_proj and cfg.freeze_vision):
+                p.requires_grad_(False)
+    if cfg.lora:
+        from peft import LoraConfig, get_peft_model
+
+        pattern = rf"^(?!.*visual).*\.({'|'.join(cfg.lora_target_modules)})$"
+        model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                                                 lora_dropout=cfg.lora_dropout, target_modules=pattern,
+                                                 task_type="CAUSAL_LM"))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return {"trainable": trainable, "total": total, "model": model}  # type: ignore[dict-item]
+
+
+# ------------------------------------------------------------------------------------------- text eval
+def evaluate_text_qa(model: Any, processor: Any, records: list[TextQA], *, max_new_tokens: int = 128,
+                     batch_size: int = 32) -> dict[str, Any]:
+    """Greedy answers to held-out TextQA, scored by the strict verifier (rl.verifier.verify_sample)."""
+    import torch
+
+    from rl.verifier import verify_sample
+    from sft.data import text_prompt_messages
+
+    tok = processor.tokenizer
+    old_side = tok.padding_side
+    tok.padding_side = "left"
+    correct = parse_fail = 0
+    examples = []
+    was_training = model.training
+    model.eval()
+    try:
+        for i in range(0, len(records), batch_size):
+            chunk = records[i:i + batch_size]
+            prompts = [processor.apply_chat_template(text_prompt_messages(q), tokenize=False,
+                                                     add_generation_prompt=True) for q in chunk]
+            enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = {k: v.to(model.device) for k, v in enc.items()}
+            with torch.no_grad():
+                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                     pad_token_id=tok.pad_token_id)
+            for q, seq in zip(chunk, out[:, enc["input_ids"].shape[1]:], strict=False):
+                text = tok.decode(seq, skip_special_tokens=False).split("<|im_end|>")[0]
+                r = verify_sample(text, q)
+                correct += r.correct
+                parse_fail += r.parse_failure
+                if len(examples) < 5:
+                    examples.append({"id": q.id, "answer": q.answer, "output": text[:300], "correct": r.correct})
+    finally:
+        tok.padding_side = old_side
+        model.train(was_training)
+    n = len(records)
+    return {"n": n, "accuracy": correct / n if n else 0.0, "parse_failures": parse_fail, "examples": examples}
+
+
+# ------------------------------------------------------------------------------------------------ plots
+def plot_loss(history: list[dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if pts:
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("train loss (assistant tokens)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------- run
+def run(cfg: SFTConfig, callbacks: list[Any] | None = None) -> dict[str, Any]:
+    """Train and save `<output_dir>/model`; returns the metrics also written to metrics.json."""
+    import torch
+    import trl
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from pipeline.models import load_model, save_model, set_pixel_bounds
+    from sft.data import ChatDataset, read_text_qa
+    from sft.masks import ZoomSFTCollator
+
+    if cfg.torch_threads > 0:
+        torch.set_num_threads(cfg.torch_threads)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = "bfloat16" if cfg.bf16 else "auto"
+    model, processor = load_model(cfg.model, dtype=dtype, device="cuda" if _cuda() and not cfg.deepspeed
+                                  else "cpu")
+    set_pixel_bounds(processor, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+    items, data_stats = build_items(cfg, processor)
+    dataset = ChatDataset(items)
+
+    metrics: dict[str, Any] = {"model": cfg.model, "data": data_stats}
+    eval_records = read_text_qa(cfg.eval_text_data, limit=cfg.eval_max_samples) if cfg.eval_text_data else []
+    ckpt_dir = out / "checkpoints"
+    resume_from: str | None = None
+    if cfg.resume == "auto" and ckpt_dir.exists():
+        resume_from = get_last_checkpoint(str(ckpt_dir))
+    elif cfg.resume not in ("auto", "never"):
+        resume_from = cfg.resume
+    before_path = out / "eval_before.json"
+    if eval_records:
+        if before_path.exists():  # a resumed run keeps the score of the untouched model
+            metrics["eval_before"] = json.loads(before_path.read_text())
+        else:
+            metrics["eval_before"] = evaluate_text_qa(model, processor, eval_records,
+                                                      max_new_tokens=cfg.eval_max_new_tokens,
+                                                      batch_size=cfg.eval_batch_size)
+            before_path.write_text(json.dumps(metrics["eval_before"], indent=2))
+
+    prep = prepare_model(model, cfg)
+    model = prep.pop("model")  # type: ignore[assignment]
+    metrics["parameters"] = prep
+    args = trl.SFTConfig(
+        output_dir=str(ckpt_dir), seed=cfg.seed, data_seed=cfg.seed,
+        learning_rate=cfg.learning_rate, adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2,
+        weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, lr_scheduler_type=cfg.lr_scheduler_type,
+        warmup_steps=cfg.warmup_ratio if cfg.warmup_ratio > 0 else cfg.warmup_steps,
+        num_train_epochs=cfg.num_train_epochs, max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps, bf16=cfg.bf16,
+        gradient_checkpointing=cfg.gradient_checkpointing, deepspeed=cfg.deepspeed or None,
+        logging_steps=cfg.logging_steps, save_strategy="steps", save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit, report_to="none", remove_unused_columns=False,
+        dataset_kwargs={"skip_prepare_dataset": True}, max_length=None, assistant_only_loss=False,
+        packing=False, dataloader_num_workers=cfg.dataloader_num_workers, use_cpu=not _cuda(),
+        disable_tqdm=False, logging_first_step=True,
+    )
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=dataset.to_hf(), processing_class=processor,
+                             data_collator=ZoomSFTCollator(processor), callbacks=callbacks or [])
+    t0 = time.time()
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    wall = time.time() - t0
+    model = trainer.model
+    save_model(model, processor, out / "model")
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+
+    history = [h for h in trainer.state.log_history if "loss" in h]
+    plot_loss(history, out / "loss_curve.png", f"SFT {out.name}")
+    steps_done = trainer.state.global_step
+    metrics.update(
+        resumed_from=resume_from, global_step=steps_done, epochs=trainer.state.epoch,
+        train_loss=result.training_loss, final_logged_loss=history[-1]["loss"] if history else None,
+        first_logged_loss=history[0]["loss"] if history else None,
+        train_runtime_s=wall, steps_per_second=result.metrics.get("train_steps_per_second"),
+        samples_per_second=result.metrics.get("train_samples_per_second"),
+        loss_history=[{"step": h["step"], "loss": h["loss"]} for h in history],
+        torch_threads=torch.get_num_threads(),
+    )
+    if eval_records:
+        metrics["eval_after"] = evaluate_text_qa(model, processor, eval_records,
+                                                 max_new_tokens=cfg.eval_max_new_tokens,
+                                                 batch_size=cfg.eval_batch_size)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+    summary = {k: metrics[k] for k in ("global_step", "train_loss", "final_logged_loss", "steps_per_second")}
+    for k in ("eval_before", "eval_after"):
+        if k in metrics:
+            summary[f"{k}_accuracy"] = metrics[k]["accuracy"]
+    summary["model"] = str(out / "model")
+    if not all(math.isfinite(h["loss"]) for h in history):
+        log.warning("non-finite loss in the history of %s", out)
+    return summary
+
+
+__all__ = ["SFTConfig", "run", "build_items", "prepare_model", "evaluate_text_qa", "plot_loss"]
