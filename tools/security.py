@@ -81,11 +81,14 @@ def gdal_config_options(cache_mb: int = 256) -> dict[str, str]:
     }
 
 
-def gdal_env(cache_mb: int = 256):
-    """A `rasterio.Env` carrying `gdal_config_options` (thread-local; safe inside a shared test process)."""
+def gdal_env():
+    """A `rasterio.Env` carrying `gdal_config_options` (thread-local in non-main threads, where rasterio uses
+    CPLSetThreadLocalConfigOption; GDAL_CACHEMAX is process-wide and left to `apply_gdal_lockdown`)."""
     import rasterio
 
-    return rasterio.Env(**gdal_config_options(cache_mb))
+    opts = gdal_config_options()
+    opts.pop("GDAL_CACHEMAX")
+    return rasterio.Env(**opts)
 
 
 @dataclass
