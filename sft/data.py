@@ -107,9 +107,10 @@ def oracle_trajectory(sample: VQASample, store: Any, zoom_cfg: Any, *, think: bo
         tool_message,
     )
 
-    messages = build_prompt_messages(sample, zoom_cfg.frame)
     episode = Episode(store, list(sample.images), zoom_cfg)
     observations = list(episode.initial_observations())
+    # same prompt as the agent loop (rl.agent) renders for eval, mining and RL: overview sizes included
+    messages = build_prompt_messages(sample, zoom_cfg.frame, sizes=[o.image.size for o in observations])
     images = [o.image for o in observations]
     limit = zoom_cfg.max_turns if max_zooms is None else min(max_zooms, zoom_cfg.max_turns)
     targets = sample.targets[:limit]
