@@ -233,18 +233,22 @@ def run_episodes(
     *,
     on_done: Callable[[Trajectory], None] | None = None,
     progress: bool = False,
+    rollout_ids: list[int] | None = None,
 ) -> list[Trajectory]:
     """Run `n` rollouts of each sample; returns trajectories ordered sample-major (s0 r0, s0 r1, …).
     Never raises per sample: setup, tool and backend failures set `Trajectory.error`. `on_done` is called
-    as each trajectory finishes (for durable caching)."""
+    as each trajectory finishes (for durable caching). `rollout_ids` (with n=1) labels episode i as rollout
+    rollout_ids[i] (`meta["rollout"]`), so a resumed job can run just the missing rollouts."""
     problems = cfg.problems()
     if problems:
         from pipeline.errors import ConfigError
 
         raise ConfigError("invalid AgentConfig:\n" + "\n".join(f"  - {p}" for p in problems))
+    if rollout_ids is not None and (n != 1 or len(rollout_ids) != len(samples)):
+        raise ValueError("rollout_ids needs n=1 and one id per sample")
     lives: list[_Live] = []
-    for s in samples:
-        for k in range(n):
+    for j, s in enumerate(samples):
+        for k in ([rollout_ids[j]] if rollout_ids is not None else range(n)):
             try:
                 lives.append(_start(s, k, store, cfg))
             except Exception as e:  # noqa: BLE001 — a bad sample must not stop the others

@@ -1,0 +1,651 @@
+"""`knowzoom rl`: agentic GRPO with the zoom tool on TRL's `GRPOTrainer` (+ Ray Train, Ray tool actors).
+
+The trainer reads hard VQA samples (mine-hard output), starts from the pre-warm SFT model, and rolls out
+multi-turn episodes through `rl.env.ZoomEnv` (`environment_factory`); rewards come from `rl.rewards`
+(each component logged on its own). TRL masks tool-response tokens out of the loss (`tool_mask`; checked by
+tests/test_rl_train.py). Rollouts: transformers generation on CPU, vLLM (colocate or server) on GPU via the
+`use_vllm`/`vllm_*` fields. With `use_ray`, the trainer runs under Ray Train's `TorchTrainer` (gloo on CPU,
+nccl on GPU) and checkpoints are reported to Ray on every rank; otherwise it runs in-process.
+
+Outputs in `output_dir`: `model/` (final), `checkpoints/checkpoint-N` + `checkpoints/latest.json` (written
+last, atomically), `rewards.jsonl` (one line per logged step), `reward_curve.png`, `train_summary.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import StageConfig, hfield
+from pipeline.errors import DatasetNotFoundError, ModelNotFoundError
+from pipeline.manifest import atomic_write_text
+from rl.errors import ChatTemplateError
+from rl.rewards import RewardSettings, ZoomRewards
+
+log = logging.getLogger(__name__)
+
+PLOT_KEYS = {
+    "tool-call rate": "episodes/tool_call_rate",
+    "zoom success rate": "episodes/zoom_ok_rate",
+    "accuracy": "episodes/accuracy",
+    "format rate": "episodes/format_ok_rate",
+}
+LOG_KEYS = [
+    "reward", "reward_std", "rewards/accuracy/mean", "rewards/format/mean", "rewards/tool_bonus/mean",
+    "rewards/region/mean", "tools/call_frequency", "tools/failure_frequency", "loss", "grad_norm", "kl",
+    "entropy", "learning_rate", "completions/mean_length", "frac_reward_zero_std",
+]
+
+
+@dataclass
+class RLConfig(StageConfig):
+    """Agentic GRPO (TRL) with the zoom environment; defaults are the tiny CPU run."""
+
+    output_dir: str = hfield("runs/tiny/rl", help="Folder for the model, checkpoints, reward log and plot.")
+    # model and data
+    model: str = hfield("runs/tiny/sft_prewarm/model", help="Start model: a model folder, 'tiny', or a local HF id.")
+    model_fallback: str = hfield("", help="Used (with a warning, recorded in the summary) when `model` is missing; empty = fail.")
+    train_data: str = hfield("runs/tiny/hard/hard.jsonl", help="VQASample JSONL to train on (the mined hard set).")
+    train_data_fallback: str = hfield("", help="Used (with a warning) when `train_data` is missing; empty = fail.")
+    image_manifest: str = hfield("runs/tiny/scenes/images.jsonl", help="images.jsonl of the image store the samples' ids refer to.")
+    image_roots: list[str] = hfield([], help="Allowed image roots; empty = the manifest's folder.")
+    max_samples: int = hfield(0, help="Use at most this many training samples (0 = all).")
+    chat_template: str = hfield("auto", help="'auto': switch to TRL's tool-capable Qwen-VL template when the model's cannot call tools; 'keep'; or a .jinja path.")
+    # zoom tool
+    frame: str = hfield("shown_pixels", help="Box frame the model uses: shown_pixels | norm1000.")
+    max_turns: int = hfield(5, help="Tool-calling turns per episode (TRL max_tool_calling_iterations).")
+    zoom_max_pixels: int = hfield(50176, help="Pixel cap of an overview or crop shown to the model (7B: 1003520).")
+    zoom_min_pixels: int = hfield(3136, help="Pixel floor of an image shown to the model.")
+    tool_read_timeout_s: float = hfield(10.0, help="Time limit of one raster read.")
+    # GRPO
+    num_generations: int = hfield(4, help="Rollouts per prompt (G).")
+    per_device_train_batch_size: int = hfield(4, help="Completions per device per micro-batch.")
+    gradient_accumulation_steps: int = hfield(1, help="Micro-batches per optimizer step.")
+    max_steps: int = hfield(12, help="Optimizer steps.")
+    learning_rate: float = hfield(1e-4, help="Actor learning rate (paper 7B: 5e-7).")
+    lr_scheduler_type: str = hfield("constant", help="HF scheduler name.")
+    warmup_steps: int = hfield(0, help="Linear warmup steps.")
+    max_grad_norm: float = hfield(1.0, help="Gradient clipping norm.")
+    beta: float = hfield(0.0, help="KL coefficient to the reference model (paper: 0.001; 0 skips the ref model).")
+    entropy_coef: float = hfield(0.0, help="Entropy bonus coefficient (paper: 0.001).")
+    loss_type: str = hfield("dapo", help="TRL GRPO loss type.")
+    scale_rewards: str = hfield("group", help="Advantage scaling: group | batch | none.")
+    temperature: float = hfield(1.0, help="Sampling temperature of rollouts.")
+    top_p: float = hfield(1.0, help="Nucleus sampling of rollouts.")
+    max_completion_length: int = hfield(384, help="Token budget of a whole multi-turn completion (tool tokens included).")
+    max_prompt_images: int = hfield(4, help="Samples with more input images than this are rejected at load time.")
+    # rewards and faults
+    accuracy_weight: float = hfield(0.8, help="Weight of the verifier accuracy reward.")
+    format_weight: float = hfield(0.2, help="Weight of the format reward (1 / 0 / -1 unbalanced tags).")
+    tool_bonus_weight: float = hfield(1.2, help="Weight of the tool bonus (right answer AND >= 1 successful zoom).")
+    region_weight: float = hfield(0.0, help="Weight of the region reward (zoom covers the target); 0 = off.")
+    max_answer_chars: int = hfield(1000, help="Answers this long or longer get no accuracy credit.")
+    mask_truncated_episodes: bool = hfield(True, help="Episodes cut by max_turns get no reward (zero advantage) instead of a penalty.")
+    mask_length_truncated: bool = hfield(True, help="Completions cut by max_completion_length carry no loss (TRL mask_truncated_completions).")
+    max_failure_rate: float = hfield(0.25, help="A step fails when more than this share of its rollouts raised.")
+    # checkpoints and logs
+    save_steps: int = hfield(4, help="Checkpoint every N optimizer steps (0 = only at the end).")
+    save_total_limit: int = hfield(2, help="Checkpoints kept.")
+    resume: bool = hfield(True, help="Resume from the latest checkpoint in output_dir when there is one.")
+    logging_steps: int = hfield(1, help="Log (and append to rewards.jsonl) every N steps.")
+    plot: bool = hfield(True, help="Write reward_curve.png at the end.")
+    torch_threads: int = hfield(1, help="torch CPU threads per trainer process.")
+    # rollout backend
+    use_vllm: bool = hfield(False, help="Generate rollouts with vLLM (GPU; needs the `gpu` extra).")
+    vllm_mode: str = hfield("colocate", help="vLLM mode: colocate (same GPUs) | server (trl vllm-serve).")
+    vllm_gpu_memory_utilization: float = hfield(0.3, help="vLLM GPU memory share in colocate mode.")
+    vllm_tensor_parallel_size: int = hfield(1, help="vLLM tensor parallel size in colocate mode.")
+    vllm_server_host: str = hfield("0.0.0.0", help="vLLM server host (server mode).")
+    vllm_server_port: int = hfield(8000, help="vLLM server port (server mode).")
+    vllm_max_model_length: int = hfield(0, help="vLLM context length (0 = the model's).")
+    bf16: bool = hfield(False, help="bf16 training (GPU).")
+    gradient_checkpointing: bool = hfield(False, help="Gradient checkpointing (large models).")
+    # Ray
+    use_ray: bool = hfield(False, help="Run the trainer under Ray Train (TorchTrainer) and tools in Ray actors.")
+    ray_address: str = hfield("", help="Ray cluster address; empty = start a local Ray.")
+    ray_num_workers: int = hfield(1, help="Trainer workers (DDP ranks).")
+    ray_use_gpu: bool = hfield(False, help="One GPU per trainer worker (nccl); False = CPU workers (gloo).")
+    ray_cpus_per_worker: float = hfield(1.0, help="CPUs reserved per trainer worker.")
+    ray_storage_path: str = hfield("", help="Ray Train storage (checkpoints); empty = OUTPUT_DIR/ray.")
+    tool_actors: int = hfield(2, help="Ray tool actors per trainer worker (0 = tools in-process even under Ray).")
+    tool_timeout_s: float = hfield(60.0, help="Time limit of one call to a tool actor.")
+    gdal_cachemax_mb: int = hfield(256, help="GDAL_CACHEMAX of each tool actor.")
+
+    def validate(self) -> list[str]:
+        p = super().validate()
+        if self.num_generations < 2:
+            p.append("num_generations: GRPO needs >= 2 rollouts per prompt; set 2 or more")
+        world = max(self.ray_num_workers, 1) if self.use_ray else 1
+        gen_batch = self.per_device_train_batch_size * self.gradient_accumulation_steps * world
+        if gen_batch % max(self.num_generations, 1):
+            p.append(f"per_device_train_batch_size × gradient_accumulation_steps × workers = {gen_batch} must be "
+                     f"divisible by num_generations={self.num_generations}; change one of them")
+        if self.max_steps < 1:
+            p.append("max_steps: must be >= 1")
+        if self.max_turns < 1:
+            p.append("max_turns: must be >= 1")
+        if self.frame not in ("shown_pixels", "norm1000"):
+            p.append("frame: use shown_pixels or norm1000")
+        if not 0.0 <= self.max_failure_rate <= 1.0:
+            p.append("max_failure_rate: must be in [0, 1]")
+        if self.max_completion_length < 16:
+            p.append("max_completion_length: too small; give >= 16 tokens")
+        if self.zoom_min_pixels <= 0 or self.zoom_max_pixels < self.zoom_min_pixels:
+            p.append("zoom_min_pixels/zoom_max_pixels: need 0 < min <= max")
+        if self.vllm_mode not in ("colocate", "server"):
+            p.append("vllm_mode: use colocate or server")
+        if self.use_vllm and not (self.use_ray and self.ray_use_gpu) and not _cuda_available():
+            p.append("use_vllm: vLLM needs a GPU; set use_vllm false on CPU machines")
+        if self.use_ray and self.ray_num_workers < 1:
+            p.append("ray_num_workers: must be >= 1 with use_ray")
+        if self.loss_type not in ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo"):
+            p.append(f"loss_type: {self.loss_type!r} is not a TRL GRPO loss type")
+        if self.scale_rewards not in ("group", "batch", "none"):
+            p.append("scale_rewards: use group, batch or none")
+        for name in ("accuracy_weight", "format_weight", "tool_bonus_weight", "region_weight"):
+            if not math.isfinite(getattr(self, name)):
+                p.append(f"{name}: must be a finite number")
+        if self.tool_actors < 0:
+            p.append("tool_actors: must be >= 0")
+        return p
+
+    def reward_settings(self) -> RewardSettings:
+        return RewardSettings(self.accuracy_weight, self.format_weight, self.tool_bonus_weight, self.region_weight,
+                              self.max_answer_chars, self.mask_truncated_episodes, self.max_failure_rate)
+
+    def zoom_config(self) -> dict[str, Any]:
+        return {"max_pixels": self.zoom_max_pixels, "min_pixels": self.zoom_min_pixels, "frame": self.frame,
+                "max_turns": self.max_turns, "read_timeout_s": self.tool_read_timeout_s}
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:  # torch missing or broken: no GPU path
+        return False
+
+
+# --- inputs ----------------------------------------------------------------------------------------------
+def resolve_inputs(cfg: RLConfig) -> dict[str, Any]:
+    """Model and data paths after fallbacks, with what was used and why (raises when nothing usable)."""
+    from pipeline.models import TINY
+
+    out: dict[str, Any] = {"fallbacks": []}
+    model = cfg.model
+    if model != TINY and not Path(model).exists():
+        if not cfg.model_fallback:
+            raise ModelNotFoundError(f"rl: start model {model} does not exist; run `knowzoom sft` (pre-warm) first "
+                                     f"or set --model_fallback tiny")
+        log.warning("rl: start model %s missing; falling back to %s", model, cfg.model_fallback)
+        out["fallbacks"].append(f"model {model} missing -> {cfg.model_fallback}")
+        model = cfg.model_fallback
+    data = cfg.train_data
+    if not Path(data).exists():
+        if not cfg.train_data_fallback or not Path(cfg.train_data_fallback).exists():
+            raise DatasetNotFoundError(
+                f"rl: training data {data} does not exist (fallback {cfg.train_data_fallback or 'none'} neither); "
+                "run `knowzoom mine-hard` first or set --train_data")
+        log.warning("rl: training data %s missing; falling back to %s", data, cfg.train_data_fallback)
+        out["fallbacks"].append(f"train_data {data} missing -> {cfg.train_data_fallback}")
+        data = cfg.train_data_fallback
+    if not Path(cfg.image_manifest).exists():
+        raise DatasetNotFoundError(f"rl: image manifest {cfg.image_manifest} does not exist; run `knowzoom make-scenes` "
+                                   "or point --image_manifest at an images.jsonl")
+    out["model"], out["train_data"] = model, data
+    return out
+
+
+def load_samples(path: str | Path, max_samples: int = 0, max_images: int = 4) -> list[Any]:
+    """VQASamples for training (validated); an empty file is an error that says what to do."""
+    from pipeline.errors import RecordError
+    from pipeline.records import VQASample, read_jsonl
+
+    samples = list(read_jsonl(path, VQASample))
+    if max_samples:
+        samples = samples[:max_samples]
+    if not samples:
+        raise RecordError(f"{path}: no samples; mine a hard set (knowzoom mine-hard) or point --train_data elsewhere")
+    for s in samples:
+        if len(s.images) > max_images:
+            raise RecordError(f"{path}: sample {s.id} has {len(s.images)} images > max_prompt_images {max_images}")
+    return samples
+
+
+def build_dataset(samples: list[Any], frame: str) -> Any:
+    """A datasets.Dataset with `prompt` (system + empty user turn; the env's reset fills the user turn with
+    the overviews and the question) and `sample` (the VQASample JSON that reset reads)."""
+    import dataclasses
+
+    from datasets import Dataset
+
+    from tools.protocol import build_prompt_messages
+
+    rows = []
+    for s in samples:
+        msgs = build_prompt_messages(s, frame)
+        system = [m for m in msgs if m.get("role") == "system"]
+        sys_text = system[0]["content"] if system else ""
+        if isinstance(sys_text, list):
+            sys_text = "".join(p.get("text", "") for p in sys_text if isinstance(p, dict))
+        rows.append({"prompt": [{"role": "system", "content": str(sys_text)}, {"role": "user", "content": ""}],
+                     "sample": json.dumps(dataclasses.asdict(s))})
+    return Dataset.from_list(rows)
+
+
+TOOLS_TEMPLATE = Path(__file__).parent / "templates" / "qwen2_5_vl_tools.jinja"
+
+
+def prepare_processor(processor: Any, mode: str) -> Any:
+    """Make the chat template render and parse zoom tool calls, without changing what the model sees.
+
+    'auto': Qwen2.5-VL's own template (used by SFT and eval) cannot render `tool_calls`, so TRL would refuse
+    it; `rl/templates/qwen2_5_vl_tools.jinja` is that template plus tool-call rendering in the canonical
+    `<tool_call>{...}</tool_call>` form (`tools.protocol.format_tool_call`), so RL prompts and tool turns are
+    byte-identical to the SFT/eval ones. Tool calls are parsed with TRL's Qwen parser (`<tool_call>` JSON)."""
+    import trl
+    from trl.chat_template_utils import add_response_schema, qwen3_template, supports_tool_calling
+
+    qwen25vl = (Path(trl.__file__).parent / "chat_templates" / "qwen2_5_vl.jinja").read_text(encoding="utf-8")
+    custom = False
+    if mode not in ("auto", "keep"):
+        path = Path(mode)
+        if not path.exists():
+            raise ChatTemplateError(f"chat_template {mode} does not exist; use auto, keep or a .jinja path")
+        _set_template(processor, path.read_text(encoding="utf-8"))
+        custom = True
+    elif mode == "auto" and processor.chat_template == qwen25vl:
+        _set_template(processor, TOOLS_TEMPLATE.read_text(encoding="utf-8"))
+        custom = True
+    if not supports_tool_calling(processor):
+        raise ChatTemplateError("the chat template cannot render tool calls; set --chat_template auto or a .jinja path")
+    tok = getattr(processor, "tokenizer", processor)
+    if getattr(tok, "response_template", None) is None and getattr(tok, "response_schema", None) is None:
+        if custom:
+            tok.response_template = dict(qwen3_template)  # <think>, <tool_call>{json}</tool_call>, <|im_end|>
+        else:
+            try:
+                add_response_schema(processor)
+            except ValueError as e:
+                raise ChatTemplateError(f"cannot parse tool calls with this chat template: {e}") from e
+    return processor
+
+
+def _set_template(processor: Any, template: str) -> None:
+    processor.chat_template = template
+    tok = getattr(processor, "tokenizer", None)
+    if tok is not None:
+        tok.chat_template = template
+
+
+# --- callbacks -------------------------------------------------------------------------------------------
+def _callbacks(cfg: RLConfig, ckpt_dir: Path, ray_mode: bool, rewards: ZoomRewards, counters: dict) -> list[Any]:
+    from transformers import TrainerCallback
+
+    class NonFiniteGradGuard(TrainerCallback):
+        """Skip the optimizer update when any gradient is NaN/inf (grads dropped; AdamW skips params without grad)."""
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kw):  # type: ignore[override]
+            import torch
+
+            if model is None:
+                return
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            if grads and not all(torch.isfinite(g).all() for g in grads):
+                for p in model.parameters():
+                    p.grad = None
+                counters["nonfinite_skipped"] = counters.get("nonfinite_skipped", 0) + 1
+                log.warning("rl: non-finite gradients at step %d; update skipped", state.global_step + 1)
+
+    class RewardLog(TrainerCallback):
+        """Append the step's logged metrics to rewards.jsonl (rank 0)."""
+
+        def on_log(self, args, state, control, logs=None, **kw):  # type: ignore[override]
+            if not state.is_world_process_zero or not logs or "reward" not in logs:
+                return
+            row = {"step": state.global_step}
+            row.update({k: float(v) for k, v in logs.items() if isinstance(v, (int, float))
+                        and (k in LOG_KEYS or k.startswith("episodes/"))})
+            row["nonfinite_skipped"] = counters.get("nonfinite_skipped", 0)
+            with open(Path(cfg.output_dir) / "rewards.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+
+    class CheckpointMarker(TrainerCallback):
+        """After a checkpoint is complete: latest.json (atomic, written last); under Ray, report it on every rank."""
+
+        def on_save(self, args, state, control, **kw):  # type: ignore[override]
+            path = ckpt_dir / f"checkpoint-{state.global_step}"
+            if ray_mode:
+                import ray.train
+
+                metrics = {"step": state.global_step, **{k: float(v) for k, v in rewards.last_batch.items()}}
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(path)))
+            if state.is_world_process_zero:
+                atomic_write_text(ckpt_dir / "latest.json",
+                                  json.dumps({"step": state.global_step, "path": str(path.resolve())}))
+
+    return [NonFiniteGradGuard(), RewardLog(), CheckpointMarker()]
+
+
+def latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The checkpoint named by latest.json when it exists and is complete, else None."""
+    marker = ckpt_dir / "latest.json"
+    if not marker.exists():
+        return None
+    try:
+        path = Path(json.loads(marker.read_text(encoding="utf-8"))["path"])
+    except (json.JSONDecodeError, KeyError):
+        return None
+    return path if (path / "trainer_state.json").exists() else None
+
+
+def _trim_reward_log(path: Path, step: int) -> None:
+    """Drop log lines after the resumed step (they were written after the checkpoint and will be redone)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (json.JSONDecodeError, KeyError):
+            continue
+    atomic_write_text(path, "".join(k + "\n" for k in keep))
+
+
+# --- training --------------------------------------------------------------------------------------------
+def _grpo_config(cfg: RLConfig, ckpt_dir: Path, ray_mode: bool) -> Any:
+    from trl import GRPOConfig
+
+    world = cfg.ray_num_workers if ray_mode else 1
+    kw: dict[str, Any] = dict(
+        output_dir=str(ckpt_dir),
+        seed=cfg.seed,
+        num_generations=cfg.num_generations,
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        generation_batch_size=cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world,
+        max_steps=cfg.max_steps,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        warmup_steps=cfg.warmup_steps,
+        max_grad_norm=cfg.max_grad_norm,
+        beta=cfg.beta,
+        entropy_coef=cfg.entropy_coef,
+        loss_type=cfg.loss_type,
+        scale_rewards=cfg.scale_rewards,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        max_completion_length=cfg.max_completion_length,
+        max_tool_calling_iterations=cfg.max_turns,
+        reward_weights=cfg.reward_settings().weights(),
+        mask_truncated_completions=cfg.mask_length_truncated,
+        save_strategy="steps" if cfg.save_steps else "no",
+        save_steps=cfg.save_steps or cfg.max_steps,
+        save_total_limit=cfg.save_total_limit,
+        save_only_model=False,  # optimizer, scheduler, RNG and trainer state (data position) too
+        logging_steps=cfg.logging_steps,
+        report_to="none",
+        use_cpu=not (_cuda_available() and (cfg.ray_use_gpu or not ray_mode)),
+        bf16=cfg.bf16,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+        log_completions=False,
+        use_vllm=cfg.use_vllm,
+        vllm_mode=cfg.vllm_mode,
+        vllm_gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+        vllm_tensor_parallel_size=cfg.vllm_tensor_parallel_size,
+        vllm_server_host=cfg.vllm_server_host,
+        vllm_server_port=cfg.vllm_server_port,
+    )
+    if cfg.vllm_max_model_length:
+        kw["vllm_max_model_length"] = cfg.vllm_max_model_length
+    if ray_mode:
+        kw["ddp_backend"] = "nccl" if cfg.ray_use_gpu else "gloo"
+    return GRPOConfig(**kw)
+
+
+@dataclass
+class RLRun:
+    """Everything a built (not yet trained) run holds; `train_worker` trains it, tests drive it directly."""
+
+    cfg: RLConfig
+    trainer: Any
+    rewards: ZoomRewards
+    counters: dict[str, int]
+    backend: Any
+    inputs: dict[str, Any]
+    n_samples: int
+    resume_from: str | None
+    start_step: int
+    ray_mode: bool
+    t0: float
+
+
+def build_run(cfg: RLConfig, ray_mode: bool = False, backend: Any = None) -> RLRun:
+    """Load model and data, set up the tool backend, rewards, callbacks and the GRPOTrainer."""
+    import torch
+    from trl import GRPOTrainer
+
+    from pipeline.models import load_model, set_pixel_bounds
+    from rl.env import LocalEpisodes, make_env_factory
+
+    t0 = time.time()
+    torch.set_num_threads(max(cfg.torch_threads, 1))
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_dir = out / "checkpoints"
+    inputs = resolve_inputs(cfg)
+    samples = load_samples(inputs["train_data"], cfg.max_samples, cfg.max_prompt_images)
+    dataset = build_dataset(samples, cfg.frame)
+
+    device = "cuda" if (_cuda_available() and (cfg.ray_use_gpu or not ray_mode)) else "cpu"
+    model, processor = load_model(inputs["model"], dtype="bfloat16" if cfg.bf16 else "float32", device=device)
+    set_pixel_bounds(processor, min_pixels=cfg.zoom_min_pixels, max_pixels=cfg.zoom_max_pixels)
+    prepare_processor(processor, cfg.chat_template)
+
+    counters: dict[str, int] = {}
+    if backend is None and ray_mode and cfg.tool_actors > 0:
+        from rl.ray_pool import RayEpisodePool
+
+        backend = RayEpisodePool(cfg.image_manifest, cfg.zoom_config(), n_actors=cfg.tool_actors,
+                                 roots=cfg.image_roots or None, call_timeout_s=cfg.tool_timeout_s,
+                                 gdal_cachemax_mb=cfg.gdal_cachemax_mb)
+        backend.wait_ready(timeout_s=max(cfg.tool_timeout_s, 60.0))
+    elif backend is None:
+        from tools.store import ImageStore
+        from tools.zoom import ZoomConfig
+
+        store = ImageStore.from_manifest(cfg.image_manifest, roots=cfg.image_roots or None)
+        backend = LocalEpisodes(store, ZoomConfig(**cfg.zoom_config()))
+    env_factory = make_env_factory(backend, cfg.frame, counters=counters)
+    rewards = ZoomRewards(processor.tokenizer, cfg.reward_settings())
+
+    resume_from = None
+    if cfg.resume:
+        if ray_mode:
+            import ray.train
+
+            ray_ckpt = ray.train.get_checkpoint()
+            if ray_ckpt is not None:
+                resume_from = ray_ckpt.path  # local storage: the folder itself
+        else:
+            latest = latest_checkpoint(ckpt_dir)
+            resume_from = str(latest) if latest else None
+    start_step = 0
+    if resume_from:
+        start_step = int(json.loads((Path(resume_from) / "trainer_state.json").read_text())["global_step"])
+        log.info("rl: resuming from %s (step %d)", resume_from, start_step)
+    if int(os.environ.get("RANK", "0")) == 0:
+        if resume_from:
+            _trim_reward_log(out / "rewards.jsonl", start_step)
+        elif (out / "rewards.jsonl").exists():
+            (out / "rewards.jsonl").unlink()
+
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=rewards.functions(),
+        args=_grpo_config(cfg, ckpt_dir, ray_mode),
+        train_dataset=dataset,
+        processing_class=processor,
+        environment_factory=env_factory,
+        callbacks=_callbacks(cfg, ckpt_dir, ray_mode, rewards, counters),
+    )
+    return RLRun(cfg, trainer, rewards, counters, backend, inputs, len(samples), resume_from, start_step,
+                 ray_mode, t0)
+
+
+def train_worker(cfg: RLConfig, ray_mode: bool = False, run: RLRun | None = None) -> dict[str, Any]:
+    """One trainer process (the whole run without Ray; one rank under Ray Train). Returns the summary."""
+    import torch
+
+    r = run or build_run(cfg, ray_mode)
+    trainer, out = r.trainer, Path(cfg.output_dir)
+    n_params = sum(p.numel() for p in trainer.model.parameters())
+    before = [p.detach().clone() for p in trainer.model.parameters()] if n_params <= 50_000_000 else None
+    try:
+        result = trainer.train(resume_from_checkpoint=r.resume_from)
+    finally:
+        pool_counters = dict(getattr(r.backend, "counters", {}) or {})
+        if hasattr(r.backend, "shutdown"):
+            r.backend.shutdown()
+    delta = None
+    if before is not None:
+        with torch.no_grad():
+            delta = float(sum((p.detach().float() - b.float()).pow(2).sum() for p, b in
+                              zip(trainer.model.parameters(), before, strict=True)) ** 0.5)
+    summary: dict[str, Any] = {
+        "model": r.inputs["model"], "train_data": r.inputs["train_data"], "fallbacks": r.inputs["fallbacks"],
+        "n_samples": r.n_samples, "steps": int(trainer.state.global_step), "resumed_from_step": r.start_step,
+        "train_loss": float(result.training_loss) if result.training_loss is not None else None,
+        "param_delta_l2": delta, "n_params": n_params, "reward_totals": dict(r.rewards.totals),
+        "episode_failures": r.counters.get("episode_failures", 0),
+        "nonfinite_skipped": r.counters.get("nonfinite_skipped", 0), "tool_pool": pool_counters,
+        "ray": r.ray_mode, "train_seconds": round(time.time() - r.t0, 1),
+    }
+    if trainer.is_world_process_zero():
+        final = out / "model"
+        trainer.save_model(str(final))
+        processor = trainer.processing_class
+        processor.save_pretrained(str(final))
+        if getattr(processor, "chat_template", None):
+            (final / "chat_template.jinja").write_text(processor.chat_template, encoding="utf-8")
+        summary["final_model"] = str(final)
+        rows = read_reward_log(out / "rewards.jsonl")
+        summary["last_log"] = rows[-1] if rows else {}
+        if cfg.plot and rows:
+            summary["plot"] = str(plot_reward_curve(rows, out / "reward_curve.png"))
+        atomic_write_text(out / "train_summary.json", json.dumps(summary, indent=2))
+    return summary
+
+
+def read_reward_log(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def plot_reward_curve(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Tool-call rate, zoom success, accuracy and format rate (and the total reward) over steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for label, key in PLOT_KEYS.items():
+        ax1.plot(steps, [r.get(key, float("nan")) for r in rows], marker="o", ms=3, label=label)
+    ax1.set_xlabel("step")
+    ax1.set_ylabel("rate")
+    ax1.set_ylim(-0.05, 1.05)
+    ax1.legend()
+    ax1.set_title("episodes")
+    ax2.plot(steps, [r.get("reward", float("nan")) for r in rows], marker="o", ms=3, label="total reward")
+    for k in ("rewards/accuracy/mean", "rewards/format/mean", "rewards/tool_bonus/mean"):
+        ax2.plot(steps, [r.get(k, float("nan")) for r in rows], ls="--", label=k.split("/")[1])
+    ax2.set_xlabel("step")
+    ax2.legend()
+    ax2.set_title("rewards")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# --- Ray Train -------------------------------------------------------------------------------------------
+def _ray_train_loop(config: dict[str, Any]) -> None:
+    cfg = RLConfig(**config["cfg"])
+    train_worker(cfg, ray_mode=True)
+
+
+def run_ray(cfg: RLConfig) -> dict[str, Any]:
+    """The trainer under Ray Train's TorchTrainer (workers = DDP ranks); Ray restores the run from its storage."""
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    import ray
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    env_vars = {k: os.environ[k] for k in ("RAY_TRAIN_ENABLE_PRINT_PATCH", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
+                                           "HF_DATASETS_OFFLINE", "KNOWZOOM_CACHE", "TRL_EXPERIMENTAL_SILENCE")
+                if k in os.environ}
+    env_vars.setdefault("OMP_NUM_THREADS", str(max(cfg.torch_threads, 1)))
+    started = False
+    if not ray.is_initialized():
+        ray.init(address=cfg.ray_address or None, include_dashboard=False, log_to_driver=True,
+                 runtime_env={"env_vars": env_vars})
+        started = True
+    storage = Path(cfg.ray_storage_path or Path(cfg.output_dir) / "ray").resolve()
+    cfg_dict = cfg.to_dict()
+    cfg_dict["output_dir"] = str(Path(cfg.output_dir).resolve())
+    for k in ("model", "train_data", "train_data_fallback", "image_manifest"):
+        if cfg_dict[k] and Path(cfg_dict[k]).exists():
+            cfg_dict[k] = str(Path(cfg_dict[k]).resolve())
+    t0 = time.time()
+    try:
+        trainer = TorchTrainer(
+            _ray_train_loop,
+            train_loop_config={"cfg": cfg_dict},
+            scaling_config=ScalingConfig(num_workers=cfg.ray_num_workers, use_gpu=cfg.ray_use_gpu,
+                                         resources_per_worker={"CPU": cfg.ray_cpus_per_worker,
+                                                               **({"GPU": 1} if cfg.ray_use_gpu else {})}),
+            torch_config=TorchConfig(backend="nccl" if cfg.ray_use_gpu else "gloo"),
+            run_config=RunConfig(name="rl", storage_path=str(storage),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=max(cfg.save_total_limit, 1))),
+        )
+        result = trainer.fit()
+    finally:
+        if started:
+            ray.shutdown()
+    summary_path = Path(cfg_dict["output_dir"]) / "train_summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    summary["ray_fit_seconds"] = round(time.time() - t0, 1)
+    summary["ray_checkpoint"] = str(result.checkpoint.path) if result.checkpoint else None
+    atomic_write_text(summary_path, json.dumps(summary, indent=2))
+    return summary
+
+
+def run(cfg: RLConfig) -> dict[str, Any]:
+    """`knowzoom rl`: train, then return the summary (also in OUTPUT_DIR/train_summary.json)."""
+    cfg.check()
+    resolve_inputs(cfg)  # fail fast (before Ray starts) on missing inputs
+    if cfg.use_ray:
+        return run_ray(cfg)
+    return train_worker(cfg, ray_mode=False)
