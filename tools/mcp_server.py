@@ -1,0 +1,160 @@
+"""The zoom tool as an MCP server (the `mcp` package, low-level `Server`), over stdio or streamable HTTP.
+
+Same service, limits and semantics as the HTTP API (`tools.server.ZoomService`). Tools:
+`list_images`, `start_episode` (returns the overview images), `zoom_in` (the training tool: `bbox` in the
+frame of `source`, plus the `episode_id`), `end_episode`, and a stateless `zoom_region`. A zoom returns an
+image content item and a text item (the observation text the model saw in training, then the mapping
+metadata as JSON). Tool errors come back as `is_error` results carrying the model-facing message.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import logging
+from typing import Any
+
+import mcp_types as types
+from mcp.server.lowlevel import Server
+
+from tools.errors import ToolError
+from tools.server import ServeConfig, ZoomService, public_error
+
+log = logging.getLogger("knowzoom.mcp")
+
+SERVER_NAME = "knowzoom-zoom"
+
+
+def tool_definitions(cfg: ServeConfig) -> list[types.Tool]:
+    """The MCP tools; `zoom_in`'s schema is the training schema plus the episode id."""
+    from tools.protocol import TOOL_NAME, zoom_tool_schema
+
+    fn = zoom_tool_schema(cfg.frame)["function"]
+    zoom_params = copy.deepcopy(fn["parameters"])
+    zoom_params["properties"]["episode_id"] = {"type": "string", "description": "Id returned by start_episode."}
+    zoom_params["required"] = ["episode_id", *zoom_params.get("required", [])]
+    box = {"type": "array", "items": {"type": "number"}, "minItems": 4, "maxItems": 4}
+    return [
+        types.Tool(name="list_images", description="List the ids of the images this server can zoom into.",
+                   input_schema={"type": "object", "properties": {
+                       "offset": {"type": "integer", "minimum": 0, "default": 0}}}),
+        types.Tool(name="start_episode",
+                   description="Start a zoom episode on 1..N images; returns their overviews image_0, image_1, ...",
+                   input_schema={"type": "object", "required": ["image_ids"], "properties": {
+                       "image_ids": {"type": "array", "items": {"type": "string"}, "minItems": 1,
+                                     "maxItems": cfg.max_images_per_episode}}}),
+        types.Tool(name=TOOL_NAME, description=fn["description"], input_schema=zoom_params),
+        types.Tool(name="end_episode", description="End an episode and free its observations.",
+                   input_schema={"type": "object", "required": ["episode_id"],
+                                 "properties": {"episode_id": {"type": "string"}}}),
+        types.Tool(name="zoom_region",
+                   description="Stateless zoom: a box of an image id in native pixels, the image CRS or lon/lat.",
+                   input_schema={"type": "object", "required": ["image_id", "bbox"], "properties": {
+                       "image_id": {"type": "string"}, "bbox": box,
+                       "box_crs": {"type": "string", "enum": ["native", "crs", "lonlat"], "default": "native"},
+                       "max_pixels": {"type": "integer", "minimum": 1, "maximum": cfg.max_output_pixels}}}),
+    ]
+
+
+def _image_item(payload: dict[str, Any]) -> types.ImageContent:
+    img = payload.pop("image")
+    return types.ImageContent(type="image", data=img["base64"], mime_type=img["mime"])
+
+
+def _text(obj: Any) -> types.TextContent:
+    return types.TextContent(type="text", text=obj if isinstance(obj, str) else json.dumps(obj))
+
+
+def _error(err: ToolError) -> types.CallToolResult:
+    return types.CallToolResult(content=[_text(err.model_message()), _text(public_error(err))], is_error=True)
+
+
+def create_mcp_server(cfg: ServeConfig, service: ZoomService | None = None) -> Server:
+    """A low-level MCP server bound to a ZoomService (one is built from `cfg` when not given)."""
+    from tools.protocol import TOOL_NAME, observation_text
+
+    svc = service if service is not None else ZoomService(cfg)
+    tools = tool_definitions(cfg)
+
+    async def list_tools(ctx: Any, params: Any) -> types.ListToolsResult:
+        return types.ListToolsResult(tools=tools)
+
+    async def dispatch(name: str, a: dict[str, Any]) -> list[Any]:
+        if name == "list_images":
+            off = a.get("offset", 0)
+            return [_text(svc.list_images(off if isinstance(off, int) and not isinstance(off, bool) else 0))]
+        if name == "start_episode":
+            body = await svc.start_episode(a.get("image_ids"), "json")
+            items: list[Any] = []
+            for obs in body["observations"]:
+                items.append(_image_item(obs))
+            items.append(_text(body))
+            return items
+        if name == TOOL_NAME:
+            eid = a.get("episode_id")
+            if not isinstance(eid, str):
+                from tools.server import UnknownEpisodeError
+
+                raise UnknownEpisodeError()
+            payload, _ = await svc.episode_zoom(eid, a.get("bbox"), a.get("source", "image_0"), "json")
+            item = _image_item(payload)
+            slot = svc.episodes.get(eid)
+            text = observation_text(slot.episode.observations[payload["name"]])
+            return [item, _text(text), _text(payload)]
+        if name == "end_episode":
+            return [_text(svc.end_episode(str(a.get("episode_id"))))]
+        if name == "zoom_region":
+            payload, _ = await svc.zoom(a.get("image_id"), a.get("bbox"), a.get("box_crs", "native"),
+                                        a.get("max_pixels"), "json")
+            return [_image_item(payload), _text(payload)]
+        from tools.errors import UnknownToolError
+
+        raise UnknownToolError()
+
+    async def call_tool(ctx: Any, params: types.CallToolRequestParams) -> types.CallToolResult:
+        try:
+            content = await dispatch(params.name, dict(params.arguments or {}))
+        except ToolError as e:
+            log.info("mcp tool %s failed: %s", params.name, e)
+            return _error(e)
+        return types.CallToolResult(content=content)
+
+    server: Server = Server(
+        SERVER_NAME,
+        version="1",
+        instructions=svc.tools()["system_prompt"],
+        on_list_tools=list_tools,
+        on_call_tool=call_tool,
+    )
+    server.knowzoom_service = svc  # type: ignore[attr-defined]  # for tests and shutdown
+    return server
+
+
+def create_mcp_http_app(cfg: ServeConfig, service: ZoomService | None = None) -> Any:
+    """Starlette app serving MCP over streamable HTTP at /mcp (DNS-rebinding protection on loopback)."""
+    server = create_mcp_server(cfg, service)
+    return server.streamable_http_app(streamable_http_path="/mcp", host=cfg.host,
+                                      max_request_body_size=cfg.max_request_bytes)
+
+
+def run_stdio(cfg: ServeConfig) -> None:
+    """Serve MCP over stdin/stdout until the client closes the stream (blocks)."""
+    import anyio
+    from mcp.server.stdio import stdio_server
+
+    server = create_mcp_server(cfg)
+
+    async def main() -> None:
+        async with stdio_server() as (read, write):
+            await server.run(read, write, server.create_initialization_options())
+
+    anyio.run(main)
+
+
+def decode_image(item: Any) -> bytes:
+    """Bytes of an MCP image content item (for clients and tests)."""
+    return base64.b64decode(item.data)
+
+
+__all__ = ["create_mcp_server", "create_mcp_http_app", "run_stdio", "tool_definitions", "decode_image"]
