@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 TINY = "tiny"
 # Bump when the tiny build changes in a way the spec hash does not see (code, corpus builder).
-TINY_BUILD_VERSION = 1
+TINY_BUILD_VERSION = 2
 
 # Qwen2.5-VL's special tokens (same strings and roles as the released tokenizer).
 SPECIAL_TOKENS = [
@@ -137,6 +137,7 @@ def _builtin_corpus() -> list[str]:
         "Perception Reasoning Object color Object classification Counting Land use Change detection "
         "Overall counting Regional counting Anomaly detection Route planning Spatial relationship",
     ]
+    lines += _protocol_corpus()
     try:  # real Earth-science vocabulary installed with the project (spyndex is a main dependency)
         import spyndex
 
@@ -147,6 +148,28 @@ def _builtin_corpus() -> list[str]:
     except Exception as e:  # pragma: no cover - optional richness only
         log.debug("spyndex not usable for the tokenizer corpus: %s", e)
     return lines
+
+
+def _protocol_corpus(repeat: int = 20) -> list[str]:
+    """The exact texts every prompt repeats (tool system prompt, instructions, role headers), repeated so
+    BPE merges them into few tokens: sequences get shorter and CPU steps faster."""
+    texts = ["<|im_start|>system\n", "<|im_start|>user\n", "<|im_start|>assistant\n", "<|im_start|>tool\n",
+             "You are a helpful assistant.", "The choices are listed below:", "image_0 (224x224):",
+             "obs_1: zoom of image_0 [0, 0, 56, 56], shown at 224x224."]
+    try:  # the tool protocol's own strings (tools/ is part of the project; guarded so models.py stands alone)
+        from tools import protocol
+
+        texts += [protocol.system_prompt(f) for f in ("shown_pixels", "norm1000")]
+        texts.append(protocol.DEFAULT_INSTRUCTION)
+    except Exception as e:  # pragma: no cover
+        log.debug("tools.protocol not usable for the tokenizer corpus: %s", e)
+    try:
+        from sft.data import ANSWER_THINK, DIRECT_THINK, TEXT_INSTRUCTIONS, ZOOM_THINK
+
+        texts += list(TEXT_INSTRUCTIONS.values()) + [ZOOM_THINK, ANSWER_THINK, DIRECT_THINK]
+    except Exception as e:  # pragma: no cover
+        log.debug("sft.data not usable for the tokenizer corpus: %s", e)
+    return texts * repeat
 
 
 def _file_corpus(paths: tuple[str, ...] | list[str]) -> list[str]:
