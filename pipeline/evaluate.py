@@ -1,0 +1,341 @@
+"""`knowzoom eval`: Pass@1 (greedy) and Pass@k (unbiased, from n sampled rollouts) on XLRS-Bench-lite or our
+VQA JSONL, with the zoom-agent protocol or the official no-tool protocol.
+
+Resumable: every finished episode is appended durably (fsync'd JSONL) to a predictions cache whose file name
+is a hash of the model, the prompt and the generation settings, keyed per item and rollout; a killed run
+resumes without recomputing or duplicating, and a change of model/prompt/settings starts a fresh cache.
+Episodes that failed (backend or setup error) are not cached, so a rerun retries them. `--limit` runs are
+marked not reportable. Outputs: results.json, results.md, per_task.png, viewer.html.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import StageConfig, hfield
+from pipeline.errors import ConfigError, DatasetNotFoundError
+from pipeline.records import JsonlAppender, Trajectory, VQASample, from_dict, read_jsonl
+
+log = logging.getLogger(__name__)
+
+DATASETS = ("vqa_jsonl", "xlrs")
+BACKENDS = ("transformers", "vllm", "openai")
+
+
+@dataclass
+class EvalConfig(StageConfig):
+    """Evaluate one model on one dataset with one protocol."""
+
+    output_dir: str = hfield("runs/tiny/eval", help="Folder for results, predictions cache and viewer.")
+    model: str = hfield("tiny", help="Model: 'tiny', a local folder (a stage's output_dir or its model/), a cached HF id, "
+                                     "or the served model name for backend openai.")
+    backend: str = hfield("transformers", help="Generation backend: transformers (CPU) | vllm (GPU) | openai (HTTP).")
+    base_url: str = hfield("", help="backend openai: the server's /v1 URL, e.g. http://localhost:8000/v1.")
+    api_key_env: str = hfield("OPENAI_API_KEY", help="backend openai: environment variable holding the API key.")
+    device: str = hfield("cpu", help="backend transformers: torch device.")
+    dtype: str = hfield("auto", help="backend transformers: auto | float32 | bfloat16 | float16.")
+    dataset: str = hfield("vqa_jsonl", help="vqa_jsonl (our VQASample JSONL) | xlrs (XLRS-Bench-lite local copy).")
+    dataset_path: str = hfield("runs/tiny/scenes/vqa_test.jsonl", help="vqa_jsonl: the JSONL file; xlrs: the local "
+                                                                       "XLRS-Bench-lite folder (parquet or JSON per question).")
+    images_manifest: str = hfield("runs/tiny/scenes/images.jsonl", help="vqa_jsonl: images.jsonl of the image store "
+                                                                         "({id, path} per line).")
+    xlrs_images_dir: str = hfield("", help="xlrs: where images are extracted and converted by prepare-images once "
+                                           "(default <output_dir>/xlrs_images).")
+    categories: list[str] = hfield([], help="Keep only these sub-tasks (\"Task/Subtask\" or short names like OCL).")
+    limit: int | None = hfield(None, help="Evaluate only the first N items; the result is marked not reportable.")
+    protocol: str = hfield("zoom", help="zoom (our zoom-agent tool protocol) | direct (official lmms-eval xlrs-lite "
+                                        "prompt, one turn, no tools).")
+    max_turns: int = hfield(5, help="Assistant turns per episode (zoom protocol).")
+    max_new_tokens: int = hfield(256, help="New tokens per turn (the official direct protocol uses 64).")
+    temperature: float = hfield(0.0, help="Pass@1 run temperature (0 = greedy, the reported protocol).")
+    top_p: float = hfield(1.0, help="Pass@1 run nucleus sampling p.")
+    n_samples: int = hfield(0, help="Sampled rollouts per item for Pass@k (0 = greedy Pass@1 only).")
+    pass_k: list[int] = hfield([1], help="k values for Pass@k (each <= n_samples; 1 is the greedy Pass@1).")
+    sample_temperature: float = hfield(1.0, help="Temperature of the n_samples rollouts.")
+    sample_top_p: float = hfield(1.0, help="Nucleus p of the n_samples rollouts.")
+    batch_size: int = hfield(8, help="Conversations per generate call.")
+    chunk_size: int = hfield(32, help="Items per durable chunk (progress is saved after each finished episode).")
+    max_answer_chars: int = hfield(1000, help="Answers this long or longer get no credit (verifier).")
+    zoom_max_pixels: int = hfield(50176, help="Pixel cap of every image shown (tiny: 224*224; 7B: 1003520).")
+    zoom_min_pixels: int = hfield(3136, help="Pixel floor of every image shown.")
+    zoom_frame: str = hfield("shown_pixels", help="Box frame the model uses: shown_pixels | norm1000.")
+    zoom_max_calls: int = hfield(5, help="Zoom calls allowed per episode.")
+    zoom_read_timeout_s: float = hfield(10.0, help="Per-read time limit of the zoom tool (seconds).")
+    viewer_max_items: int = hfield(40, help="Trajectories shown in viewer.html (first wrong ones, then right ones).")
+    openai_concurrency: int = hfield(8, help="backend openai: concurrent requests.")
+    openai_timeout_s: float = hfield(120.0, help="backend openai: per-request timeout (seconds).")
+
+    def validate(self) -> list[str]:
+        p = super().validate()
+        if self.dataset not in DATASETS:
+            p.append(f"dataset: {self.dataset!r} unknown; use one of {DATASETS}")
+        if self.backend not in BACKENDS:
+            p.append(f"backend: {self.backend!r} unknown; use one of {BACKENDS}")
+        if self.backend == "openai" and not self.base_url:
+            p.append("base_url: backend openai needs the server URL, e.g. http://localhost:8000/v1")
+        if self.protocol not in ("zoom", "direct"):
+            p.append("protocol: use zoom or direct")
+        if self.limit is not None and self.limit < 1:
+            p.append("limit: must be >= 1 (or null for the full set)")
+        if self.n_samples < 0:
+            p.append("n_samples: must be >= 0")
+        bad_k = [k for k in self.pass_k if k < 1 or (k > 1 and k > self.n_samples)]
+        if bad_k:
+            p.append(f"pass_k: {bad_k} need 1 <= k <= n_samples ({self.n_samples}); raise n_samples or drop them")
+        for name in ("max_turns", "max_new_tokens", "batch_size", "chunk_size", "max_answer_chars", "viewer_max_items"):
+            if getattr(self, name) < (0 if name == "viewer_max_items" else 1):
+                p.append(f"{name}: must be positive")
+        if self.temperature < 0 or self.sample_temperature < 0:
+            p.append("temperature/sample_temperature: must be >= 0")
+        if self.n_samples > 0 and self.sample_temperature == 0:
+            p.append("sample_temperature: Pass@k needs sampling; set it > 0 (e.g. 1.0)")
+        if not 0 < self.top_p <= 1 or not 0 < self.sample_top_p <= 1:
+            p.append("top_p/sample_top_p: must be in (0, 1]")
+        if self.zoom_max_pixels < self.zoom_min_pixels:
+            p.append("zoom_max_pixels: must be >= zoom_min_pixels")
+        return p
+
+
+# ------------------------------------------------------------------------------------------ pieces
+def agent_config(cfg: Any, *, temperature: float, top_p: float) -> Any:
+    """The AgentConfig of a stage config (shared by eval and mine-hard)."""
+    from rl.agent import AgentConfig
+    from tools.zoom import ZoomConfig
+
+    zoom = ZoomConfig(max_pixels=cfg.zoom_max_pixels, min_pixels=cfg.zoom_min_pixels, frame=cfg.zoom_frame,
+                      max_turns=cfg.zoom_max_calls, read_timeout_s=cfg.zoom_read_timeout_s)
+    return AgentConfig(max_turns=cfg.max_turns if cfg.protocol == "zoom" else 1, max_new_tokens=cfg.max_new_tokens,
+                       temperature=temperature, top_p=top_p, protocol=cfg.protocol, batch_size=cfg.batch_size,
+                       max_answer_chars=cfg.max_answer_chars, zoom=zoom)
+
+
+def model_fingerprint(spec: str, backend: str) -> str:
+    """Identity of the weights: the resolved folder plus its config and weight file sizes/mtimes."""
+    if backend == "openai":
+        return f"openai:{spec}"
+    try:
+        from pipeline.models import resolve_model_path
+
+        path = resolve_model_path(spec)
+    except Exception:  # noqa: BLE001 — an unresolvable spec fails later with a clear error
+        return f"{backend}:{spec}"
+    parts = [str(path)]
+    for f in sorted(path.glob("*")):
+        if f.suffix in (".safetensors", ".bin", ".json", ".jinja") and f.is_file():
+            st = f.stat()
+            parts.append(f"{f.name}:{st.st_size}:{int(st.st_mtime)}")
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def prompt_fingerprint(protocol: str, frame: str) -> str:
+    """Hash of everything the prompt renderer puts around a question."""
+    if protocol == "direct":
+        from pipeline import datasets as d
+
+        text = d._OPTION_PROMPT + d._POST_SINGLE + d._POST_MULTI
+    else:
+        from tools import protocol as p
+
+        text = p.system_prompt(frame) + p.DEFAULT_INSTRUCTION + json.dumps(p.zoom_tool_schema(frame), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def cache_key(cfg: Any, agent: Any, mode: str) -> str:
+    d = {"model": model_fingerprint(cfg.model, cfg.backend), "backend": cfg.backend,
+         "prompt": prompt_fingerprint(agent.protocol, agent.zoom.frame), "mode": mode,
+         "gen": {k: getattr(agent, k) for k in ("max_turns", "max_new_tokens", "temperature", "top_p",
+                                                "protocol", "max_answer_chars")},
+         "zoom": {k: getattr(agent.zoom, k) for k in vars(agent.zoom)}, "seed": cfg.seed}
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def load_eval_data(cfg: Any) -> tuple[list[VQASample], Any]:
+    """(samples, image store) for the configured dataset; XLRS images go through prepare-images once."""
+    from tools.store import ImageStore
+
+    if cfg.dataset == "vqa_jsonl":
+        from pipeline.datasets import load_vqa_jsonl
+
+        samples = load_vqa_jsonl(cfg.dataset_path)
+        manifest = Path(cfg.images_manifest)
+        if not manifest.exists():
+            raise DatasetNotFoundError(f"images_manifest {manifest} does not exist; run make-scenes or point it at "
+                                       "the images.jsonl of the dataset")
+        store = ImageStore.from_manifest(manifest)
+    else:
+        from pipeline.datasets import load_xlrs, save_vqa_jsonl
+
+        work = Path(cfg.xlrs_images_dir or Path(cfg.output_dir) / "xlrs_images")
+        samples, raw = load_xlrs(cfg.dataset_path, work, categories=list(cfg.categories) or None)
+        save_vqa_jsonl(work / "xlrs_questions.jsonl", samples)
+        manifest = prepare_images(raw, work / "prepared")
+        store = ImageStore.from_manifest(manifest)
+    if cfg.categories:
+        from pipeline.datasets import subtask_name
+
+        keep = set(cfg.categories)
+        samples = [s for s in samples if s.category in keep or subtask_name(s.category) in keep]
+    if cfg.limit is not None:
+        samples = samples[: cfg.limit]
+    if not samples:
+        raise DatasetNotFoundError(f"{cfg.dataset_path}: no samples left after the categories/limit filters")
+    missing = sorted({i for s in samples for i in s.images if i not in store})
+    if missing:
+        raise DatasetNotFoundError(f"{len(missing)} image ids are not in the store, e.g. {missing[:3]}")
+    return samples, store
+
+
+def prepare_images(raw_dir: Path, out_dir: Path) -> Path:
+    """Convert raw JPEG/PNG files to tiled COGs with overviews via the `prepare-images` stage, once (its DONE
+    marker skips it next time). Returns the images.jsonl manifest."""
+    from pipeline.config import load_config
+    from pipeline.stages import STAGES, run_stage
+
+    try:
+        cls, _ = STAGES["prepare-images"].load()
+    except ImportError as e:
+        raise ConfigError(f"prepare-images stage unavailable ({e}); tools/prepare.py is needed for XLRS images") from e
+    fields = {f for f in cls.__dataclass_fields__}
+    in_field = next((f for f in ("input_dir", "input", "src_dir", "source_dir", "raw_dir") if f in fields), None)
+    if in_field is None:
+        raise ConfigError(f"prepare-images config has no input folder field among {sorted(fields)}")
+    pcfg = load_config(cls, None, {in_field: str(raw_dir), "output_dir": str(out_dir)})
+    run_stage("prepare-images", pcfg, skip_if_done=True)
+    manifest = out_dir / "images.jsonl"
+    if not manifest.exists():
+        raise DatasetNotFoundError(f"prepare-images wrote no {manifest}")
+    return manifest
+
+
+def _traj_from(d: dict[str, Any]) -> Trajectory:
+    return from_dict(Trajectory, d)
+
+
+def run_cached(backend: Any, samples: list[VQASample], store: Any, agent: Any, n: int, cache: Path,
+               chunk_size: int, desc: str) -> dict[str, list[Trajectory]]:
+    """Run the rollouts not yet in `cache` and return all of them per sample id (rollout order).
+    Each finished, error-free episode is appended durably as it finishes."""
+    from tqdm import tqdm
+
+    from pipeline.records import to_dict
+    from rl.agent import run_episodes
+
+    app = JsonlAppender(cache, key="key")
+    done: dict[str, dict[str, Any]] = {}
+    for d in read_jsonl(cache) if cache.exists() else []:
+        done[d["key"]] = d  # type: ignore[index]
+    wanted = {s.id for s in samples}
+    # sample-major, so the rollouts of one item sit in the same batches
+    pending = [(s, k) for s in samples for k in range(n) if f"{s.id}#{k}" not in done]
+    fresh: dict[str, Trajectory] = {}
+    bar = tqdm(total=len(samples) * n, initial=len(samples) * n - len(pending), desc=desc, unit="ep")
+
+    def on_done(t: Trajectory) -> None:
+        key = f"{t.sample_id}#{t.meta.get('rollout', 0)}"
+        bar.update(1)
+        if t.error is None:
+            app.append({"key": key, "trajectory": to_dict(t)})
+        fresh[key] = t
+
+    try:
+        for i in range(0, len(pending), chunk_size):
+            chunk = pending[i:i + chunk_size]
+            run_episodes(backend, [s for s, _ in chunk], store, agent, n=1, on_done=on_done,
+                         rollout_ids=[k for _, k in chunk])
+    finally:
+        app.close()
+        bar.close()
+    out: dict[str, list[Trajectory]] = {s.id: [] for s in samples}
+    for key, d in done.items():
+        sid, k = key.rsplit("#", 1)
+        if sid in wanted and int(k) < n:
+            out[sid].append(_traj_from(d["trajectory"]))
+    for key, t in fresh.items():
+        out[key.rsplit("#", 1)[0]].append(t)
+    for sid in out:
+        out[sid].sort(key=lambda t: t.meta.get("rollout", 0))
+    return out
+
+
+def _viewer_items(samples: list[VQASample], greedy: dict[str, Trajectory], store: Any, agent: Any,
+                  max_items: int) -> list[tuple[Trajectory, VQASample, dict]]:
+    from pipeline.viewer import load_observation_images
+
+    ordered = [s for s in samples if s.id in greedy and not greedy[s.id].correct]
+    ordered += [s for s in samples if s.id in greedy and greedy[s.id].correct]
+    items = []
+    for s in ordered[:max_items]:
+        t = greedy[s.id]
+        try:
+            ims = load_observation_images(t, store, agent.zoom)
+        except Exception as e:  # noqa: BLE001 — the viewer must not sink the evaluation
+            log.warning("viewer: cannot re-read observations of %s: %s", s.id, e)
+            ims = {}
+        items.append((t, s, ims))
+    return items
+
+
+def run(cfg: EvalConfig, backend: Any = None) -> dict[str, Any]:
+    """Evaluate and write results.json / results.md / per_task.png / viewer.html; returns the headline."""
+    from pipeline.report import compute_metrics, write_reports
+    from pipeline.viewer import write_viewer
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    samples, store = load_eval_data(cfg)
+    greedy_agent = agent_config(cfg, temperature=cfg.temperature, top_p=cfg.top_p)
+    if backend is None:
+        from rl.backends import make_backend
+
+        kw: dict[str, Any] = {}
+        if cfg.backend == "transformers":
+            kw = {"device": cfg.device, "dtype": cfg.dtype}
+        elif cfg.backend == "openai":
+            kw = {"concurrency": cfg.openai_concurrency, "timeout_s": cfg.openai_timeout_s}
+        backend = make_backend(cfg.backend, cfg.model, base_url=cfg.base_url, api_key_env=cfg.api_key_env,
+                               agent_max_pixels=cfg.zoom_max_pixels, agent_min_pixels=cfg.zoom_min_pixels,
+                               seed=cfg.seed, **kw)
+    pred_dir = out / "predictions"
+    gkey = cache_key(cfg, greedy_agent, "pass1")
+    greedy_runs = run_cached(backend, samples, store, greedy_agent, 1, pred_dir / f"{gkey}.jsonl",
+                             cfg.chunk_size, "pass@1")
+    greedy = {sid: ts[0] for sid, ts in greedy_runs.items() if ts}
+    sampled: dict[str, list[Trajectory]] = {}
+    skey = None
+    if cfg.n_samples > 0:
+        s_agent = agent_config(cfg, temperature=cfg.sample_temperature, top_p=cfg.sample_top_p)
+        skey = cache_key(cfg, s_agent, f"sample{cfg.n_samples}")
+        sampled = run_cached(backend, samples, store, s_agent, cfg.n_samples, pred_dir / f"{skey}.jsonl",
+                             cfg.chunk_size, f"pass@k (n={cfg.n_samples})")
+    metrics = compute_metrics(samples, greedy, sampled, [k for k in cfg.pass_k if k > 1] or None)
+    n_err = metrics["overall"]["errors"] + sum(1 for s in samples if s.id not in greedy)
+    reasons = []
+    if cfg.limit is not None:
+        reasons.append(f"--limit {cfg.limit} evaluates a subset")
+    if n_err:
+        reasons.append(f"{n_err} items have no scored prediction (episode errors); rerun to retry them")
+    result = {
+        "model": cfg.model, "backend": cfg.backend, "dataset": cfg.dataset, "dataset_path": cfg.dataset_path,
+        "protocol": cfg.protocol, "reportable": not reasons, "not_reportable_reason": "; ".join(reasons),
+        "limit": cfg.limit, "n_samples": cfg.n_samples, "pass_k": cfg.pass_k,
+        "cache": {"pass1": gkey, "sampled": skey}, "metrics": metrics,
+    }
+    paths = write_reports(result, out)
+    viewer = write_viewer(out / "viewer.html", _viewer_items(samples, greedy, store, greedy_agent,
+                                                             cfg.viewer_max_items),
+                          title=f"{cfg.model} · {cfg.dataset} · {cfg.protocol}",
+                          note="" if result["reportable"] else "NOT REPORTABLE: " + result["not_reportable_reason"])
+    o = metrics["overall"]
+    summary = {k: o[k] for k in o if k.endswith(("_micro", "_macro"))}
+    summary.update(n=o["n"], errors=o["errors"], parse_failure_rate=o["parse_failure_rate"],
+                   tool_calls_per_question=o["tool_calls_per_question"], reportable=result["reportable"],
+                   viewer=str(viewer), **paths)
+    return summary
+
+
+__all__ = ["EvalConfig", "run", "agent_config", "load_eval_data", "run_cached", "cache_key", "prepare_images"]

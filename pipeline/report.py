@@ -1,0 +1,185 @@
+"""Evaluation metrics and their reports: Pass@1 / Pass@k (unbiased estimator), micro and macro accuracy over
+sub-tasks, a per-task table, tool-use statistics, parse failures; written as JSON, Markdown and a bar plot."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from pipeline.datasets import subtask_name
+from pipeline.records import Trajectory, VQASample
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased Pass@k from n samples with c correct: 1 - C(n-c, k) / C(n, k) (Chen et al., 2021)."""
+    if not 0 <= c <= n or k < 1:
+        raise ValueError(f"need 0 <= c <= n and k >= 1 (n={n}, c={c}, k={k})")
+    if k > n:
+        raise ValueError(f"k={k} exceeds the n={n} samples drawn; draw at least k samples")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def _mean(xs: Iterable[float]) -> float | None:
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else None
+
+
+def compute_metrics(
+    samples: list[VQASample],
+    greedy: dict[str, Trajectory],
+    sampled: dict[str, list[Trajectory]] | None = None,
+    ks: list[int] | None = None,
+) -> dict[str, Any]:
+    """Metrics over the samples that were scored. `greedy[id]` is the Pass@1 trajectory; `sampled[id]` the n
+    sampled rollouts for Pass@k. Items whose episode errored are counted in `errors`, not scored."""
+    sampled = sampled or {}
+    ks = sorted(set(ks or []))
+    per_task: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    items = []
+    for s in samples:
+        task = subtask_name(s.category)
+        g = greedy.get(s.id)
+        row: dict[str, Any] = {"id": s.id, "task": task}
+        if g is not None and g.error is None:
+            row.update(correct=bool(g.correct), prediction=g.prediction,
+                       parse_failure=bool(g.meta.get("parse_failure")), tool_calls=g.tool_calls,
+                       tool_errors=g.tool_errors, truncated=g.truncated, turns=g.turns)
+            t = per_task[task]
+            t["pass@1"].append(1.0 if g.correct else 0.0)
+            t["parse_failure"].append(1.0 if row["parse_failure"] else 0.0)
+            t["tool_calls"].append(float(g.tool_calls))
+            t["tool_errors"].append(float(g.tool_errors))
+            t["zoomed"].append(1.0 if g.tool_calls > 0 else 0.0)
+            t["truncated"].append(1.0 if g.truncated else 0.0)
+        elif g is not None:
+            row["error"] = g.error
+            per_task[task]["errors"].append(1.0)
+        rollouts = [r for r in sampled.get(s.id, []) if r.error is None]
+        if rollouts:
+            n, c = len(rollouts), sum(1 for r in rollouts if r.correct)
+            row.update(n_samples=n, n_correct=c)
+            per_task[task]["sampled_acc"].append(c / n)
+            for k in ks:
+                if 1 < k <= n:
+                    per_task[task][f"pass@{k}"].append(pass_at_k(n, c, k))
+        items.append(row)
+    metric_names = ["pass@1"] + [f"pass@{k}" for k in ks if k > 1] + (["sampled_acc"] if sampled else [])
+    tasks = {}
+    for task in sorted(per_task):
+        t = per_task[task]
+        calls, errs = sum(t["tool_calls"]), sum(t["tool_errors"])
+        tasks[task] = {
+            "n": len(t["pass@1"]),
+            **{m: _mean(t[m]) for m in metric_names},
+            "parse_failure_rate": _mean(t["parse_failure"]),
+            "tool_calls_per_question": _mean(t["tool_calls"]),
+            "zoom_rate": _mean(t["zoomed"]),
+            "tool_error_rate": errs / calls if calls else 0.0,
+            "truncated_rate": _mean(t["truncated"]),
+            "errors": int(sum(t["errors"])),
+        }
+    scored = [r for r in items if "correct" in r]
+    all_calls = sum(r["tool_calls"] for r in scored)
+    overall: dict[str, Any] = {"n": len(scored), "n_total": len(samples),
+                               "errors": sum(1 for r in items if "error" in r)}
+    for m in metric_names:
+        vals = [v for task in per_task.values() for v in task[m]]
+        overall[f"{m}_micro"] = _mean(vals)
+        task_means = [tasks[t][m] for t in tasks if tasks[t][m] is not None]
+        overall[f"{m}_macro"] = _mean(task_means)
+    overall.update(
+        parse_failures=sum(1 for r in scored if r["parse_failure"]),
+        parse_failure_rate=_mean(1.0 if r["parse_failure"] else 0.0 for r in scored),
+        tool_calls_per_question=_mean(r["tool_calls"] for r in scored),
+        zoom_rate=_mean(1.0 if r["tool_calls"] else 0.0 for r in scored),
+        tool_error_rate=sum(r["tool_errors"] for r in scored) / all_calls if all_calls else 0.0,
+        truncated_rate=_mean(1.0 if r["truncated"] else 0.0 for r in scored),
+    )
+    return {"overall": overall, "tasks": tasks, "metrics": metric_names, "items": items}
+
+
+def _pct(v: float | None) -> str:
+    return "–" if v is None else f"{100 * v:.2f}"
+
+
+def markdown_report(result: dict[str, Any]) -> str:
+    """A Markdown summary: headline scores, the per-task table, tool statistics."""
+    o, metrics = result["metrics"]["overall"], result["metrics"]["metrics"]
+    lines = [f"# Evaluation: {result.get('model', '?')} on {result.get('dataset', '?')}", ""]
+    if not result.get("reportable", False):
+        lines += [f"> **Not reportable**: {result.get('not_reportable_reason', '')}", ""]
+    lines += [f"- protocol: `{result.get('protocol')}`, items scored: {o['n']} / {o['n_total']}, "
+              f"episode errors: {o['errors']}", ""]
+    lines += ["| metric | micro | macro |", "|---|---:|---:|"]
+    for m in metrics:
+        lines.append(f"| {m} | {_pct(o[f'{m}_micro'])} | {_pct(o[f'{m}_macro'])} |")
+    lines += ["", "## Per task", ""]
+    head = "| task | n | " + " | ".join(metrics) + " | parse fail % | zooms/q | tool err % |"
+    lines += [head, "|---|---:|" + "---:|" * (len(metrics) + 3)]
+    for task, t in result["metrics"]["tasks"].items():
+        cells = " | ".join(_pct(t[m]) for m in metrics)
+        zq = t["tool_calls_per_question"]
+        lines.append(f"| {task} | {t['n']} | {cells} | {_pct(t['parse_failure_rate'])} | "
+                     f"{'–' if zq is None else f'{zq:.2f}'} | {_pct(t['tool_error_rate'])} |")
+    zq = o["tool_calls_per_question"]
+    lines += ["", "## Tool use", "",
+              f"- zoom calls per question: {'–' if zq is None else f'{zq:.2f}'}",
+              f"- questions with at least one zoom: {_pct(o['zoom_rate'])} %",
+              f"- tool error rate (per call): {_pct(o['tool_error_rate'])} %",
+              f"- parse failures: {o['parse_failures']} ({_pct(o['parse_failure_rate'])} %)",
+              f"- cut by the turn limit: {_pct(o['truncated_rate'])} %", ""]
+    return "\n".join(lines)
+
+
+def bar_plot(result: dict[str, Any], path: str | Path) -> Path:
+    """Per-task bar plot of Pass@1 (and the largest Pass@k when present), with the macro mean as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = result["metrics"]["tasks"]
+    names = list(tasks)
+    metrics = [m for m in result["metrics"]["metrics"] if m.startswith("pass@")]
+    show = metrics[:1] + metrics[-1:] if len(metrics) > 1 else metrics
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(names) + 2), 3.6), dpi=100)
+    width = 0.8 / max(1, len(show))
+    for j, m in enumerate(show):
+        vals = [100 * (tasks[t][m] or 0.0) for t in names]
+        ax.bar([i + j * width for i in range(len(names))], vals, width=width, label=m)
+    macro = result["metrics"]["overall"].get("pass@1_macro")
+    if macro is not None:
+        ax.axhline(100 * macro, color="k", ls="--", lw=1, label=f"pass@1 macro {100 * macro:.1f}")
+    ax.set_xticks([i + width * (len(show) - 1) / 2 for i in range(len(names))])
+    ax.set_xticklabels(names, rotation=30, ha="right")
+    ax.set_ylim(0, 100)
+    ax.set_ylabel("accuracy (%)")
+    title = f"{result.get('model', '')} · {result.get('protocol', '')}"
+    if not result.get("reportable", False):
+        title += " (not reportable)"
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_reports(result: dict[str, Any], out_dir: str | Path) -> dict[str, str]:
+    """results.json, results.md and per_task.png in `out_dir`; returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=2, default=str), encoding="utf-8")
+    (out / "results.md").write_text(markdown_report(result), encoding="utf-8")
+    bar_plot(result, out / "per_task.png")
+    return {"json": str(out / "results.json"), "markdown": str(out / "results.md"), "plot": str(out / "per_task.png")}
+
+
+__all__ = ["pass_at_k", "compute_metrics", "markdown_report", "bar_plot", "write_reports"]
