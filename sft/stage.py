@@ -120,8 +120,6 @@ class SFTConfig(StageConfig):
             p.append(f"deepspeed: {self.deepspeed} does not exist; give a DeepSpeed JSON or ''")
         if self.lora and self.lora_r <= 0:
             p.append("lora_r: must be > 0")
-        if self.bf16 and self.deepspeed == "" and not _cuda():
-            p.append("bf16: needs a GPU here; set bf16: false on CPU")
         return p
 
 

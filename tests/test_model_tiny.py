@@ -1,0 +1,156 @@
+"""The embedded tiny Qwen2.5-VL: offline deterministic build, cache, loading errors, processor round-trip,
+and image placeholder tokens == image features for a prompt image and a tool-returned crop."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory, monkeypatch_module):
+    root = tmp_path_factory.getbasetemp() / "kz_model_cache"
+    monkeypatch_module.setenv("KNOWZOOM_CACHE", str(root))
+    return root
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def tiny(cache):
+    from pipeline.models import load_model
+
+    torch.set_num_threads(1)
+    return load_model("tiny")
+
+
+def test_tiny_is_small_qwen2_5_vl_with_qwen_tokens(tiny):
+    from pipeline.models import SPECIAL_TOKENS, count_parameters
+
+    model, processor = tiny
+    assert model.config.model_type == "qwen2_5_vl"
+    assert 500_000 < count_parameters(model) < 1_200_000
+    tok = processor.tokenizer
+    for t in SPECIAL_TOKENS + ["<tool_call>", "</tool_call>", "<think>", "<answer>"]:
+        ids = tok.encode(t, add_special_tokens=False)
+        assert len(ids) == 1, t
+    assert tok.eos_token == "<|im_end|>"
+    assert model.config.image_token_id == tok.convert_tokens_to_ids("<|image_pad|>")
+    # a protocol string round-trips through the byte-level BPE, digits split one by one
+    s = '<tool_call>{"name": "zoom_in", "arguments": {"bbox": [12, 3, 456, 78.5], "source": "obs_2"}}</tool_call>'
+    assert tok.decode(tok.encode(s, add_special_tokens=False)) == s
+    assert tok.tokenize("2024") == ["2", "0", "2", "4"]
+    assert "<|im_start|>assistant" in processor.chat_template or "message['role']" in processor.chat_template
+
+
+def test_build_is_deterministic_and_cached(tmp_path, cache):
+    from safetensors.torch import load_file
+
+    from pipeline.models import build_tiny_model, tiny_model_path
+
+    a = build_tiny_model(tmp_path / "a", seed=3)
+    b = build_tiny_model(tmp_path / "b", seed=3)
+    assert (a / "tokenizer.json").read_text() == (b / "tokenizer.json").read_text()
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    p1 = tiny_model_path()
+    mtime = (p1 / "model.safetensors").stat().st_mtime
+    assert tiny_model_path() == p1 and (p1 / "model.safetensors").stat().st_mtime == mtime
+
+
+def test_missing_models_say_they_cannot_be_downloaded(tmp_path, cache):
+    from pipeline.errors import KnowZoomError, ModelNotFoundError
+    from pipeline.models import load_model
+
+    with pytest.raises(ModelNotFoundError, match="cannot be downloaded"):
+        load_model("Qwen/Not-A-Real-Model-For-Tests", cache_dir=tmp_path)
+    with pytest.raises(ModelNotFoundError, match="no config.json"):
+        load_model(str(tmp_path))
+    with pytest.raises(KnowZoomError, match="not found"):
+        load_model(str(tmp_path / "nope" / "deeper"))
+
+
+def test_stage_folder_and_roundtrip_clear_truncation(tmp_path, tiny):
+    from pipeline.models import load_model, save_model
+
+    model, processor = tiny
+    processor.tokenizer.backend_tokenizer.enable_truncation(max_length=8)  # what an SFT run leaves behind
+    save_model(model, processor, tmp_path / "stage" / "model")
+    data = json.loads((tmp_path / "stage" / "model" / "tokenizer.json").read_text())
+    assert data["truncation"] is None and data["padding"] is None
+    cfg = json.loads((tmp_path / "stage" / "model" / "processor_config.json").read_text())
+    assert cfg["processor_class"] == "Qwen2_5_VLProcessor"
+    m2, p2 = load_model(str(tmp_path / "stage"))  # a stage's output_dir resolves to its model/
+    assert len(p2.tokenizer("word " * 50)["input_ids"]) > 8
+    assert p2.chat_template == processor.chat_template
+    sd1, sd2 = model.state_dict(), m2.state_dict()
+    assert all(torch.equal(sd1[k], sd2[k]) for k in sd1)
+
+
+def test_build_model_stage(tmp_path, cache):
+    from pipeline.config import load_config
+    from pipeline.models import BuildModelConfig
+    from pipeline.stages import run_stage
+
+    cfg = load_config(BuildModelConfig, "configs/tiny/build_model.yaml", {"output_dir": str(tmp_path / "base")})
+    summary = run_stage("build-model", cfg)
+    assert summary["parameters"] > 500_000 and (tmp_path / "base" / "model" / "config.json").exists()
+    bad = {"output_dir": str(tmp_path), "hidden_size": 130}
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="hidden_size"):
+        load_config(BuildModelConfig, None, bad)
+
+
+def _placeholder_vs_features(model, processor, messages, images):
+    text = processor.apply_chat_template(messages, tokenize=False)
+    enc = processor(text=[text], images=images, return_tensors="pt")
+    n_placeholders = int((enc["input_ids"] == model.config.image_token_id).sum())
+    with torch.no_grad():
+        feats = model.model.get_image_features(enc["pixel_values"], enc["image_grid_thw"])
+    feats = feats.pooler_output if hasattr(feats, "pooler_output") else feats
+    n_features = sum(f.shape[0] for f in feats) if isinstance(feats, (list, tuple)) else feats.shape[0]
+    per_image = [int(g.prod()) // 4 for g in enc["image_grid_thw"]]
+    with torch.no_grad():
+        model(**enc)  # raises "Image features and image tokens do not match" on a mismatch
+    return n_placeholders, n_features, per_image
+
+
+def test_image_tokens_match_features_for_prompt_image_and_tool_crop(tmp_path, tiny):
+    from sft.toy import write_toy_scenes
+    from tools.protocol import Episode, ToolCall, build_prompt_messages, tool_message
+    from tools.store import ImageStore
+    from tools.zoom import ZoomConfig
+
+    model, processor = tiny
+    manifest, _ = write_toy_scenes(tmp_path, n=1, size=1500)
+    store = ImageStore.from_manifest(manifest)
+    cfg = ZoomConfig()
+    ep = Episode(store, ["scene_0"], cfg)
+    overview = ep.initial_observations()[0]
+    from pipeline.records import VQASample
+
+    sample = VQASample(id="s", images=["scene_0"], question="q?", answer="A", choices=["(A) a", "(B) b"])
+    msgs = build_prompt_messages(sample, cfg.frame, sizes=[overview.image.size])
+    # prompt image only
+    n_tok, n_feat, per = _placeholder_vs_features(model, processor, msgs, [overview.image])
+    w, h = overview.image.size
+    assert n_tok == n_feat == per[0] == (w // 28) * (h // 28)
+    # a thin tool-returned crop (non-square) after a zoom call
+    res = ep.execute(ToolCall("zoom_in", {"bbox": [10, 20, 200, 60], "source": "image_0"}))
+    assert res.error is None
+    crop = res.observation.image
+    assert crop.size[0] != crop.size[1]
+    msgs2 = msgs + [{"role": "assistant", "content": "<tool_call>{}</tool_call>"}, tool_message(res)]
+    n_tok, n_feat, per = _placeholder_vs_features(model, processor, msgs2, [overview.image, crop])
+    assert n_tok == n_feat == sum(per)
+    # the processor did not resize the tool's images: tokens == shown pixels / 28^2
+    assert per == [(w // 28) * (h // 28), (crop.size[0] // 28) * (crop.size[1] // 28)]
