@@ -414,6 +414,11 @@ def _grpo_config(cfg: RLConfig, ckpt_dir: Path, ray_mode: bool) -> Any:
     return GRPOConfig(**kw)
 
 
+class _MaskedRowFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "All reward functions returned None" not in record.getMessage()
+
+
 @dataclass
 class RLRun:
     """Everything a built (not yet trained) run holds; `train_worker` trains it, tests drive it directly."""
@@ -434,14 +439,16 @@ class RLRun:
 def build_run(cfg: RLConfig, ray_mode: bool = False, backend: Any = None) -> RLRun:
     """Load model and data, set up the tool backend, rewards, callbacks and the GRPOTrainer."""
     import torch
-    from trl import GRPOTrainer
 
     from pipeline.models import load_model, set_pixel_bounds
     from rl.env import LocalEpisodes, make_env_factory
+    from rl.trainer import ZoomGRPOTrainer
 
     t0 = time.time()
     torch.set_num_threads(max(cfg.torch_threads, 1))
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    # masked/unscorable rollouts are expected and counted by rl.rewards; TRL would print each whole prompt
+    logging.getLogger("trl.trainer.grpo_trainer").addFilter(_MaskedRowFilter())
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_dir = out / "checkpoints"
@@ -492,7 +499,7 @@ def build_run(cfg: RLConfig, ray_mode: bool = False, backend: Any = None) -> RLR
         elif (out / "rewards.jsonl").exists():
             (out / "rewards.jsonl").unlink()
 
-    trainer = GRPOTrainer(
+    trainer = ZoomGRPOTrainer(
         model=model,
         reward_funcs=rewards.functions(),
         args=_grpo_config(cfg, ckpt_dir, ray_mode),

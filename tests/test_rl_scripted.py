@@ -1,0 +1,194 @@
+"""GRPO through TRL's real tool loop with a scripted policy: reward components, failure counters, tool masks,
+unscorable episodes, turn-limit masking, the failure-rate limit and the non-finite-gradient guard."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from rl.errors import RolloutFailureError
+from rl.stage import RLConfig, build_run
+from rl.synthetic import make_zoom_task
+
+VALID = '<tool_call>{"name": "zoom_in", "arguments": {"bbox": [10, 10, 80, 80], "source": "image_0"}}</tool_call>'
+
+
+def scripts(answer: str, wrong: str) -> list[list[str]]:
+    """Rollout k's turns; each first turn carries a unique marker r<k> so later calls can be matched."""
+    return [
+        [f"<think>r0</think>{VALID}", f"<think>seen</think><answer>{answer}</answer>"],  # valid
+        ["<think>r1</think><tool_call>{bad json</tool_call>"],  # malformed call: ends the episode
+        ['<think>r2</think><tool_call>{"name": "crop", "arguments": {"bbox": [1, 2, 3, 4]}}</tool_call>',
+         f"<answer>{answer}</answer>"],  # unknown tool
+        ['<think>r3</think><tool_call>{"name": "zoom_in", "arguments": {"bbox": [5000, 5000, 6000, 6000], '
+         '"source": "image_0"}}</tool_call>', f"<answer>{wrong}</answer>"],  # out of bounds
+        [f"<think>r4</think>{VALID}<answer>{answer}</answer>", f"<answer>{answer}</answer>"],  # call + answer
+        [f"<think>r5<answer>{answer}</answer>"],  # unbalanced tags
+        [f"<think>r6</think>{VALID}", VALID, VALID],  # cut by max_turns=2
+        ['<think>r7</think><tool_call>{"name": "zoom_in", "arguments": {"bbox": [66, 66, 99, 99], '
+         '"source": "image_0"}}</tool_call>', f"<answer>{answer}</answer>"],  # the backend raises
+    ]
+
+
+class RaisingBackend:
+    """Wraps a backend; a call with bbox starting at 66 raises like a crashed reader would."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.counters = {}
+
+    def start(self, key, image_ids):
+        return self.inner.start(key, image_ids)
+
+    def execute(self, key, name, arguments):
+        if list(arguments.get("bbox", []))[:1] == [66]:
+            raise RuntimeError("reader crashed")
+        return self.inner.execute(key, name, arguments)
+
+    def close(self, key):
+        self.inner.close(key)
+
+
+def script_policy(trainer, turns_by_rollout):
+    """Replace generation with the scripts (prompt → rollout by its r<k> marker, turn by assistant count)."""
+    tok = trainer.processing_class.tokenizer
+    state = {"first": 0}
+
+    def fake(prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        out = []
+        for ids in prompt_ids:
+            text = tok.decode(ids, skip_special_tokens=False)
+            m = re.search(r"<think>r(\d+)", text)
+            if m is None:
+                k, t = state["first"] % len(turns_by_rollout), 0
+                state["first"] += 1
+            else:
+                k, t = int(m.group(1)), text.count("<|im_start|>assistant\n") - 1
+            turn = turns_by_rollout[k][min(t, len(turns_by_rollout[k]) - 1)]
+            out.append(tok(turn + "<|im_end|>", add_special_tokens=False)["input_ids"])
+        return out, None
+
+    trainer._generate_single_turn = fake
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    root = tmp_path_factory.mktemp("zoomtask")
+    make_zoom_task(root, n=2, size=512, square=32, seed=1)
+    return root
+
+
+def _cfg(task, out, **kw):
+    base = dict(output_dir=str(out), model="tiny", train_data=str(task / "vqa.jsonl"),
+                image_manifest=str(task / "images.jsonl"), max_samples=1, num_generations=8,
+                per_device_train_batch_size=8, max_steps=1, max_turns=2, save_steps=0, plot=False,
+                max_completion_length=1024, learning_rate=1e-2, max_failure_rate=0.2)
+    base.update(kw)
+    return RLConfig(**base)
+
+
+def _sample(task):
+    return json.loads((task / "vqa.jsonl").read_text().splitlines()[0])
+
+
+def test_scripted_rewards_counters_and_masks(task, tmp_path):
+    from rl.env import LocalEpisodes
+
+    cfg = _cfg(task, tmp_path / "out")
+    sample = _sample(task)
+    wrong = "A" if sample["answer"] != "A" else "B"
+    run = build_run(cfg)
+    assert isinstance(run.backend, LocalEpisodes)
+    run = build_run(cfg, backend=RaisingBackend(run.backend))  # same store, one call raises
+    trainer = run.trainer
+    script_policy(trainer, scripts(sample["answer"], wrong))
+    captured = {}
+    orig = trainer._compute_loss
+
+    def spy(model, inputs):
+        captured.setdefault("inputs", inputs)
+        return orig(model, inputs)
+
+    trainer._compute_loss = spy
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.train()
+
+    envs = trainer.environments
+    # map envs to rollout index through their first zoom/turn marker in the completion text
+    logs = trainer._logs
+    completions = logs["completion"]
+    idx = {}
+    for i, comp in enumerate(completions):
+        text = json.dumps(comp, default=str)
+        m = re.search(r"r(\d)", text)
+        idx[int(m.group(1))] = i
+    s = {k: envs[i].score for k, i in idx.items()}
+
+    assert (s[0].accuracy, s[0].format, s[0].tool_bonus, s[0].n_zooms_ok) == (1.0, 1.0, 1.0, 1)
+    assert s[1].format == 0.0 and s[1].accuracy == 0.0 and s[1].n_tool_calls == 0
+    assert any("ToolCallParseError" in e for e in s[1].format_errors)
+    assert s[2].format == 0.0 and s[2].accuracy == 1.0 and s[2].tool_bonus == 0.0
+    assert any("UnknownToolError" in e for e in s[2].format_errors)
+    assert s[3].format == 1.0 and s[3].accuracy == 0.0 and s[3].n_tool_errors == 1 and s[3].n_zooms_ok == 0
+    assert s[4].format == 0.0 and s[4].accuracy == 1.0  # a tool call and an answer in one turn
+    assert s[5].format == -1.0
+    assert s[6].truncated and s[6].masked and s[6].component("accuracy") is None
+    assert s[7].unscorable and s[7].masked and "reader crashed" in envs[idx[7]].stats.failure
+    assert run.counters["episode_failures"] == 1
+    tot = run.rewards.totals
+    assert tot["unscorable"] == 1 and tot["masked_truncated"] == 1 and tot["episodes"] == 8
+    # masked rollouts get exactly zero advantage
+    adv = torch.tensor(logs["advantages"])
+    assert adv[idx[6]] == 0 and adv[idx[7]] == 0 and adv.abs().sum() > 0
+    # TRL counted the unknown tool as a tool failure
+    logged = next(h for h in trainer.state.log_history if "reward" in h)
+    assert logged["tools/failure_frequency"] > 0
+    assert logged["episodes/unscorable_rate"] == pytest.approx(1 / 8)
+    assert logged["episodes/masked_truncated_rate"] == pytest.approx(1 / 8)
+
+    # tool tokens never carry loss: every tool-masked token lies inside a tool turn, and the tool turns
+    # (image pads, observation text) are all masked
+    inp = captured["inputs"]
+    tok = trainer.processing_class.tokenizer
+    ids, cmask, tmask = inp["completion_ids"], inp["completion_mask"], inp["tool_mask"]
+    # TRL shuffles the generation batch before the loss: find rollout 0's row by its marker
+    row = next(r for r in range(ids.shape[0]) if "<think>r0</think>" in tok.decode(ids[r], skip_special_tokens=False))
+    masked_text = tok.decode(ids[row][(tmask[row] == 0) & (cmask[row] == 1)], skip_special_tokens=False)
+    kept_text = tok.decode(ids[row][(tmask[row] == 1) & (cmask[row] == 1)], skip_special_tokens=False)
+    assert "<|image_pad|>" in masked_text and "obs_1" in masked_text and "<|im_start|>tool" in masked_text
+    assert "<|image_pad|>" not in kept_text and "obs_1" not in kept_text
+    assert "zoom_in" in kept_text and f"<answer>{sample['answer']}</answer>" in kept_text
+    # the policy moved
+    delta = sum((p.detach() - b).abs().sum().item() for p, b in zip(trainer.model.parameters(), before, strict=True))
+    assert delta > 0
+
+
+def test_step_fails_above_failure_rate(task, tmp_path):
+    cfg = _cfg(task, tmp_path / "out", num_generations=2, per_device_train_batch_size=2, max_failure_rate=0.4)
+    sample = _sample(task)
+    run = build_run(cfg)
+    run = build_run(cfg, backend=RaisingBackend(run.backend))
+    bad = ['<think>r0</think><tool_call>{"name": "zoom_in", "arguments": {"bbox": [66, 66, 99, 99]}}</tool_call>',
+           f"<answer>{sample['answer']}</answer>"]
+    script_policy(run.trainer, [bad, [f"<think>r1</think><answer>{sample['answer']}</answer>"]])
+    with pytest.raises(RolloutFailureError, match="max_failure_rate"):
+        run.trainer.train()
+
+
+def test_nonfinite_gradients_skip_the_update(task, tmp_path):
+    cfg = _cfg(task, tmp_path / "out", num_generations=2, per_device_train_batch_size=2)
+    sample = _sample(task)
+    run = build_run(cfg)
+    script_policy(run.trainer, [[f"<think>r0</think>{VALID}", f"<answer>{sample['answer']}</answer>"],
+                                ["<think>r1</think><answer>Z</answer>"]])
+    model = run.trainer.model
+    first = next(p for p in model.parameters() if p.requires_grad)
+    first.register_hook(lambda g: torch.full_like(g, float("nan")))
+    before = [p.detach().clone() for p in model.parameters()]
+    run.trainer.train()
+    assert run.counters.get("nonfinite_skipped") == 1
+    for p, b in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p.detach(), b)
