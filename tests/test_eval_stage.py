@@ -1,0 +1,208 @@
+"""`knowzoom eval` and `knowzoom mine-hard` end to end: metrics, Pass@k, resume after a kill, --limit,
+reports, and the CLI with the real tiny model."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+
+import pytest
+from test_eval_helpers import OracleBackend, ScriptBackend, make_vqa_set, store_for
+
+from pipeline.config import load_config
+from pipeline.evaluate import EvalConfig
+from pipeline.evaluate import run as run_eval
+from pipeline.records import VQASample, read_jsonl
+from pipeline.report import compute_metrics, pass_at_k
+from sft.mining import MineHardConfig
+from sft.mining import run as run_mine
+from tools.zoom import ZoomConfig
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_vqa_set(tmp_path_factory.mktemp("vqa"), n=4)
+
+
+def _cfg(data, out, **kw):
+    base = {"output_dir": str(out), "dataset_path": str(data / "vqa_test.jsonl"),
+            "images_manifest": str(data / "images.jsonl"), "viewer_max_items": 4}
+    base.update(kw)
+    return load_config(EvalConfig, None, base)
+
+
+def _samples(data):
+    return list(read_jsonl(data / "vqa_test.jsonl", VQASample))
+
+
+@pytest.mark.parametrize("n,c,k", [(5, 0, 1), (5, 5, 3), (10, 3, 1), (10, 3, 4), (8, 2, 8), (6, 1, 2)])
+def test_pass_at_k_matches_brute_force(n, c, k):
+    outcomes = [1] * c + [0] * (n - c)
+    subsets = list(itertools.combinations(range(n), k))
+    brute = sum(1 for sub in subsets if any(outcomes[i] for i in sub)) / len(subsets)
+    assert pass_at_k(n, c, k) == pytest.approx(brute)
+    assert pass_at_k(n, c, 1) == pytest.approx(c / n)
+
+
+def test_pass_at_k_rejects_bad_inputs():
+    for args in [(3, 4, 1), (3, 1, 4), (3, 1, 0)]:
+        with pytest.raises(ValueError):
+            pass_at_k(*args)
+
+
+def test_eval_oracle_scores_all_and_writes_reports(data, tmp_path):
+    cfg = _cfg(data, tmp_path / "e")
+    be = OracleBackend(_samples(data), store_for(data), ZoomConfig())
+    summary = run_eval(cfg, backend=be)
+    assert summary["pass@1_micro"] == 1.0 and summary["pass@1_macro"] == 1.0 and summary["reportable"]
+    assert summary["tool_calls_per_question"] == 1.0
+    res = json.loads((tmp_path / "e" / "results.json").read_text())
+    assert set(res["metrics"]["tasks"]) == {"Object color", "Other"}
+    md = (tmp_path / "e" / "results.md").read_text()
+    assert "| pass@1 | 100.00 | 100.00 |" in md and "Not reportable" not in md
+    assert (tmp_path / "e" / "per_task.png").read_bytes()[:4] == b"\x89PNG"
+    html = (tmp_path / "e" / "viewer.html").read_text()
+    assert html.count('class="zoom-box"') == 4 and html.count('class="target-box"') == 4
+
+
+def test_micro_vs_macro_and_parse_failures(data, tmp_path):
+    cfg = _cfg(data, tmp_path / "e")
+    summary = run_eval(cfg, backend=ScriptBackend(["<answer>A</answer>"]))  # q0 A right; q3 (Other) is D
+    # Object color: q0..q2 answers A,B,C -> 1/3; Other: q3 D -> 0
+    assert summary["pass@1_micro"] == pytest.approx(1 / 4)
+    assert summary["pass@1_macro"] == pytest.approx((1 / 3 + 0) / 2)
+    s2 = run_eval(_cfg(data, tmp_path / "f"), backend=ScriptBackend(["I think A or B"]))
+    assert s2["parse_failure_rate"] == 1.0 and s2["pass@1_micro"] == 0.0
+
+
+def test_pass_at_k_run_and_cache_keys(data, tmp_path):
+    rng = random.Random(0)
+
+    class Coin:
+        def generate(self, conversations, images, *, temperature, **kw):
+            return [f"<answer>{rng.choice('AB') if temperature > 0 else 'A'}</answer>" for _ in conversations]
+
+    cfg = _cfg(data, tmp_path / "e", n_samples=6, pass_k=[1, 2, 6], sample_temperature=1.0)
+    summary = run_eval(cfg, backend=Coin())
+    res = json.loads((tmp_path / "e" / "results.json").read_text())
+    items = {r["id"]: r for r in res["metrics"]["items"]}
+    assert all(r["n_samples"] == 6 for r in items.values())
+    q1 = items["q1"]  # truth B
+    assert res["metrics"]["tasks"]["Other"]["pass@6"] == 0.0  # q3 truth D never sampled
+    assert summary["pass@6_micro"] >= summary["pass@2_micro"] >= summary["sampled_acc_micro"]
+    other = [r for r in items.values() if r["task"] == "Object color"]
+    expect = sum(pass_at_k(6, r["n_correct"], 2) for r in other) / len(other)
+    assert res["metrics"]["tasks"]["Object color"]["pass@2"] == pytest.approx(expect)
+    assert 0 < q1["n_correct"] < 6  # a fair coin over 6 draws (seeded)
+    files = sorted(p.name for p in (tmp_path / "e" / "predictions").iterdir())
+    assert len(files) == 2  # greedy and sampled settings have separate caches
+
+
+def test_resume_after_kill_recomputes_nothing(data, tmp_path):
+    samples = _samples(data)
+    store = store_for(data)
+
+    class Dies(OracleBackend):
+        def generate(self, conversations, images, **kw):
+            if self.calls >= 3:
+                raise KeyboardInterrupt  # a kill mid-run (not an episode error)
+            return super().generate(conversations, images, **kw)
+
+    cfg = _cfg(data, tmp_path / "e", batch_size=1, chunk_size=1)
+    with pytest.raises(KeyboardInterrupt):
+        run_eval(cfg, backend=Dies(samples, store, ZoomConfig()))
+    [cache] = list((tmp_path / "e" / "predictions").iterdir())
+    before = [json.loads(x)["key"] for x in cache.read_text().splitlines()]
+    assert before == ["q0#0"]  # q0 finished (2 calls), q1 died mid-episode
+    be = OracleBackend(samples, store, ZoomConfig())
+    summary = run_eval(cfg, backend=be)
+    assert be.calls == 6  # 3 remaining items x 2 turns, q0 not recomputed
+    keys = [json.loads(x)["key"] for x in cache.read_text().splitlines()]
+    assert sorted(keys) == ["q0#0", "q1#0", "q2#0", "q3#0"] and len(keys) == len(set(keys))
+    assert summary["pass@1_micro"] == 1.0
+    be2 = OracleBackend(samples, store, ZoomConfig())
+    run_eval(cfg, backend=be2)
+    assert be2.calls == 0  # everything cached
+
+
+def test_errors_are_not_cached_and_not_reportable(data, tmp_path):
+    class Broken:
+        def generate(self, conversations, images, **kw):
+            raise RuntimeError("server down")
+
+    summary = run_eval(_cfg(data, tmp_path / "e"), backend=Broken())
+    assert not summary["reportable"] and summary["errors"] == 4
+    [cache] = list((tmp_path / "e" / "predictions").iterdir())
+    assert cache.read_text() == ""
+    res = json.loads((tmp_path / "e" / "results.json").read_text())
+    assert "episode errors" in res["not_reportable_reason"]
+
+
+def test_limit_marks_not_reportable(data, tmp_path):
+    summary = run_eval(_cfg(data, tmp_path / "e", limit=2), backend=ScriptBackend(["<answer>A</answer>"]))
+    assert not summary["reportable"] and summary["n"] == 2
+    assert "Not reportable" in (tmp_path / "e" / "results.md").read_text()
+
+
+def test_config_validation_messages():
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="pass_k"):
+        load_config(EvalConfig, None, {"pass_k": [1, 8], "n_samples": 4})
+    with pytest.raises(ConfigError, match="base_url"):
+        load_config(EvalConfig, None, {"backend": "openai"})
+    with pytest.raises(ConfigError, match="sample_temperature"):
+        load_config(EvalConfig, None, {"n_samples": 2, "pass_k": [2], "sample_temperature": 0})
+    with pytest.raises(ConfigError, match="temperature"):
+        load_config(MineHardConfig, None, {"temperature": 0})
+    with pytest.raises(ConfigError, match="max_pass_rate"):
+        load_config(MineHardConfig, None, {"min_pass_rate": 0.8, "max_pass_rate": 0.2})
+
+
+def test_compute_metrics_counts_tool_errors():
+    from pipeline.records import Trajectory
+
+    s = [VQASample(id="a", images=["x"], question="q", answer="A", choices=["(A) x", "(B) y"], category="T/u")]
+    g = {"a": Trajectory(sample_id="a", messages=[], tool_calls=4, tool_errors=1, correct=True,
+                         meta={"parse_failure": False})}
+    m = compute_metrics(s, g)
+    assert m["overall"]["tool_error_rate"] == 0.25 and m["overall"]["tool_calls_per_question"] == 4
+
+
+def test_mine_hard_keeps_low_pass_rate_and_resumes(data, tmp_path):
+    class Knows:  # always answers A: q0 (truth A) pass rate 1, the others 0
+        calls = 0
+
+        def generate(self, conversations, images, **kw):
+            self.calls += len(conversations)
+            return ["<answer>A</answer>"] * len(conversations)
+
+    cfg = load_config(MineHardConfig, None, {
+        "output_dir": str(tmp_path / "h"), "dataset_path": str(data / "vqa_test.jsonl"),
+        "images_manifest": str(data / "images.jsonl"), "k": 3, "max_pass_rate": 0.5})
+    be = Knows()
+    stats = run_mine(cfg, backend=be)
+    assert be.calls == 12 and stats["n_hard"] == 3 and stats["pass_count_histogram"] == {
+        "0/3": 3, "1/3": 0, "2/3": 0, "3/3": 1}
+    hard = list(read_jsonl(tmp_path / "h" / "hard.jsonl", VQASample))
+    assert [h.id for h in hard] == ["q1", "q2", "q3"] and hard[0].meta["pass_rate"] == 0.0
+    assert hard[0].targets == _samples(data)[1].targets
+    be2 = Knows()
+    run_mine(cfg, backend=be2)
+    assert be2.calls == 0  # resumed from the rollout cache
+
+
+def test_cli_eval_with_tiny_model(data, tmp_path, capsys):
+    """The real path: `knowzoom eval` with the tiny transformers model, 2 items, 1 turn."""
+    from pipeline.cli import main
+
+    rc = main(["eval", "--config", "configs/tiny/eval.yaml", "--model", "tiny", "--output_dir", str(tmp_path / "e"),
+               "--dataset_path", str(data / "vqa_test.jsonl"), "--images_manifest", str(data / "images.jsonl"),
+               "--limit", "2", "--n_samples", "2", "--pass_k", "[1, 2]", "--max_new_tokens", "8",
+               "--max_turns", "2"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["n"] == 2 and out["reportable"] is False
+    assert (tmp_path / "e" / "DONE.json").exists()
+    assert json.loads((tmp_path / "e" / "results.json").read_text())["metrics"]["overall"]["n"] == 2
