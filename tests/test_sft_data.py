@@ -1,0 +1,161 @@
+"""SFT datasets: TextQA chat format, oracle zoom trajectories made with the real tool (frames mapped),
+direct answers without a region, resumable materialization, mixing, length filtering, config validation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline.records import TargetRegion, VQASample
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    from sft.toy import write_toy_scenes
+
+    out = tmp_path_factory.mktemp("scenes")
+    manifest, vqa = write_toy_scenes(out, n=4, size=2000, square=40)
+    return manifest, vqa
+
+
+def test_text_qa_messages_follow_the_answer_format_the_verifier_reads():
+    from rl.verifier import verify_sample
+    from sft.data import text_prompt_messages, text_qa_messages
+    from sft.toy import spectral_index_qa
+
+    qa = spectral_index_qa(3)
+    for q in qa:
+        msgs = text_qa_messages(q)
+        assert [m["role"] for m in msgs] == ["user", "assistant"]
+        assert all(c in msgs[0]["content"] for c in q.choices)
+        target = msgs[1]["content"]
+        assert target.startswith("<think>") and target.endswith(f"<answer>{q.answer}</answer>")
+        assert verify_sample(target, q).correct
+        assert text_prompt_messages(q) == msgs[:1]
+    assert "<think>" not in text_qa_messages(qa[0], think=False)[1]["content"]
+
+
+def test_oracle_trajectory_zooms_onto_the_target_through_the_declared_frame(scenes):
+    from rl.verifier import verify_sample
+    from sft.data import oracle_trajectory, read_vqa
+    from tools.protocol import Episode, parse_turn
+    from tools.store import ImageStore
+    from tools.zoom import ZoomConfig
+
+    manifest, vqa = scenes
+    store = ImageStore.from_manifest(manifest)
+    for frame in ("shown_pixels", "norm1000"):
+        cfg = ZoomConfig(frame=frame)
+        sample = read_vqa([vqa])[0]
+        msgs, images, obs = oracle_trajectory(sample, store, cfg)
+        assert [m["role"] for m in msgs] == ["system", "user", "assistant", "tool", "assistant"]
+        turn = parse_turn(msgs[2]["content"])
+        assert turn.error is None and turn.tool_call is not None and turn.answer is None
+        # replaying the model's call on a fresh episode reads a window that contains the target
+        ep = Episode(store, sample.images, cfg)
+        native = ep.observations["image_0"].frame_to_native(turn.tool_call.arguments["bbox"])
+        tx0, ty0, tx1, ty1 = sample.targets[0].bbox
+        assert native[0] <= tx0 and native[1] <= ty0 and native[2] >= tx1 and native[3] >= ty1
+        assert native[2] - native[0] < 3 * (tx1 - tx0)  # and not much more than it
+        assert obs[1].window[0] <= tx0 and obs[1].window[2] >= tx1
+        assert len(images) == 2 and images[1].size == obs[1].image.size
+        assert verify_sample(msgs[-1]["content"], sample).correct
+        user_images = sum(c.get("type") == "image" for c in msgs[1]["content"])
+        tool_images = sum(c.get("type") == "image" for c in msgs[3]["content"])
+        assert user_images + tool_images == len(images)
+
+
+def test_direct_answer_without_region_and_zoom_cap(scenes):
+    from sft.data import oracle_trajectory, read_vqa
+    from tools.store import ImageStore
+    from tools.zoom import ZoomConfig
+
+    manifest, vqa = scenes
+    store = ImageStore.from_manifest(manifest)
+    samples = read_vqa([vqa])
+    no_region = next(s for s in samples if not s.targets)
+    msgs, images, _ = oracle_trajectory(no_region, store, ZoomConfig())
+    assert [m["role"] for m in msgs] == ["system", "user", "assistant"] and len(images) == 1
+    two = VQASample(id="two", images=["scene_0", "scene_1"], question="same colour?", answer="true", qtype="tf",
+                    targets=[TargetRegion(0, [0, 0, 100, 100]), TargetRegion(1, [500, 500, 600, 600])])
+    msgs, images, obs = oracle_trajectory(two, store, ZoomConfig())
+    assert [o.name for o in obs] == ["image_0", "image_1", "obs_1", "obs_2"] and len(images) == 4
+    assert '"source": "image_1"' in msgs[4]["content"]
+    msgs, images, _ = oracle_trajectory(two, store, ZoomConfig(), max_zooms=1)
+    assert len(images) == 3 and sum(m["role"] == "tool" for m in msgs) == 1
+
+
+def test_materialize_is_resumable_and_skips_rejected_boxes(scenes, tmp_path):
+    from pipeline.records import Trajectory, read_jsonl
+    from sft.data import ChatDataset, materialize_trajectories, read_vqa, trajectory_items
+    from tools.store import ImageStore
+    from tools.zoom import ZoomConfig
+
+    manifest, vqa = scenes
+    store = ImageStore.from_manifest(manifest)
+    samples = read_vqa([vqa])
+    bad = VQASample(id="bad", images=["scene_0"], question="?", answer="A", choices=["(A) x", "(B) y"],
+                    targets=[TargetRegion(0, [5000, 5000, 5100, 5100])])  # outside the image
+    path, stats = materialize_trajectories(samples[:2] + [bad], store, ZoomConfig(), tmp_path, progress=False)
+    assert stats == {"written": 2, "skipped_existing": 0, "failed": 1}
+    with path.open("a") as f:
+        f.write('{"sample_id": "half-writ')  # a kill in the middle of an append
+    path, stats = materialize_trajectories(samples, store, ZoomConfig(), tmp_path, progress=False)
+    assert stats == {"written": 2, "skipped_existing": 2, "failed": 0}
+    recs = list(read_jsonl(path, Trajectory))
+    assert sorted(r.sample_id for r in recs) == sorted(s.id for s in samples)
+    items = trajectory_items(path)
+    row = ChatDataset(items)[0]
+    assert len(row["images"]) == len(items[0].image_files) and row["images"][0].mode == "RGB"
+    assert items[0].n_image_tokens == sum(im.size[0] * im.size[1] // 784 for im in row["images"])
+
+
+def test_mix_and_length_filter(tmp_path):
+    from sft.data import ChatItem, mix
+
+    text = [ChatItem([{"role": "user", "content": f"t{i}"}], [], "text") for i in range(10)]
+    vqa = [ChatItem([{"role": "user", "content": f"v{i}"}], [], "vqa") for i in range(30)]
+    assert len(mix(text, vqa, None, 0)) == 40
+    m = mix(text, vqa, 0.25, 0)
+    assert sum(i.kind == "text" for i in m) == 10 and len(m) == 40
+    m = mix(text, vqa, 0.5, 0)
+    assert sum(i.kind == "text" for i in m) == 30  # resampled with repeats
+    assert mix(text, vqa, 0.5, 1) == mix(text, vqa, 0.5, 1)
+
+
+def test_length_filter_and_empty_dataset(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("KNOWZOOM_CACHE", str(tmp_path_factory.getbasetemp() / "kz_model_cache"))
+    from pipeline.models import load_processor
+    from sft.data import ChatDataset, ChatItem, filter_by_length
+    from sft.errors import SFTDataError
+
+    proc = load_processor("tiny")
+    mp.undo()
+    short = ChatItem([{"role": "user", "content": "hi"}], [], "text")
+    long = ChatItem([{"role": "user", "content": "word " * 300}], [], "text")
+    img = ChatItem([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}],
+                   ["x.png"], "vqa", n_image_tokens=64)
+    kept, dropped = filter_by_length([short, long, img], proc, max_length=60)
+    assert kept == [short] and dropped == 2
+    with pytest.raises(SFTDataError, match="empty"):
+        ChatDataset([])
+
+
+def test_sft_config_validation_says_what_to_fix(tmp_path):
+    from pipeline.config import load_config
+    from pipeline.errors import ConfigError
+    from sft.stage import SFTConfig
+
+    with pytest.raises(ConfigError, match="text_data/vqa_data"):
+        load_config(SFTConfig, None, {"output_dir": str(tmp_path)})
+    with pytest.raises(ConfigError, match="images_manifest"):
+        load_config(SFTConfig, None, {"vqa_data": ["x.jsonl"]})
+    with pytest.raises(ConfigError, match="text_mix_ratio"):
+        load_config(SFTConfig, None, {"text_data": ["x"], "text_mix_ratio": 1.5})
+    with pytest.raises(ConfigError, match="deepspeed"):
+        load_config(SFTConfig, None, {"text_data": ["x"], "deepspeed": str(tmp_path / "none.json")})
+    cfg = load_config(SFTConfig, None, ["--text_data", "a.jsonl,b.jsonl", "--lora", "--max_steps", "3"])
+    assert cfg.text_data == ["a.jsonl", "b.jsonl"] and cfg.lora and cfg.max_steps == 3
+    json.dumps(cfg.to_dict())

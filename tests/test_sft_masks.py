@@ -1,0 +1,96 @@
+"""Assistant-only labels from our own rendering: exactly the assistant tokens carry labels (prompts, tool
+responses, image tokens and padding are masked), checked on rendered text and zoom-trajectory examples."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module")
+def processor(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("KNOWZOOM_CACHE", str(tmp_path_factory.getbasetemp() / "kz_model_cache"))
+    from pipeline.models import load_processor
+
+    yield load_processor("tiny")
+    mp.undo()
+
+
+def _assistant_texts(messages):
+    out = []
+    for m in messages:
+        if m["role"] == "assistant":
+            c = m["content"]
+            out.append((c if isinstance(c, str) else "".join(x.get("text", "") for x in c)) + "<|im_end|>\n")
+    return "".join(out)
+
+
+def _labelled_text(batch, tok, row=0):
+    ids, labels = batch["input_ids"][row], batch["labels"][row]
+    return tok.decode(ids[labels != -100].tolist(), skip_special_tokens=False)
+
+
+CONV = [
+    {"role": "system", "content": "You answer questions."},
+    {"role": "user", "content": "Which index uses red and NIR?\n(A) NDVI\n(B) NDWI"},
+    {"role": "assistant", "content": "<think>NDVI uses N and R.</think><tool_call>{\"name\": \"zoom_in\"}</tool_call>"},
+    {"role": "tool", "content": "obs_1: zoom of image_0 [0, 0, 56, 56], shown at 224x224."},
+    {"role": "assistant", "content": "\n<answer>A</answer>"},
+]
+
+
+def test_text_mask_equals_generation_markers_of_trl_training_template(processor):
+    from pipeline.models import training_chat_template
+    from sft.masks import assistant_mask
+
+    tok = processor.tokenizer
+    ids = tok(processor.apply_chat_template(CONV, tokenize=False), add_special_tokens=False)["input_ids"]
+    ours = assistant_mask(ids, tok)
+    ref = tok.apply_chat_template(CONV, chat_template=training_chat_template(), tokenize=True, return_dict=True,
+                                  return_assistant_tokens_mask=True)
+    assert ref["input_ids"] == ids
+    assert [bool(x) for x in ref["assistant_masks"]] == ours
+    assert tok.decode([i for i, m in zip(ids, ours, strict=True) if m]) == _assistant_texts(CONV)
+
+
+def test_collator_labels_exactly_assistant_tokens_on_zoom_trajectory(processor, tmp_path):
+    from sft.data import oracle_trajectory, read_vqa, text_qa_messages
+    from sft.masks import ZoomSFTCollator
+    from sft.toy import spectral_index_qa, write_toy_scenes
+    from tools.store import ImageStore
+    from tools.zoom import ZoomConfig
+
+    manifest, vqa = write_toy_scenes(tmp_path, n=1, size=1200)
+    store = ImageStore.from_manifest(manifest)
+    msgs, images, _ = oracle_trajectory(read_vqa([vqa])[0], store, ZoomConfig())
+    text_msgs = text_qa_messages(spectral_index_qa(1)[0])
+    batch = ZoomSFTCollator(processor)([{"messages": msgs, "images": images},
+                                        {"messages": text_msgs, "images": []}])
+    tok = processor.tokenizer
+    assert _labelled_text(batch, tok, 0) == _assistant_texts(msgs)
+    assert _labelled_text(batch, tok, 1) == _assistant_texts(text_msgs)
+    ids, labels = batch["input_ids"], batch["labels"]
+    image_id = tok.convert_tokens_to_ids("<|image_pad|>")
+    expected = sum((im.size[0] // 28) * (im.size[1] // 28) for im in images)  # overview + crop
+    assert len(images) == 2 and (ids == image_id).sum() == expected
+    assert (labels[ids == image_id] == -100).all()  # image tokens never carry labels
+    assert (labels[batch["attention_mask"] == 0] == -100).all()  # padding neither
+    # the tool response's text is in the input but not in the labels
+    full = tok.decode(ids[0].tolist())
+    assert "obs_1: zoom of image_0" in full and "obs_1" not in _labelled_text(batch, tok, 0)
+    assert (labels[labels != -100] == ids[labels != -100]).all()
+
+
+def test_mask_ignores_truncated_and_roleless_segments(processor):
+    from sft.masks import assistant_mask
+
+    tok = processor.tokenizer
+    text = processor.apply_chat_template(CONV[:3], tokenize=False)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    cut = ids[:-4]  # killed mid-answer: still only assistant tokens are marked
+    m = assistant_mask(cut, tok)
+    assert sum(m) > 0 and tok.decode([i for i, k in zip(cut, m, strict=True) if k]).startswith("<think>")
+    assert assistant_mask([], tok) == []
+    assert not any(assistant_mask(tok("no chat markup here")["input_ids"], tok))
