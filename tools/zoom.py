@@ -213,6 +213,11 @@ def check_box(bbox: Any) -> tuple[float, float, float, float]:
 
 
 # -- geo -------------------------------------------------------------------------------------------
+def _apply(t: tuple[float, ...], x: float, y: float) -> tuple[float, float]:
+    """Apply affine coefficients (a, b, c, d, e, f) to a point."""
+    return (t[0] * x + t[1] * y + t[2], t[3] * x + t[4] * y + t[5])
+
+
 def _lonlat_to_native(box: tuple[float, ...], obs: Observation) -> tuple[float, float, float, float]:
     if obs.crs is None or obs.transform is None:
         raise BadBoxError("This image has no georeference; use pixel boxes.")
@@ -224,8 +229,8 @@ def _lonlat_to_native(box: tuple[float, ...], obs: Observation) -> tuple[float, 
         x0, y0, x1, y1 = transform_bounds("EPSG:4326", obs.crs, lon0, lat0, lon1, lat1, densify_pts=21)
     except Exception as e:  # noqa: BLE001 - PROJ errors on impossible coordinates
         raise BadBoxError("lon/lat box cannot be projected onto this image.", detail=str(e)) from e
-    inv = ~Affine(*obs.transform)
-    cols, rows = zip(*(inv * (x, y) for x, y in ((x0, y0), (x0, y1), (x1, y0), (x1, y1))), strict=True)
+    inv = tuple(~Affine(*obs.transform))
+    cols, rows = zip(*(_apply(inv, x, y) for x, y in ((x0, y0), (x0, y1), (x1, y0), (x1, y1))), strict=True)
     return (min(cols), min(rows), max(cols), max(rows))
 
 
@@ -236,11 +241,9 @@ def _native_to_lonlat(box: tuple[float, ...], obs: Observation) -> tuple[float, 
 
 
 def _window_geo_bounds(box: tuple[float, ...], crs: str, transform: tuple[float, ...]) -> tuple[float, float, float, float]:
-    from affine import Affine
     from rasterio.warp import transform_bounds
 
-    t = Affine(*transform)
-    xs, ys = zip(*(t * (c, r) for c, r in ((box[0], box[1]), (box[0], box[3]), (box[2], box[1]), (box[2], box[3]))), strict=True)
+    xs, ys = zip(*(_apply(transform, c, r) for c, r in ((box[0], box[1]), (box[0], box[3]), (box[2], box[1]), (box[2], box[3]))), strict=True)
     if crs in ("EPSG:4326", "OGC:CRS84"):
         return (min(xs), min(ys), max(xs), max(ys))
     return tuple(float(v) for v in transform_bounds(crs, "EPSG:4326", min(xs), min(ys), max(xs), max(ys), densify_pts=21))
