@@ -1,0 +1,177 @@
+"""Split by fact, dedup (normalised + near-duplicate MinHash), the leakage check, exports and stats."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from kg_qa_builder.errors import LeakageError
+from kg_qa_builder.graph import norm
+from pipeline.records import TextQA, write_jsonl
+
+SPLITS = ("train", "val", "test")
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+def fact_split(triple: tuple[str, str, str] | list[str], seed: int, val_fraction: float, test_fraction: float) -> str:
+    """Deterministic split of one fact (triple of node ids) by a seeded hash."""
+    h = hashlib.blake2b(f"{seed}\x1f{triple[0]}\x1f{triple[1]}\x1f{triple[2]}".encode(), digest_size=8).digest()
+    u = int.from_bytes(h, "big") / 2**64
+    return "test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"
+
+
+def partition(triples: Iterable[tuple[str, str, str]], seed: int, val_fraction: float, test_fraction: float
+              ) -> dict[str, set[tuple[str, str, str]]]:
+    parts: dict[str, set[tuple[str, str, str]]] = {s: set() for s in SPLITS}
+    for tr in triples:
+        parts[fact_split(tr, seed, val_fraction, test_fraction)].add(tr)
+    return parts
+
+
+def norm_question(q: TextQA) -> str:
+    return norm(q.question) + " || " + " | ".join(norm(c) for c in q.choices)
+
+
+class NearDupIndex:
+    """MinHash-LSH over word 3-shingles of question + options; `add` returns False for a near-duplicate
+    (estimated Jaccard ≥ threshold with an item already kept that has the same answer)."""
+
+    def __init__(self, threshold: float = 0.9, num_perm: int = 32, bands: int = 8, seed: int = 0):
+        self.threshold = threshold
+        self.rows = num_perm // bands
+        self.bands = bands
+        self.seeds = [int.from_bytes(hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=8).digest(), "big")
+                      for i in range(num_perm)]
+        self.buckets: dict[tuple[int, int], list[int]] = defaultdict(list)
+        self.items: list[tuple[frozenset[int], str]] = []
+
+    @staticmethod
+    def shingles(text: str) -> frozenset[int]:
+        w = _WORD.findall(text.lower())
+        if len(w) < 3:
+            return frozenset({hash(" ".join(w))})
+        return frozenset(hash((w[i], w[i + 1], w[i + 2])) for i in range(len(w) - 2))
+
+    def add(self, text: str, answer: str) -> bool:
+        sh = self.shingles(text)
+        sig = [min((x ^ s) & 0xFFFFFFFFFFFF for x in sh) for s in self.seeds]
+        keys = [(b, hash(tuple(sig[b * self.rows:(b + 1) * self.rows]))) for b in range(self.bands)]
+        cands = {i for k in keys for i in self.buckets.get(k, ())}
+        for i in cands:
+            osh, oans = self.items[i]
+            if oans == answer and len(sh & osh) / max(1, len(sh | osh)) >= self.threshold:
+                return False
+        idx = len(self.items)
+        self.items.append((sh, answer))
+        for k in keys:
+            self.buckets[k].append(idx)
+        return True
+
+
+def check_leakage(by_split: dict[str, list[TextQA]]) -> dict[str, int]:
+    """Raise LeakageError when a val/test QA uses a fact (evidence triple) or a question seen in training."""
+    train_facts = {tuple(t) for q in by_split.get("train", []) for t in q.meta.get("evidence_ids", q.evidence)}
+    train_qs = {norm_question(q) for q in by_split.get("train", [])}
+    problems = []
+    for s in ("val", "test"):
+        for q in by_split.get(s, []):
+            shared = [t for t in q.meta.get("evidence_ids", q.evidence) if tuple(t) in train_facts]
+            if shared:
+                problems.append(f"{s} QA {q.id} uses training fact(s) {shared[:2]}")
+            if norm_question(q) in train_qs:
+                problems.append(f"{s} QA {q.id} repeats a training question")
+    if problems:
+        raise LeakageError(f"SPLIT LEAKAGE: {len(problems)} val/test item(s) overlap training:\n"
+                           + "\n".join(f"  - {p}" for p in problems[:20]))
+    return {"train_facts": len(train_facts), "checked": sum(len(by_split.get(s, [])) for s in ("val", "test"))}
+
+
+# ---------------------------------------------------------------- rendering / exports
+INSTRUCTIONS = {
+    "mcq": "Answer with the letter of the correct option.",
+    "tf": "Answer true or false.",
+    "fill": "Answer with the missing words only.",
+    "free": "Answer briefly.",
+}
+SYSTEM = ("You are an Earth-observation expert. Think step by step inside <think></think>, then give the final "
+          "answer inside <answer></answer>.")
+
+
+def prompt_text(q: TextQA) -> str:
+    parts = [q.question]
+    if q.choices:
+        parts.append("\n".join(q.choices))
+    parts.append(INSTRUCTIONS[q.qtype])
+    return "\n".join(parts)
+
+
+def target_text(q: TextQA) -> str:
+    return "<think>" + " ".join(q.rationale) + "</think>\n<answer>" + q.answer + "</answer>"
+
+
+def export_trl(path: Path, items: list[TextQA]) -> int:
+    """TRL conversational format: {"messages": [system, user, assistant]} per line."""
+    rows = [{"id": q.id, "messages": [{"role": "system", "content": SYSTEM},
+                                      {"role": "user", "content": prompt_text(q)},
+                                      {"role": "assistant", "content": target_text(q)}]} for q in items]
+    return write_jsonl(path, rows)
+
+
+def export_sharegpt(out_dir: Path, by_split: dict[str, list[TextQA]], prefix: str = "knowzoom_kgqa") -> dict[str, Any]:
+    """LLaMA-Factory sharegpt JSON files + dataset_info.json describing them."""
+    info: dict[str, Any] = {}
+    for s, items in by_split.items():
+        fname = f"qa_{s}_sharegpt.json"
+        rows = [{"conversations": [{"from": "human", "value": prompt_text(q)}, {"from": "gpt", "value": target_text(q)}],
+                 "system": SYSTEM, "id": q.id} for q in items]
+        tmp = out_dir / (fname + ".tmp")
+        tmp.write_text(json.dumps(rows, ensure_ascii=False, indent=1), encoding="utf-8")
+        tmp.replace(out_dir / fname)
+        info[f"{prefix}_{s}"] = {
+            "file_name": fname, "formatting": "sharegpt",
+            "columns": {"messages": "conversations", "system": "system"},
+            "tags": {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt"},
+        }
+    (out_dir / "dataset_info.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
+    return info
+
+
+def write_stats(out_dir: Path, by_split: dict[str, list[TextQA]], rejections: Counter, graph_stats: dict[str, Any],
+                extra: dict[str, Any]) -> dict[str, Any]:
+    """stats.md (counts by split/type/hops/domain/source/relation, rejection reasons) + stats.png."""
+    allq = [q for s in SPLITS for q in by_split.get(s, [])]
+    tables = {
+        "split": Counter(q.split for q in allq), "qtype": Counter(q.qtype for q in allq),
+        "hops": Counter(str(q.hops) for q in allq), "domain": Counter(q.domain or "-" for q in allq),
+        "source": Counter(q.source for q in allq),
+        "relation": Counter(q.meta.get("relation", "-") for q in allq),
+    }
+    lines = ["# build-qa statistics", "",
+             f"Graph: {graph_stats['nodes']} nodes, {graph_stats['edges']} edges. "
+             f"Sources: {', '.join(f'{k} ({v})' for k, v in graph_stats['sources'].items())}.", ""]
+    for k, v in extra.items():
+        lines.append(f"- {k}: {v}")
+    for name, c in [*tables.items(), ("rejection reason", rejections)]:
+        lines += ["", f"## by {name}", "", f"| {name} | count |", "|---|---:|"]
+        lines += [f"| {k} | {n} |" for k, n in c.most_common()]
+    (out_dir / "stats.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+    for ax, (name, c) in zip(axes, [("qtype", tables["qtype"]), ("hops", tables["hops"]),
+                                    ("domain", tables["domain"]), ("rejections", rejections)]):
+        items = c.most_common(10)
+        ax.barh([str(k)[:22] for k, _ in items][::-1], [n for _, n in items][::-1], color="#3b7dd8")
+        ax.set_title(name)
+    fig.tight_layout()
+    fig.savefig(out_dir / "stats.png", dpi=90)
+    plt.close(fig)
+    return {k: dict(v) for k, v in tables.items()}

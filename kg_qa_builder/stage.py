@@ -1,0 +1,217 @@
+"""`knowzoom build-qa`: knowledge graph → verified text QA JSONL (+ TRL / LLaMA-Factory exports, stats).
+
+Steps: build and validate the graph; split its facts (triples) into train/val/test by a seeded hash;
+generate template QA inside each split's facts (so no test fact appears in training); optionally ask a
+teacher LLM for QA from split-local subgraphs; verify everything on the graph (reasons kept in
+rejections.jsonl); dedup (normalised + near-duplicate); check leakage loudly; write outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kg_qa_builder.dataset import (
+    SPLITS,
+    NearDupIndex,
+    check_leakage,
+    export_sharegpt,
+    export_trl,
+    norm_question,
+    partition,
+    write_stats,
+)
+from kg_qa_builder.errors import GenerationError
+from kg_qa_builder.generate import Generator
+from kg_qa_builder.importers import build_graph
+from kg_qa_builder.verify import Verifier
+from pipeline.config import StageConfig, hfield
+from pipeline.records import TextQA, read_jsonl, write_jsonl
+
+QTYPES = ("mcq", "tf", "fill", "free")
+
+
+@dataclass
+class BuildQAConfig(StageConfig):
+    """Config of `knowzoom build-qa`."""
+
+    output_dir: str = hfield("runs/tiny/qa", help="Folder for qa_{train,val,test}.jsonl, exports, stats, rejections.")
+    graph_sources: list[str] = hfield(["spyndex", "climaclass", "earthlib", "curated"],
+                                      help="Graph sources to load: spyndex, climaclass, earthlib, curated.")
+    curated_files: list[str] = hfield([], help="Curated fact YAML files; empty = the packaged kg_qa_builder/data/*.yaml.")
+    max_spectra: int = hfield(-1, help="Cap on earthlib spectra imported (-1 = all 7k).")
+    n_train: int = hfield(4000, help="Template QA to keep in the train split.")
+    n_val: int = hfield(300, help="Template QA to keep in the val split.")
+    n_test: int = hfield(600, help="Template QA to keep in the test split.")
+    min_test: int = hfield(400, help="Fail when fewer test QA than this can be generated.")
+    val_fraction: float = hfield(0.08, help="Fraction of facts (triples) assigned to val.")
+    test_fraction: float = hfield(0.15, help="Fraction of facts (triples) assigned to test.")
+    hop_weights: list[float] = hfield([0.6, 0.3, 0.1], help="Sampling weights of 1-, 2- and 3-hop questions.")
+    qtype_weights: dict = hfield({"mcq": 0.35, "tf": 0.2, "fill": 0.15, "free": 0.3},
+                                 help="Sampling weights of question types (mcq, tf, fill, free).")
+    relation_weights: dict = hfield({}, help="Per-relation sampling weight overrides (0 disables a relation).")
+    n_distractors: int = hfield(3, help="MCQ distractors (options = 1 + this).")
+    max_attempts_factor: int = hfield(30, help="Give up a split after this many samples per wanted QA.")
+    near_dup_threshold: float = hfield(0.9, help="Word-3-shingle Jaccard at or above which a QA is a near-duplicate.")
+    teacher_url: str = hfield("", help="OpenAI-compatible base URL (e.g. http://host:8000/v1); empty = no teacher.")
+    teacher_model: str = hfield("teacher", help="Model name sent to the teacher endpoint.")
+    teacher_api_key_env: str = hfield("OPENAI_API_KEY", help="Environment variable holding the teacher API key (optional).")
+    teacher_requests: dict = hfield({"train": 0, "val": 0, "test": 0}, help="Teacher calls per split.")
+    teacher_items_per_request: int = hfield(4, help="QA the teacher is asked to write per call.")
+    teacher_context_triples: int = hfield(12, help="Facts shown to the teacher per call.")
+    teacher_concurrency: int = hfield(8, help="Concurrent teacher calls.")
+    teacher_timeout_s: float = hfield(60.0, help="Timeout of one teacher call in seconds.")
+    teacher_max_retries: int = hfield(3, help="Retries per teacher call (exponential backoff).")
+    teacher_temperature: float = hfield(0.7, help="Teacher sampling temperature.")
+    teacher_max_tokens: int = hfield(1024, help="Teacher max new tokens per call.")
+
+    def validate(self) -> list[str]:
+        p = super().validate()
+        bad = set(self.graph_sources) - {"spyndex", "climaclass", "earthlib", "curated"}
+        if bad:
+            p.append(f"graph_sources: unknown {sorted(bad)}; use spyndex, climaclass, earthlib, curated")
+        for f in ("n_train", "n_val", "n_test", "min_test", "n_distractors"):
+            if getattr(self, f) < 0:
+                p.append(f"{f}: must be >= 0")
+        if self.min_test > self.n_test:
+            p.append(f"min_test: {self.min_test} exceeds n_test {self.n_test}; lower min_test or raise n_test")
+        if not (0 <= self.val_fraction < 1 and 0 < self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1):
+            p.append("val_fraction/test_fraction: need 0 <= val, 0 < test and val + test < 1")
+        if len(self.hop_weights) != 3 or min(self.hop_weights) < 0 or sum(self.hop_weights) <= 0:
+            p.append("hop_weights: give 3 non-negative weights (1, 2, 3 hops) with a positive sum")
+        if set(self.qtype_weights) - set(QTYPES) or sum(float(v) for v in self.qtype_weights.values()) <= 0:
+            p.append(f"qtype_weights: keys must be among {QTYPES} with a positive sum")
+        if not 0 < self.near_dup_threshold <= 1:
+            p.append("near_dup_threshold: must be in (0, 1]")
+        if self.max_attempts_factor < 1:
+            p.append("max_attempts_factor: must be >= 1")
+        if set(self.teacher_requests) - set(SPLITS):
+            p.append(f"teacher_requests: keys must be among {SPLITS}")
+        if self.teacher_concurrency < 1 or self.teacher_timeout_s <= 0 or self.teacher_max_retries < 0:
+            p.append("teacher_concurrency >= 1, teacher_timeout_s > 0, teacher_max_retries >= 0 required")
+        return p
+
+
+def generate_split(gen: Generator, ver: Verifier, split: str, n: int, max_attempts: int, near: NearDupIndex,
+                   seen: set[str], rejections: Counter, rej_log: list[dict[str, Any]]) -> list[TextQA]:
+    """Sample, verify and dedup until n QA are kept or max_attempts samples were drawn."""
+    out: list[TextQA] = []
+    attempts = 0
+    while len(out) < n and attempts < max_attempts:
+        attempts += 1
+        q = gen.sample()
+        if q is None:
+            rejections["no_valid_question"] += 1
+            continue
+        v = ver.verify_template(q)
+        if not v.ok:
+            rejections[v.reason] += 1
+            if len(rej_log) < 10000:
+                rej_log.append({"id": q.id, "source": q.source, "reason": v.reason, "detail": v.detail, "question": q.question})
+            continue
+        key = norm_question(q)
+        if key in seen:
+            rejections["duplicate"] += 1
+            continue
+        if not near.add(q.question + " " + " ".join(q.choices), q.answer if q.qtype != "mcq" else q.choices[ord(q.answer) - 65]):
+            rejections["near_duplicate"] += 1
+            continue
+        seen.add(key)
+        q.split = split
+        out.append(q)
+    return out
+
+
+def run(cfg: BuildQAConfig) -> dict[str, Any]:
+    """Build the graph, generate + verify + dedup + split QA, write JSONL, exports, stats, rejections."""
+    t0 = time.time()
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    kg = build_graph(cfg.graph_sources, cfg.curated_files or None,
+                     max_spectra=None if cfg.max_spectra < 0 else cfg.max_spectra)
+    gstats = kg.stats()
+    (out / "graph_stats.json").write_text(json.dumps(gstats, indent=1), encoding="utf-8")
+    parts = partition(kg.triples, cfg.seed, cfg.val_fraction, cfg.test_fraction)
+    rejections: Counter = Counter()
+    rej_log: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    near = NearDupIndex(cfg.near_dup_threshold, seed=cfg.seed)
+    verifier = Verifier(kg)
+    by_split: dict[str, list[TextQA]] = {}
+    # test first, so its questions win any cross-split textual tie
+    for i, (split, n) in enumerate([("test", cfg.n_test), ("val", cfg.n_val), ("train", cfg.n_train)]):
+        gen = Generator(kg, parts[split], seed=cfg.seed * 1000 + i, hop_weights=tuple(cfg.hop_weights),
+                        qtype_weights={k: float(v) for k, v in cfg.qtype_weights.items()},
+                        relation_weights={k: float(v) for k, v in cfg.relation_weights.items()},
+                        n_distractors=cfg.n_distractors)
+        by_split[split] = generate_split(gen, verifier, split, n, n * cfg.max_attempts_factor, near, seen,
+                                         rejections, rej_log)
+    teacher_summary: dict[str, Any] = {}
+    if cfg.teacher_url and any(int(v) > 0 for v in cfg.teacher_requests.values()):
+        teacher_summary = run_teacher(cfg, kg, parts, verifier, by_split, near, seen, rejections, rej_log)
+    if len(by_split["test"]) < cfg.min_test:
+        raise GenerationError(f"only {len(by_split['test'])} test QA (min_test {cfg.min_test}); raise test_fraction "
+                              "or max_attempts_factor, or lower min_test")
+    leak = check_leakage(by_split)
+    files = {}
+    for s in SPLITS:
+        files[s] = write_jsonl(out / f"qa_{s}.jsonl", by_split[s])
+        export_trl(out / f"qa_{s}_trl.jsonl", by_split[s])
+    export_sharegpt(out, by_split)
+    write_jsonl(out / "rejections.jsonl", rej_log)
+    tables = write_stats(out, by_split, rejections, gstats, {
+        "seconds": round(time.time() - t0, 1), "facts per split": {s: len(v) for s, v in parts.items()},
+        "teacher": teacher_summary or "not used"})
+    return {"graph_nodes": gstats["nodes"], "graph_edges": gstats["edges"], "counts": files,
+            "rejections": dict(rejections), "leakage_check": leak, "teacher": teacher_summary,
+            "by_qtype": tables["qtype"], "by_hops": tables["hops"], "seconds": round(time.time() - t0, 2)}
+
+
+def run_teacher(cfg: BuildQAConfig, kg: Any, parts: dict[str, set], verifier: Verifier,
+                by_split: dict[str, list[TextQA]], near: NearDupIndex, seen: set[str], rejections: Counter,
+                rej_log: list[dict[str, Any]]) -> dict[str, Any]:
+    """Call the teacher (resumable), verify its items and add the accepted ones to their split."""
+    from kg_qa_builder.teacher import TeacherClient, build_requests
+
+    reqs = build_requests(kg, parts, {k: int(v) for k, v in cfg.teacher_requests.items()},
+                          n_items=cfg.teacher_items_per_request, context_triples=cfg.teacher_context_triples,
+                          seed=cfg.seed, skip_relations={"instance_of_surface", "from_library"})
+    client = TeacherClient(cfg.teacher_url, cfg.teacher_model, os.environ.get(cfg.teacher_api_key_env) or None,
+                           cfg.teacher_concurrency, cfg.teacher_timeout_s, cfg.teacher_max_retries,
+                           temperature=cfg.teacher_temperature, max_tokens=cfg.teacher_max_tokens)
+    raw = Path(cfg.output_dir) / "teacher_raw.jsonl"
+    calls = client.run(reqs, raw)
+    wanted = {r.id for r in reqs}
+    kept = Counter()
+    seen_req: set[str] = set()
+    for rec in read_jsonl(raw):
+        if rec["id"] not in wanted or rec["id"] in seen_req:
+            continue
+        seen_req.add(rec["id"])
+        if rec.get("error"):
+            rejections["teacher_call_failed"] += 1
+            continue
+        split = rec["split"]
+        for item in rec["items"]:
+            qa, v = verifier.verify_teacher(item, split)
+            if qa is not None and not all(tuple(t) in parts[split] for t in qa.meta["evidence_ids"]):
+                qa, v = None, type(v)(False, "split_straddle", "evidence uses facts of another split")
+            if qa is None:
+                rejections["teacher:" + v.reason] += 1
+                rej_log.append({"id": rec["id"], "source": "teacher", "reason": v.reason, "detail": v.detail,
+                                "question": str(item.get("question", ""))[:300]})
+                continue
+            key = norm_question(qa)
+            if key in seen:
+                rejections["duplicate"] += 1
+                continue
+            seen.add(key)
+            near.add(qa.question + " " + " ".join(qa.choices), qa.answer)
+            by_split[split].append(qa)
+            kept[split] += 1
+    return {"calls": calls, "kept": dict(kept), "requests": len(reqs)}
