@@ -260,6 +260,33 @@ def plot_loss(history: list[dict[str, Any]], path: Path, title: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- run
+def _trainer_class() -> type:
+    """SFTTrainer whose resume really restores the weights.
+
+    transformers 5.17 saves Qwen2.5-VL checkpoints with the legacy key names (`visual.*`, `model.layers.*`)
+    but `Trainer._load_from_checkpoint` loads them without the key conversion, so every key is "missing" and
+    training silently continues from the freshly loaded weights. We load through `from_pretrained` (which
+    converts) and fail loudly if anything is still missing."""
+    import trl
+
+    class KZSFTTrainer(trl.SFTTrainer):
+        def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+            model = model if model is not None else self.model
+            if hasattr(model, "peft_config") or self.is_deepspeed_enabled or self.is_fsdp_enabled:
+                return super()._load_from_checkpoint(resume_from_checkpoint, model)
+            loaded = type(model).from_pretrained(resume_from_checkpoint, dtype=model.dtype)
+            result = model.load_state_dict(loaded.state_dict(), strict=False)
+            missing = [k for k in result.missing_keys if k != "lm_head.weight"]
+            if missing or result.unexpected_keys:
+                from sft.errors import SFTError
+
+                raise SFTError(f"checkpoint {resume_from_checkpoint} does not match the model: missing "
+                               f"{missing[:5]}, unexpected {result.unexpected_keys[:5]}")
+            del loaded
+
+    return KZSFTTrainer
+
+
 def run(cfg: SFTConfig, callbacks: list[Any] | None = None) -> dict[str, Any]:
     """Train and save `<output_dir>/model`; returns the metrics also written to metrics.json."""
     import torch
@@ -317,7 +344,7 @@ def run(cfg: SFTConfig, callbacks: list[Any] | None = None) -> dict[str, Any]:
         packing=False, dataloader_num_workers=cfg.dataloader_num_workers, use_cpu=not _cuda(),
         disable_tqdm=False, logging_first_step=True,
     )
-    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=dataset.to_hf(), processing_class=processor,
+    trainer = _trainer_class()(model=model, args=args, train_dataset=dataset.to_hf(), processing_class=processor,
                              data_collator=ZoomSFTCollator(processor), callbacks=callbacks or [])
     t0 = time.time()
     result = trainer.train(resume_from_checkpoint=resume_from)

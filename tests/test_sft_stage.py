@@ -1,0 +1,151 @@
+"""The SFT stage on CPU with the tiny model: one step of every shipped config (the 7B one with tiny
+overrides), freezing and LoRA, outputs (model folder, loss curve, metrics), and kill-and-resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    cache = tmp_path_factory.getbasetemp() / "kz_model_cache"
+    mp.setenv("KNOWZOOM_CACHE", str(cache))
+    torch.set_num_threads(1)
+    from sft.toy import write_text_qa, write_toy_scenes
+
+    data = tmp_path_factory.mktemp("sftdata")
+    train, test = write_text_qa(data / "qa")
+    manifest, vqa = write_toy_scenes(data / "scenes", n=4, size=1024)
+    yield {"train": str(train), "test": str(test), "manifest": str(manifest), "vqa": str(vqa), "cache": cache}
+    mp.undo()
+
+
+def _data_overrides(env, out):
+    return {"output_dir": str(out), "text_data": [env["train"]], "vqa_data": [env["vqa"]],
+            "images_manifest": env["manifest"], "eval_text_data": [], "max_steps": 1, "logging_steps": 1,
+            "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1, "max_text_samples": 8,
+            "torch_threads": 1, "save_steps": 1, "dataloader_num_workers": 0}
+
+
+@pytest.mark.parametrize("config", ["configs/tiny/sft_text.yaml", "configs/tiny/sft_prewarm.yaml",
+                                    "configs/qwen2_5_vl_7b/sft.yaml"])
+def test_one_step_of_every_config(config, env, tmp_path):
+    from pipeline.config import load_config
+    from pipeline.models import load_model
+    from pipeline.stages import run_stage
+    from sft.stage import SFTConfig
+
+    over = _data_overrides(env, tmp_path / "run")
+    over["model"] = "tiny"  # the pre-warm config starts from runs/tiny/sft_text/model
+    if "sft_text" in config:
+        over.pop("vqa_data"), over.pop("images_manifest")
+        over.update(eval_text_data=[env["test"]], eval_max_samples=4, eval_max_new_tokens=8)
+    if "qwen2_5_vl_7b" in config:  # the paper's recipe with a tiny-model override (no GPU, no DeepSpeed here)
+        over.update(model="tiny", bf16=False, deepspeed="", max_pixels=50176, max_length=4096, warmup_ratio=0.0,
+                    warmup_steps=0)  # warmup would make the single step's lr 0
+    cfg = load_config(SFTConfig, ROOT / config, over)
+    if "qwen2_5_vl_7b" in config:
+        assert cfg.freeze_vision and cfg.freeze_projector and cfg.gradient_checkpointing
+    summary = run_stage("sft", cfg)
+    assert summary["global_step"] == 1
+    out = tmp_path / "run"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["loss_history"] and (out / "loss_curve.png").stat().st_size > 1000
+    if "sft_text" in config:
+        assert "eval_before" in metrics and "eval_after" in metrics and metrics["eval_after"]["n"] == 4
+    else:
+        assert metrics["data"]["vqa_items"] >= 3 and metrics["data"]["trajectories_failed"] == 0
+    model, processor = load_model(str(out))  # loadable by the next stage
+    assert model.config.model_type == "qwen2_5_vl"
+    if "qwen2_5_vl_7b" in config:  # frozen tower and projector did not move
+        base, _ = load_model("tiny")
+        sd, sb = model.state_dict(), base.state_dict()
+        visual = [k for k in sd if ".visual." in k]
+        assert visual and all(torch.equal(sd[k], sb[k]) for k in visual)
+        assert any(not torch.equal(sd[k], sb[k]) for k in sd if "language_model" in k)
+
+
+def test_freeze_and_lora_options(env, tmp_path):
+    from pipeline.config import load_config
+    from pipeline.models import load_model
+    from sft.stage import SFTConfig, prepare_model, run
+
+    model, _ = load_model("tiny")
+    cfg = load_config(SFTConfig, None, {"text_data": [env["train"]], "freeze_vision": True})
+    prep = prepare_model(model, cfg)
+    visual = prep["model"].model.visual
+    assert not any(p.requires_grad for n, p in visual.named_parameters() if not n.startswith("merger"))
+    assert all(p.requires_grad for p in visual.merger.parameters())
+
+    over = _data_overrides(env, tmp_path / "lora")
+    over.update(lora=True, lora_r=4, lora_alpha=8, max_steps=2, learning_rate=1e-2)
+    over.pop("vqa_data"), over.pop("images_manifest")
+    cfg = load_config(SFTConfig, None, over)
+    summary = run(cfg)
+    metrics = json.loads((tmp_path / "lora" / "metrics.json").read_text())
+    assert metrics["parameters"]["trainable"] < 0.2 * metrics["parameters"]["total"]
+    merged, _ = load_model(summary["model"])  # adapters merged: a plain model folder
+    assert not any("lora" in k for k in merged.state_dict())
+    base, _ = load_model("tiny")
+    sm, sb = merged.state_dict(), base.state_dict()
+    assert any(not torch.equal(sm[k], sb[k]) for k in sm if "q_proj" in k and "visual" not in k)
+    assert all(torch.equal(sm[k], sb[k]) for k in sm if ".visual." in k)
+
+
+KILL_SCRIPT = textwrap.dedent("""
+    import os, signal, sys, json
+    import torch
+    from transformers import TrainerCallback
+    from pipeline.config import load_config
+    from sft.stage import SFTConfig, run
+    torch.set_num_threads(1)
+
+    class Kill(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == int(sys.argv[2]):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    run(load_config(SFTConfig, None, json.loads(sys.argv[1])), callbacks=[Kill()])
+""")
+
+
+def test_kill_and_resume_matches_uninterrupted_run(env, tmp_path):
+    from pipeline.config import load_config
+    from sft.stage import SFTConfig, run
+
+    def over(out):
+        o = _data_overrides(env, out)
+        o.update(max_steps=6, save_steps=3, per_device_train_batch_size=4, max_text_samples=40, warmup_steps=2,
+                 max_vqa_samples=4, text_mix_ratio=0.5)
+        return o
+
+    full = run(load_config(SFTConfig, None, over(tmp_path / "full")))
+    killed = tmp_path / "killed"
+    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, json.dumps(over(killed)), "5"], cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr.decode()[-2000:]
+    assert (killed / "checkpoints" / "checkpoint-3").exists() and not (killed / "model").exists()
+    resumed = run(load_config(SFTConfig, None, over(killed)))
+    m_full = json.loads((tmp_path / "full" / "metrics.json").read_text())
+    m_res = json.loads((killed / "metrics.json").read_text())
+    assert m_res["resumed_from"].endswith("checkpoint-3")
+    assert resumed["global_step"] == full["global_step"] == 6
+    assert [h["step"] for h in m_res["loss_history"]] == [h["step"] for h in m_full["loss_history"]]
+    for a, b in zip(m_res["loss_history"], m_full["loss_history"], strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5)
+    from safetensors.torch import load_file
+
+    wa = load_file(tmp_path / "full" / "model" / "model.safetensors")
+    wb = load_file(killed / "model" / "model.safetensors")
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
