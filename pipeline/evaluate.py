@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import StageConfig, hfield
+from pipeline.datasets import DatasetFormatError
 from pipeline.errors import ConfigError, DatasetNotFoundError
 from pipeline.records import JsonlAppender, Trajectory, VQASample, from_dict, read_jsonl
 
@@ -191,8 +192,8 @@ def load_eval_data(cfg: Any) -> tuple[list[VQASample], Any]:
 
 
 def prepare_images(raw_dir: Path, out_dir: Path) -> Path:
-    """Convert raw JPEG/PNG files to tiled COGs with overviews via the `prepare-images` stage, once (its DONE
-    marker skips it next time). Returns the images.jsonl manifest."""
+    """Convert raw JPEG/PNG files to tiled COGs with overviews via the `prepare-images` stage (which converts
+    each file once and skips it on later runs). Returns the images.jsonl manifest."""
     from pipeline.config import load_config
     from pipeline.stages import STAGES, run_stage
 
@@ -205,7 +206,11 @@ def prepare_images(raw_dir: Path, out_dir: Path) -> Path:
     if in_field is None:
         raise ConfigError(f"prepare-images config has no input folder field among {sorted(fields)}")
     pcfg = load_config(cls, None, {in_field: str(raw_dir), "output_dir": str(out_dir)})
-    run_stage("prepare-images", pcfg, skip_if_done=True)
+    # prepare-images skips files it already converted, so running it again costs only the checks
+    summary = run_stage("prepare-images", pcfg) or {}
+    if summary.get("failed"):
+        raise DatasetFormatError(f"prepare-images failed on {summary['failed']} images under {raw_dir}: "
+                                 f"{(summary.get('errors') or [])[:3]}")
     manifest = out_dir / "images.jsonl"
     if not manifest.exists():
         raise DatasetNotFoundError(f"prepare-images wrote no {manifest}")

@@ -206,3 +206,21 @@ def test_cli_eval_with_tiny_model(data, tmp_path, capsys):
     assert out["n"] == 2 and out["reportable"] is False
     assert (tmp_path / "e" / "DONE.json").exists()
     assert json.loads((tmp_path / "e" / "results.json").read_text())["metrics"]["overall"]["n"] == 2
+
+
+def test_eval_on_xlrs_parquet_direct_protocol(tmp_path):
+    """XLRS-Bench layout → prepare-images → official no-tool prompt → exact-set scoring."""
+    from test_eval_datasets import write_parquet, xlrs_rows
+
+    root = write_parquet(tmp_path / "xlrs", xlrs_rows())
+    cfg = load_config(EvalConfig, None, {
+        "output_dir": str(tmp_path / "e"), "dataset": "xlrs", "dataset_path": str(root), "protocol": "direct",
+        "max_new_tokens": 64, "zoom_max_pixels": 3136 * 4})
+    be = ScriptBackend(["C"])  # right for the colour question, wrong (single letter) for OLUC "AC"
+    summary = run_eval(cfg, backend=be)
+    assert summary["n"] == 3 and summary["pass@1_micro"] == pytest.approx(1 / 3)
+    assert be.seen[0][0]["content"][-1]["text"].endswith("The answer is:")
+    assert sum(1 for c in be.seen[2][0]["content"] if c["type"] == "image") == 2  # bi-temporal question
+    res = json.loads((tmp_path / "e" / "results.json").read_text())
+    assert set(res["metrics"]["tasks"]) == {"OCL", "OLUC", "RCCD"}
+    assert (tmp_path / "e" / "xlrs_images" / "prepared" / "images.jsonl").exists()
