@@ -80,6 +80,7 @@ class MakeScenesConfig(StageConfig):
     pair_size: int = hfield(4096, help="Side of bi-temporal images (smaller: they cost two images each).")
     grid: int = hfield(8, help="Sites per side: a grid x grid array of question sites per scene.")
     site_box: int = hfield(144, help="Native side of a site's target box (objects 32-44 px fill it at >= 32 px in a 224 view).")
+    overview_side: int = hfield(224, help="Overview side the questions are designed for: question objects stay < 2 px in it.")
     landuse_fraction: float = hfield(0.25, help="Share of sites that also get a regional land-use question.")
     n_vehicles: int = hfield(3000, help="Background vehicles (6-12 px) per 8192^2 scene, scaled by area.")
     n_houses: int = hfield(1500, help="Background houses (10-20 px) in urban areas per 8192^2 scene, scaled by area.")
@@ -105,6 +106,9 @@ class MakeScenesConfig(StageConfig):
             p.append("site_box: must be >= 96 px to hold up to five 32-44 px objects")
         if self.grid and min(self.size, self.pair_size) // max(self.grid, 1) < 2 * self.site_box:
             p.append("grid/site_box: grid cells must be at least 2*site_box wide; lower grid or site_box")
+        if min(self.size, self.pair_size) * 1.99 / max(self.overview_side, 1) - 2 < 32:
+            p.append("size/pair_size/overview_side: scenes this small cannot hide >= 32 px objects below 2 px in "
+                     "the overview; use sides >= 3700 for a 224 overview")
         if not 0 <= self.landuse_fraction <= 1:
             p.append("landuse_fraction: must be within 0..1")
         if self.compress.upper() not in ("JPEG", "DEFLATE", "LZW", "WEBP", "ZSTD", "NONE"):
@@ -189,9 +193,9 @@ def _draw_object(img: np.ndarray, cls: str, cx: int, cy: int, size: int, colour:
         bw, bh = size, max(20, int(size * 0.75))
         if vertical:
             bw, bh = bh, bw
-        rect(cx - bw // 2 + 4, cy - bh // 2 + 4, cx + bw - bw // 2 + 4, cy + bh - bh // 2 + 4, np.array((30, 30, 30), np.uint8))
+        rect(cx - bw // 2 + 2, cy - bh // 2 + 2, cx + bw - bw // 2 + 2, cy + bh - bh // 2 + 2, np.array((30, 30, 30), np.uint8))
         rect(cx - bw // 2, cy - bh // 2, cx + bw - bw // 2, cy + bh - bh // 2, col)
-        box = [cx - bw // 2, cy - bh // 2, cx + bw - bw // 2 + 4, cy + bh - bh // 2 + 4]
+        box = [cx - bw // 2, cy - bh // 2, cx + bw - bw // 2 + 2, cy + bh - bh // 2 + 2]
     return [int(v) for v in box]
 
 
@@ -212,13 +216,18 @@ def _site_layout(rng: np.random.Generator, k: int, box: int, size: int) -> list[
     return out
 
 
-def _size_for(rng: np.random.Generator, cls: str, k: int, box: int) -> int:
-    """Object size (px): 32..44, limited so k objects fit the site box with gaps."""
+def max_object_px(size: int, overview_side: int = 224) -> int:
+    """Largest question-object side that stays < 2 px in an overview_side view of a size^2 scene (<= 44)."""
+    return min(44, int(1.99 * size / overview_side) - 2)  # -2: a building's shadow edge
+
+
+def _size_for(rng: np.random.Generator, k: int, box: int, max_px: int) -> int:
+    """Object size (px): 32..max_px, limited so k objects fit the site box with gaps."""
     cols = 2 if k <= 4 else 3
     rows = math.ceil(k / cols)
     cap = int(min(box / cols, box / rows) - 8)
     lo = 32
-    return int(rng.integers(lo, max(lo + 1, min(44, cap) + 1)))
+    return int(rng.integers(lo, max(lo + 1, min(max_px, cap) + 1)))
 
 
 @dataclass
@@ -278,7 +287,7 @@ def _cell_cover(scene: Scene, row: int, col: int) -> str:
 
 
 def render_scene(rng: np.random.Generator, scene: Scene, tex: np.ndarray, box: int, n_vehicles: int,
-                 n_houses: int, place_objects: bool = True) -> np.ndarray:
+                 n_houses: int, place_objects: bool = True, overview_side: int = 224) -> np.ndarray:
     """Render the scene to an (H, W, 3) uint8 array and fill each site's object boxes."""
     size = scene.size
     lo = scene.cover_lo.shape[0]
@@ -334,11 +343,11 @@ def render_scene(rng: np.random.Generator, scene: Scene, tex: np.ndarray, box: i
             img[y1 + m:y1 + m + 30, x0 - 6 * m:x1 + 6 * m] = (88, 88, 90)
             img[y1 + m + 13:y1 + m + 17, x0 - 6 * m:x1 + 6 * m:24] = (230, 230, 230)
         if place_objects:
-            place_site_objects(rng, img, site, box)
+            place_site_objects(rng, img, site, box, max_object_px(size, overview_side))
     return img
 
 
-def layout_site(rng: np.random.Generator, site: dict[str, Any], box: int, extra: int = 0,
+def layout_site(rng: np.random.Generator, site: dict[str, Any], box: int, extra: int = 0, max_px: int = 44,
                 ) -> tuple[int, list[tuple[int, int, bool]]]:
     """Object size and (cx, cy, vertical) for the site's objects plus `extra` later ones (change pairs)."""
     x0, y0, x1, y1 = site["box"]
@@ -346,14 +355,14 @@ def layout_site(rng: np.random.Generator, site: dict[str, Any], box: int, extra:
     k = len(site["colours"])
     if site["kind"] == "pair":
         horizontal = bool(rng.random() < 0.5)
-        size = int(rng.integers(32, 45))
+        size = int(rng.integers(32, max_px + 1))
         off = box // 4
         centres = [(-off, 0), (off, 0)] if horizontal else [(0, -off), (0, off)]
         if rng.random() < 0.5:
             centres = centres[::-1]
         site["first_is"] = _relation(centres[0], centres[1])
     else:
-        size = _size_for(rng, site["cls"], k + extra, box)
+        size = _size_for(rng, k + extra, box, max_px)
         centres = _site_layout(rng, k + extra, box, size)
     return size, [(cx + dx, cy + dy, bool(rng.random() < 0.5)) for dx, dy in centres]
 
@@ -366,9 +375,10 @@ def draw_site(img: np.ndarray, site: dict[str, Any], size: int, layout: list[tup
             for (x, y, v), c in zip(layout, colours, strict=False)]
 
 
-def place_site_objects(rng: np.random.Generator, img: np.ndarray, site: dict[str, Any], box: int) -> None:
+def place_site_objects(rng: np.random.Generator, img: np.ndarray, site: dict[str, Any], box: int,
+                       max_px: int = 44) -> None:
     """Lay out and draw a site's objects; records their native boxes and size in the site."""
-    size, layout = layout_site(rng, site, box)
+    size, layout = layout_site(rng, site, box, max_px=max_px)
     site["objects"] = draw_site(img, site, size, layout)
     site["size"] = size
 
@@ -495,7 +505,8 @@ def _make_single(cfg: MakeScenesConfig, idx: int, split: str, img_dir: Path, tex
     sid = f"scene_{split}_{idx:03d}"
     scene = plan_scene(rng, sid, cfg.size, cfg.grid, cfg.site_box)
     path = img_dir / f"{sid}.tif"
-    arr = render_scene(rng, scene, tex, cfg.site_box, cfg.n_vehicles, cfg.n_houses)
+    arr = render_scene(rng, scene, tex, cfg.site_box, cfg.n_vehicles, cfg.n_houses,
+                       overview_side=cfg.overview_side)
     if cfg.overwrite or not path.exists():
         write_cog(arr, path, cfg.compress, cfg.quality, cfg.blocksize)
     qs = scene_questions(scene, sid, split, np.random.default_rng([cfg.seed, idx, 2]), cfg.landuse_fraction)
@@ -516,7 +527,8 @@ def _make_pair(cfg: MakeScenesConfig, idx: int, split: str, img_dir: Path, tex: 
     after = before.copy()
     ids = (f"{sid}_t0", f"{sid}_t1")
     for site in scene.sites:
-        size, layout = layout_site(rng, site, cfg.site_box, extra=site["new"])
+        size, layout = layout_site(rng, site, cfg.site_box, extra=site["new"],
+                                   max_px=max_object_px(cfg.pair_size, cfg.overview_side))
         k = len(site["colours"])
         site["objects"] = draw_site(before, site, size, layout[:k])
         site["objects_after"] = draw_site(after, site, size, layout)

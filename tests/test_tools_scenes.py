@@ -1,0 +1,162 @@
+"""make-scenes and prepare-images: outputs, the need-to-zoom property, oracle views >= 32 px, resumability."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.config import load_config
+from pipeline.records import VQASample, read_jsonl
+from tests.tools_fixtures import make_raster
+from tools.protocol import Episode
+from tools.scenes import CLASSES, COLOURS, COUNTS, MakeScenesConfig, run
+from tools.store import ImageStore
+from tools.zoom import ZoomConfig
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("scenes")
+    cfg = MakeScenesConfig(output_dir=str(out), size=4096, n_train_scenes=1, n_test_scenes=1, n_train_pairs=0,
+                           n_test_pairs=1, pair_size=4096, grid=4, n_vehicles=300, n_houses=100)
+    run(cfg)
+    return out
+
+
+def test_layout_and_records(scenes: Path) -> None:
+    for name in ("images.jsonl", "scenes.jsonl", "vqa_train.jsonl", "vqa_test.jsonl", "preview.png", "summary.json"):
+        assert (scenes / name).exists(), name
+    store = ImageStore.from_manifest(scenes / "images.jsonl")
+    assert len(store.ids()) == 4
+    info = store.info(store.ids()[0])
+    assert info.tiled and info.overviews, "images must be tiled COGs with overviews"
+    train = list(read_jsonl(scenes / "vqa_train.jsonl", VQASample))
+    test = list(read_jsonl(scenes / "vqa_test.jsonl", VQASample))
+    assert train and test
+    train_imgs = {i for s in train for i in s.images}
+    assert not train_imgs & {i for s in test for i in s.images}, "test scenes must be held out"
+    cats = {s.category for s in test}
+    assert "Object properties/Object color" in cats and "Counting/Counting with changing detection" in cats
+    assert all("/" in s.category and s.l2_category for s in test)
+    assert all(i in store for s in train + test for i in s.images)
+    assert len({s.id for s in train + test}) == len(train) + len(test)
+
+
+def test_fixed_option_order(scenes: Path) -> None:
+    """Options never shuffled: each question type always lists the same options in the same order."""
+    test = list(read_jsonl(scenes / "vqa_test.jsonl", VQASample))
+    by_task: dict[str, set[tuple[str, ...]]] = {}
+    for s in test:
+        by_task.setdefault(s.meta["task"], set()).add(tuple(s.choices))
+    for task, variants in by_task.items():
+        if task in ("class",):
+            assert len(variants) <= 2  # singular/plural wording, same order
+        else:
+            assert len(variants) == 1, task
+    colour = next(iter(by_task["colour"]))
+    assert [c.split(") ")[1] for c in colour] == list(COLOURS)
+    count = next(iter(by_task["count"]))
+    assert [int(c.split(") ")[1]) for c in count] == list(COUNTS)
+    cls = [s for s in test if s.meta["task"] == "class"][0]
+    assert [c.split(") ")[1].rstrip("s") for c in cls.choices] == [c.rstrip("s") for c in CLASSES]
+
+
+def test_answers_match_the_ground_truth_pixels(scenes: Path) -> None:
+    """The colour in the answer is the colour drawn at the object's centre."""
+    from tools.scenes import COLOUR_RGB
+
+    store = ImageStore.from_manifest(scenes / "images.jsonl")
+    test = [s for s in read_jsonl(scenes / "vqa_test.jsonl", VQASample) if s.meta["task"] == "colour"]
+    assert test
+    for s in test[:8]:
+        colour = COLOURS["ABCD".index(s.answer)]
+        x0, y0, x1, y1 = s.meta["objects"][0]
+        cx, cy = (x0 + x1) // 2, (y0 + y1) // 2
+        with store.open(s.images[0]) as ds:
+            from rasterio.windows import Window
+
+            px = ds.read(window=Window(cx - 2, cy - 2, 4, 4)).reshape(3, -1).mean(1)
+        ref = np.array(COLOUR_RGB[colour], float)
+        dists = {c: np.abs(px - np.array(v)).sum() for c, v in COLOUR_RGB.items()}
+        assert min(dists, key=dists.get) == colour, (s.id, px, ref)
+
+
+def test_questions_need_zoom_and_oracle_view_shows_32px(scenes: Path) -> None:
+    """Objects shrink below 2 px in the overview; the oracle zoom (overview frame, rounded) shows them >= 32 px."""
+    store = ImageStore.from_manifest(scenes / "images.jsonl")
+    cfg = ZoomConfig()  # tiny default: 224x224 views
+    samples = [s for s in read_jsonl(scenes / "vqa_test.jsonl", VQASample)
+               if s.meta["task"] in ("count", "colour", "class", "relation", "change")]
+    assert samples
+    for s in samples:
+        ep = Episode(store, s.images, cfg)
+        for t in s.targets:
+            ov = ep.observations[f"image_{t.image}"]
+            sx, sy = ov.scale
+            obs = ep.zoom_in(ep.oracle_bbox(t.image, t.bbox), f"image_{t.image}")
+            vx, vy = obs.scale
+            for x0, y0, x1, y1 in s.meta["objects"]:
+                side = max(x1 - x0, y1 - y0)
+                assert side / min(sx, sy) < 2.0, (s.id, side, sx)  # below ~2 px in the overview
+                assert side / max(vx, vy) >= 32, (s.id, side, vx)  # >= 32 px in the oracle view
+                # and the object is inside the oracle view
+                assert obs.window[0] <= x0 and obs.window[1] <= y0 and x1 <= obs.window[2] and y1 <= obs.window[3]
+    # the default 8192^2 scenes with the default 8x8 grid keep these numbers (sizes scale the same way)
+    assert 8192 / 224 * 2 > 44
+
+
+def test_default_config_counts_and_validation(tmp_path: Path) -> None:
+    cfg = load_config(MakeScenesConfig, Path("configs/tiny/make_scenes.yaml"))
+    assert cfg.output_dir == "runs/tiny/scenes" and cfg.size == 8192
+    # >= 400 test items: 3 held-out scenes x 64 sites x ~2.25 questions + a change pair
+    assert cfg.n_test_scenes * cfg.grid**2 * 2 + cfg.n_test_pairs * cfg.grid**2 >= 400
+    bad = MakeScenesConfig(size=100, grid=40, compress="PNG", landuse_fraction=2)
+    msgs = " ".join(bad.validate())
+    for f in ("size", "grid", "compress", "landuse_fraction"):
+        assert f in msgs
+
+
+def test_rerun_is_deterministic_and_keeps_existing_cogs(scenes: Path, tmp_path: Path) -> None:
+    before = {p.name: p.stat().st_mtime_ns for p in (scenes / "images").glob("*.tif")}
+    q1 = (scenes / "vqa_test.jsonl").read_text()
+    cfg = MakeScenesConfig(output_dir=str(scenes), size=4096, n_train_scenes=1, n_test_scenes=1, n_train_pairs=0,
+                           n_test_pairs=1, pair_size=4096, grid=4, n_vehicles=300, n_houses=100, preview=False)
+    run(cfg)
+    assert (scenes / "vqa_test.jsonl").read_text() == q1
+    assert {p.name: p.stat().st_mtime_ns for p in (scenes / "images").glob("*.tif")} == before
+
+
+def test_prepare_images_png_jpeg_to_cog_idempotent(tmp_path: Path) -> None:
+    from tools.prepare import PrepareImagesConfig
+    from tools.prepare import run as prepare
+
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    make_raster(src / "a.png", 1500, 1200, driver="PNG")
+    make_raster(src / "sub" / "b.jpg", 1300, 900, driver="JPEG")
+    (src / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    cfg = PrepareImagesConfig(input_dir=str(src), output_dir=str(tmp_path / "out"))
+    s1 = prepare(cfg)
+    assert s1["converted"] == 2 and s1["failed"] == 1 and "broken" in s1["errors"][0]
+    s2 = prepare(cfg)
+    assert s2["converted"] == 0 and s2["skipped"] == 2
+    store = ImageStore.from_manifest(tmp_path / "out" / "images.jsonl")
+    assert sorted(store.ids()) == ["a", "sub__b"]
+    info = store.info("a")
+    assert info.tiled and info.overviews and (info.width, info.height) == (1500, 1200)
+    # PNG is lossless: a 1:1 crop of the COG shows the source's exact coordinate pixels... JPEG-compressed
+    # COG: approximately
+    obs = Episode(store, ["a"], ZoomConfig()).zoom_in([0, 0, 20, 20])
+    assert np.asarray(obs.image).shape[2] == 3
+    cfg_bad = PrepareImagesConfig(input_dir=str(tmp_path / "nope"))
+    assert any("input_dir" in p for p in cfg_bad.validate())
+
+
+def test_preview_is_an_image(scenes: Path) -> None:
+    im = Image.open(scenes / "preview.png")
+    assert im.width > 400
+    assert json.loads((scenes / "summary.json").read_text())["vqa_test"] > 0
