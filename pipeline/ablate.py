@@ -38,7 +38,7 @@ class AblateConfig(StageConfig):
     data_root: str = hfield("runs/tiny", help="Shared data stages (scenes, QA) read/write here, once for all variants.")
     data_stages: list[str] = hfield(["make-scenes", "build-qa"], help="Stage ids that write shared data under data_root.")
     variants: dict = hfield(DEFAULT_VARIANTS, help="variant → {label, skip: [stage ids], overrides: {stage id: {field: value}}}.")
-    eval_stage: str = hfield("eval", help="Stage id whose metrics.json is tabulated.")
+    eval_stage: str = hfield("eval", help="Stage id whose results.json is tabulated.")
     force: bool = hfield(False, help="Rerun stages even when their outputs exist.")
 
     def validate(self) -> list[str]:
@@ -68,27 +68,39 @@ def _pipeline_for(cfg: AblateConfig, name: str, variant: dict[str, Any]):
     return config_from_dict(PipelineConfig, data, f"ablation variant {name}")
 
 
+TABLE_KEYS = ["pass@1_macro", "pass@1_micro", "pass@k_macro", "pass@k_micro", "k", "n", "parse_failure_rate",
+              "tool_calls_per_question", "zoom_rate"]
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
-    keys = ["pass@1_macro", "pass@1_micro", "pass@k_macro", "pass@k_micro", "k", "n_items", "parse_failures",
-            "tool_calls_per_q"]
+    """Markdown table; accuracies in percent."""
+    keys = TABLE_KEYS
     head = "| variant | " + " | ".join(keys) + " |"
     lines = [head, "|" + "---|" * (len(keys) + 1)]
     for r in rows:
         cells = []
         for k in keys:
             v = r.get(k)
-            cells.append(f"{v:.2f}" if isinstance(v, float) else ("" if v is None else str(v)))
+            if isinstance(v, float) and (k.startswith("pass@") or k.endswith("rate")):
+                v = f"{100 * v:.1f}"
+            cells.append(f"{v:.2f}" if isinstance(v, float) else ("–" if v is None else str(v)))
         lines.append(f"| {r['variant']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def metrics_row(name: str, label: str, metrics: dict[str, Any]) -> dict[str, Any]:
-    """Flatten an eval metrics.json into one table row."""
+def metrics_row(name: str, label: str, result: dict[str, Any]) -> dict[str, Any]:
+    """Flatten an eval results.json into one table row (Pass@k = the largest k evaluated)."""
     row: dict[str, Any] = {"variant": f"{name} ({label})"}
-    for k in ("pass@1_macro", "pass@1_micro", "pass@k_macro", "pass@k_micro", "k", "n_items",
-              "parse_failures", "tool_calls_per_q"):
-        if k in metrics:
-            row[k] = metrics[k]
+    metrics = result.get("metrics", {})
+    overall = metrics.get("overall", {})
+    ks = [int(m.split("@")[1]) for m in metrics.get("metrics", []) if m.startswith("pass@")]
+    k = max(ks, default=1)
+    row.update({
+        "pass@1_macro": overall.get("pass@1_macro"), "pass@1_micro": overall.get("pass@1_micro"),
+        "pass@k_macro": overall.get(f"pass@{k}_macro"), "pass@k_micro": overall.get(f"pass@{k}_micro"),
+        "k": k, "n": overall.get("n"), "parse_failure_rate": overall.get("parse_failure_rate"),
+        "tool_calls_per_question": overall.get("tool_calls_per_question"), "zoom_rate": overall.get("zoom_rate"),
+    })
     return row
 
 
@@ -101,7 +113,7 @@ def run(cfg: AblateConfig) -> dict[str, Any]:
         pcfg = _pipeline_for(cfg, name, variant)
         run_pipeline(pcfg)
         eval_cfg = next(c for sid, _, c in stage_configs(pcfg) if sid == cfg.eval_stage)
-        mpath = Path(eval_cfg.output_dir) / "metrics.json"
+        mpath = Path(eval_cfg.output_dir) / "results.json"
         metrics = json.loads(mpath.read_text()) if mpath.exists() else {}
         rows.append(metrics_row(name, variant.get("label", name), metrics))
     table = format_table(rows)
