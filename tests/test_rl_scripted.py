@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from rl.errors import RolloutFailureError
+from rl.scripted import VALID_CALL, script_policy
 from rl.stage import RLConfig, build_run
 from rl.synthetic import make_zoom_task
 
-VALID = '<tool_call>{"name": "zoom_in", "arguments": {"bbox": [10, 10, 80, 80], "source": "image_0"}}</tool_call>'
+VALID = VALID_CALL
 
 
 def scripts(answer: str, wrong: str) -> list[list[str]]:
@@ -50,28 +51,6 @@ class RaisingBackend:
 
     def close(self, key):
         self.inner.close(key)
-
-
-def script_policy(trainer, turns_by_rollout):
-    """Replace generation with the scripts (prompt → rollout by its r<k> marker, turn by assistant count)."""
-    tok = trainer.processing_class.tokenizer
-    state = {"first": 0}
-
-    def fake(prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
-        out = []
-        for ids in prompt_ids:
-            text = tok.decode(ids, skip_special_tokens=False)
-            m = re.search(r"<think>r(\d+)", text)
-            if m is None:
-                k, t = state["first"] % len(turns_by_rollout), 0
-                state["first"] += 1
-            else:
-                k, t = int(m.group(1)), text.count("<|im_start|>assistant\n") - 1
-            turn = turns_by_rollout[k][min(t, len(turns_by_rollout[k]) - 1)]
-            out.append(tok(turn + "<|im_end|>", add_special_tokens=False)["input_ids"])
-        return out, None
-
-    trainer._generate_single_turn = fake
 
 
 @pytest.fixture(scope="module")
