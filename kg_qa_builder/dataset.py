@@ -167,7 +167,7 @@ def write_stats(out_dir: Path, by_split: dict[str, list[TextQA]], rejections: Co
 
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
     for ax, (name, c) in zip(axes, [("qtype", tables["qtype"]), ("hops", tables["hops"]),
-                                    ("domain", tables["domain"]), ("rejections", rejections)]):
+                                    ("domain", tables["domain"]), ("rejections", rejections)], strict=False):
         items = c.most_common(10)
         ax.barh([str(k)[:22] for k, _ in items][::-1], [n for _, n in items][::-1], color="#3b7dd8")
         ax.set_title(name)

@@ -405,6 +405,10 @@ def _resolve(kg: KnowledgeGraph, index: dict[tuple[str, str], set[str]], rel: st
     lit = [t for t in spec.range if kg.schema.is_literal(t)]
     if lit:
         return kg.add_node(nid(lit[0], value), lit[0], value, (), where)
+    other = sorted(t for t in kg.schema.types if index.get((t, norm(value))))
+    if other:
+        kg.problems.append(f"{where}: {rel}: range violation: {value!r} is a {'/'.join(other)}, expected one of {spec.range}")
+        return None
     kg.problems.append(
         f"{where}: {rel}: unknown entity {value!r} (expected a declared {' or '.join(spec.range)}; declare it)"
     )

@@ -35,7 +35,7 @@ def _reject(reason: str, detail: str = "") -> Verdict:
 class Verifier:
     """Checks QA items on a finalized graph (shares the Generator's graph semantics)."""
 
-    def __init__(self, kg: KnowledgeGraph, gen: Generator | None = None, max_ngram: int = 12):
+    def __init__(self, kg: KnowledgeGraph, gen: Generator | None = None, max_ngram: int = 48):
         self.kg = kg
         self.gen = gen or Generator(kg, allowed=set(), seed=0)
         self.rel_alias = kg.schema.relation_by_alias()
@@ -52,7 +52,7 @@ class Verifier:
             if not self.kg.has(h, r, t):
                 return _reject("unsupported_triple", f"{h} {r} {t} is not in the graph")
         steps = []
-        for (h, r, t), nxt in zip(ev[:-1], ev[1:]):
+        for (h, r, t), nxt in zip(ev[:-1], ev[1:], strict=False):
             steps.append(Step((h, r, t), forward=t in (nxt[0], nxt[2])))
         main = Step(ev[-1], bool(m.get("forward", True)))
         anchor = m.get("anchor")
@@ -104,16 +104,22 @@ class Verifier:
         return Verdict(True)
 
     # ---------------- teacher QA ----------------
-    def mentions(self, text: str, types: set[str] | None = None) -> set[str]:
-        """Node ids whose name/alias occurs as a token n-gram of `text` (optionally of given types)."""
+    def spans(self, text: str) -> list[tuple[int, int, str]]:
+        """Maximal mentions: (start, end, node id) for names/aliases occurring as token n-grams of `text`;
+        a plural 's' on the last token is tolerated; mentions inside a longer mention are dropped."""
         toks = norm(text).split()
-        found: set[str] = set()
+        found: list[tuple[int, int, str]] = []
         for i in range(len(toks)):
             for j in range(i + 1, min(len(toks), i + self.max_ngram) + 1):
-                for n in self.kg.alias.get(" ".join(toks[i:j]), ()):
-                    if types is None or self.kg.type(n) in types:
-                        found.add(n)
-        return found
+                key = " ".join(toks[i:j])
+                nodes = self.kg.alias.get(key) or (self.kg.alias.get(key[:-1]) if key.endswith("s") else None) or ()
+                found.extend((i, j, n) for n in nodes)
+        return [m for m in found if not any(o[0] <= m[0] and m[1] <= o[1] and (o[1] - o[0]) > (m[1] - m[0])
+                                            for o in found)]
+
+    def mentions(self, text: str, types: set[str] | None = None) -> set[str]:
+        """Node ids mentioned in `text` (maximal mentions, optionally of given types)."""
+        return {n for _, _, n in self.spans(text) if types is None or self.kg.type(n) in types}
 
     def link_triple(self, h: str, r: str, t: str) -> tuple[str, str, str] | Verdict:
         rel = self.rel_alias.get(norm(r)) or (r if r in self.kg.schema.relations else "")
@@ -157,7 +163,7 @@ class Verifier:
             linked.append(res)
         # the chain: consecutive triples share a node; the last triple's free end is the answer
         steps: list[Step] = []
-        for a, b in zip(linked[:-1], linked[1:]):
+        for a, b in zip(linked[:-1], linked[1:], strict=False):
             shared = {a[0], a[2]} & {b[0], b[2]}
             if not shared:
                 return None, _reject("disconnected_evidence", "evidence triples do not form a chain")
@@ -194,7 +200,10 @@ class Verifier:
                                 "teacher_item": item}
         atype = kg.type(plan.answer)
         if qtype == "tf":
-            said = {n for n in self.mentions(q, {atype}) if n != anchor}
+            sp = self.spans(q)
+            anchor_spans = [(a, b) for a, b, n in sp if n == anchor]
+            said = {n for a, b, n in sp if n != anchor and kg.type(n) == atype
+                    and not any(x <= a and b <= y for x, y in anchor_spans)}
             if answer.lower() not in ("true", "false"):
                 return None, _reject("bad_answer", "tf answer must be 'true' or 'false'")
             answer = answer.lower()
@@ -220,7 +229,10 @@ class Verifier:
             if norm(answer) != norm(kg.name(plan.answer)) and plan.answer not in kg.link(answer):
                 return None, _reject("answer_not_supported", f"answer {answer!r} is not the end of the evidence chain")
             answer = kg.name(plan.answer)
-            if len(norm(answer)) >= 4 and f" {norm(answer)} " in f" {norm(q)} ":
+            rest = f" {norm(q)} "
+            for a_name in {kg.name(anchor), *kg.g.nodes[anchor]["aliases"]}:
+                rest = rest.replace(f" {norm(a_name)} ", " ")
+            if len(norm(answer)) >= 4 and f" {norm(answer)} " in rest:
                 return None, _reject("answer_leak", "the question contains its answer")
         qa = TextQA(id=qa_id(qtype, q, answer, choices), question=q, qtype=qtype, answer=answer, choices=choices,
                     rationale=rationale or [f"{kg.name(h)} {r} {kg.name(t)}." for h, r, t in plan.evidence],
