@@ -113,6 +113,10 @@ class Verifier:
             for j in range(i + 1, min(len(toks), i + self.max_ngram) + 1):
                 key = " ".join(toks[i:j])
                 nodes = self.kg.alias.get(key) or (self.kg.alias.get(key[:-1]) if key.endswith("s") else None) or ()
+                if nodes and len(key) <= 2:  # short symbols ("A", "N") must match case-sensitively as words
+                    nodes = [n for n in nodes if any(
+                        norm(a) == key and re.search(rf"(?<![\w-]){re.escape(a)}(?![\w-])", text)
+                        for a in {self.kg.name(n), *self.kg.g.nodes[n]["aliases"]})]
                 found.extend((i, j, n) for n in nodes)
         return [m for m in found if not any(o[0] <= m[0] and m[1] <= o[1] and (o[1] - o[0]) > (m[1] - m[0])
                                             for o in found)]
@@ -201,7 +205,7 @@ class Verifier:
         atype = kg.type(plan.answer)
         if qtype == "tf":
             sp = self.spans(q)
-            anchor_spans = [(a, b) for a, b, n in sp if n == anchor]
+            anchor_spans = [(a, b) for a, b, n in sp if n == anchor][:1]  # the subject of the statement
             said = {n for a, b, n in sp if n != anchor and kg.type(n) == atype
                     and not any(x <= a and b <= y for x, y in anchor_spans)}
             if answer.lower() not in ("true", "false"):

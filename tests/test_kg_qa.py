@@ -352,3 +352,10 @@ def test_determinism_of_generator(kg):
     qb = [b.sample() for _ in range(300)]
     assert [q and q.id for q in qa] == [q and q.id for q in qb]
     random.seed(0)
+
+
+@pytest.mark.parametrize("path", ["configs/tiny/build_qa.yaml", "configs/qwen2_5_vl_7b/build_qa.yaml"])
+def test_shipped_configs_load(path):
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(BuildQAConfig, root / path)
+    assert cfg.n_test >= cfg.min_test >= 400
