@@ -188,19 +188,26 @@ def resolve_inputs(cfg: RLConfig) -> dict[str, Any]:
         out["fallbacks"].append(f"model {model} missing -> {cfg.model_fallback}")
         model = cfg.model_fallback
     data = cfg.train_data
-    if not Path(data).exists():
-        if not cfg.train_data_fallback or not Path(cfg.train_data_fallback).exists():
+    problem = "missing" if not Path(data).exists() else ("empty" if not _has_records(data) else "")
+    if problem:
+        fb = cfg.train_data_fallback
+        if not fb or not Path(fb).exists() or not _has_records(fb):
             raise DatasetNotFoundError(
-                f"rl: training data {data} does not exist (fallback {cfg.train_data_fallback or 'none'} neither); "
+                f"rl: training data {data} is {problem} (fallback {fb or 'none'} is not usable either); "
                 "run `knowzoom mine-hard` first or set --train_data")
-        log.warning("rl: training data %s missing; falling back to %s", data, cfg.train_data_fallback)
-        out["fallbacks"].append(f"train_data {data} missing -> {cfg.train_data_fallback}")
-        data = cfg.train_data_fallback
+        log.warning("rl: training data %s is %s; falling back to %s", data, problem, fb)
+        out["fallbacks"].append(f"train_data {data} {problem} -> {fb}")
+        data = fb
     if not Path(cfg.image_manifest).exists():
         raise DatasetNotFoundError(f"rl: image manifest {cfg.image_manifest} does not exist; run `knowzoom make-scenes` "
                                    "or point --image_manifest at an images.jsonl")
     out["model"], out["train_data"] = model, data
     return out
+
+
+def _has_records(path: str | Path) -> bool:
+    with open(path, encoding="utf-8") as f:
+        return any(line.strip() for line in f)
 
 
 def load_samples(path: str | Path, max_samples: int = 0, max_images: int = 4) -> list[Any]:

@@ -1,0 +1,211 @@
+"""Unit tests of the RL pieces: reward components, turn splitting, the environment, the tool template, config
+validation and input fallbacks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline.errors import ConfigError, DatasetNotFoundError, ModelNotFoundError
+from pipeline.records import TargetRegion, VQASample
+from rl.rewards import (
+    EpisodeStats,
+    RewardSettings,
+    format_score,
+    region_coverage,
+    score_episode,
+    split_assistant_turns,
+    tags_balanced,
+)
+from rl.synthetic import make_zoom_task
+
+CALL = '<tool_call>{"name": "zoom_in", "arguments": {"bbox": [1, 2, 30, 40], "source": "image_0"}}</tool_call>'
+SAMPLE = VQASample(id="s", images=["a"], question="Colour?", answer="B", qtype="single",
+                   choices=["(A) red", "(B) green", "(C) blue", "(D) yellow"],
+                   targets=[TargetRegion(image=0, bbox=[100, 100, 140, 140])])
+
+
+def test_split_assistant_turns_drops_tool_responses():
+    text = ("<think>a</think>" + CALL + "<|im_end|>\n<|im_start|>tool\n<|vision_start|><|image_pad|><|vision_end|>"
+            "obs_1: zoom<|im_end|>\n<|im_start|>assistant\n<answer>B</answer><|im_end|>")
+    assert split_assistant_turns(text) == ["<think>a</think>" + CALL, "<answer>B</answer>"]
+    assert split_assistant_turns("<answer>B</ans") == ["<answer>B</ans"]  # cut by the length budget
+
+
+@pytest.mark.parametrize("turn,ok", [
+    ("<think>x</think><answer>B</answer>", True),
+    ("<think>x<answer>B</answer>", False),
+    ("</think>x<think>", False),
+    ("<tool_call>{}", False),
+    ("plain", True),
+])
+def test_tags_balanced(turn, ok):
+    assert tags_balanced(turn) is ok
+
+
+@pytest.mark.parametrize("turns,score,truncated", [
+    ([CALL, "<answer>B</answer>"], 1.0, False),
+    (["<think>t</think><answer>B</answer>"], 1.0, False),
+    ([CALL + "<answer>B</answer>", "<answer>B</answer>"], 0.0, False),  # call + answer in one turn
+    (['<tool_call>{"name": "crop", "arguments": {}}</tool_call>', "<answer>B</answer>"], 0.0, False),
+    (["<tool_call>{oops</tool_call>"], 0.0, False),
+    ([CALL + CALL, "<answer>B</answer>"], 0.0, False),  # several calls in a turn
+    (["B"], 0.0, False),  # no answer tag
+    (["<answer>B</answer>", "<answer>B</answer>"], 0.0, False),  # a non-final turn without a call
+    ([CALL, CALL], 0.0, True),  # cut by the turn limit
+    (["<think>x<answer>B</answer>"], -1.0, False),
+    ([], 0.0, False),
+])
+def test_format_score(turns, score, truncated):
+    s, errors, t = format_score(turns)
+    assert (s, t) == (score, truncated)
+    assert (s == 1.0) == (not errors)
+
+
+def test_score_episode_components_and_weights():
+    st = RewardSettings()
+    assert st.weights() == [0.8, 0.2, 1.2]
+    assert RewardSettings(region_weight=0.5).weights() == [0.8, 0.2, 1.2, 0.5]
+    zoomed = EpisodeStats(n_calls=1, zooms=[(0, (90.0, 90.0, 150.0, 150.0))])
+    s = score_episode([CALL, "<answer>B</answer>"], SAMPLE, zoomed, st)
+    assert (s.accuracy, s.format, s.tool_bonus, s.region, s.correct) == (1.0, 1.0, 1.0, 1.0, True)
+    wrong = score_episode([CALL, "<answer>C</answer>"], SAMPLE, zoomed, st)
+    assert (wrong.accuracy, wrong.tool_bonus) == (0.0, 0.0)  # no bonus without the right answer
+    nozoom = score_episode(["<answer>B</answer>"], SAMPLE, EpisodeStats(), st)
+    assert (nozoom.accuracy, nozoom.tool_bonus) == (1.0, 0.0)  # no bonus without a successful zoom
+    failed = score_episode([CALL, "<answer>B</answer>"], SAMPLE, EpisodeStats(n_calls=1, n_errors=1), st)
+    assert failed.tool_bonus == 0.0
+    long = score_episode(["<answer>" + "B" * 1000 + "</answer>"], SAMPLE, EpisodeStats(), st)
+    assert long.accuracy == 0.0  # answers >= max_answer_chars get no credit
+    cut = score_episode([CALL, CALL], SAMPLE, zoomed, st)
+    assert cut.masked and cut.component("format") is None
+    kept = score_episode([CALL, CALL], SAMPLE, zoomed, RewardSettings(mask_truncated_episodes=False))
+    assert not kept.masked and kept.component("accuracy") == 0.0
+    crashed = score_episode([CALL], SAMPLE, EpisodeStats(failure="zoom_in: boom"), st)
+    assert crashed.unscorable and crashed.component("accuracy") is None
+
+
+def test_region_coverage():
+    t = [TargetRegion(image=0, bbox=[100, 100, 140, 140])]
+    assert region_coverage([(0, (0, 0, 120, 1000))], t) == pytest.approx(0.5)
+    assert region_coverage([(1, (0, 0, 1000, 1000))], t) == 0.0  # other image
+    assert region_coverage([(0, (0, 0, 50, 50))], t) == 0.0
+    assert region_coverage([], t) == 0.0
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    root = tmp_path_factory.mktemp("zoomtask_units")
+    make_zoom_task(root, n=2, size=512, square=32, seed=4)
+    return root
+
+
+def test_env_reset_zoom_errors_and_failures(task):
+    from rl.env import LocalEpisodes, make_env_factory
+    from tools.store import ImageStore
+    from tools.zoom import ZoomConfig
+
+    store = ImageStore.from_manifest(task / "images.jsonl")
+    counters: dict[str, int] = {}
+    cls = make_env_factory(LocalEpisodes(store, ZoomConfig(max_turns=2)), counters=counters)
+    env = cls()
+    sample = json.loads((task / "vqa.jsonl").read_text().splitlines()[0])
+    content = env.reset(sample=json.dumps(sample))
+    images = [p for p in content if p["type"] == "image"]
+    assert len(images) == 1 and images[0]["image"].size == (224, 224)
+    assert any("What colour" in p.get("text", "") for p in content)
+    out = env.zoom_in([10, 10, 80, 80])
+    assert [p["type"] for p in out] == ["image", "text"] and out[1]["text"].startswith("obs_1")
+    err = env.zoom_in([5000, 5000, 6000, 6000])  # outside: an observation, not an exception
+    assert isinstance(err, list) and err[0]["type"] == "text" and "outside" in err[0]["text"]
+    assert env.zoom_in([10, 10, 80, 80], source="obs_9")[0]["type"] == "text"  # over the turn limit / bad source
+    assert env.stats.n_calls == 3 and env.stats.n_errors == 2 and len(env.stats.zooms) == 1
+    assert env.stats.failure is None
+    # an unreadable image makes the episode unscorable, not the batch fail
+    bad = dict(sample, images=["no_such_image"])
+    content = env.reset(sample=bad)
+    assert all(p["type"] == "text" for p in content)
+    assert env.stats.failure and counters["episode_failures"] == 1
+    assert env.zoom_in([1, 1, 50, 50]) and env.stats.n_errors == 1
+
+
+def test_env_tool_schema_matches_protocol():
+    from transformers.utils import get_json_schema
+
+    from rl.env import ZoomEnv, make_env_factory
+    from tools.protocol import zoom_tool_schema
+
+    for frame in ("shown_pixels", "norm1000"):
+        cls = make_env_factory(backend=None, frame=frame)  # type: ignore[arg-type]
+        got = get_json_schema(cls().zoom_in)["function"]
+        want = zoom_tool_schema(frame)["function"]
+        assert got["name"] == want["name"] == "zoom_in"
+        assert got["description"] == " ".join(want["description"].split())
+        for arg in ("bbox", "source"):
+            assert got["parameters"]["properties"][arg]["description"] == want["parameters"]["properties"][arg]["description"]
+        assert got["parameters"]["required"] == ["bbox"]
+    public = [n for n in vars(ZoomEnv) if callable(getattr(ZoomEnv, n)) and not n.startswith("_")]
+    assert sorted(public) == ["reset", "zoom_in"]  # TRL exposes every public method as a tool
+
+
+def test_tool_template_renders_sft_and_eval_prompts_unchanged():
+    """The RL template only adds tool-call rendering: every conversation SFT/eval render is byte-identical."""
+    from pipeline.models import load_processor
+    from rl.stage import TOOLS_TEMPLATE, prepare_processor
+
+    proc = load_processor("tiny")
+    msgs = [{"role": "system", "content": "sys"},
+            {"role": "user", "content": [{"type": "text", "text": "image_0:"}, {"type": "image"},
+                                         {"type": "text", "text": "Q?"}]},
+            {"role": "assistant", "content": "<think>z</think>" + CALL},
+            {"role": "tool", "content": [{"type": "image"}, {"type": "text", "text": "obs_1: zoom"}]},
+            {"role": "assistant", "content": "<answer>B</answer>"}]
+    before = proc.apply_chat_template(msgs, tokenize=False)
+    prepare_processor(proc, "auto")
+    assert proc.chat_template == TOOLS_TEMPLATE.read_text()
+    assert proc.apply_chat_template(msgs, tokenize=False) == before
+    structured = [msgs[0], msgs[1], {"role": "assistant", "content": "<think>z</think>", "tool_calls": [
+        {"type": "function", "function": {"name": "zoom_in", "arguments": {"bbox": [1, 2, 30, 40], "source": "image_0"}}}]}]
+    assert proc.apply_chat_template(structured, tokenize=False) == proc.apply_chat_template(msgs[:3], tokenize=False)
+    assert proc.tokenizer.response_template is not None
+
+
+def test_config_validation_messages(tmp_path):
+    from pipeline.config import load_config
+    from rl.stage import RLConfig
+
+    with pytest.raises(ConfigError) as e:
+        load_config(RLConfig, None, {"num_generations": 3, "per_device_train_batch_size": 4, "max_turns": 0,
+                                     "frame": "pixels", "max_failure_rate": 2.0, "vllm_mode": "remote"})
+    msg = str(e.value)
+    for field in ("divisible by num_generations", "max_turns", "frame", "max_failure_rate", "vllm_mode"):
+        assert field in msg
+    for path in ("configs/tiny/rl.yaml", "configs/qwen2_5_vl_7b/rl.yaml"):
+        cfg = load_config(RLConfig, path)
+        assert cfg.reward_settings().weights() == [0.8, 0.2, 1.2]
+    big = load_config(RLConfig, "configs/qwen2_5_vl_7b/rl.yaml")
+    assert (big.num_generations, big.learning_rate, big.beta, big.entropy_coef, big.max_turns) == (16, 5e-7, 0.001, 0.001, 5)
+    assert big.per_device_train_batch_size * big.gradient_accumulation_steps * big.ray_num_workers == 128 * 16
+    assert big.use_vllm and big.vllm_mode == "colocate" and big.ray_num_workers == 8 and big.ray_use_gpu
+
+
+def test_input_fallbacks(task, tmp_path):
+    from rl.stage import RLConfig, resolve_inputs
+
+    cfg = RLConfig(model=str(tmp_path / "nope"), train_data=str(task / "vqa.jsonl"),
+                   image_manifest=str(task / "images.jsonl"))
+    with pytest.raises(ModelNotFoundError, match="model_fallback"):
+        resolve_inputs(cfg)
+    empty = tmp_path / "hard.jsonl"
+    empty.write_text("")
+    cfg = RLConfig(model=str(tmp_path / "nope"), model_fallback="tiny", train_data=str(empty),
+                   train_data_fallback=str(task / "vqa.jsonl"), image_manifest=str(task / "images.jsonl"))
+    got = resolve_inputs(cfg)
+    assert got["model"] == "tiny" and got["train_data"] == str(task / "vqa.jsonl") and len(got["fallbacks"]) == 2
+    cfg = RLConfig(model="tiny", train_data=str(tmp_path / "missing.jsonl"), image_manifest=str(task / "images.jsonl"))
+    with pytest.raises(DatasetNotFoundError, match="mine-hard"):
+        resolve_inputs(cfg)
+    cfg = RLConfig(model="tiny", train_data=str(task / "vqa.jsonl"), image_manifest=str(tmp_path / "x.jsonl"))
+    with pytest.raises(DatasetNotFoundError, match="make-scenes"):
+        resolve_inputs(cfg)
