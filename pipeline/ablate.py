@@ -18,12 +18,13 @@ DEFAULT_VARIANTS: dict[str, dict[str, Any]] = {
     "a_rl_only": {
         "label": "RL only",
         "skip": ["sft_text", "sft_prewarm"],
-        "overrides": {"mine_hard": {"model": "tiny"}, "rl": {"model": "tiny"}},
+        "overrides": {"mine_hard": {"model": "{data_root}/base/model"}, "rl": {"model": "{data_root}/base/model"}},
     },
     "b_prewarm_rl": {
         "label": "+ pre-warm",
         "skip": ["sft_text"],
-        "overrides": {"mine_hard": {"model": "tiny"}, "sft_prewarm": {"model": "tiny"}},
+        "overrides": {"mine_hard": {"model": "{data_root}/base/model"},
+                      "sft_prewarm": {"model": "{data_root}/base/model"}},
     },
     "c_coldstart_prewarm_rl": {"label": "+ text cold start", "skip": [], "overrides": {}},
 }
@@ -36,7 +37,6 @@ class AblateConfig(StageConfig):
     output_dir: str = hfield("runs/tiny/ablate", help="Each variant runs under OUTPUT_DIR/<variant>.")
     pipeline: str = hfield("configs/tiny/pipeline.yaml", help="The pipeline YAML whose stages are ablated.")
     data_root: str = hfield("runs/tiny", help="Shared data stages (scenes, QA) read/write here, once for all variants.")
-    data_stages: list[str] = hfield(["make-scenes", "build-qa"], help="Stage ids that write shared data under data_root.")
     variants: dict = hfield(DEFAULT_VARIANTS, help="variant → {label, skip: [stage ids], overrides: {stage id: {field: value}}}.")
     eval_stage: str = hfield("eval", help="Stage id whose results.json is tabulated.")
     force: bool = hfield(False, help="Rerun stages even when their outputs exist.")

@@ -121,8 +121,11 @@ def _coerce(name: str, tp: Any, value: Any) -> Any:
         raise ConfigError(f"{name}: {value!r} is not a valid {getattr(tp, '__name__', tp)}") from e
 
 
-def config_from_dict(cls: type[C], data: dict[str, Any], source: str = "config") -> C:
-    """Build and validate a config; unknown keys and bad types are all reported together."""
+def config_from_dict(cls: type[C], data: dict[str, Any], source: str = "config", check: bool = True) -> C:
+    """Build and validate a config; unknown keys and bad types are all reported together.
+
+    check=False builds it without `validate()` (the pipeline runner checks each stage again right before it
+    runs, once the stages before it have written its inputs)."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = _field_types(cls)
     problems = []
@@ -140,7 +143,8 @@ def config_from_dict(cls: type[C], data: dict[str, Any], source: str = "config")
     if problems:
         raise ConfigError(f"invalid {cls.__name__} ({source}):\n" + "\n".join(f"  - {p}" for p in problems))
     cfg = cls(**kwargs)
-    cfg.check()
+    if check:
+        cfg.check()
     return cfg
 
 

@@ -81,8 +81,12 @@ def _subst(value: Any, env: dict[str, str]) -> Any:
     return value
 
 
+_MISSING_INPUT = ("does not exist", "not found", "missing", "no such file")
+
+
 def stage_configs(cfg: PipelineConfig) -> list[tuple[str, str, StageConfig]]:
-    """Resolve every stage's config (YAML + `set` + pipeline overrides), validating all before any runs."""
+    """Resolve every stage's config (YAML + `set` + pipeline overrides) and validate all of them before any
+    runs; only problems about input files that an earlier stage will write are left to run time."""
     env = {"root": cfg.output_dir, "data_root": cfg.data_root or cfg.output_dir}
     out, problems = [], []
     for entry in cfg.stages:
@@ -96,9 +100,14 @@ def stage_configs(cfg: PipelineConfig) -> list[tuple[str, str, StageConfig]]:
         data.update(cfg.overrides.get(sid, {}) or {})
         data.setdefault("seed", cfg.seed)
         try:
-            out.append((sid, entry["name"], config_from_dict(cls, _subst(data, env), f"stage {sid}")))
+            scfg = config_from_dict(cls, _subst(data, env), f"stage {sid}", check=False)
         except ConfigError as e:
             problems.append(str(e))
+            continue
+        early = [p for p in scfg.validate() if not any(m in p.lower() for m in _MISSING_INPUT)]
+        if early:
+            problems.append(f"stage {sid}:\n" + "\n".join(f"  - {p}" for p in early))
+        out.append((sid, entry["name"], scfg))
     if problems:
         raise ConfigError("pipeline has invalid stage configs:\n" + "\n".join(problems))
     return out
@@ -116,6 +125,7 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     for sid, name, scfg in bar:
         bar.set_description(f"pipeline [{sid}]")
         t0 = time.time()
+        scfg.check()  # inputs written by the stages before this one exist now
         results[sid] = run_stage(name, scfg, skip_if_done=not cfg.force)
         timings[sid] = round(time.time() - t0, 1)
         log.info("stage %s done in %.1fs", sid, timings[sid])
