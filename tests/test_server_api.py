@@ -351,3 +351,24 @@ def test_stateless_only_disables_episodes(manifest: Path) -> None:
     with TestClient(create_app(make_cfg(manifest, stateless_only=True))) as c:
         assert c.post("/episodes", json={"image_ids": ["scene_a"]}).status_code == 422
         assert c.post("/zoom", json={"image_id": "scene_a", "bbox": [0, 0, 64, 64]}).status_code == 200
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 3), (5, 7, 3), (224, 168, 3), (30, 2, 3), (9, 9)])
+@pytest.mark.parametrize("level", [0, 1, 6, 9])
+def test_png_encoder_is_lossless(shape, level) -> None:
+    from tools.server import png_bytes
+
+    a = np.random.default_rng(sum(shape) + level).integers(0, 256, shape).astype("uint8")
+    img = Image.open(io.BytesIO(png_bytes(a, level)))
+    img.load()
+    assert img.format == "PNG" and np.array_equal(np.asarray(img), a)
+
+
+def test_tiny_serve_config_loads(manifest: Path) -> None:
+    from pipeline.config import load_config
+
+    repo = Path(__file__).resolve().parents[1]
+    cfg = load_config(ServeConfig, repo / "configs" / "tiny" / "serve.yaml",
+                      {"manifest": str(manifest), "gdal_lockdown": False})
+    assert cfg.host == "127.0.0.1" and cfg.max_pixels == 50176 and cfg.validate() == []
+    create_app(cfg).state.service.close()

@@ -23,14 +23,17 @@ import json
 import logging
 import math
 import secrets
+import struct
 import threading
 import time
+import zlib
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+import numpy as np
 from fastapi import Body, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -216,14 +219,40 @@ class ServeConfig(StageConfig):
 MIME = {"png": "image/png", "jpeg": "image/jpeg"}
 
 
+def _png_chunk(tag: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+
+def png_bytes(arr: np.ndarray, level: int) -> bytes:
+    """Lossless 8-bit RGB/gray PNG of an (h, w[, c]) uint8 array: PNG "Up" filter on every row, then zlib.
+
+    About twice as fast as Pillow's encoder at the same zlib level (its adaptive filter search is costly),
+    and zlib runs without the GIL, so read threads keep working.
+    """
+    a = np.ascontiguousarray(arr, dtype=np.uint8)
+    if a.ndim == 2:
+        a = a[:, :, None]
+    h, w, c = a.shape
+    if c not in (1, 3):
+        raise ValueError(f"png_bytes: 1 or 3 channels, got {c}")
+    rows = a.reshape(h, w * c)
+    raw = np.empty((h, w * c + 1), np.uint8)
+    raw[:, 0] = 2  # filter type Up: each row minus the row above (the first row minus zeros)
+    raw[0, 1:] = rows[0]
+    np.subtract(rows[1:], rows[:-1], out=raw[1:, 1:])  # uint8 wrap-around is what PNG specifies
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2 if c == 3 else 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr)
+            + _png_chunk(b"IDAT", zlib.compress(raw.tobytes(), level)) + _png_chunk(b"IEND", b""))
+
+
 def encode_image(img: Any, fmt: str, cfg: ServeConfig) -> bytes:
     """PIL image → PNG/JPEG bytes, refused (LimitError) above max_response_bytes."""
-    buf = io.BytesIO()
     if fmt == "jpeg":
+        buf = io.BytesIO()
         img.convert("RGB").save(buf, format="JPEG", quality=cfg.jpeg_quality)
+        data = buf.getvalue()
     else:
-        img.save(buf, format="PNG", compress_level=cfg.png_compress_level)
-    data = buf.getvalue()
+        data = png_bytes(np.asarray(img.convert("RGB")), cfg.png_compress_level)
     if len(data) > cfg.max_response_bytes:
         raise E.LimitError(
             f"Encoded image exceeds the {cfg.max_response_bytes}-byte cap; ask for fewer pixels or jpeg.",
