@@ -92,6 +92,8 @@ class SFTConfig(StageConfig):
     eval_max_samples: int = hfield(200, help="At most this many held-out questions.")
     eval_max_new_tokens: int = hfield(128, help="Generation budget per held-out question.")
     eval_batch_size: int = hfield(32, help="Held-out generation batch size.")
+    eval_train_samples: int = hfield(0, help="Also score this many training TextQA before/after (memorisation "
+                                             "check beside the held-out score; 0 = off).")
 
     def validate(self) -> list[str]:
         p = super().validate()
@@ -326,6 +328,18 @@ def run(cfg: SFTConfig, callbacks: list[Any] | None = None) -> dict[str, Any]:
                                                       batch_size=cfg.eval_batch_size)
             before_path.write_text(json.dumps(metrics["eval_before"], indent=2))
 
+    train_probe = (read_text_qa(cfg.text_data, split=cfg.text_split or None, limit=cfg.eval_train_samples)
+                   if cfg.eval_train_samples > 0 and cfg.text_data else [])
+    probe_path = out / "eval_train_before.json"
+    if train_probe:
+        if probe_path.exists():
+            metrics["eval_train_before"] = json.loads(probe_path.read_text())
+        else:
+            metrics["eval_train_before"] = evaluate_text_qa(model, processor, train_probe,
+                                                            max_new_tokens=cfg.eval_max_new_tokens,
+                                                            batch_size=cfg.eval_batch_size)
+            probe_path.write_text(json.dumps(metrics["eval_train_before"], indent=2))
+
     prep = prepare_model(model, cfg)
     model = prep.pop("model")  # type: ignore[assignment]
     metrics["parameters"] = prep
@@ -370,9 +384,13 @@ def run(cfg: SFTConfig, callbacks: list[Any] | None = None) -> dict[str, Any]:
         metrics["eval_after"] = evaluate_text_qa(model, processor, eval_records,
                                                  max_new_tokens=cfg.eval_max_new_tokens,
                                                  batch_size=cfg.eval_batch_size)
+    if train_probe:
+        metrics["eval_train_after"] = evaluate_text_qa(model, processor, train_probe,
+                                                       max_new_tokens=cfg.eval_max_new_tokens,
+                                                       batch_size=cfg.eval_batch_size)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
     summary = {k: metrics[k] for k in ("global_step", "train_loss", "final_logged_loss", "steps_per_second")}
-    for k in ("eval_before", "eval_after"):
+    for k in ("eval_before", "eval_after", "eval_train_before", "eval_train_after"):
         if k in metrics:
             summary[f"{k}_accuracy"] = metrics[k]["accuracy"]
     summary["model"] = str(out / "model")
