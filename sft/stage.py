@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -318,27 +319,25 @@ def run(cfg: SFTConfig, callbacks: list[Any] | None = None) -> dict[str, Any]:
         resume_from = get_last_checkpoint(str(ckpt_dir))
     elif cfg.resume not in ("auto", "never"):
         resume_from = cfg.resume
-    before_path = out / "eval_before.json"
-    if eval_records:
-        if before_path.exists():  # a resumed run keeps the score of the untouched model
-            metrics["eval_before"] = json.loads(before_path.read_text())
-        else:
-            metrics["eval_before"] = evaluate_text_qa(model, processor, eval_records,
-                                                      max_new_tokens=cfg.eval_max_new_tokens,
-                                                      batch_size=cfg.eval_batch_size)
-            before_path.write_text(json.dumps(metrics["eval_before"], indent=2))
-
+    is_main = int(os.environ.get("RANK", "0")) == 0  # scoring and saving happen on rank 0 only
     train_probe = (read_text_qa(cfg.text_data, split=cfg.text_split or None, limit=cfg.eval_train_samples)
                    if cfg.eval_train_samples > 0 and cfg.text_data else [])
-    probe_path = out / "eval_train_before.json"
-    if train_probe:
-        if probe_path.exists():
-            metrics["eval_train_before"] = json.loads(probe_path.read_text())
-        else:
-            metrics["eval_train_before"] = evaluate_text_qa(model, processor, train_probe,
-                                                            max_new_tokens=cfg.eval_max_new_tokens,
-                                                            batch_size=cfg.eval_batch_size)
-            probe_path.write_text(json.dumps(metrics["eval_train_before"], indent=2))
+    probes = {"eval": eval_records, "eval_train": train_probe}
+
+    def score(name: str, when: str) -> None:
+        records = probes[name]
+        if not records or not is_main:
+            return
+        path = out / f"{name}_{when}.json"
+        if when == "before" and path.exists():  # a resumed run keeps the score of the untouched model
+            metrics[f"{name}_{when}"] = json.loads(path.read_text())
+            return
+        metrics[f"{name}_{when}"] = evaluate_text_qa(model, processor, records, max_new_tokens=cfg.eval_max_new_tokens,
+                                                     batch_size=cfg.eval_batch_size)
+        path.write_text(json.dumps(metrics[f"{name}_{when}"], indent=2))
+
+    score("eval", "before")
+    score("eval_train", "before")
 
     prep = prepare_model(model, cfg)
     model = prep.pop("model")  # type: ignore[assignment]
@@ -364,15 +363,15 @@ def run(cfg: SFTConfig, callbacks: list[Any] | None = None) -> dict[str, Any]:
     result = trainer.train(resume_from_checkpoint=resume_from)
     wall = time.time() - t0
     model = trainer.model
-    save_model(model, processor, out / "model")
-    if hasattr(model, "merge_and_unload"):
+    if hasattr(model, "merge_and_unload"):  # LoRA: merge so every consumer loads a plain model folder
         model = model.merge_and_unload()
-
+    if not trainer.is_world_process_zero():
+        return {"global_step": trainer.state.global_step, "rank": os.environ.get("RANK")}
+    save_model(model, processor, out / "model")
     history = [h for h in trainer.state.log_history if "loss" in h]
     plot_loss(history, out / "loss_curve.png", f"SFT {out.name}")
-    steps_done = trainer.state.global_step
     metrics.update(
-        resumed_from=resume_from, global_step=steps_done, epochs=trainer.state.epoch,
+        resumed_from=resume_from, global_step=trainer.state.global_step, epochs=trainer.state.epoch,
         train_loss=result.training_loss, final_logged_loss=history[-1]["loss"] if history else None,
         first_logged_loss=history[0]["loss"] if history else None,
         train_runtime_s=wall, steps_per_second=result.metrics.get("train_steps_per_second"),
@@ -380,21 +379,15 @@ def run(cfg: SFTConfig, callbacks: list[Any] | None = None) -> dict[str, Any]:
         loss_history=[{"step": h["step"], "loss": h["loss"]} for h in history],
         torch_threads=torch.get_num_threads(),
     )
-    if eval_records:
-        metrics["eval_after"] = evaluate_text_qa(model, processor, eval_records,
-                                                 max_new_tokens=cfg.eval_max_new_tokens,
-                                                 batch_size=cfg.eval_batch_size)
-    if train_probe:
-        metrics["eval_train_after"] = evaluate_text_qa(model, processor, train_probe,
-                                                       max_new_tokens=cfg.eval_max_new_tokens,
-                                                       batch_size=cfg.eval_batch_size)
+    score("eval", "after")
+    score("eval_train", "after")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
     summary = {k: metrics[k] for k in ("global_step", "train_loss", "final_logged_loss", "steps_per_second")}
     for k in ("eval_before", "eval_after", "eval_train_before", "eval_train_after"):
         if k in metrics:
             summary[f"{k}_accuracy"] = metrics[k]["accuracy"]
     summary["model"] = str(out / "model")
-    if not all(math.isfinite(h["loss"]) for h in history):
+    if not all(math.isfinite(h["loss"]) for h in metrics["loss_history"]):
         log.warning("non-finite loss in the history of %s", out)
     return summary
 
