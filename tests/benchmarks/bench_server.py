@@ -241,6 +241,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--format", choices=["png", "jpeg"], default="png")
     ap.add_argument("--data", default=str(Path(tempfile.gettempdir()) / "knowzoom_bench_cogs"))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--read-threads", type=int, default=4, help="Our server's read threads per worker.")
     ap.add_argument("--rounds", type=int, default=6, help="Interleaved chunks per server (fairness under load).")
     args = ap.parse_args(argv)
 
@@ -265,7 +266,7 @@ def main(argv: list[str] | None = None) -> dict:
             cfg = {"manifest": str(manifest), "output_dir": str(data / f"serve_out{level}"), "port": port,
                    "workers": args.workers, "stateless_only": True, "log_level": "warning",
                    "max_output_pixels": max(args.max_pixels, 50176), "png_compress_level": level, "jpeg_quality": 85,
-                   "max_concurrency": 64, "read_threads": 4, "queue_timeout_s": 30.0}
+                   "max_concurrency": 64, "read_threads": args.read_threads, "queue_timeout_s": 30.0}
             (data / f"serve{level}.yaml").write_text(json.dumps(cfg))
             procs.append(start([sys.executable, "-m", "pipeline", "serve-tools", "--config",
                                 str(data / f"serve{level}.yaml")], port, env, data / f"knowzoom{level}.log"))
