@@ -18,6 +18,8 @@ Scores are computed once per episode and cached on the environment (`env.score`)
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -181,10 +183,13 @@ class ZoomRewards:
     scores every episode once (cached on the env), counts failures and raises `RolloutFailureError` when the
     share of unscorable rollouts exceeds `max_failure_rate`."""
 
-    def __init__(self, tokenizer: Any, settings: RewardSettings, on_batch: Callable[[dict], None] | None = None):
+    def __init__(self, tokenizer: Any, settings: RewardSettings, on_batch: Callable[[dict], None] | None = None,
+                 episode_log: str | None = None, episodes_per_batch: int = 2):
         self.tokenizer = tokenizer
         self.settings = settings
         self.on_batch = on_batch
+        self.episode_log = episode_log  # JSONL of a few scored episodes per batch (what the policy writes)
+        self.episodes_per_batch = episodes_per_batch
         self.totals = {"episodes": 0, "unscorable": 0, "masked_truncated": 0, "tool_calls": 0, "tool_errors": 0,
                        "format_errors": 0, "correct": 0, "failed_steps": 0}
         self.last_batch: dict[str, float] = {}
@@ -195,8 +200,9 @@ class ZoomRewards:
 
     def _make(self, name: str) -> Callable[..., list[float | None]]:
         def reward(completions: list, completion_ids: list | None = None, environments: list | None = None,
-                   log_metric: Callable | None = None, **kwargs: Any) -> list[float | None]:
-            scores = self.score_batch(environments or [], completion_ids or [], log_metric)
+                   log_metric: Callable | None = None, trainer_state: Any = None, **kwargs: Any) -> list[float | None]:
+            step = int(getattr(trainer_state, "global_step", 0) or 0) + 1
+            scores = self.score_batch(environments or [], completion_ids or [], log_metric, step)
             return [s.component(name) for s in scores]
 
         reward.__name__ = name
@@ -207,20 +213,28 @@ class ZoomRewards:
         return split_assistant_turns(text)
 
     def score_batch(self, environments: Sequence[Any], completion_ids: Sequence[Sequence[int]],
-                    log_metric: Callable | None = None) -> list[EpisodeScore]:
+                    log_metric: Callable | None = None, step: int = 0) -> list[EpisodeScore]:
         """Score (once) every episode of the batch; log the batch's rates; enforce the failure rate."""
         if len(environments) != len(completion_ids):
             raise ValueError(f"{len(environments)} environments for {len(completion_ids)} completions")
         fresh = [env for env in environments if getattr(env, "score", None) is None]
+        logged = []
         for env, ids in zip(environments, completion_ids, strict=True):
             if getattr(env, "score", None) is None:
+                turns: list[str] = []
                 try:
                     turns = self.decode_turns(ids)
                     env.score = score_episode(turns, env.sample, env.stats, self.settings)
                 except Exception as e:  # a broken episode must not take the batch down
                     env.score = EpisodeScore(unscorable=True, masked=True, format_errors=[f"scoring raised: {e!r}"])
+                if len(logged) < self.episodes_per_batch:
+                    logged.append({"step": step, "sample": getattr(env.sample, "id", None), "turns": turns,
+                                   "score": dataclasses.asdict(env.score)})
         scores = [env.score for env in environments]
         if fresh:
+            if self.episode_log and logged:
+                with open(self.episode_log, "a", encoding="utf-8") as f:
+                    f.writelines(json.dumps(r) + "\n" for r in logged)
             self._account(scores, log_metric)
         return scores
 

@@ -95,6 +95,7 @@ class RLConfig(StageConfig):
     resume: bool = hfield(True, help="Resume from the latest checkpoint in output_dir when there is one.")
     logging_steps: int = hfield(1, help="Log (and append to rewards.jsonl) every N steps.")
     plot: bool = hfield(True, help="Write reward_curve.png at the end.")
+    log_episodes: int = hfield(2, help="Episodes per step written to episodes.jsonl (turns + reward components; 0 = none).")
     torch_threads: int = hfield(1, help="torch CPU threads per trainer process.")
     # rollout backend
     use_vllm: bool = hfield(False, help="Generate rollouts with vLLM (GPU; needs the `gpu` extra).")
@@ -153,6 +154,8 @@ class RLConfig(StageConfig):
                 p.append(f"{name}: must be a finite number")
         if self.tool_actors < 0:
             p.append("tool_actors: must be >= 0")
+        if self.log_episodes < 0:
+            p.append("log_episodes: must be >= 0")
         return p
 
     def reward_settings(self) -> RewardSettings:
@@ -483,7 +486,10 @@ def build_run(cfg: RLConfig, ray_mode: bool = False, backend: Any = None) -> RLR
         store = ImageStore.from_manifest(cfg.image_manifest, roots=cfg.image_roots or None)
         backend = LocalEpisodes(store, ZoomConfig(**cfg.zoom_config()))
     env_factory = make_env_factory(backend, cfg.frame, counters=counters)
-    rewards = ZoomRewards(processor.tokenizer, cfg.reward_settings())
+    is_rank0 = int(os.environ.get("RANK", "0")) == 0
+    rewards = ZoomRewards(processor.tokenizer, cfg.reward_settings(),
+                          episode_log=str(out / "episodes.jsonl") if (is_rank0 and cfg.log_episodes) else None,
+                          episodes_per_batch=cfg.log_episodes)
 
     resume_from = None
     if cfg.resume:
@@ -500,11 +506,12 @@ def build_run(cfg: RLConfig, ray_mode: bool = False, backend: Any = None) -> RLR
     if resume_from:
         start_step = int(json.loads((Path(resume_from) / "trainer_state.json").read_text())["global_step"])
         log.info("rl: resuming from %s (step %d)", resume_from, start_step)
-    if int(os.environ.get("RANK", "0")) == 0:
-        if resume_from:
-            _trim_reward_log(out / "rewards.jsonl", start_step)
-        elif (out / "rewards.jsonl").exists():
-            (out / "rewards.jsonl").unlink()
+    if is_rank0:
+        for name in ("rewards.jsonl", "episodes.jsonl"):
+            if resume_from:
+                _trim_reward_log(out / name, start_step)
+            elif (out / name).exists():
+                (out / name).unlink()
 
     trainer = ZoomGRPOTrainer(
         model=model,
