@@ -338,9 +338,11 @@ def test_every_tool_error_has_one_status() -> None:
 
 
 def test_config_validation_messages(manifest: Path) -> None:
-    bad = ServeConfig(manifest="", workers=2, transport="grpc", max_output_pixels=10, frame="pixels")
+    bad = ServeConfig(manifest="", workers=2, transport="grpc", max_output_pixels=10, frame="pixels",
+                      png_encoder="lz4", request_timeout_s=float("nan"), max_concurrency=0)
     problems = "\n".join(bad.validate())
-    for field in ("manifest/image_dirs", "workers", "transport", "max_output_pixels", "frame"):
+    for field in ("manifest/image_dirs", "workers", "transport", "max_output_pixels", "frame", "png_encoder",
+                  "request_timeout_s", "max_concurrency"):
         assert field in problems
     assert ServeConfig(manifest=str(manifest), workers=2, stateless_only=True).validate() == []
 
@@ -355,11 +357,12 @@ def test_stateless_only_disables_episodes(manifest: Path) -> None:
 
 @pytest.mark.parametrize("shape", [(1, 1, 3), (5, 7, 3), (224, 168, 3), (30, 2, 3), (9, 9)])
 @pytest.mark.parametrize("level", [0, 1, 6, 9])
-def test_png_encoder_is_lossless(shape, level) -> None:
+@pytest.mark.parametrize("encoder", ["zlib", "auto"])
+def test_png_encoder_is_lossless(shape, level, encoder) -> None:
     from tools.server import png_bytes
 
     a = np.random.default_rng(sum(shape) + level).integers(0, 256, shape).astype("uint8")
-    img = Image.open(io.BytesIO(png_bytes(a, level)))
+    img = Image.open(io.BytesIO(png_bytes(a, level, encoder)))
     img.load()
     assert img.format == "PNG" and np.array_equal(np.asarray(img), a)
 

@@ -2,8 +2,8 @@
 
 Both servers run under uvicorn on loopback with the same number of worker processes, one server at a
 time, hit by the same asyncio httpx client. Every request asks for the same output: an RGB image of the
-size our zoom tool returns for that crop (titiler gets it as `{w}x{h}`), PNG at zlib level 6 (titiler's
-default; ours is set to match) or JPEG quality 85 (titiler's default; ours set to match), bilinear
+size our zoom tool returns for that crop (titiler gets it as `{w}x{h}`), PNG at deflate level 6 (titiler's
+default; ours is run at 6 too, plus our default level 1) or JPEG quality 85 (titiler's default), bilinear
 resampling on both, no alpha mask (titiler `return_mask=false`). Prints throughput and latency side by side
 and the ratio (target: ours >= 1.5x titiler).
 
@@ -258,19 +258,23 @@ def main(argv: list[str] | None = None) -> dict:
     procs = []
     servers: dict[str, tuple[str, str]] = {}
     try:
-        # ours twice: zlib level 6 / JPEG q85 (titiler's encoder settings) and our default PNG level 1
-        for name, level in (("knowzoom (png zlib 6)", 6), ("knowzoom (default, png zlib 1)", 1)):
-            if args.format == "jpeg" and level == 1:
-                continue
+        # ours three ways: titiler's deflate level 6 (libdeflate, our default encoder), level 6 through zlib
+        # (the encoder GDAL's PNG driver uses), and our default config (level 1, libdeflate)
+        variants = [("knowzoom (png level 6)", 6, "auto"), ("knowzoom (png level 6, zlib)", 6, "zlib"),
+                    ("knowzoom (default: level 1)", 1, "auto")]
+        if args.format == "jpeg":
+            variants = [("knowzoom (jpeg q85)", 6, "auto")]
+        for name, level, enc in variants:
             port = free_port()
-            cfg = {"manifest": str(manifest), "output_dir": str(data / f"serve_out{level}"), "port": port,
+            cfg = {"manifest": str(manifest), "output_dir": str(data / f"serve_out{level}{enc}"), "port": port,
                    "workers": args.workers, "stateless_only": True, "log_level": "warning",
-                   "max_output_pixels": max(args.max_pixels, 50176), "png_compress_level": level, "jpeg_quality": 85,
-                   "max_concurrency": 64, "read_threads": args.read_threads, "queue_timeout_s": 30.0}
-            (data / f"serve{level}.yaml").write_text(json.dumps(cfg))
+                   "max_output_pixels": max(args.max_pixels, 50176), "png_compress_level": level,
+                   "png_encoder": enc, "jpeg_quality": 85, "max_concurrency": 64,
+                   "read_threads": args.read_threads, "queue_timeout_s": 30.0}
+            (data / f"serve{level}{enc}.yaml").write_text(json.dumps(cfg))
             procs.append(start([sys.executable, "-m", "pipeline", "serve-tools", "--config",
-                                str(data / f"serve{level}.yaml")], port, env, data / f"knowzoom{level}.log"))
-            servers[name if args.format == "png" else "knowzoom (jpeg q85)"] = ("knowzoom", f"http://127.0.0.1:{port}")
+                                str(data / f"serve{level}{enc}.yaml")], port, env, data / f"knowzoom{level}{enc}.log"))
+            servers[name] = ("knowzoom", f"http://127.0.0.1:{port}")
         port = free_port()
         procs.append(start([sys.executable, "-m", "uvicorn", "--factory", "bench_server:titiler_app", "--app-dir",
                             str(Path(__file__).parent), "--host", "127.0.0.1", "--port", str(port), "--workers",
