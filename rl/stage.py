@@ -582,7 +582,7 @@ def read_reward_log(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def plot_reward_curve(rows: list[dict[str, Any]], path: Path) -> Path:
+def plot_reward_curve(rows: list[dict[str, Any]], path: Path, smooth: int = 5) -> Path:
     """Tool-call rate, zoom success, accuracy and format rate (and the total reward) over steps."""
     import matplotlib
 
@@ -590,20 +590,28 @@ def plot_reward_curve(rows: list[dict[str, Any]], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     steps = [r["step"] for r in rows]
+    window = max(1, min(smooth, len(rows)))
+
+    def rolling(v: list[float]) -> list[float]:
+        return [sum(v[max(0, i - window + 1): i + 1]) / len(v[max(0, i - window + 1): i + 1]) for i in range(len(v))]
+
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for label, key in PLOT_KEYS.items():
-        ax1.plot(steps, [r.get(key, float("nan")) for r in rows], marker="o", ms=3, label=label)
+        v = [float(r.get(key, float("nan"))) for r in rows]
+        (line,) = ax1.plot(steps, rolling(v), lw=2, label=f"{label} ({window}-step mean)" if window > 1 else label)
+        if window > 1:
+            ax1.plot(steps, v, lw=0.8, alpha=0.3, color=line.get_color())
     ax1.set_xlabel("step")
     ax1.set_ylabel("rate")
     ax1.set_ylim(-0.05, 1.05)
     ax1.legend()
     ax1.set_title("episodes")
-    ax2.plot(steps, [r.get("reward", float("nan")) for r in rows], marker="o", ms=3, label="total reward")
+    ax2.plot(steps, rolling([float(r.get("reward", float("nan"))) for r in rows]), lw=2, label="total reward")
     for k in ("rewards/accuracy/mean", "rewards/format/mean", "rewards/tool_bonus/mean"):
-        ax2.plot(steps, [r.get(k, float("nan")) for r in rows], ls="--", label=k.split("/")[1])
+        ax2.plot(steps, rolling([float(r.get(k, float("nan"))) for r in rows]), ls="--", label=k.split("/")[1])
     ax2.set_xlabel("step")
     ax2.legend()
-    ax2.set_title("rewards")
+    ax2.set_title(f"rewards ({window}-step mean)" if window > 1 else "rewards")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
