@@ -103,3 +103,15 @@ def test_ray_train_run_and_resume_from_ray_checkpoint(task, tmp_path):
     assert s2["resumed_from_step"] == 2 and s2["steps"] == 3
     steps = [json.loads(line)["step"] for line in (tmp_path / "out" / "rewards.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_ray_train_two_cpu_workers(task, tmp_path):
+    """Two DDP ranks (gloo) under TorchTrainer, each with its own tool actor; checkpoints reported on every rank."""
+    from rl.stage import RLConfig, run
+
+    s = run(RLConfig(output_dir=str(tmp_path / "out"), model="tiny", train_data=str(task / "vqa.jsonl"),
+                     image_manifest=str(task / "images.jsonl"), num_generations=2, per_device_train_batch_size=2,
+                     max_completion_length=32, max_turns=1, save_steps=1, max_steps=2, mask_length_truncated=False,
+                     learning_rate=0.01, use_ray=True, ray_num_workers=2, ray_cpus_per_worker=0.5, tool_actors=1))
+    assert s["steps"] == 2 and s["param_delta_l2"] > 0 and s["ray_checkpoint"]
