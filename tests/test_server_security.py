@@ -119,6 +119,16 @@ def test_hostile_inputs(client, case, method, path, body, status, expected) -> N
         assert "srv" not in text and ".tif" not in text  # no file names or folders leak
 
 
+def test_streamed_body_over_the_cap_is_413(client) -> None:
+    def chunks():
+        for _ in range(100):
+            yield b"x" * 1000
+
+    r = client.post("/zoom", content=chunks(), headers={"content-type": "application/json"})
+    assert r.request.headers.get("transfer-encoding") == "chunked"
+    assert r.status_code == 413 and r.json()["error"] == "RequestTooLargeError"
+
+
 @pytest.mark.parametrize("bbox,source,status", [
     ([0, 0, 10, 10], "../../etc/passwd", 400),
     ([0, 0, 10, 10], "obs_99", 400),

@@ -822,6 +822,8 @@ def create_app(cfg: ServeConfig, store: Any | None = None) -> Any:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if isinstance(exc.__cause__, ToolError):  # e.g. a streamed body over the cap, seen while parsing
+            return JSONResponse(public_error(exc.__cause__), status_code=status_of(exc.__cause__))
         msg = "Not found." if exc.status_code == 404 else str(exc.detail)[:200]
         return JSONResponse({"error": "HTTPError", "message": msg}, status_code=exc.status_code)
 
