@@ -345,6 +345,8 @@ def test_config_validation_messages(manifest: Path) -> None:
                   "request_timeout_s", "max_concurrency"):
         assert field in problems
     assert ServeConfig(manifest=str(manifest), workers=2, stateless_only=True).validate() == []
+    huge = ServeConfig(manifest=str(manifest), max_pixels=10**9, max_output_pixels=10**9).validate()
+    assert any(p.startswith("zoom: max_pixels") for p in huge) and any("max_output_pixels" in p for p in huge)
 
 
 def test_stateless_only_disables_episodes(manifest: Path) -> None:

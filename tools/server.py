@@ -196,6 +196,12 @@ class ServeConfig(StageConfig):
             p.append("png_compress_level: must be 0..9")
         if self.png_encoder not in ("auto", "libdeflate", "zlib"):
             p.append("png_encoder: use auto, libdeflate or zlib")
+        if not p:  # the zoom semantics themselves (size factor, hard pixel ceiling, ...)
+            from tools.zoom import HARD_MAX_PIXELS
+
+            p += [f"zoom: {q}" for q in self.zoom_config().validate()]
+            if self.max_output_pixels > HARD_MAX_PIXELS:
+                p.append(f"max_output_pixels: {self.max_output_pixels} exceeds the hard cap {HARD_MAX_PIXELS}")
         if self.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
             p.append("log_level: use debug, info, warning or error")
         return p
@@ -499,7 +505,7 @@ class ZoomService:
             log.warning("read of %r failed: %r", image_id, e)
             raise E.UnreadableImageError(detail=f"{image_id}: {e!r}") from e
         except Exception as e:  # noqa: BLE001 - rasterio raises its own hierarchy; never a 500 for a file
-            log.warning("read of %r failed: %r", image_id, e)
+            log.exception("read of %r failed: %r", image_id, e)  # full trace in the log, scrubbed answer
             raise E.UnreadableImageError(detail=f"{image_id}: {e!r}") from e
 
     # -- images ---------------------------------------------------------------------------------------
