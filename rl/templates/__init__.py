@@ -1,0 +1,1 @@
+"""Chat templates shipped with the RL stage (package data)."""
