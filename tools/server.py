@@ -401,7 +401,7 @@ class EpisodeRegistry:
             self._purge(now)
             slot = self._slots.get(eid) if isinstance(eid, str) else None
             if slot is None:
-                raise UnknownEpisodeError(detail=f"episode {eid[:40]!r} not found")
+                raise UnknownEpisodeError(detail=f"episode {str(eid)[:40]!r} not found")
             slot.last_used = now
             self._slots.move_to_end(eid)
             return slot
