@@ -122,11 +122,14 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     results: dict[str, Any] = {}
     timings: dict[str, float] = {}
     bar = tqdm(selected, desc="pipeline", unit="stage", position=0)
+    upstream_ran = False
     for sid, name, scfg in bar:
         bar.set_description(f"pipeline [{sid}]")
         t0 = time.time()
         scfg.check()  # inputs written by the stages before this one exist now
-        results[sid] = run_stage(name, scfg, skip_if_done=not cfg.force)
+        # a stage whose inputs were just rewritten reruns even when its own config is unchanged
+        results[sid] = run_stage(name, scfg, skip_if_done=not (cfg.force or upstream_ran))
+        upstream_ran = upstream_ran or not (isinstance(results[sid], dict) and results[sid].get("skipped"))
         timings[sid] = round(time.time() - t0, 1)
         log.info("stage %s done in %.1fs", sid, timings[sid])
     summary = {"stages": results, "seconds": timings, "output_dir": cfg.output_dir}

@@ -1,0 +1,126 @@
+"""`knowzoom run` end to end on CPU: the tiny pipeline and the 7B recipe's wiring, with tiny-data
+overrides; skip-when-done, rerun after a config change, the report; the ablation table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli import main
+from pipeline.config import load_config
+from pipeline.errors import ConfigError
+from pipeline.runner import PipelineConfig, run, stage_configs
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Tiny-data overrides: every stage runs for real, on a few items / steps.
+FAST = {
+    "make-scenes": {"size": 4096, "n_train_scenes": 1, "n_test_scenes": 1, "n_train_pairs": 0,
+                    "n_test_pairs": 1, "grid": 4, "n_vehicles": 300, "n_houses": 100},
+    "build-qa": {"n_train": 200, "n_val": 20, "n_test": 40, "min_test": 20, "max_spectra": 200},
+    "sft_text": {"max_steps": 2, "per_device_train_batch_size": 4, "warmup_steps": 0, "eval_max_samples": 4,
+                 "eval_train_samples": 4, "save_steps": 1, "torch_threads": 1},
+    "mine_hard": {"limit": 6, "k": 2, "max_turns": 2, "max_new_tokens": 24, "batch_size": 6},
+    "sft_prewarm": {"max_steps": 2, "per_device_train_batch_size": 2, "warmup_steps": 0, "eval_max_samples": 4,
+                    "save_steps": 1, "torch_threads": 1},
+    "rl": {"max_steps": 1, "num_generations": 2, "per_device_train_batch_size": 2, "max_completion_length": 48,
+           "max_turns": 2, "save_steps": 1, "torch_threads": 1},
+    "eval": {"limit": 6, "n_samples": 2, "pass_k": [1, 2], "max_new_tokens": 24, "max_turns": 2, "batch_size": 6},
+}
+
+
+def _tiny(tmp: Path, **extra) -> PipelineConfig:
+    return load_config(PipelineConfig, ROOT / "configs/tiny/pipeline.yaml",
+                       {"output_dir": str(tmp / "run"), "data_root": str(tmp / "data"), "overrides": FAST, **extra})
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pipe")
+    cfg = _tiny(tmp)
+    return tmp, cfg, run(cfg)
+
+
+def test_tiny_pipeline_runs_every_stage_and_reports(tiny_run):
+    tmp, cfg, summary = tiny_run
+    ids = cfg.stage_ids()
+    assert list(summary["stages"]) == ids
+    assert not any(r.get("skipped") for r in summary["stages"].values())
+    res = json.loads((tmp / "run/eval/results.json").read_text())
+    assert res["metrics"]["overall"]["n"] == 6
+    assert (tmp / "run/rl/model").is_dir() and (tmp / "run/sft_prewarm/model").is_dir()
+    report = (tmp / "run/report.md").read_text()
+    html = (tmp / "run/report.html").read_text()
+    for sid in ids:
+        assert sid in report and f"id='{sid}'" in html
+    assert "viewer.html" in report and ".png" in html
+
+
+def test_rerun_skips_and_a_changed_stage_reruns_downstream(tiny_run):
+    tmp, cfg, _ = tiny_run
+    again = run(cfg)
+    assert all(r.get("skipped") for r in again["stages"].values())
+    changed = _tiny(tmp, overrides={**FAST, "eval": {**FAST["eval"], "max_new_tokens": 16}})
+    out = run(changed)
+    assert [s for s, r in out["stages"].items() if not r.get("skipped")] == ["eval"]
+    changed = _tiny(tmp, overrides={**FAST, "rl": {**FAST["rl"], "learning_rate": 5e-5}})
+    out = run(changed)
+    assert [s for s, r in out["stages"].items() if not r.get("skipped")] == ["rl", "eval"]
+
+
+def test_7b_recipe_wiring_with_tiny_overrides(tiny_run, tmp_path):
+    """The paper's pipeline file, stage for stage, with the tiny model and data and an XLRS-format copy."""
+    from test_eval_datasets import write_parquet, xlrs_rows
+
+    tmp, _, _ = tiny_run
+    xlrs = tmp_path / "xlrs"
+    write_parquet(xlrs, xlrs_rows())
+    base = str(tmp / "data/base/model")
+    paper = load_config(PipelineConfig, ROOT / "configs/qwen2_5_vl_7b/pipeline.yaml")
+    assert [s["name"] for s in paper.stages] == ["make-scenes", "build-qa", "mine-hard", "sft", "rl", "eval"]
+    sft = dict(stage_configs(paper)[3][2].__dict__)
+    assert (sft["learning_rate"], sft["freeze_vision"], sft["freeze_projector"], sft["max_pixels"]) == (
+        2e-5, True, True, 1003520)
+    cpu = {
+        "make-scenes": FAST["make-scenes"], "build-qa": {**FAST["build-qa"], "teacher_url": ""},
+        "mine_hard": {**FAST["mine_hard"], "model": base, "backend": "transformers", "dtype": "auto",
+                      "zoom_max_pixels": 50176, "batch_size": 6},
+        "sft": {"model": base, "deepspeed": "", "bf16": False, "gradient_checkpointing": False, "max_steps": 2,
+                "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1, "max_pixels": 50176,
+                "max_length": 2048, "dataloader_num_workers": 0, "torch_threads": 1, "save_steps": 1},
+        "rl": {**FAST["rl"], "use_vllm": False, "use_ray": False, "bf16": False, "gradient_checkpointing": False,
+               "gradient_accumulation_steps": 1, "zoom_max_pixels": 50176, "beta": 0.0},
+        "eval": {"backend": "transformers", "dtype": "auto", "dataset_path": str(xlrs), "limit": 4,
+                 "n_samples": 0, "pass_k": [1], "max_new_tokens": 16, "max_turns": 2, "batch_size": 4,
+                 "zoom_max_pixels": 50176, "xlrs_images_dir": str(tmp_path / "xlrs_prepared")},
+    }
+    cpu["build-qa"]["output_dir"] = str(tmp_path / "qa")  # the 7B QA config differs: keep the tiny run's QA intact
+    cfg = load_config(PipelineConfig, ROOT / "configs/qwen2_5_vl_7b/pipeline.yaml",
+                      {"output_dir": str(tmp_path / "7b"), "data_root": str(tmp / "data"), "overrides": cpu})
+    summary = run(cfg)
+    assert list(summary["stages"]) == ["make-scenes", "build-qa", "mine_hard", "sft", "rl", "eval"]
+    assert summary["stages"]["make-scenes"].get("skipped")  # same data config: the tiny run's scenes are reused
+    res = json.loads((tmp_path / "7b/eval/results.json").read_text())
+    assert res["dataset"] == "xlrs"
+    assert res["metrics"]["overall"]["n"] + res["metrics"]["overall"]["errors"] == min(4, len(xlrs_rows()))
+    assert res["reportable"] is False  # --limit runs are never reportable
+
+
+def test_bad_pipeline_configs_say_what_to_fix(tmp_path):
+    bad = tmp_path / "p.yaml"
+    bad.write_text("stages:\n  - {name: sft, config: configs/tiny/sft_text.yaml, set: {lerning_rate: 1}}\n"
+                   "  - {name: nope}\n")
+    with pytest.raises(ConfigError) as e:
+        stage_configs(load_config(PipelineConfig, None, {"stages": [{"name": "sft", "set": {"lerning_rate": 1}}]}))
+    assert "lerning_rate" in str(e.value)
+    assert main(["run", str(bad)]) == 2
+
+
+def test_cli_run_defaults_to_the_tiny_pipeline(monkeypatch):
+    seen = {}
+    monkeypatch.setattr("pipeline.cli.run_stage", lambda name, cfg: seen.update(name=name, cfg=cfg) or {})
+    monkeypatch.chdir(ROOT)
+    assert main(["run"]) == 0
+    assert seen["name"] == "run" and seen["cfg"].stage_ids()[-1] == "eval"
