@@ -332,8 +332,10 @@ def run(cfg: SFTConfig, callbacks: list[Any] | None = None) -> dict[str, Any]:
         if when == "before" and path.exists():  # a resumed run keeps the score of the untouched model
             metrics[f"{name}_{when}"] = json.loads(path.read_text())
             return
+        t = time.time()
         metrics[f"{name}_{when}"] = evaluate_text_qa(model, processor, records, max_new_tokens=cfg.eval_max_new_tokens,
                                                      batch_size=cfg.eval_batch_size)
+        metrics[f"{name}_{when}"]["seconds"] = round(time.time() - t, 1)
         path.write_text(json.dumps(metrics[f"{name}_{when}"], indent=2))
 
     score("eval", "before")
