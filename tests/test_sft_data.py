@@ -159,3 +159,34 @@ def test_sft_config_validation_says_what_to_fix(tmp_path):
     cfg = load_config(SFTConfig, None, ["--text_data", "a.jsonl,b.jsonl", "--lora", "--max_steps", "3"])
     assert cfg.text_data == ["a.jsonl", "b.jsonl"] and cfg.lora and cfg.max_steps == 3
     json.dumps(cfg.to_dict())
+
+
+def test_build_items_with_an_empty_hard_set_trains_on_text_and_reports_it(scenes, tmp_path, tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("KNOWZOOM_CACHE", str(tmp_path_factory.getbasetemp() / "kz_model_cache"))
+    from pipeline.config import load_config
+    from pipeline.models import load_processor
+    from pipeline.records import write_jsonl
+    from sft.errors import SFTDataError
+    from sft.stage import SFTConfig, build_items
+    from sft.toy import write_text_qa
+
+    proc = load_processor("tiny")
+    mp.undo()
+    manifest, _ = scenes
+    train, _ = write_text_qa(tmp_path / "qa")
+    empty = tmp_path / "hard.jsonl"
+    write_jsonl(empty, [])
+    cfg = load_config(SFTConfig, None, {"output_dir": str(tmp_path / "o"), "text_data": [str(train)],
+                                        "vqa_data": [str(empty)], "images_manifest": str(manifest),
+                                        "text_mix_ratio": 0.3, "max_text_samples": 5})
+    items, stats = build_items(cfg, proc)
+    assert stats["vqa_records"] == 0 and stats["text_items"] == 5 == len(items)
+    cfg = load_config(SFTConfig, None, {"output_dir": str(tmp_path / "o2"), "vqa_data": [str(empty)],
+                                        "images_manifest": str(manifest)})
+    with pytest.raises(SFTDataError, match="no SFT examples"):
+        build_items(cfg, proc)
+    cfg = load_config(SFTConfig, None, {"output_dir": str(tmp_path / "o3"), "vqa_data": [str(empty)],
+                                        "images_manifest": str(tmp_path / "missing.jsonl")})
+    with pytest.raises(SFTDataError, match="make-scenes"):
+        build_items(cfg, proc)
