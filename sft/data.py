@@ -185,6 +185,7 @@ class ChatItem:
     kind: str  # "text" | "vqa"
     n_image_tokens: int = 0  # visual tokens after merging (for length filtering)
     images: list[Any] | None = None
+    n_tokens: int = 0  # full tokenized length, set by filter_by_length (for length-grouped batches)
 
 
 def trajectory_items(path: str | Path, merge_pixels: int = 28 * 28) -> list[ChatItem]:
@@ -252,11 +253,16 @@ class ChatDataset:
         TRL's trainer requires; messages and PIL images never go through Arrow)."""
         from datasets import Dataset
 
-        def transform(batch: dict[str, list[int]]) -> dict[str, list[Any]]:
+        def transform(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+            if "index" not in batch:  # a plain column read, e.g. the trainer's `dataset["length"]`
+                return batch
             rows = [self[i] for i in batch["index"]]
-            return {"messages": [r["messages"] for r in rows], "images": [r["images"] for r in rows]}
+            out = {k: v for k, v in batch.items() if k != "index"}
+            out.update(messages=[r["messages"] for r in rows], images=[r["images"] for r in rows])
+            return out
 
-        return Dataset.from_dict({"index": list(range(len(self)))}).with_transform(transform)
+        return Dataset.from_dict({"index": list(range(len(self))),
+                                  "length": [max(1, it.n_tokens) for it in self.items]}).with_transform(transform)
 
 
 def filter_by_length(items: list[ChatItem], processor: Any, max_length: int) -> tuple[list[ChatItem], int]:
@@ -269,6 +275,7 @@ def filter_by_length(items: list[ChatItem], processor: Any, max_length: int) -> 
         if n > max_length:
             dropped += 1
         else:
+            it.n_tokens = n
             kept.append(it)
     return kept, dropped
 

@@ -55,6 +55,8 @@ class SFTConfig(StageConfig):
     min_pixels: int = hfield(3136, help="Image pixel floor (4*28*28).")
     max_zooms: int = hfield(5, help="Zoom calls per oracle trajectory (one per target region, at most this).")
     max_length: int = hfield(4096, help="Examples longer than this many tokens (text + visual) are dropped.")
+    group_by_length: bool = hfield(True, help="Batch examples of similar token length together (less padding, "
+                                              "faster steps); batch order stays seeded-random.")
     # --- optimisation
     learning_rate: float = hfield(3e-3, help="Peak learning rate (AdamW).")
     adam_beta1: float = hfield(0.9, help="AdamW beta1.")
@@ -287,7 +289,38 @@ def _trainer_class() -> type:
                                f"{missing[:5]}, unexpected {result.unexpected_keys[:5]}")
             del loaded
 
+        def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+            sampler = super()._get_train_sampler(train_dataset)
+            if self.args.train_sampling_strategy != "group_by_length" or sampler is None:
+                return sampler
+            return _SeededLengthGroupedSampler(sampler.batch_size, sampler.lengths,
+                                               seed=self.args.data_seed if self.args.data_seed is not None
+                                               else self.args.seed)
+
     return KZSFTTrainer
+
+
+class _SeededLengthGroupedSampler:
+    """Length-grouped order drawn from (seed, epoch) alone. HF's LengthGroupedSampler draws from the global
+    torch RNG when iteration starts, so a resumed run (RNG restored to its mid-epoch state) would see another
+    order and skip the wrong batches; this one replays the same order and the trainer skips what was seen."""
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int) -> None:
+        self.batch_size, self.lengths, self.seed, self.epoch = batch_size, list(lengths), seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self) -> Any:
+        import torch
+        from transformers.trainer_pt_utils import get_length_grouped_indices
+
+        g = torch.Generator()
+        g.manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=g))
 
 
 def run(cfg: SFTConfig, callbacks: list[Any] | None = None) -> dict[str, Any]:
@@ -357,7 +390,8 @@ def run(cfg: SFTConfig, callbacks: list[Any] | None = None) -> dict[str, Any]:
         save_total_limit=cfg.save_total_limit, report_to="none", remove_unused_columns=False,
         dataset_kwargs={"skip_prepare_dataset": True}, max_length=None, assistant_only_loss=False,
         packing=False, dataloader_num_workers=cfg.dataloader_num_workers, use_cpu=not _cuda(),
-        disable_tqdm=False, logging_first_step=True,
+        disable_tqdm=False, logging_first_step=True, length_column_name="length",
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
     )
     trainer = _trainer_class()(model=model, args=args, train_dataset=dataset.to_hf(), processing_class=processor,
                              data_collator=ZoomSFTCollator(processor), callbacks=callbacks or [])
