@@ -338,8 +338,8 @@ def run(cfg: SFTConfig, callbacks: list[Any] | None = None) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     dtype = "bfloat16" if cfg.bf16 else "auto"
-    model, processor = load_model(cfg.model, dtype=dtype, device="cuda" if _cuda() and not cfg.deepspeed
-                                  else "cpu")
+    # loaded on CPU; the Trainer moves it to this rank's device (a device_map would pin every rank to cuda:0)
+    model, processor = load_model(cfg.model, dtype=dtype, device="cpu")
     set_pixel_bounds(processor, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
     items, data_stats = build_items(cfg, processor)
     dataset = ChatDataset(items)
