@@ -26,7 +26,8 @@ DEFAULT_VARIANTS: dict[str, dict[str, Any]] = {
         "overrides": {"mine_hard": {"model": "{data_root}/base/model"},
                       "sft_prewarm": {"model": "{data_root}/base/model"}},
     },
-    "c_coldstart_prewarm_rl": {"label": "+ text cold start", "skip": [], "overrides": {}},
+    # the full recipe is the main pipeline itself: reuse its run (skipped when already done)
+    "c_coldstart_prewarm_rl": {"label": "+ text cold start", "skip": [], "overrides": {}, "root": "runs/tiny"},
 }
 
 
@@ -37,7 +38,9 @@ class AblateConfig(StageConfig):
     output_dir: str = hfield("runs/tiny/ablate", help="Each variant runs under OUTPUT_DIR/<variant>.")
     pipeline: str = hfield("configs/tiny/pipeline.yaml", help="The pipeline YAML whose stages are ablated.")
     data_root: str = hfield("runs/tiny", help="Shared data stages (scenes, QA) read/write here, once for all variants.")
-    variants: dict = hfield(DEFAULT_VARIANTS, help="variant → {label, skip: [stage ids], overrides: {stage id: {field: value}}}.")
+    variants: dict = hfield(DEFAULT_VARIANTS, help="variant → {label, skip: [stage ids], overrides: {stage id: {field: "
+                            "value}}, root?: output root (default OUTPUT_DIR/<variant>)}.")
+    only: list[str] = hfield([], help="Run only these variants (the table still lists every variant already run).")
     eval_stage: str = hfield("eval", help="Stage id whose results.json is tabulated.")
     force: bool = hfield(False, help="Rerun stages even when their outputs exist.")
 
@@ -46,8 +49,11 @@ class AblateConfig(StageConfig):
         if not self.variants:
             problems.append("variants: empty; give at least one variant")
         for k, v in self.variants.items():
-            if not isinstance(v, dict) or set(v) - {"label", "skip", "overrides"}:
-                problems.append(f"variants.{k}: must be a mapping with label, skip, overrides")
+            if not isinstance(v, dict) or set(v) - {"label", "skip", "overrides", "root"}:
+                problems.append(f"variants.{k}: must be a mapping with label, skip, overrides (and optional root)")
+        for name in self.only:
+            if name not in self.variants:
+                problems.append(f"only: {name!r} is not a variant; use one of {', '.join(self.variants)}")
         return problems
 
 
@@ -55,7 +61,7 @@ def _pipeline_for(cfg: AblateConfig, name: str, variant: dict[str, Any]):
     from pipeline.runner import PipelineConfig, _resolve_path
 
     data = load_yaml(_resolve_path(cfg.pipeline))
-    data["output_dir"] = str(Path(cfg.output_dir) / name)
+    data["output_dir"] = variant.get("root") or str(Path(cfg.output_dir) / name)
     data["data_root"] = cfg.data_root
     data["seed"] = cfg.seed
     data["force"] = cfg.force
@@ -111,7 +117,8 @@ def run(cfg: AblateConfig) -> dict[str, Any]:
     rows = []
     for name, variant in cfg.variants.items():
         pcfg = _pipeline_for(cfg, name, variant)
-        run_pipeline(pcfg)
+        if not cfg.only or name in cfg.only:
+            run_pipeline(pcfg)
         eval_cfg = next(c for sid, _, c in stage_configs(pcfg) if sid == cfg.eval_stage)
         mpath = Path(eval_cfg.output_dir) / "results.json"
         metrics = json.loads(mpath.read_text()) if mpath.exists() else {}
