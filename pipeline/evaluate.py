@@ -17,104 +17,46 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import StageConfig, hfield
+from pipeline.config import hfield
 from pipeline.datasets import DatasetFormatError
 from pipeline.errors import ConfigError, DatasetNotFoundError
 from pipeline.records import JsonlAppender, Trajectory, VQASample, from_dict, read_jsonl
+from pipeline.rollout_config import RolloutStageConfig
 
 log = logging.getLogger(__name__)
 
-DATASETS = ("vqa_jsonl", "xlrs")
-BACKENDS = ("transformers", "vllm", "openai")
-
-
 @dataclass
-class EvalConfig(StageConfig):
+class EvalConfig(RolloutStageConfig):
     """Evaluate one model on one dataset with one protocol."""
 
     output_dir: str = hfield("runs/tiny/eval", help="Folder for results, predictions cache and viewer.")
-    model: str = hfield("tiny", help="Model: 'tiny', a local folder (a stage's output_dir or its model/), a cached HF id, "
-                                     "or the served model name for backend openai.")
-    backend: str = hfield("transformers", help="Generation backend: transformers (CPU) | vllm (GPU) | openai (HTTP).")
-    base_url: str = hfield("", help="backend openai: the server's /v1 URL, e.g. http://localhost:8000/v1.")
-    api_key_env: str = hfield("OPENAI_API_KEY", help="backend openai: environment variable holding the API key.")
-    device: str = hfield("cpu", help="backend transformers: torch device.")
-    dtype: str = hfield("auto", help="backend transformers: auto | float32 | bfloat16 | float16.")
-    dataset: str = hfield("vqa_jsonl", help="vqa_jsonl (our VQASample JSONL) | xlrs (XLRS-Bench-lite local copy).")
-    dataset_path: str = hfield("runs/tiny/scenes/vqa_test.jsonl", help="vqa_jsonl: the JSONL file; xlrs: the local "
-                                                                       "XLRS-Bench-lite folder (parquet or JSON per question).")
-    images_manifest: str = hfield("runs/tiny/scenes/images.jsonl", help="vqa_jsonl: images.jsonl of the image store "
-                                                                         "({id, path} per line).")
-    xlrs_images_dir: str = hfield("", help="xlrs: where images are extracted and converted by prepare-images once "
-                                           "(default <output_dir>/xlrs_images).")
-    categories: list[str] = hfield([], help="Keep only these sub-tasks (\"Task/Subtask\" or short names like OCL).")
-    limit: int | None = hfield(None, help="Evaluate only the first N items; the result is marked not reportable.")
-    protocol: str = hfield("zoom", help="zoom (our zoom-agent tool protocol) | direct (official lmms-eval xlrs-lite "
-                                        "prompt, one turn, no tools).")
-    max_turns: int = hfield(5, help="Assistant turns per episode (zoom protocol).")
-    max_new_tokens: int = hfield(256, help="New tokens per turn (the official direct protocol uses 64).")
     temperature: float = hfield(0.0, help="Pass@1 run temperature (0 = greedy, the reported protocol).")
     top_p: float = hfield(1.0, help="Pass@1 run nucleus sampling p.")
     n_samples: int = hfield(0, help="Sampled rollouts per item for Pass@k (0 = greedy Pass@1 only).")
     pass_k: list[int] = hfield([1], help="k values for Pass@k (each <= n_samples; 1 is the greedy Pass@1).")
     sample_temperature: float = hfield(1.0, help="Temperature of the n_samples rollouts.")
     sample_top_p: float = hfield(1.0, help="Nucleus p of the n_samples rollouts.")
-    batch_size: int = hfield(8, help="Conversations per generate call.")
-    chunk_size: int = hfield(32, help="Items per durable chunk (progress is saved after each finished episode).")
-    max_answer_chars: int = hfield(1000, help="Answers this long or longer get no credit (verifier).")
-    zoom_max_pixels: int = hfield(50176, help="Pixel cap of every image shown (tiny: 224*224; 7B: 1003520).")
-    zoom_min_pixels: int = hfield(3136, help="Pixel floor of every image shown.")
-    zoom_frame: str = hfield("shown_pixels", help="Box frame the model uses: shown_pixels | norm1000.")
-    zoom_max_calls: int = hfield(5, help="Zoom calls allowed per episode.")
-    zoom_read_timeout_s: float = hfield(10.0, help="Per-read time limit of the zoom tool (seconds).")
     viewer_max_items: int = hfield(40, help="Trajectories shown in viewer.html (first wrong ones, then right ones).")
-    openai_concurrency: int = hfield(8, help="backend openai: concurrent requests.")
-    openai_timeout_s: float = hfield(120.0, help="backend openai: per-request timeout (seconds).")
 
     def validate(self) -> list[str]:
         p = super().validate()
-        if self.dataset not in DATASETS:
-            p.append(f"dataset: {self.dataset!r} unknown; use one of {DATASETS}")
-        if self.backend not in BACKENDS:
-            p.append(f"backend: {self.backend!r} unknown; use one of {BACKENDS}")
-        if self.backend == "openai" and not self.base_url:
-            p.append("base_url: backend openai needs the server URL, e.g. http://localhost:8000/v1")
-        if self.protocol not in ("zoom", "direct"):
-            p.append("protocol: use zoom or direct")
-        if self.limit is not None and self.limit < 1:
-            p.append("limit: must be >= 1 (or null for the full set)")
         if self.n_samples < 0:
             p.append("n_samples: must be >= 0")
         bad_k = [k for k in self.pass_k if k < 1 or (k > 1 and k > self.n_samples)]
         if bad_k:
             p.append(f"pass_k: {bad_k} need 1 <= k <= n_samples ({self.n_samples}); raise n_samples or drop them")
-        for name in ("max_turns", "max_new_tokens", "batch_size", "chunk_size", "max_answer_chars", "viewer_max_items"):
-            if getattr(self, name) < (0 if name == "viewer_max_items" else 1):
-                p.append(f"{name}: must be positive")
+        if self.viewer_max_items < 0:
+            p.append("viewer_max_items: must be >= 0")
         if self.temperature < 0 or self.sample_temperature < 0:
             p.append("temperature/sample_temperature: must be >= 0")
         if self.n_samples > 0 and self.sample_temperature == 0:
             p.append("sample_temperature: Pass@k needs sampling; set it > 0 (e.g. 1.0)")
         if not 0 < self.top_p <= 1 or not 0 < self.sample_top_p <= 1:
             p.append("top_p/sample_top_p: must be in (0, 1]")
-        if self.zoom_max_pixels < self.zoom_min_pixels:
-            p.append("zoom_max_pixels: must be >= zoom_min_pixels")
         return p
 
 
 # ------------------------------------------------------------------------------------------ pieces
-def agent_config(cfg: Any, *, temperature: float, top_p: float) -> Any:
-    """The AgentConfig of a stage config (shared by eval and mine-hard)."""
-    from rl.agent import AgentConfig
-    from tools.zoom import ZoomConfig
-
-    zoom = ZoomConfig(max_pixels=cfg.zoom_max_pixels, min_pixels=cfg.zoom_min_pixels, frame=cfg.zoom_frame,
-                      max_turns=cfg.zoom_max_calls, read_timeout_s=cfg.zoom_read_timeout_s)
-    return AgentConfig(max_turns=cfg.max_turns if cfg.protocol == "zoom" else 1, max_new_tokens=cfg.max_new_tokens,
-                       temperature=temperature, top_p=top_p, protocol=cfg.protocol, batch_size=cfg.batch_size,
-                       max_answer_chars=cfg.max_answer_chars, zoom=zoom)
-
-
 def model_fingerprint(spec: str, backend: str) -> str:
     """Identity of the weights: the resolved folder plus its config and weight file sizes/mtimes."""
     if backend == "openai":
@@ -293,18 +235,9 @@ def run(cfg: EvalConfig, backend: Any = None) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     samples, store = load_eval_data(cfg)
-    greedy_agent = agent_config(cfg, temperature=cfg.temperature, top_p=cfg.top_p)
+    greedy_agent = cfg.agent_config(temperature=cfg.temperature, top_p=cfg.top_p)
     if backend is None:
-        from rl.backends import make_backend
-
-        kw: dict[str, Any] = {}
-        if cfg.backend == "transformers":
-            kw = {"device": cfg.device, "dtype": cfg.dtype}
-        elif cfg.backend == "openai":
-            kw = {"concurrency": cfg.openai_concurrency, "timeout_s": cfg.openai_timeout_s}
-        backend = make_backend(cfg.backend, cfg.model, base_url=cfg.base_url, api_key_env=cfg.api_key_env,
-                               agent_max_pixels=cfg.zoom_max_pixels, agent_min_pixels=cfg.zoom_min_pixels,
-                               seed=cfg.seed, **kw)
+        backend = cfg.make_backend()
     pred_dir = out / "predictions"
     gkey = cache_key(cfg, greedy_agent, "pass1")
     greedy_runs = run_cached(backend, samples, store, greedy_agent, 1, pred_dir / f"{gkey}.jsonl",
@@ -313,7 +246,7 @@ def run(cfg: EvalConfig, backend: Any = None) -> dict[str, Any]:
     sampled: dict[str, list[Trajectory]] = {}
     skey = None
     if cfg.n_samples > 0:
-        s_agent = agent_config(cfg, temperature=cfg.sample_temperature, top_p=cfg.sample_top_p)
+        s_agent = cfg.agent_config(temperature=cfg.sample_temperature, top_p=cfg.sample_top_p)
         skey = cache_key(cfg, s_agent, f"sample{cfg.n_samples}")
         sampled = run_cached(backend, samples, store, s_agent, cfg.n_samples, pred_dir / f"{skey}.jsonl",
                              cfg.chunk_size, f"pass@k (n={cfg.n_samples})")
@@ -343,4 +276,4 @@ def run(cfg: EvalConfig, backend: Any = None) -> dict[str, Any]:
     return summary
 
 
-__all__ = ["EvalConfig", "run", "agent_config", "load_eval_data", "run_cached", "cache_key", "prepare_images"]
+__all__ = ["EvalConfig", "run", "load_eval_data", "run_cached", "cache_key", "prepare_images"]

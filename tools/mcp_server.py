@@ -94,7 +94,7 @@ def create_mcp_server(cfg: ServeConfig, service: ZoomService | None = None) -> S
         if name == TOOL_NAME:
             eid = a.get("episode_id")
             if not isinstance(eid, str):
-                from tools.server import UnknownEpisodeError
+                from tools.errors import UnknownEpisodeError
 
                 raise UnknownEpisodeError()
             payload, _ = await svc.episode_zoom(eid, a.get("bbox"), a.get("source", "image_0"), "json")

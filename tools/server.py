@@ -42,7 +42,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipeline.config import StageConfig, hfield
 from tools import errors as E
-from tools.errors import ToolError
+from tools.errors import RequestTooLargeError, ServerBusyError, ToolError, UnknownEpisodeError
 
 log = logging.getLogger("knowzoom.server")
 
@@ -50,28 +50,6 @@ T = TypeVar("T")
 
 FORMATS = ("json", "png", "jpeg")
 TRANSPORTS = ("http", "mcp-http", "mcp-stdio")
-
-
-# -- errors the server adds to the tools family -------------------------------------------------------
-class UnknownEpisodeError(ToolError):
-    """The episode id is unknown, expired or was evicted."""
-
-    http_status = 404
-    default_message = "Unknown or expired episode; start a new one."
-
-
-class ServerBusyError(ToolError):
-    """Every read slot is busy (concurrency limit reached); retry later."""
-
-    http_status = 503
-    default_message = "Server busy; retry shortly."
-
-
-class RequestTooLargeError(ToolError):
-    """The request body exceeds the configured byte limit."""
-
-    http_status = 413
-    default_message = "Request body too large."
 
 
 def _all_tool_errors() -> list[type[ToolError]]:
@@ -167,19 +145,15 @@ class ServeConfig(StageConfig):
             p.append("manifest/image_dirs: nothing to serve; set manifest (images.jsonl) or image_dirs")
         if self.transport not in TRANSPORTS:
             p.append(f"transport: {self.transport!r}; use one of {', '.join(TRANSPORTS)}")
-        if self.frame not in ("shown_pixels", "norm1000", "lonlat"):
-            p.append(f"frame: {self.frame!r}; use shown_pixels, norm1000 or lonlat")
         if not 0 <= self.port <= 65535:
             p.append("port: must be 0..65535")
         if self.workers < 1:
             p.append("workers: must be >= 1")
         if self.workers > 1 and not self.stateless_only:
             p.append("workers: episodes live in one process; use workers: 1 or set stateless_only: true")
-        if self.min_pixels < 1 or self.max_pixels < self.min_pixels:
-            p.append("max_pixels/min_pixels: need 1 <= min_pixels <= max_pixels")
         if self.max_output_pixels < self.max_pixels:
             p.append("max_output_pixels: must be >= max_pixels")
-        for name in ("max_turns", "max_response_bytes", "max_request_bytes", "max_images_per_episode",
+        for name in ("max_response_bytes", "max_request_bytes", "max_images_per_episode",
                      "max_id_length", "max_list", "max_concurrency", "read_threads", "max_connections",
                      "max_episodes", "gdal_cache_mb", "store_max_open"):
             if getattr(self, name) < 1:
@@ -196,12 +170,11 @@ class ServeConfig(StageConfig):
             p.append("png_compress_level: must be 0..9")
         if self.png_encoder not in ("auto", "libdeflate", "zlib"):
             p.append("png_encoder: use auto, libdeflate or zlib")
-        if not p:  # the zoom semantics themselves (size factor, hard pixel ceiling, ...)
-            from tools.zoom import HARD_MAX_PIXELS
+        from tools.zoom import HARD_MAX_PIXELS
 
-            p += [f"zoom: {q}" for q in self.zoom_config().validate()]
-            if self.max_output_pixels > HARD_MAX_PIXELS:
-                p.append(f"max_output_pixels: {self.max_output_pixels} exceeds the hard cap {HARD_MAX_PIXELS}")
+        p += [f"zoom: {q}" for q in self.zoom_config().validate()]  # frame, pixel limits, turns: one copy
+        if self.max_output_pixels > HARD_MAX_PIXELS:
+            p.append(f"max_output_pixels: {self.max_output_pixels} exceeds the hard cap {HARD_MAX_PIXELS}")
         if self.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
             p.append("log_level: use debug, info, warning or error")
         return p
