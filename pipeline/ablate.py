@@ -26,8 +26,9 @@ DEFAULT_VARIANTS: dict[str, dict[str, Any]] = {
         "overrides": {"mine_hard": {"model": "{data_root}/base/model"},
                       "sft_prewarm": {"model": "{data_root}/base/model"}},
     },
-    # the full recipe is the main pipeline itself: reuse its run (skipped when already done)
-    "c_coldstart_prewarm_rl": {"label": "+ text cold start", "skip": [], "overrides": {}, "root": "runs/tiny"},
+    # the full recipe is the main pipeline itself: reuse its run ({main}: the pipeline's own output_dir; its
+    # stages are skipped when already done)
+    "c_coldstart_prewarm_rl": {"label": "+ text cold start", "skip": [], "overrides": {}, "root": "{main}"},
 }
 
 
@@ -39,7 +40,10 @@ class AblateConfig(StageConfig):
     pipeline: str = hfield("configs/tiny/pipeline.yaml", help="The pipeline YAML whose stages are ablated.")
     data_root: str = hfield("runs/tiny", help="Shared data stages (scenes, QA) read/write here, once for all variants.")
     variants: dict = hfield(DEFAULT_VARIANTS, help="variant → {label, skip: [stage ids], overrides: {stage id: {field: "
-                            "value}}, root?: output root (default OUTPUT_DIR/<variant>)}.")
+                            "value}}, root?: output root (default OUTPUT_DIR/<variant>; {main} = the pipeline's own "
+                            "output_dir, to reuse the main run)}.")
+    overrides: dict = hfield({}, help="stage id → {field: value} for every variant (under each variant's own "
+                             "overrides), e.g. fewer steps for a quick look; the reused main run must match.")
     only: list[str] = hfield([], help="Run only these variants (the table still lists every variant already run).")
     eval_stage: str = hfield("eval", help="Stage id whose results.json is tabulated.")
     force: bool = hfield(False, help="Rerun stages even when their outputs exist.")
@@ -61,13 +65,14 @@ def _pipeline_for(cfg: AblateConfig, name: str, variant: dict[str, Any]):
     from pipeline.runner import PipelineConfig, _resolve_path
 
     data = load_yaml(_resolve_path(cfg.pipeline))
-    data["output_dir"] = variant.get("root") or str(Path(cfg.output_dir) / name)
+    root = variant.get("root") or str(Path(cfg.output_dir) / name)
+    data["output_dir"] = root.replace("{main}", str(data.get("output_dir", "runs/tiny")))
     data["data_root"] = cfg.data_root
     data["seed"] = cfg.seed
     data["force"] = cfg.force
     data["skip"] = list(data.get("skip", [])) + list(variant.get("skip", []))
     overrides = dict(data.get("overrides", {}) or {})
-    for sid, o in (variant.get("overrides") or {}).items():
+    for sid, o in [*(cfg.overrides or {}).items(), *(variant.get("overrides") or {}).items()]:
         overrides[sid] = {**overrides.get(sid, {}), **o}
     data["overrides"] = overrides
     data["report"] = True

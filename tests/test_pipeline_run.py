@@ -124,3 +124,43 @@ def test_cli_run_defaults_to_the_tiny_pipeline(monkeypatch):
     monkeypatch.chdir(ROOT)
     assert main(["run"]) == 0
     assert seen["name"] == "run" and seen["cfg"].stage_ids()[-1] == "eval"
+
+
+def test_ablate_runs_the_three_variants_from_one_seed_and_tabulates(tiny_run, tmp_path):
+    """(a) RL only, (b) + pre-warm, (c) + text cold start (the main run, reused): one table, same test set."""
+    from pipeline.ablate import DEFAULT_VARIANTS, AblateConfig
+    from pipeline.stages import run_stage
+
+    tmp, _, _ = tiny_run
+    variants = {k: dict(v) for k, v in DEFAULT_VARIANTS.items()}
+    assert variants["c_coldstart_prewarm_rl"]["root"] == "{main}"
+    variants["c_coldstart_prewarm_rl"]["root"] = str(tmp / "run")  # the fixture's main run, not runs/tiny
+    over = {"output_dir": str(tmp_path / "abl"), "data_root": str(tmp / "data"), "variants": variants,
+            "overrides": FAST}
+    cfg = load_config(AblateConfig, ROOT / "configs/tiny/ablate.yaml", over)
+    out = run_stage("ablate", cfg)
+    rows = out["rows"]
+    assert [r["variant"].split()[0] for r in rows] == list(DEFAULT_VARIANTS)
+    for r in rows:
+        assert r["n"] == 6 and r["k"] == 2 and 0 <= r["pass@1_micro"] <= r["pass@k_micro"] <= 1
+    a, b = tmp_path / "abl/a_rl_only", tmp_path / "abl/b_prewarm_rl"
+    assert not (a / "sft_text").exists() and not (a / "sft_prewarm").exists()  # RL only: no SFT at all
+    assert not (b / "sft_text").exists() and (b / "sft_prewarm/model").is_dir()
+    import yaml
+
+    def resolved(d: Path) -> dict:
+        return yaml.safe_load((d / "config.yaml").read_text())
+
+    base = str(tmp / "data/base/model")
+    assert resolved(a / "rl")["model"] == base and resolved(a / "hard")["model"] == base
+    assert resolved(b / "sft_prewarm")["model"] == base and resolved(b / "rl")["model"] == str(b / "sft_prewarm/model")
+    evals = [resolved(d / "eval") for d in (a, b, tmp / "run")]
+    assert len({(e["dataset_path"], e["seed"], e["limit"]) for e in evals}) == 1  # same held-out set and seed
+    table = (tmp_path / "abl/ablation.md").read_text()
+    assert table.count("\n| ") == 4 and "pass@1_macro" in table  # header + 3 variants
+    # --only reruns nothing that is done, and the table still lists every variant already run
+    again = run_stage("ablate", load_config(AblateConfig, ROOT / "configs/tiny/ablate.yaml",
+                                            {**over, "only": ["a_rl_only"]}))
+    assert [r["pass@1_micro"] for r in again["rows"]] == [r["pass@1_micro"] for r in rows]
+    with pytest.raises(ConfigError, match="only: 'd_nope' is not a variant"):
+        load_config(AblateConfig, None, {**over, "only": ["d_nope"]})
