@@ -89,6 +89,7 @@ def test_grpo_step_completes_when_a_tool_actor_is_killed(task, ray_local, tmp_pa
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1500)  # two fits, each starting Ray Train: minutes on a loaded 2-core machine
 def test_ray_train_run_and_resume_from_ray_checkpoint(task, tmp_path):
     """TorchTrainer (1 CPU worker, gloo), tools in Ray actors; a second fit resumes from Ray's checkpoint."""
     from rl.stage import RLConfig, run
@@ -106,12 +107,15 @@ def test_ray_train_run_and_resume_from_ray_checkpoint(task, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_ray_train_two_cpu_workers(task, tmp_path):
     """Two DDP ranks (gloo) under TorchTrainer, each with its own tool actor; checkpoints reported on every rank."""
     from rl.stage import RLConfig, run
 
+    # 4 generations of 48 tokens per rank: some group has unequal rewards (GRPO learns nothing from a batch
+    # whose groups all score alike, which 2 x 32 tokens of a random model can be)
     s = run(RLConfig(output_dir=str(tmp_path / "out"), model="tiny", train_data=str(task / "vqa.jsonl"),
-                     image_manifest=str(task / "images.jsonl"), num_generations=2, per_device_train_batch_size=2,
-                     max_completion_length=32, max_turns=1, save_steps=1, max_steps=2, mask_length_truncated=False,
+                     image_manifest=str(task / "images.jsonl"), num_generations=4, per_device_train_batch_size=4,
+                     max_completion_length=48, max_turns=1, save_steps=1, max_steps=2, mask_length_truncated=False,
                      learning_rate=0.01, use_ray=True, ray_num_workers=2, ray_cpus_per_worker=0.5, tool_actors=1))
     assert s["steps"] == 2 and s["param_delta_l2"] > 0 and s["ray_checkpoint"]
