@@ -97,10 +97,9 @@ def test_stage_folder_and_roundtrip_clear_truncation(tmp_path, tiny):
 
 def test_build_model_stage(tmp_path, cache):
     from pipeline.config import load_config
+    from pipeline.errors import ConfigError
     from pipeline.models import BuildModelConfig
     from pipeline.stages import run_stage
-
-    from pipeline.errors import ConfigError
 
     # the tiny config trains the tokenizer on the build-qa / make-scenes outputs: stand-ins for them here
     corpus = tmp_path / "qa_train.jsonl"

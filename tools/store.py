@@ -23,9 +23,6 @@ from typing import Any
 # GDAL's block cache defaults to 5% of RAM *per process*; many workers x 5% adds up. 256 MB is plenty
 # for window reads of tiled COGs. Set before the first read; callers may override via the environment.
 os.environ.setdefault("GDAL_CACHEMAX", "256")
-# A zoom window spans several tiles; GDAL (>= 3.6) decodes them in parallel on its global thread pool
-# (bounded, shared by all reads of the process). Set GDAL_NUM_THREADS=1 to read on the calling thread only.
-os.environ.setdefault("GDAL_NUM_THREADS", "ALL_CPUS")
 
 import numpy as np  # noqa: E402
 import rasterio  # noqa: E402

@@ -268,10 +268,19 @@ def _read_pixels(store: ImageStore, info: ImageInfo, win: tuple[int, int, int, i
     x0, y0, x1, y1 = win
     bands = [1, 2, 3] if info.count >= 3 else [1]
     masked = info.nodata is not None
+    window = Window(x0, y0, x1 - x0, y1 - y0)
+    if info.dtype == "uint8" and not masked and len(bands) == 3:
+        # GDAL writes straight into a pixel-interleaved (h, w, 3) buffer (rasterio passes the strides of a
+        # transposed view): no band-to-pixel copy afterwards, and it matches how RGB COG tiles are stored
+        out = np.empty((out_h, out_w, 3), dtype=np.uint8)
+        with store.open(info.id) as ds:
+            ds.read(indexes=bands, window=window, out=out.transpose(2, 0, 1),
+                    resampling=Resampling[cfg.resampling])
+        return out
     with store.open(info.id) as ds:
         arr = ds.read(
             indexes=bands,
-            window=Window(x0, y0, x1 - x0, y1 - y0),
+            window=window,
             out_shape=(len(bands), out_h, out_w),
             resampling=Resampling[cfg.resampling],
             masked=masked,
