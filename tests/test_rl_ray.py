@@ -29,6 +29,22 @@ def ray_local():
     ray.shutdown()
 
 
+def _wait_restarted(actor, old_pid: int, timeout_s: float = 120.0) -> None:
+    import time
+
+    from ray.exceptions import GetTimeoutError, RayActorError
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if ray.get(actor.ping.remote(), timeout=30) != old_pid:
+                return
+        except (RayActorError, GetTimeoutError):
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"actor was not restarted within {timeout_s}s")
+
+
 def test_pool_replays_episode_on_restarted_actor(task, ray_local):
     from rl.ray_pool import RayEpisodePool
 
@@ -41,6 +57,7 @@ def test_pool_replays_episode_on_restarted_actor(task, ray_local):
         assert r1.error is None and r1.observation.name == "obs_1"
         victim = pool._tracks["ep"].actor
         ray.kill(pool.actors[victim], no_restart=False)
+        _wait_restarted(pool.actors[victim], pids[victim])  # kill is asynchronous: a call could beat it
         # the chained call needs obs_1, which only existed on the dead actor: replayed, then answered
         r2 = pool.execute("ep", "zoom_in", {"bbox": [0, 0, 112, 112], "source": "obs_1"})
         assert r2.error is None and r2.observation.name == "obs_2" and r2.observation.parent == "obs_1"
@@ -63,7 +80,7 @@ def test_grpo_step_completes_when_a_tool_actor_is_killed(task, ray_local, tmp_pa
                    image_manifest=str(task / "images.jsonl"), max_samples=1, num_generations=2,
                    per_device_train_batch_size=2, max_steps=1, max_turns=2, save_steps=0, plot=False)
     pool = RayEpisodePool(cfg.image_manifest, cfg.zoom_config(), n_actors=1, call_timeout_s=30)
-    pool.wait_ready(60)
+    pids = pool.wait_ready(60)
     run = build_run(cfg, backend=pool)
     scripts = [[f"<think>r0</think>{VALID}", f"<answer>{answer}</answer>"],
                [f"<think>r1</think>{VALID}", f"<answer>{answer}</answer>"]]
@@ -74,6 +91,7 @@ def test_grpo_step_completes_when_a_tool_actor_is_killed(task, ray_local, tmp_pa
     def kill_then_generate(*args, **kw):
         if not killed:  # after reset (episodes live on the actor), before the first zoom
             ray.kill(pool.actors[0], no_restart=False)
+            _wait_restarted(pool.actors[0], pids[0])
             killed.append(True)
         return fake(*args, **kw)
 
