@@ -101,17 +101,17 @@ class ZoomEnv:
         if isinstance(sample, str):
             sample = json.loads(sample)
         self.sample = sample if isinstance(sample, VQASample) else VQASample.from_dict(sample or {})
+        observations = None
         try:
             observations = self.backend.start(self.key, list(self.sample.images))
         except Exception as e:  # unreadable image, dead backend: this rollout is unscorable, the batch goes on
             self._fail("reset", e)
-            msg = user_message(self.sample.question, list(self.sample.choices), len(self.sample.images),
-                               self.instruction)
-            return [{"type": "text", "text": " ".join(p.get("text", "") for p in msg["content"]
-                                                       if p.get("type") == "text")}]
         # the same user turn as eval, mining and the SFT pre-warm render: overview sizes included
         msg = user_message(self.sample.question, list(self.sample.choices), len(self.sample.images),
-                           self.instruction, [o.image.size for o in observations])
+                           self.instruction, [o.image.size for o in observations] if observations else None)
+        if observations is None:
+            return [{"type": "text", "text": " ".join(p.get("text", "") for p in msg["content"]
+                                                       if p.get("type") == "text")}]
         return fill_images(msg["content"], [o.image for o in observations])
 
     def zoom_in(self, bbox: list[float], source: str = "image_0") -> list[dict] | str:
