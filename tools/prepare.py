@@ -59,6 +59,23 @@ def image_id_for(path: Path, root: Path) -> str:
     return "__".join(rel.parts).replace(" ", "_")
 
 
+#: files GDAL reads beside a source (PAM metadata, external overviews and masks, world files, RPCs): adding,
+#: changing or removing one changes what the source means, so the recorded conversion is no longer up to date
+SIDECAR_SUFFIXES = (".aux.xml", ".ovr", ".msk", ".aux", ".rpb", "_rpc.txt", ".imd", ".wld", ".tfw", ".tifw",
+                    ".pgw", ".pngw", ".jgw", ".jpgw", ".jpegw")
+
+
+def sidecars(src: Path) -> dict[str, list[int]]:
+    """{name: [size, mtime]} of the sidecar files beside `src` (full name + suffix, or stem + world-file suffix)."""
+    out = {}
+    for suffix in SIDECAR_SUFFIXES:
+        for cand in {src.with_name(src.name + suffix), src.with_name(src.stem + suffix)}:
+            if cand.is_file():
+                st = cand.stat()
+                out[cand.name] = [st.st_size, int(st.st_mtime)]
+    return dict(sorted(out.items()))
+
+
 def convert_to_cog(src: Path, dst: Path, cfg: PrepareImagesConfig) -> dict[str, Any]:
     """Convert one file (atomic: written to a temp name, renamed at the end)."""
     import rasterio
@@ -73,13 +90,15 @@ def convert_to_cog(src: Path, dst: Path, cfg: PrepareImagesConfig) -> dict[str, 
         with rasterio.open(src) as ds:
             info = {"width": ds.width, "height": ds.height, "count": ds.count, "dtype": ds.dtypes[0]}
             rgb8 = ds.count == 3 and ds.dtypes[0] == "uint8"
+            palette = bool(ds.colorinterp) and ds.colorinterp[0].name == "palette"
             rasterio.shutil.copy(ds, str(tmp_tiled), driver="GTiff", tiled=True, blockxsize=cfg.blocksize,
                                  blockysize=cfg.blocksize, compress="NONE", BIGTIFF="IF_SAFER")
         compress = cfg.compress.upper()
         if compress == "JPEG" and not rgb8:
             compress = "DEFLATE"  # JPEG needs 8-bit data; keep other rasters lossless
         opts: dict[str, Any] = {"compress": compress, "blocksize": cfg.blocksize, "BIGTIFF": "IF_SAFER",
-                                "overview_resampling": cfg.overview_resampling, "num_threads": "ALL_CPUS"}
+                                # averaging class indices invents classes: palette overviews are nearest
+                                "overview_resampling": "nearest" if palette else cfg.overview_resampling, "num_threads": "ALL_CPUS"}
         if compress in ("JPEG", "WEBP"):
             opts["quality"] = cfg.quality
         try:
@@ -120,9 +139,11 @@ def run(cfg: PrepareImagesConfig) -> dict[str, Any]:
             iid = image_id_for(src, root)
             dst = out / f"{iid}.tif"
             st = src.stat()
-            key = {"size": st.st_size, "mtime": int(st.st_mtime), "config": fp}
+            key = {"size": st.st_size, "mtime": int(st.st_mtime), "config": fp, "sidecars": sidecars(src)}
             prev = done.get(iid)
-            if not cfg.overwrite and dst.exists() and prev and all(prev.get(k) == v for k, v in key.items()):
+            # records written before sidecars were tracked read as "no sidecars"
+            if (not cfg.overwrite and dst.exists() and prev
+                    and all(prev.get(k, {} if k == "sidecars" else None) == v for k, v in key.items())):
                 skipped += 1
                 images.append({"id": iid, "path": dst.name})
                 continue

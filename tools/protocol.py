@@ -207,7 +207,7 @@ class Episode:
             raise LimitError(f"No zoom calls left (limit {self.cfg.max_turns}); answer now.")
         self.n_calls += 1
         try:
-            box = check_box(bbox)
+            box = check_box(bbox, wrap_x=self.cfg.frame == "lonlat")  # lon/lat may cross the antimeridian
             if not isinstance(source, str) or source not in self.observations:
                 raise UnknownSourceError(
                     f"Unknown source {str(source)[:40]!r}; use one of {', '.join(self.observations)}.")

@@ -627,12 +627,9 @@ class ZoomService:
 
         x0, y0, x1, y1 = box
         if box_crs == "lonlat":
-            from rasterio.warp import transform_bounds
+            from tools.zoom import lonlat_box_to_native
 
-            try:
-                x0, y0, x1, y1 = transform_bounds("EPSG:4326", info.crs, x0, y0, x1, y1, densify_pts=21)
-            except Exception as e:  # noqa: BLE001 - PROJ refuses the box: caller mistake
-                raise E.BadBoxError(detail=str(e)) from e
+            return lonlat_box_to_native(box, info.crs, info.transform, (info.width, info.height))
         inv = ~Affine(*info.transform)
         pts = [inv @ (x, y) for x in (x0, x1) for y in (y0, y1)]
         xs, ys = [p[0] for p in pts], [p[1] for p in pts]
@@ -650,7 +647,7 @@ class ZoomService:
         image_id = self.check_id(image_id)
         if box_crs not in ("native", "crs", "lonlat"):
             raise E.BadBoxError("box_crs must be native, crs or lonlat.")
-        box = check_box(bbox)
+        box = check_box(bbox, wrap_x=box_crs == "lonlat")  # a lon/lat box may cross the antimeridian
         zcfg = self.zcfg
         if max_pixels is not None:
             if isinstance(max_pixels, bool) or not isinstance(max_pixels, int):

@@ -26,9 +26,11 @@ os.environ.setdefault("GDAL_CACHEMAX", "256")
 
 import numpy as np  # noqa: E402
 import rasterio  # noqa: E402
+from rasterio.enums import Resampling  # noqa: E402
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError  # noqa: E402
 
 from tools.errors import ForbiddenPathError, UnknownImageError, UnreadableImageError  # noqa: E402
+from tools.render import RENDER_KEYS, RenderSpec, auto_bands, palette_lut, parse_render  # noqa: E402
 
 DEFAULT_PATTERNS = ("*.tif", "*.tiff", "*.png", "*.jpg", "*.jpeg")
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/\-]{0,199}$")
@@ -53,6 +55,11 @@ class ImageInfo:
     geo_bounds: tuple[float, float, float, float] | None = None  # lon/lat (EPSG:4326) when georeferenced
     tiled: bool = False
     meta: dict[str, Any] = field(default_factory=dict)
+    colorinterp: list[str] = field(default_factory=list)  # GDAL colour interpretation of each band
+    bands: list[int] = field(default_factory=list)  # bands shown as R, G, B (or one grey band): see tools.render
+    palette: bool = False  # band 1 carries a colour table that is applied when it is shown
+    mask: str = "none"  # how missing pixels are known: none | nodata | mask (internal) | alpha
+    georef: str = "none"  # transform | gcps (affine fitted to the ground control points) | none
 
     def to_dict(self, include_path: bool = False) -> dict[str, Any]:
         d = asdict(self)
@@ -84,7 +91,9 @@ class ImageStore:
         self._lock = threading.RLock()
         self._cache: OrderedDict[tuple, Any] = OrderedDict()
         self._cache_size = int(overview_cache)
-        self._stats: dict[str, tuple[float, float]] = {}
+        self._stats: dict[tuple, list[tuple[float, float]]] = {}
+        self._render: dict[str, RenderSpec] = {}
+        self._luts: dict[str, np.ndarray] = {}
 
     # -- registration -------------------------------------------------------------------------------
     def _check_path(self, path: str | Path) -> Path:
@@ -99,18 +108,29 @@ class ImageStore:
             raise UnreadableImageError(detail=f"{path} is not a file")
         return real
 
-    def register(self, image_id: str, path: str | Path) -> None:
-        """Register one image under `image_id`; the path must resolve (symlinks followed) under a root."""
+    def register(self, image_id: str, path: str | Path, render: RenderSpec | None = None) -> None:
+        """Register one image under `image_id`; the path must resolve (symlinks followed) under a root.
+        `render` (bands, stretch) overrides the defaults for this image (see tools.render)."""
         if not isinstance(image_id, str) or not _ID_RE.match(image_id) or ".." in image_id:
             raise UnknownImageError("Invalid image id.", detail=f"{image_id!r}: use letters, digits, _ . : / -")
         real = self._check_path(path)
         with self._lock:
             old = self._paths.get(image_id)
-            if old is not None and old != real:
+            if (old is not None and old != real) or self._render.get(image_id) != render:
                 self._drop_handles(image_id)
                 self._info.pop(image_id, None)
-                self._stats.pop(image_id, None)
+                self._luts.pop(image_id, None)
+                for k in [k for k in self._stats if k[0] == image_id]:
+                    del self._stats[k]
             self._paths[image_id] = real
+            if render is None:
+                self._render.pop(image_id, None)
+            else:
+                self._render[image_id] = render
+
+    def render_spec(self, image_id: str) -> RenderSpec:
+        """The per-image rendering choices registered with the image (empty when none)."""
+        return self._render.get(image_id, RenderSpec())
 
     def register_folder(self, folder: str | Path, patterns: Sequence[str] = DEFAULT_PATTERNS) -> list[str]:
         """Register every matching file in `folder` (non-recursive); the id is the file stem."""
@@ -123,7 +143,8 @@ class ImageStore:
         return ids
 
     def register_manifest(self, path: str | Path) -> list[str]:
-        """Register the `{"id", "path"}` lines of an images.jsonl; paths are relative to its folder."""
+        """Register the `{"id", "path"}` lines of an images.jsonl; paths are relative to its folder. Optional
+        keys `bands`, `stretch`, `percentiles`, `range` choose how that image is rendered (tools.render)."""
         path = Path(path)
         if not path.is_file():
             raise UnknownImageError("Unknown manifest.", detail=f"{path} does not exist")
@@ -134,9 +155,10 @@ class ImageStore:
             try:
                 d = json.loads(line)
                 image_id, rel = d["id"], d["path"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                render = parse_render(d) if any(k in d for k in RENDER_KEYS) else None
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
                 raise UnreadableImageError("Bad manifest line.", detail=f"{path}:{i}: {e}") from e
-            self.register(str(image_id), path.parent / rel)
+            self.register(str(image_id), path.parent / rel, render=render)
             ids.append(str(image_id))
         return ids
 
@@ -238,17 +260,28 @@ class ImageStore:
         with self._lock:
             if image_id in self._info:
                 return self._info[image_id]
+        lut = None
         with self.open(image_id) as ds:
-            crs = ds.crs.to_string() if ds.crs else None
-            georef = ds.crs is not None and not ds.transform.is_identity
-            geo = None
-            if georef:
+            crs, transform, georef = _georeference(ds)
+            bounds = geo = None
+            if georef != "none":
                 from rasterio.warp import transform_bounds
 
+                bounds = _pixel_bounds(transform, ds.width, ds.height)
                 try:
-                    geo = tuple(float(v) for v in transform_bounds(ds.crs, "EPSG:4326", *ds.bounds, densify_pts=21))
+                    geo = _wrap_lon(tuple(float(v) for v in transform_bounds(crs, "EPSG:4326", *bounds,
+                                                                             densify_pts=21)))
                 except Exception:  # noqa: BLE001 - a CRS PROJ cannot transform: no geo frame
                     geo = None
+            colorinterp = [c.name for c in ds.colorinterp]
+            if colorinterp and colorinterp[0] == "palette":
+                try:
+                    lut = palette_lut(ds.colormap(1), ds.dtypes[0])
+                except ValueError:  # marked palette but no table: shown as grey indices
+                    lut = None
+            flags = {f.name for fl in ds.mask_flag_enums for f in fl}
+            mask = ("alpha" if "alpha" in flags else "mask" if "per_dataset" in flags
+                    else "nodata" if "nodata" in flags else "none")
             info = ImageInfo(
                 id=image_id,
                 path=str(self._paths[image_id]),
@@ -256,41 +289,50 @@ class ImageStore:
                 height=int(ds.height),
                 count=int(ds.count),
                 dtype=str(ds.dtypes[0]),
-                crs=crs if georef else None,
-                bounds=tuple(float(v) for v in ds.bounds) if georef else None,
+                crs=crs,
+                bounds=bounds,
                 overviews=list(ds.overviews(1)),
                 nodata=None if ds.nodata is None else float(ds.nodata),
                 driver=str(ds.driver),
-                transform=tuple(ds.transform)[:6] if georef else None,
+                transform=transform,
                 geo_bounds=geo,
                 tiled=bool(ds.block_shapes and ds.block_shapes[0][0] < ds.height and ds.block_shapes[0][1] < ds.width),
+                colorinterp=colorinterp,
+                bands=list(auto_bands(colorinterp, int(ds.count))),
+                palette=lut is not None,
+                mask=mask,
+                georef=georef,
             )
         with self._lock:
             self._info[image_id] = info
+            if lut is not None:
+                self._luts[image_id] = lut
         return info
 
-    def display_range(self, image_id: str) -> tuple[float, float]:
-        """(low, high) used to map non-8-bit data to 0..255: 2nd/98th percentiles of a coarse read."""
-        with self._lock:
-            if image_id in self._stats:
-                return self._stats[image_id]
+    def palette(self, image_id: str) -> np.ndarray | None:
+        """The (n, 4) RGBA lookup table of a palette image (None for others)."""
+        self.info(image_id)
+        return self._luts.get(image_id)
+
+    def display_range(self, image_id: str, bands: tuple[int, ...] | list[int] | None = None,
+                      percentiles: tuple[float, float] = (2.0, 98.0)) -> list[tuple[float, float]]:
+        """Per-band (low, high) percentiles of the valid pixels of a coarse (~256 px) read of the whole image:
+        the `percentile` stretch that maps non-8-bit data to 0..255 (see tools.render)."""
+        from tools.render import percentile_ranges
+
         info = self.info(image_id)
-        if info.dtype == "uint8":
-            rng = (0.0, 255.0)
-        else:
-            scale = max(1, max(info.width, info.height) // 256)
-            shape = (min(info.count, 3), max(1, info.height // scale), max(1, info.width // scale))
-            with self.open(image_id) as ds:
-                arr = ds.read(indexes=list(range(1, shape[0] + 1)), out_shape=shape, masked=True)
-            vals = np.asarray(arr.compressed() if np.ma.isMaskedArray(arr) else arr, dtype="float64")
-            vals = vals[np.isfinite(vals)]
-            if vals.size == 0:
-                rng = (0.0, 1.0)
-            else:
-                lo, hi = np.percentile(vals, [2, 98])
-                rng = (float(lo), float(hi if hi > lo else lo + 1))
+        bands = tuple(bands or info.bands)
+        key = (image_id, bands, tuple(percentiles))
         with self._lock:
-            self._stats[image_id] = rng
+            if key in self._stats:
+                return self._stats[key]
+        scale = max(1, max(info.width, info.height) // 256)
+        shape = (len(bands), max(1, info.height // scale), max(1, info.width // scale))
+        with self.open(image_id) as ds:
+            arr = ds.read(indexes=list(bands), out_shape=shape, masked=True, resampling=Resampling.nearest)
+        rng = percentile_ranges(np.ma.getdata(arr), np.ma.getmaskarray(arr), tuple(percentiles))
+        with self._lock:
+            self._stats[key] = rng
         return rng
 
     def cached(self, key: tuple, make: Callable[[], Any]) -> Any:
@@ -306,6 +348,41 @@ class ImageStore:
                 while len(self._cache) > self._cache_size:
                     self._cache.popitem(last=False)
         return value
+
+
+def _georeference(ds: Any) -> tuple[str | None, tuple[float, ...] | None, str]:
+    """(crs, affine, kind) of a dataset: its geotransform, else an affine fitted to its ground control points
+    (least squares; exact for GCPs of an affine grid, an approximation for warped scenes), else nothing."""
+    if ds.crs is not None and not ds.transform.is_identity:
+        return ds.crs.to_string(), tuple(ds.transform)[:6], "transform"
+    gcps, gcp_crs = ds.gcps
+    if gcps and gcp_crs is not None and len(gcps) >= 3:
+        from rasterio.transform import from_gcps
+
+        try:
+            t = from_gcps(gcps)
+        except Exception:  # noqa: BLE001 - degenerate GCPs (collinear): no frame
+            return None, None, "none"
+        if t.determinant != 0:
+            return gcp_crs.to_string(), tuple(t)[:6], "gcps"
+    return None, None, "none"
+
+
+def _pixel_bounds(t: tuple[float, ...], width: int, height: int) -> tuple[float, float, float, float]:
+    """(minx, miny, maxx, maxy) of the raster's four corners: south-up or rotated grids give ordered bounds."""
+    xs = [t[0] * c + t[1] * r + t[2] for c, r in ((0, 0), (width, 0), (0, height), (width, height))]
+    ys = [t[3] * c + t[4] * r + t[5] for c, r in ((0, 0), (width, 0), (0, height), (width, height))]
+    return (min(xs), min(ys), max(xs), max(ys))
+
+
+def _wrap_lon(b: tuple[float, ...]) -> tuple[float, float, float, float]:
+    """Lon/lat bounds with longitudes in [-180, 180]; a box across the antimeridian keeps west > east."""
+    w, s, e, n = b
+    if e - w >= 360:
+        return (-180.0, s, 180.0, n)
+    w = (w + 180.0) % 360.0 - 180.0 if not -180 <= w <= 180 else w
+    e = (e + 180.0) % 360.0 - 180.0 if not -180 <= e <= 180 else e
+    return (w, s, e, n)
 
 
 __all__ = ["ImageInfo", "ImageStore", "DEFAULT_PATTERNS"]

@@ -25,7 +25,9 @@ from rasterio.enums import Resampling
 from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
+from tools import render as R
 from tools.errors import BadBoxError, BoxOutsideError, LimitError, ToolTimeoutError, UnreadableImageError
+from tools.render import RenderSpec, parse_render
 from tools.store import ImageInfo, ImageStore
 
 FRAMES = ("shown_pixels", "norm1000", "lonlat")
@@ -48,6 +50,10 @@ class ZoomConfig:
     upscale: bool = field(default=True, metadata={"help": "Magnify crops smaller than max_pixels up to the budget (a zoom magnifies); False keeps Qwen smart_resize sizes."})
     max_upscale: float = field(default=8.0, metadata={"help": "Largest magnification of native pixels when upscale is on."})
     resampling: str = field(default="bilinear", metadata={"help": "rasterio resampling: nearest | bilinear | cubic | average | lanczos."})
+    bands: list[int] | None = field(default=None, metadata={"help": "Bands shown as R, G, B (or one grey band) for every image without its own manifest 'bands'; None: the file's colour interpretation, else 1-2-3 (tools.render)."})
+    stretch: str = field(default="auto", metadata={"help": "Display stretch: auto (none for uint8, else percentile) | percentile | range | none; a manifest line's 'stretch' wins."})
+    stretch_percentiles: list[float] = field(default_factory=lambda: [2.0, 98.0], metadata={"help": "Per-band [low, high] percentiles of the percentile stretch."})
+    stretch_range: list[float] | None = field(default=None, metadata={"help": "[low, high] of the range stretch (one pair for all bands)."})
 
     def validate(self) -> list[str]:
         """Problems as 'field: what is wrong; what to do'."""
@@ -70,7 +76,16 @@ class ZoomConfig:
             p.append("max_upscale: must be >= 1")
         if self.resampling not in ("nearest", "bilinear", "cubic", "average", "lanczos"):
             p.append("resampling: use nearest | bilinear | cubic | average | lanczos")
+        try:
+            self.render_default()
+        except ValueError as e:
+            p.append(str(e))
         return p
+
+    def render_default(self) -> RenderSpec:
+        """The collection-wide rendering choices (a manifest line's own keys override them)."""
+        return parse_render({"bands": self.bands, "stretch": self.stretch, "percentiles": self.stretch_percentiles,
+                             "range": self.stretch_range})
 
     def check(self) -> None:
         problems = self.validate()
@@ -149,7 +164,7 @@ class Observation:
 
     def frame_to_native(self, bbox: Any) -> tuple[float, float, float, float]:
         """Map a box given in this observation's frame to native raster pixels (not clipped)."""
-        x0, y0, x1, y1 = check_box(bbox)
+        x0, y0, x1, y1 = check_box(bbox, wrap_x=self.frame == "lonlat")
         wx0, wy0, wx1, wy1 = self.window
         if self.frame == "shown_pixels":
             sx, sy = self.scale
@@ -192,8 +207,9 @@ class Observation:
         }
 
 
-def check_box(bbox: Any) -> tuple[float, float, float, float]:
-    """4 finite numbers with x0 < x1 and y0 < y1, else BadBoxError."""
+def check_box(bbox: Any, wrap_x: bool = False) -> tuple[float, float, float, float]:
+    """4 finite numbers with x0 < x1 and y0 < y1, else BadBoxError. `wrap_x` (lon/lat boxes) also accepts
+    x0 > x1: a box across the antimeridian, west edge first (as GeoJSON and STAC write it)."""
     if isinstance(bbox, (str, bytes, dict)) or not hasattr(bbox, "__len__") or len(bbox) != 4:
         raise BadBoxError(detail=f"not a 4-number box: {bbox!r:.80}")
     out = []
@@ -205,7 +221,9 @@ def check_box(bbox: Any) -> tuple[float, float, float, float]:
             raise BadBoxError("bbox coordinates must be finite numbers.", detail=str(bbox))
         out.append(v)
     x0, y0, x1, y1 = out
-    if x1 < x0 or y1 < y0:
+    if wrap_x and x1 < x0 and not (-180 <= x0 <= 180 and -180 <= x1 <= 180):
+        raise BadBoxError("A lon/lat box across the antimeridian needs longitudes within [-180, 180].")
+    if (x1 < x0 and not wrap_x) or y1 < y0:
         raise BadBoxError("bbox is inverted; use [x0, y0, x1, y1] with x0 < x1 and y0 < y1.")
     if x1 == x0 or y1 == y0:
         raise BadBoxError("bbox has zero area.")
@@ -221,17 +239,48 @@ def _apply(t: tuple[float, ...], x: float, y: float) -> tuple[float, float]:
 def _lonlat_to_native(box: tuple[float, ...], obs: Observation) -> tuple[float, float, float, float]:
     if obs.crs is None or obs.transform is None:
         raise BadBoxError("This image has no georeference; use pixel boxes.")
+    w, h = obs.native_size
+    return lonlat_box_to_native(box, obs.crs, obs.transform, (w, h))
+
+
+def lonlat_box_to_native(box: tuple[float, ...], crs: str, transform: tuple[float, ...],
+                         size: tuple[int, int] = (0, 0)) -> tuple[float, float, float, float]:
+    """Native pixel box (not clipped) of a lon/lat box on a raster in `crs`. West > east means the box
+    crosses the antimeridian; on a geographic raster the box is shifted by whole turns to the raster's
+    longitudes (a raster stored in 0..360 or across 180 degrees)."""
     from affine import Affine
+    from rasterio.crs import CRS
     from rasterio.warp import transform_bounds
 
-    lon0, lat0, lon1, lat1 = box
+    lon0, lat0, lon1, lat1 = (float(v) for v in box)
+    inv = tuple(~Affine(*transform))
     try:
-        x0, y0, x1, y1 = transform_bounds("EPSG:4326", obs.crs, lon0, lat0, lon1, lat1, densify_pts=21)
-    except Exception as e:  # noqa: BLE001 - PROJ errors on impossible coordinates
-        raise BadBoxError("lon/lat box cannot be projected onto this image.", detail=str(e)) from e
-    inv = tuple(~Affine(*obs.transform))
+        geographic = CRS.from_user_input(crs).is_geographic
+    except Exception:  # noqa: BLE001 - an unparsable CRS is treated as projected
+        geographic = False
+    if geographic:
+        if lon1 < lon0:
+            lon1 += 360.0
+        # raster's own longitude span; pick the shift (whole turns) that overlaps it most
+        cx = _apply(transform, size[0] / 2, size[1] / 2)[0] if size[0] else (lon0 + lon1) / 2
+        k = round((cx - (lon0 + lon1) / 2) / 360.0)
+        lon0, lon1 = lon0 + 360.0 * k, lon1 + 360.0 * k
+        try:
+            x0, y0, x1, y1 = transform_bounds("EPSG:4326", crs, lon0, lat0, lon1, lat1, densify_pts=21)
+        except Exception as e:  # noqa: BLE001 - PROJ errors on impossible coordinates
+            raise BadBoxError("lon/lat box cannot be projected onto this image.", detail=str(e)) from e
+        if x1 < x0:  # the datum shift wrapped it again: keep it unwrapped on the raster's side
+            x1 += 360.0
+    else:
+        try:
+            x0, y0, x1, y1 = transform_bounds("EPSG:4326", crs, lon0, lat0, lon1, lat1, densify_pts=21)
+        except Exception as e:  # noqa: BLE001 - PROJ errors on impossible coordinates
+            raise BadBoxError("lon/lat box cannot be projected onto this image.", detail=str(e)) from e
     cols, rows = zip(*(_apply(inv, x, y) for x, y in ((x0, y0), (x0, y1), (x1, y0), (x1, y1))), strict=True)
-    return (min(cols), min(rows), max(cols), max(rows))
+    out = (min(cols), min(rows), max(cols), max(rows))
+    if not all(math.isfinite(v) for v in out):
+        raise BadBoxError("lon/lat box cannot be projected onto this image.")
+    return out
 
 
 def _native_to_lonlat(box: tuple[float, ...], obs: Observation) -> tuple[float, float, float, float]:
@@ -243,10 +292,13 @@ def _native_to_lonlat(box: tuple[float, ...], obs: Observation) -> tuple[float, 
 def _window_geo_bounds(box: tuple[float, ...], crs: str, transform: tuple[float, ...]) -> tuple[float, float, float, float]:
     from rasterio.warp import transform_bounds
 
+    from tools.store import _wrap_lon
+
     xs, ys = zip(*(_apply(transform, c, r) for c, r in ((box[0], box[1]), (box[0], box[3]), (box[2], box[1]), (box[2], box[3]))), strict=True)
     if crs in ("EPSG:4326", "OGC:CRS84"):
-        return (min(xs), min(ys), max(xs), max(ys))
-    return tuple(float(v) for v in transform_bounds(crs, "EPSG:4326", min(xs), min(ys), max(xs), max(ys), densify_pts=21))
+        return _wrap_lon((min(xs), min(ys), max(xs), max(ys)))
+    return _wrap_lon(tuple(float(v) for v in transform_bounds(crs, "EPSG:4326", min(xs), min(ys), max(xs), max(ys),
+                                                               densify_pts=21)))
 
 
 # -- reads -----------------------------------------------------------------------------------------
@@ -262,38 +314,61 @@ def _pool() -> ThreadPoolExecutor:
         return _POOL
 
 
+def render_spec(store: ImageStore, info: ImageInfo, cfg: ZoomConfig) -> RenderSpec:
+    """The image's rendering choices: its manifest keys over the config's, bands resolved and checked."""
+    spec = store.render_spec(info.id).over(cfg.render_default())
+    bands = spec.bands or tuple(info.bands)
+    if any(b > info.count for b in bands):
+        raise UnreadableImageError("The image cannot be rendered with the configured bands.",
+                                   detail=f"{info.id}: bands {list(bands)} but the file has {info.count}")
+    stretch = spec.stretch or "auto"
+    if stretch == "auto":
+        stretch = "none" if info.dtype == "uint8" or (info.palette and bands == (1,)) else "percentile"
+    return RenderSpec(bands=bands, stretch=stretch, percentiles=spec.percentiles or (2.0, 98.0), range=spec.range)
+
+
 def _read_pixels(store: ImageStore, info: ImageInfo, win: tuple[int, int, int, int], out_w: int, out_h: int,
                  cfg: ZoomConfig) -> np.ndarray:
-    """RGB uint8 array (h, w, 3) of native window `win`, resampled to out_w x out_h by GDAL."""
+    """RGB uint8 array (h, w, 3) of native window `win`, resampled to out_w x out_h by GDAL and rendered as
+    tools.render documents (bands, palette, masks, stretch); missing pixels are black."""
     x0, y0, x1, y1 = win
-    bands = [1, 2, 3] if info.count >= 3 else [1]
-    masked = info.nodata is not None
+    spec = render_spec(store, info, cfg)
+    bands = list(spec.bands or (1,))
+    lut = store.palette(info.id) if bands == [1] else None
+    masked = info.mask != "none"
     window = Window(x0, y0, x1 - x0, y1 - y0)
-    if info.dtype == "uint8" and not masked and len(bands) == 3:
+    # class indices must not be interpolated: a palette band is always read with nearest
+    resampling = Resampling.nearest if lut is not None else Resampling[cfg.resampling]
+    if info.dtype == "uint8" and not masked and len(bands) == 3 and spec.stretch == "none":
         # GDAL writes straight into a pixel-interleaved (h, w, 3) buffer (rasterio passes the strides of a
         # transposed view): no band-to-pixel copy afterwards, and it matches how RGB COG tiles are stored
         out = np.empty((out_h, out_w, 3), dtype=np.uint8)
         with store.open(info.id) as ds:
-            ds.read(indexes=bands, window=window, out=out.transpose(2, 0, 1),
-                    resampling=Resampling[cfg.resampling])
+            ds.read(indexes=bands, window=window, out=out.transpose(2, 0, 1), resampling=resampling)
         return out
     with store.open(info.id) as ds:
-        arr = ds.read(
-            indexes=bands,
-            window=window,
-            out_shape=(len(bands), out_h, out_w),
-            resampling=Resampling[cfg.resampling],
-            masked=masked,
-        )
-    if info.dtype != "uint8":
-        lo, hi = store.display_range(info.id)
-        data = np.ma.getdata(arr).astype("float32")
-        data = np.clip((data - lo) * (255.0 / (hi - lo)), 0, 255)
-        out = np.nan_to_num(data).astype("uint8")
+        arr = ds.read(indexes=bands, window=window, out_shape=(len(bands), out_h, out_w),
+                      resampling=resampling, masked=masked)
+    data = np.ma.getdata(arr)
+    missing = np.ma.getmaskarray(arr).any(axis=0) if masked else np.zeros((out_h, out_w), dtype=bool)
+    if data.dtype.kind == "f":
+        missing |= ~np.isfinite(data).all(axis=0)
+    if lut is not None:
+        out, transparent = R.apply_palette(data[0], lut)
+        missing |= transparent
     else:
-        out = np.ma.getdata(arr).astype("uint8", copy=False)
-    if masked:
-        out = np.where(np.ma.getmaskarray(arr), 0, out).astype("uint8")
+        if spec.stretch == "percentile":
+            ranges = store.display_range(info.id, tuple(bands), spec.percentiles or (2.0, 98.0))
+        elif spec.stretch == "range":
+            try:
+                ranges = R.band_ranges(spec, len(bands))
+            except ValueError as e:
+                raise UnreadableImageError("The image's display range does not fit its bands.",
+                                           detail=f"{info.id}: {e}") from e
+        else:
+            ranges = None
+        out = data if data.dtype == np.uint8 and ranges is None else R.stretch(data, ranges)
+    out = np.where(missing[None], 0, out).astype(np.uint8)
     if out.shape[0] == 1:
         out = np.repeat(out, 3, axis=0)
     return np.ascontiguousarray(out.transpose(1, 2, 0))
@@ -396,7 +471,9 @@ def read_overview(store: ImageStore, image_id: str, cfg: ZoomConfig, name: str =
         a.setflags(write=False)
         return a
 
-    arr = store.cached(("overview", image_id, info.path, out_w, out_h, cfg.resampling), make)
+    key = ("overview", image_id, info.path, out_w, out_h, cfg.resampling, cfg.render_default(),
+           store.render_spec(image_id))
+    arr = store.cached(key, make)
     return _observation(store, info, win, np.array(arr), cfg, name, image_index, None, None)
 
 
@@ -410,4 +487,6 @@ __all__ = [
     "smart_resize",
     "read_overview",
     "read_region",
+    "render_spec",
+    "lonlat_box_to_native",
 ]
