@@ -37,6 +37,8 @@ class EvalConfig(RolloutStageConfig):
     sample_temperature: float = hfield(1.0, help="Temperature of the n_samples rollouts.")
     sample_top_p: float = hfield(1.0, help="Nucleus p of the n_samples rollouts.")
     viewer_max_items: int = hfield(40, help="Trajectories shown in viewer.html (first wrong ones, then right ones).")
+    benchmark_scoring: str = hfield("official", help="lrs_vqa / mme_rs: official (the benchmark's published rule, "
+                                                     "pipeline/benchmarks.py) | strict (our verifier).")
 
     def validate(self) -> list[str]:
         p = super().validate()
@@ -45,6 +47,8 @@ class EvalConfig(RolloutStageConfig):
         bad_k = [k for k in self.pass_k if k < 1 or (k > 1 and k > self.n_samples)]
         if bad_k:
             p.append(f"pass_k: {bad_k} need 1 <= k <= n_samples ({self.n_samples}); raise n_samples or drop them")
+        if self.benchmark_scoring not in ("official", "strict"):
+            p.append("benchmark_scoring: use official or strict")
         if self.viewer_max_items < 0:
             p.append("viewer_max_items: must be >= 0")
         if self.temperature < 0 or self.sample_temperature < 0:
@@ -79,8 +83,9 @@ def prompt_fingerprint(protocol: str, frame: str) -> str:
     """Hash of everything the prompt renderer puts around a question."""
     if protocol == "direct":
         from pipeline import datasets as d
+        from pipeline.benchmarks import PROMPT_TEXT
 
-        text = d._OPTION_PROMPT + d._POST_SINGLE + d._POST_MULTI
+        text = d._OPTION_PROMPT + d._POST_SINGLE + d._POST_MULTI + PROMPT_TEXT
     else:
         from tools import protocol as p
 
@@ -109,6 +114,12 @@ def load_eval_data(cfg: Any) -> tuple[list[VQASample], Any]:
         if not manifest.exists():
             raise DatasetNotFoundError(f"images_manifest {manifest} does not exist; run make-scenes or point it at "
                                        "the images.jsonl of the dataset")
+        store = ImageStore.from_manifest(manifest)
+    elif cfg.dataset in ("lrs_vqa", "mme_rs"):
+        from pipeline.benchmarks import load_benchmark
+
+        work = Path(cfg.xlrs_images_dir or Path(cfg.output_dir) / f"{cfg.dataset}_images")
+        samples, manifest = load_benchmark(cfg.dataset, cfg.dataset_path, work)
         store = ImageStore.from_manifest(manifest)
     else:
         from pipeline.datasets import load_xlrs, save_vqa_jsonl
@@ -250,6 +261,14 @@ def run(cfg: EvalConfig, backend: Any = None) -> dict[str, Any]:
         skey = cache_key(cfg, s_agent, f"sample{cfg.n_samples}")
         sampled = run_cached(backend, samples, store, s_agent, cfg.n_samples, pred_dir / f"{skey}.jsonl",
                              cfg.chunk_size, f"pass@k (n={cfg.n_samples})")
+    official = None
+    if cfg.dataset in ("lrs_vqa", "mme_rs"):
+        from pipeline.benchmarks import official_tables, rescore
+
+        scoring = {"rule": "strict"}
+        if cfg.benchmark_scoring == "official":
+            scoring = rescore(cfg.dataset, samples, [greedy, sampled], cfg.protocol)
+        official = {"scoring": scoring, **official_tables(cfg.dataset, samples, greedy)}
     metrics = compute_metrics(samples, greedy, sampled, [k for k in cfg.pass_k if k > 1] or None)
     n_err = metrics["overall"]["errors"] + sum(1 for s in samples if s.id not in greedy)
     reasons = []
@@ -263,7 +282,14 @@ def run(cfg: EvalConfig, backend: Any = None) -> dict[str, Any]:
         "limit": cfg.limit, "n_samples": cfg.n_samples, "pass_k": cfg.pass_k,
         "cache": {"pass1": gkey, "sampled": skey}, "metrics": metrics,
     }
+    if official is not None:
+        result["official"] = official
     paths = write_reports(result, out)
+    if official is not None:
+        from pipeline.benchmarks import official_markdown
+
+        with (out / "results.md").open("a", encoding="utf-8") as f:
+            f.write(official_markdown(official))
     viewer = write_viewer(out / "viewer.html", _viewer_items(samples, greedy, store, greedy_agent,
                                                              cfg.viewer_max_items),
                           title=f"{cfg.model} · {cfg.dataset} · {cfg.protocol}",

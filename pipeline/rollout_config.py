@@ -9,7 +9,7 @@ from typing import Any
 
 from pipeline.config import StageConfig, hfield
 
-DATASETS = ("vqa_jsonl", "xlrs")
+DATASETS = ("vqa_jsonl", "xlrs", "lrs_vqa", "mme_rs")
 BACKENDS = ("transformers", "vllm", "openai")
 PROTOCOLS = ("zoom", "direct")
 
@@ -25,7 +25,8 @@ class RolloutStageConfig(StageConfig):
     api_key_env: str = hfield("OPENAI_API_KEY", help="backend openai: environment variable holding the API key.")
     device: str = hfield("cpu", help="backend transformers: torch device.")
     dtype: str = hfield("auto", help="backend transformers: auto | float32 | bfloat16 | float16.")
-    dataset: str = hfield("vqa_jsonl", help="vqa_jsonl (our VQASample JSONL) | xlrs (XLRS-Bench-lite local copy).")
+    dataset: str = hfield("vqa_jsonl", help="vqa_jsonl (our VQASample JSONL) | xlrs (XLRS-Bench-lite local copy) | "
+                                            "lrs_vqa | mme_rs (MME-RealWorld remote sensing): pipeline/benchmarks.py.")
     dataset_path: str = hfield("runs/tiny/scenes/vqa_test.jsonl", help="vqa_jsonl: the JSONL file; xlrs: the local "
                                                                        "XLRS-Bench-lite folder (parquet or JSON per question).")
     images_manifest: str = hfield("runs/tiny/scenes/images.jsonl", help="vqa_jsonl: images.jsonl of the image store "
