@@ -135,7 +135,7 @@ def materialize_trajectories(samples: Iterable[VQASample], store: Any, zoom_cfg:
                              think: bool = True, max_zooms: int | None = None,
                              progress: bool = True) -> tuple[Path, dict[str, int]]:
     """Write oracle trajectories as `Trajectory` JSONL (`trajectories.jsonl`) + PNG observations under
-    `out_dir/images/`. Resumable: samples already in the JSONL are skipped; a sample whose box the tool
+    `out_dir/images/`, and their LLaMA-Factory sharegpt copy + `dataset_info.json` (sft/export.py). Resumable: samples already in the JSONL are skipped; a sample whose box the tool
     rejects is counted and skipped (never crashes the build)."""
     from tqdm import tqdm
 
@@ -172,6 +172,9 @@ def materialize_trajectories(samples: Iterable[VQASample], store: Any, zoom_cfg:
                 meta={"kind": "oracle", "qtype": s.qtype, "category": s.category},
             ))
             stats["written"] += 1
+    from sft.export import export_llamafactory
+
+    export_llamafactory(path)  # the same trajectories for LLaMA-Factory (sharegpt + images), beside the JSONL
     return path, stats
 
 
