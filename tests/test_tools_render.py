@@ -238,3 +238,20 @@ def test_prepare_keeps_records_written_before_sidecars_were_tracked(tmp_path: Pa
         r.pop("sidecars")
     log.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert run(cfg)["skipped"] == 1
+
+
+def test_prepare_render_config_reaches_every_manifest_line(tmp_path: Path) -> None:
+    from tools.prepare import PrepareImagesConfig, run
+
+    src = tmp_path / "in"
+    src.mkdir()
+    make_kind(src / "s2.tif", "sentinel2_nointerp", size=256)
+    cfg = PrepareImagesConfig(input_dir=str(src), output_dir=str(tmp_path / "out"))
+    assert run(cfg)["converted"] == 1
+    cfg.render = {"bands": [3, 2, 1]}
+    assert run(cfg)["skipped"] == 1  # rendering needs no reconversion
+    s = ImageStore.from_manifest(tmp_path / "out" / "images.jsonl")
+    r, _, b = _centre(np.asarray(read_overview(s, "s2", CFG).image))
+    assert r > 200 and b < 80
+    assert PrepareImagesConfig(input_dir=str(src), render={"bands": [0]}).validate()
+    assert PrepareImagesConfig(input_dir=str(src), render={"colour": 1}).validate()

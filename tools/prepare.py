@@ -35,6 +35,8 @@ class PrepareImagesConfig(StageConfig):
     overview_resampling: str = hfield("average", help="Overview resampling: average | bilinear | nearest.")
     cache_mb: int = hfield(256, help="GDAL_CACHEMAX during conversion (MB).")
     overwrite: bool = hfield(False, help="Reconvert even when the recorded conversion is up to date.")
+    render: dict = hfield({}, help="Rendering keys written on every images.jsonl line (tools/render.py), e.g. "
+                                   "{bands: [3, 2, 1], stretch: range, range: [0, 3000]}; no reconversion needed.")
 
     def validate(self) -> list[str]:
         p = super().validate()
@@ -50,6 +52,15 @@ class PrepareImagesConfig(StageConfig):
             p.append("overview_resampling: average | bilinear | nearest | cubic | lanczos")
         if not self.patterns:
             p.append("patterns: give at least one glob, e.g. '*.png'")
+        from tools.render import RENDER_KEYS, parse_render
+
+        unknown = sorted(set(self.render) - set(RENDER_KEYS))
+        if unknown:
+            p.append(f"render: unknown keys {unknown}; use {list(RENDER_KEYS)}")
+        try:
+            parse_render(self.render)
+        except ValueError as e:
+            p.append(f"render: {e}")
         return p
 
 
@@ -120,7 +131,7 @@ def run(cfg: PrepareImagesConfig) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     sources = sorted({p for pat in cfg.patterns for p in root.rglob(pat) if p.is_file()})
-    fp = cfg.fingerprint(exclude=("input_dir", "output_dir", "overwrite", "seed", "cache_mb"))
+    fp = cfg.fingerprint(exclude=("input_dir", "output_dir", "overwrite", "seed", "cache_mb", "render"))
     log_path = out / "prepared.jsonl"
     done: dict[str, dict[str, Any]] = {}
     if log_path.exists():
@@ -145,7 +156,7 @@ def run(cfg: PrepareImagesConfig) -> dict[str, Any]:
             if (not cfg.overwrite and dst.exists() and prev
                     and all(prev.get(k, {} if k == "sidecars" else None) == v for k, v in key.items())):
                 skipped += 1
-                images.append({"id": iid, "path": dst.name})
+                images.append({"id": iid, "path": dst.name, **cfg.render})
                 continue
             try:
                 meta = convert_to_cog(src, dst, cfg)
@@ -155,7 +166,7 @@ def run(cfg: PrepareImagesConfig) -> dict[str, Any]:
                 continue
             log.append({"id": iid, "source": str(src.relative_to(root)), **key, **meta})
             converted += 1
-            images.append({"id": iid, "path": dst.name})
+            images.append({"id": iid, "path": dst.name, **cfg.render})
     write_jsonl(out / "images.jsonl", images)
     return {"sources": len(sources), "converted": converted, "skipped": skipped, "failed": failed,
             "errors": errors[:20], "seconds": round(time.time() - t0, 1)}
