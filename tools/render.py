@@ -158,12 +158,16 @@ def percentile_ranges(arr: np.ndarray, mask: np.ndarray | None, percentiles: tup
 
 def stretch(arr: np.ndarray, ranges: Sequence[tuple[float, float]] | None) -> np.ndarray:
     """Map each band linearly from its (low, high) to 0..255 (None: clip as is); non-finite → 0."""
-    data = np.asarray(arr, dtype="float32")
     if ranges is not None:
         lo = np.asarray([r[0] for r in ranges], dtype="float32")[:, None, None]
-        hi = np.asarray([r[1] for r in ranges], dtype="float32")[:, None, None]
-        data = (data - lo) * (255.0 / (hi - lo))
-    return np.nan_to_num(np.clip(data, 0, 255), nan=0.0).astype("uint8")
+        scale = np.asarray([255.0 / (r[1] - r[0]) for r in ranges], dtype="float32")[:, None, None]
+        data = (np.asarray(arr, dtype="float32") - lo) * scale  # a new array: the caller's is never changed
+    else:
+        data = np.array(arr, dtype="float32")
+    np.clip(data, 0, 255, out=data)
+    if not np.isfinite(data).all():  # NaN survives clip
+        np.nan_to_num(data, copy=False, nan=0.0)
+    return data.astype("uint8")
 
 
 __all__ = ["RenderSpec", "STRETCHES", "RENDER_KEYS", "parse_render", "auto_bands", "alpha_band", "palette_lut",

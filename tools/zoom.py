@@ -350,12 +350,13 @@ def _read_pixels(store: ImageStore, info: ImageInfo, win: tuple[int, int, int, i
         arr = ds.read(indexes=bands, window=window, out_shape=(len(bands), out_h, out_w),
                       resampling=resampling, masked=masked)
     data = np.ma.getdata(arr)
-    missing = np.ma.getmaskarray(arr).any(axis=0) if masked else np.zeros((out_h, out_w), dtype=bool)
+    missing = np.ma.getmaskarray(arr).any(axis=0) if masked else None
     if data.dtype.kind == "f":
-        missing |= ~np.isfinite(data).all(axis=0)
+        bad = ~np.isfinite(data).all(axis=0)
+        missing = bad if missing is None else missing | bad
     if lut is not None:
         out, transparent = R.apply_palette(data[0], lut)
-        missing |= transparent
+        missing = transparent if missing is None else missing | transparent
     else:
         if spec.stretch == "percentile":
             ranges = store.display_range(info.id, tuple(bands), spec.percentiles or (2.0, 98.0))
@@ -368,7 +369,8 @@ def _read_pixels(store: ImageStore, info: ImageInfo, win: tuple[int, int, int, i
         else:
             ranges = None
         out = data if data.dtype == np.uint8 and ranges is None else R.stretch(data, ranges)
-    out = np.where(missing[None], 0, out).astype(np.uint8)
+    if missing is not None:
+        out = np.where(missing[None], 0, out).astype(np.uint8)
     if out.shape[0] == 1:
         out = np.repeat(out, 3, axis=0)
     return np.ascontiguousarray(out.transpose(1, 2, 0))
