@@ -32,7 +32,8 @@ free-form answers with an LLM judge; our strict verifier (rl/verifier.py) cannot
 whose own answer the verifier does not accept — go to `rejections.jsonl` with the reason, and the summary
 counts them per reason and source (`keep_free_form` keeps them as `text` for SFT instead).
 
-Images (parquet bytes, paths, base64 strings or data URIs) are written once to `<output_dir>/raw/` and
+The JSON formats are also read from the HF hub's parquet conversion of the same rows (a folder holding only
+`*.parquet`). Images (parquet bytes, paths, base64 strings or data URIs) are written once to `<output_dir>/raw/` and
 converted once by `knowzoom prepare-images` into `<output_dir>/images/` (COGs + `images.jsonl`). Resumable:
 records and rejections are appended durably in source order; a rerun skips the rows already written, so the
 files of an interrupted and resumed import equal those of one uninterrupted run. A malformed row stops the
@@ -264,9 +265,20 @@ def _iter_parquet_rows(root: Path) -> Iterator[Row]:
                 k += 1
 
 
+def _is_parquet(fmt: str, root: Path) -> bool:
+    """DeepEyes shards are parquet; the JSON formats are read from parquet too when that is what the copy holds
+    (the HF hub's auto-converted `refs/convert/parquet` of the same rows)."""
+    if fmt == "deepeyes-47k" or root.suffix == ".parquet":
+        return True
+    if root.is_dir():
+        has_json = any(p.suffix in (".json", ".jsonl") and p.name != "dataset_info.json" for p in root.rglob("*"))
+        return not has_json and any(root.rglob("*.parquet"))
+    return False
+
+
 def _count_rows(fmt: str, root: Path) -> int | None:
     try:
-        if fmt == "deepeyes-47k":
+        if _is_parquet(fmt, root):
             import pyarrow.parquet as pq
 
             return sum(pq.ParquetFile(f).metadata.num_rows for f in _files(root, (".parquet",)))
@@ -484,7 +496,7 @@ def run(cfg: ImportDataConfig) -> dict[str, Any]:
     kind = "text_qa" if cfg.format == "tbv-text" else "vqa"
     rec_path, rej_path = out / f"{kind}.jsonl", out / "rejections.jsonl"
     conv = _Converter(cfg)
-    rows = _iter_parquet_rows(root) if cfg.format == "deepeyes-47k" else _iter_json_rows(root)
+    rows = _iter_parquet_rows(root) if _is_parquet(cfg.format, root) else _iter_json_rows(root)
     counts: Counter[str] = Counter({"rows": 0, "records": 0, "skipped_existing": 0})
     reasons: Counter[str] = Counter()
     by_source: Counter[str] = Counter()

@@ -288,3 +288,17 @@ def test_resume_skips_done_rows_and_is_bit_identical(tmp_path: Path, fmt: str, m
     # a third run writes nothing new
     third = run(_cfg(fmt, src, tmp_path / "part", prepare_images=False))
     assert third["records"] == 0 and (tmp_path / "part" / name).read_bytes() == (tmp_path / "full" / name).read_bytes()
+
+
+def test_json_formats_also_read_the_hubs_parquet_conversion(tmp_path: Path) -> None:
+    """The HF hub's refs/convert/parquet copy of the sharegpt rows (messages list<struct<role, content>>)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "src" / "default" / "train").mkdir(parents=True)
+    rows = [{"messages": r["messages"]} for r in TBV_ROWS]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "src" / "default" / "train" / "0000.parquet")
+    r = run(_cfg("tbv-text", tmp_path / "src", tmp_path / "out"))
+    assert r["records"] == 4 and r["rows"] == 4
+    qas = list(read_jsonl(tmp_path / "out" / "text_qa.jsonl", TextQA))
+    assert qas[0].meta["row"] == "0000.parquet row 0" and qas[0].answer == "B"
