@@ -122,7 +122,7 @@ def test_palette_applies_the_colour_table_with_nearest_reads(store: ImageStore) 
     assert tuple(img[0, 0]) == (0, 0, 0)  # index 0 is transparent in the table
 
 
-@pytest.mark.parametrize("kind", ["mask", "alpha"])
+@pytest.mark.parametrize("kind", ["mask", "external_mask", "alpha"])
 def test_internal_masks_and_alpha_hide_pixels_at_every_level(store: ImageStore, kind: str) -> None:
     assert store.info(kind).mask == ("alpha" if kind == "alpha" else "mask")
     for mp in (28 * 28 * 16, 224 * 224, 512 * 512):  # overview levels and full resolution
@@ -134,7 +134,7 @@ def test_internal_masks_and_alpha_hide_pixels_at_every_level(store: ImageStore, 
 
 
 def test_float_nodata_does_not_bleed_into_downsampled_data(store: ImageStore) -> None:
-    for kind in ("float_nodata", "float_nan"):
+    for kind in ("float_nodata", "float_nan", "float_nan_nodata"):
         for resampling in ("bilinear", "average", "cubic"):
             cfg = ZoomConfig(read_timeout_s=0, resampling=resampling, max_pixels=100 * 100)
             img = np.asarray(read_overview(store, kind, cfg).image)[..., 0]

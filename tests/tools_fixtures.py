@@ -52,8 +52,8 @@ def make_raster(path: Path, width: int = 1000, height: int = 800, count: int = 3
 
 
 # -- the raster kinds geospatial users have (after rio-tiler's own fixture set) ---------------------------
-RASTER_KINDS = ("sentinel2", "sentinel2_nointerp", "palette", "mask", "alpha", "float_nodata", "float_nan",
-                "south_up", "gcps", "antimeridian_utm", "antimeridian_4326")
+RASTER_KINDS = ("sentinel2", "sentinel2_nointerp", "palette", "mask", "external_mask", "alpha", "float_nodata",
+                "float_nan", "float_nan_nodata", "south_up", "gcps", "antimeridian_utm", "antimeridian_4326")
 
 
 def make_kind(path: Path, kind: str, size: int = 512, seed: int = 0) -> Path:
@@ -62,9 +62,11 @@ def make_kind(path: Path, kind: str, size: int = 512, seed: int = 0) -> Path:
     - sentinel2: uint16 bands stored B2, B3, B4, B8 (blue, green, red, NIR) with that colour interpretation;
       a red square (high B4, low B2/B3) in the centre, a bright roof in a corner. `sentinel2_nointerp`: the same without interpretation.
     - palette: uint8 class indices 1..3 with a colour table (1 red, 2 green, 3 blue; 0 transparent).
-    - mask: RGB uint8 with an internal mask; the masked left third stores white.
+    - mask: RGB uint8 with an internal mask; the masked left third stores white. `external_mask`: the same with
+      the mask in a `.msk` sidecar (plain GTiff).
     - alpha: RGBA uint8 COG with overviews; the transparent left third stores white.
-    - float_nodata / float_nan: float32 with -9999 nodata (declared) / NaN (undeclared) in the left half.
+    - float_nodata / float_nan / float_nan_nodata: float32 with -9999 nodata (declared) / NaN (undeclared) / NaN
+      (declared as nodata) in the left half.
     - south_up: a projected grid stored south-up (positive y pixel size).
     - gcps: no geotransform, only 4 ground control points in EPSG:4326.
     - antimeridian_utm: UTM 60N across 180 degrees; antimeridian_4326: lon 179..181 in EPSG:4326.
@@ -103,25 +105,25 @@ def make_kind(path: Path, kind: str, size: int = 512, seed: int = 0) -> Path:
         prof.update(count=1, dtype="uint8", photometric="palette")
         cmap = {0: (0, 0, 0, 0), 1: (255, 0, 0, 255), 2: (0, 255, 0, 255), 3: (0, 0, 255, 255)}
         cog = True
-    elif kind == "mask":
+    elif kind in ("mask", "external_mask"):
         arr = np.stack([np.full((n, n), v) for v in (40, 80, 120)]).astype("uint8")
         arr[:, left3] = 255
         prof.update(count=3, dtype="uint8", photometric="RGB")
         mask = np.where(left3, 0, 255).astype("uint8")
-        env["GDAL_TIFF_INTERNAL_MASK"] = True
-        cog = True
+        env["GDAL_TIFF_INTERNAL_MASK"] = kind == "mask"
+        cog = kind == "mask"
     elif kind == "alpha":
         arr = np.stack([np.full((n, n), v) for v in (40, 80, 120, 255)]).astype("uint8")
         arr[:3, left3] = 255
         arr[3, left3] = 0
         prof.update(count=4, dtype="uint8", photometric="RGB", alpha="YES")
         cog = True
-    elif kind in ("float_nodata", "float_nan"):
+    elif kind in ("float_nodata", "float_nan", "float_nan_nodata"):
         arr = (100 + rng.random((1, n, n))).astype("float32")
         arr[0, :, : n // 2] = -9999 if kind == "float_nodata" else np.nan
         prof.update(count=1, dtype="float32")
-        if kind == "float_nodata":
-            prof["nodata"] = -9999
+        if kind != "float_nan":
+            prof["nodata"] = -9999 if kind == "float_nodata" else np.nan
         cog = True
     elif kind == "south_up":
         arr = np.stack([(yy * 255 // n), (xx * 255 // n), np.zeros((n, n))]).astype("uint8")  # red grows south
