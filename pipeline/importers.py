@@ -145,7 +145,7 @@ def classify(question: str, answer: str, *, max_text_words: int) -> Parsed | str
         return "empty answer"
     if choices:
         letters = {c[1] for c in choices}
-        if _MULTI_LETTERS.match(bare) and len(re.findall(r"[A-H]", bare)) > 1:
+        if (_MULTI_LETTERS.match(bare) or re.fullmatch(r"[A-H]{2,8}", bare)) and len(re.findall(r"[A-H]", bare)) > 1:
             got = sorted(set(re.findall(r"[A-H]", bare)))
             if set(got) <= letters:
                 return Parsed("multi", stem, choices, "".join(got))
@@ -363,7 +363,7 @@ class _Converter:
         self.out = Path(cfg.output_dir)
         self.writer = _RawWriter(self.out / "raw")
 
-    def bases(self, where_file: Path | None = None) -> list[Path]:
+    def bases(self) -> list[Path]:
         folder = self.root if self.root.is_dir() else self.root.parent
         b = [Path(self.cfg.image_root)] if self.cfg.image_root else []
         return b + [folder, folder / "images"]

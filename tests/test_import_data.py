@@ -147,7 +147,7 @@ def _cfg(fmt: str, src: Path, out: Path, **kw) -> ImportDataConfig:
 # -- answers ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("question,answer,qtype,truth", [
     ("Q?\n(A) x\n(B) y", "B", "single", "B"), ("Q?\nA. x\nB. y\nC. z", "(C) z", "single", "C"),
-    ("Q?\n(A) x\n(B) y\n(C) z", "A, C", "multi", "AC"), ("Q?\n(A) cat\n(B) dog", "dog", "single", "B"),
+    ("Q?\n(A) x\n(B) y\n(C) z", "A, C", "multi", "AC"), ("Q?\n(A) x\n(B) y\n(C) z", "CA", "multi", "AC"), ("Q?\n(A) cat\n(B) dog", "dog", "single", "B"),
     ("Is it?", "Yes.", "tf", "true"), ("How many?", "1,250", "numeric", "1250"), ("Colour?", "dark red", "text", "dark red"),
 ])
 def test_classify_to_strict_types(question: str, answer: str, qtype: str, truth: str) -> None:
