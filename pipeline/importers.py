@@ -412,6 +412,9 @@ class _Converter:
 
     def _tbv_text(self, row: Row, d: dict[str, Any]) -> list[tuple[str, Any]]:
         out: list[tuple[str, Any]] = []
+        if d.get("images"):
+            raise DatasetFormatError(f"{row.where}: has images; tbv-text is the text-only set (use superrs-vqa for "
+                                     "image rows)")
         pairs = _pairs(_chat(d, row.where), row.where)
         for k, (q, reply) in enumerate(pairs):
             rid = row.rid if len(pairs) == 1 else f"{row.rid}.{k}"

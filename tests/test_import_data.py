@@ -173,6 +173,10 @@ def test_tbv_text_to_textqa(tmp_path: Path) -> None:
     src = make_tbv(tmp_path / "src")
     r = run(_cfg("tbv-text", src, tmp_path / "out"))
     assert r["records"] == 5 and r["rejected"] == 0
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "x.json").write_text(json.dumps([{**TBV_ROWS[0], "images": ["a.png"]}]))
+    with pytest.raises(DatasetFormatError, match="x.json row 0: has images"):
+        run(_cfg("tbv-text", tmp_path / "img", tmp_path / "out_img"))
     qas = list(read_jsonl(tmp_path / "out" / "text_qa.jsonl", TextQA))
     by_type = {q.qtype: q for q in qas}
     assert set(by_type) == {"mcq", "tf", "fill", "free"}
