@@ -476,6 +476,20 @@ class _Converter:
         return [("record", s)]
 
 
+def _prepare(raw: Path, out: Path) -> Path:
+    """prepare-images on the written images (every format `_RawWriter` writes: PNG, JPEG, TIFF, WebP, BMP)."""
+    from pipeline.config import load_config
+    from pipeline.stages import run_stage
+    from tools.prepare import PrepareImagesConfig
+
+    patterns = ["*.tif", "*.png", "*.jpg", "*.webp", "*.bmp"]
+    summary = run_stage("prepare-images", load_config(PrepareImagesConfig, None, {
+        "input_dir": str(raw), "output_dir": str(out), "patterns": patterns})) or {}
+    if summary.get("failed"):
+        log.warning("import-data: prepare-images failed on %d images: %s", summary["failed"], summary.get("errors"))
+    return out / "images.jsonl"
+
+
 def _reason_kind(reason: str) -> str:
     if reason.startswith("malformed"):
         return "malformed"
@@ -545,9 +559,7 @@ def run(cfg: ImportDataConfig) -> dict[str, Any]:
                                "rejections_file": str(rej_path)}
     raw = out / "raw"
     if kind == "vqa" and cfg.prepare_images and any(raw.iterdir()):
-        from pipeline.evaluate import prepare_images
-
-        manifest = prepare_images(raw, out / "images")
+        manifest = _prepare(raw, out / "images")
         summary["images_manifest"] = str(manifest)
         prepared = {json.loads(x)["id"] for x in manifest.read_text(encoding="utf-8").splitlines() if x.strip()}
         from pipeline.records import read_jsonl

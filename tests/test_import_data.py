@@ -18,6 +18,13 @@ from pipeline.importers import ImportDataConfig, classify, run, split_reply
 from pipeline.records import TextQA, VQASample, read_jsonl
 
 
+def _webp(seed: int, size: int = 96) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buf, format="WEBP")
+    return buf.getvalue()
+
+
 def _png(seed: int, size: int = 96) -> bytes:
     rng = np.random.default_rng(seed)
     buf = io.BytesIO()
@@ -82,6 +89,8 @@ def make_geollava(d: Path, malformed: bool = False) -> Path:
                                                     "crossing from north to south and two bridges."}]},
         {"id": "b64_q", "image": base64.b64encode(_png(3, 300)).decode(),
          "conversations": [{"from": "human", "value": "<image>\nIs there a runway?"}, {"from": "gpt", "value": "No."}]},
+        {"id": "webp_q", "image": "data:image/webp;base64," + base64.b64encode(_webp(4)).decode(),
+         "conversations": [{"from": "human", "value": "<image>\nHow many pools?"}, {"from": "gpt", "value": "2"}]},
         {"messages": [{"role": "user", "content": "<image>Which side of the river is the stadium on?\n(A) east\n(B) west"},
                       {"role": "assistant", "content": "(A) east"}],
          "images": ["jpg_images/sub/P0001.jpg"]},
@@ -201,7 +210,7 @@ def test_geollava_llava_and_sharegpt_layouts(tmp_path: Path) -> None:
     assert samples["P0001_q1.0"].choices == ["(A) red", "(B) blue", "(C) green", "(D) white"]
     assert samples["P0001_q1.1"].qtype == "numeric" and samples["P0001_q1.1"].answer == "12"
     assert samples["b64_q"].qtype == "tf" and samples["b64_q"].answer == "false"
-    sharegpt = samples["ft3_whole_shuffle-3"]
+    sharegpt = samples["ft3_whole_shuffle-4"]
     assert sharegpt.answer == "A" and sharegpt.images == samples["P0001_q1.0"].images  # same image, stored once
     assert r["rejected"] == 1 and r["rejections_by_reason"] == {"free-form answer (LLM judge needed)": 1}
     rej = [json.loads(x) for x in (tmp_path / "out" / "rejections.jsonl").read_text().splitlines()]
@@ -217,7 +226,7 @@ def test_geollava_llava_and_sharegpt_layouts(tmp_path: Path) -> None:
     # keep_free_form keeps the description as an (unscored) text record
     r2 = run(_cfg("superrs-vqa", src / "ft3_whole_shuffle.json", tmp_path / "out2",
                   image_root=str(src / "jpg_images"), keep_free_form=True, prepare_images=False))
-    assert r2["rejected"] == 0 and r2["records"] == 5
+    assert r2["rejected"] == 0 and r2["records"] == 6
 
 
 def test_deepeyes_parquet_with_its_own_answer_types_and_rejections(tmp_path: Path) -> None:
