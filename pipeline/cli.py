@@ -69,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"knowzoom {name}: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
-    print(json.dumps(summary, indent=2, default=str))
+    # over MCP stdio, stdout is the protocol channel: the summary goes to stderr like every log line
+    out = sys.stderr if getattr(cfg, "transport", None) == "mcp-stdio" else sys.stdout
+    print(json.dumps(summary, indent=2, default=str), file=out)
     return 0
 
 
