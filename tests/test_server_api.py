@@ -104,7 +104,7 @@ def test_health_images_info_tools(client) -> None:
     tools = client.get("/tools").json()
     fn = tools["tools"][0]["function"]
     assert tools["tools"][0]["type"] == "function" and fn["name"] == "zoom_in"
-    assert fn["parameters"]["required"] == ["bbox"] and "system_prompt" in tools
+    assert fn["parameters"]["required"] == ["bbox", "source"] and "system_prompt" in tools
     assert client.get("/openapi.json").status_code == 200
 
 

@@ -16,7 +16,6 @@ import logging
 from typing import Any
 
 import anyio
-
 import mcp_types as types
 from mcp.server.lowlevel import Server
 

@@ -590,7 +590,8 @@ class ZoomService:
     def tools(self) -> dict[str, Any]:
         from tools.protocol import system_prompt, zoom_tool_schema
 
-        return {"tools": [zoom_tool_schema(self.cfg.frame)], "frame": self.cfg.frame,
+        # strict form: OpenAI strict function calling accepts it as is (same tool, same semantics)
+        return {"tools": [zoom_tool_schema(self.cfg.frame, strict=True)], "frame": self.cfg.frame,
                 "system_prompt": system_prompt(self.cfg.frame), "max_turns": self.cfg.max_turns}
 
     # -- episodes -------------------------------------------------------------------------------------
