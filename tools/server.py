@@ -825,19 +825,25 @@ def build_store(cfg: ServeConfig) -> Any:
         for p in store.manifest_problems:
             log.warning("skipped image entry %s", p)
         if not store.ids():
-            raise E.UnreadableImageError("No image could be registered.",
-                                         detail="; ".join(store.manifest_problems[:5]))
+            from pipeline.errors import ConfigError
+
+            raise ConfigError("No image could be registered: " + "; ".join(store.manifest_problems[:5]))
         return store
+    from pipeline.errors import ConfigError
+
     try:
         if cfg.manifest:
             store.register_manifest(cfg.manifest)
         for d in cfg.image_dirs:
             store.register_folder(d)
     except ToolError as e:
-        from pipeline.errors import ConfigError
-
         raise ConfigError(f"cannot register the images: {e}; fix that entry, or set manifest_errors: skip "
                           "to serve the others") from e
+    if not store.ids():
+        where = " and ".join(x for x in [cfg.manifest and f"manifest {cfg.manifest}",
+                                         cfg.image_dirs and f"image_dirs {cfg.image_dirs}"] if x)
+        raise ConfigError(f"nothing to serve: {where} list no images; point them at images.jsonl lines "
+                          '{"id", "path"} or folders with .tif/.png/.jpg files')
     return store
 
 
