@@ -13,7 +13,6 @@ import json
 import os
 import re
 import threading
-import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -26,7 +25,7 @@ os.environ.setdefault("GDAL_CACHEMAX", "256")
 
 import numpy as np  # noqa: E402
 import rasterio  # noqa: E402
-from rasterio.errors import NotGeoreferencedWarning, RasterioIOError  # noqa: E402
+from rasterio.errors import RasterioIOError  # noqa: E402
 
 from tools.errors import ForbiddenPathError, UnknownImageError, UnreadableImageError  # noqa: E402
 
@@ -62,9 +61,9 @@ class ImageInfo:
 
 
 def _open_raw(path: str) -> rasterio.io.DatasetReader:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        return rasterio.open(path)
+    from tools.security import open_raster  # sniffed driver, no network/sidecars (tools.security)
+
+    return open_raster(path)
 
 
 class ImageStore:
