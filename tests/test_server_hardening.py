@@ -525,3 +525,57 @@ def test_mcp_stdio_raw_lines(manifest: Path, tmp_path: Path) -> None:
     assert res["isError"] is True and json.loads(res["content"][-1]["text"])["error"] == "BadBoxError"
     assert len(by_id[3]["result"]["tools"]) == 5
     assert b'"transport"' in err and b'"transport"' not in rest  # the summary went to stderr
+
+
+# -- the issue's classes in one table: expected status each, 0 × 5xx ----------------------------------
+def _issue_table(eid: str) -> list[tuple[str, str, str, bytes | None, dict[str, str], int, str | None]]:
+    j = {"content-type": "application/json"}
+    call = f"/episodes/{eid}/call"
+    return [
+        # (case, method, path, body, headers, status, error type in the body (or in body["error"] for /call))
+        ("400-digit int box /zoom", "POST", "/zoom", f'{{"image_id": "scene_a", "bbox": [0, 0, {HUGE_INT}, 9]}}'.encode(),
+         j, 400, "BadBoxError"),
+        ("400-digit int box /zoom_in", "POST", f"/episodes/{eid}/zoom_in", f'{{"bbox": [0, 0, {HUGE_INT}, 9]}}'.encode(),
+         j, 400, "BadBoxError"),
+        ("400-digit int box /call", "POST", call,
+         f'{{"name": "zoom_in", "arguments": {{"bbox": [0, 0, {HUGE_INT}, 9]}}}}'.encode(), j, 200, "BadBoxError"),
+        ("15,000-deep tool-call text", "POST", call,
+         json.dumps({"text": f"<tool_call>{deep_list(DEEP)}</tool_call>"}).encode(), j, 200, "ToolCallParseError"),
+        ("15,000-deep arguments string", "POST", call,
+         json.dumps({"name": "zoom_in", "arguments": deep_obj(DEEP)}).encode(), j, 200, "ToolCallParseError"),
+        ("5000-digit int in tool-call text", "POST", call,
+         json.dumps({"text": f'<tool_call>{{"name": "zoom_in", "arguments": {{"bbox": [0, 0, {LONG_INT}, 1]}}}}</tool_call>'}).encode(),
+         j, 200, "ToolCallParseError"),
+        ("NaN box", "POST", "/zoom", b'{"image_id": "scene_a", "bbox": [NaN, 0, 9, 9]}', j, 400, "BadBoxError"),
+        ("-Infinity box /zoom_in", "POST", f"/episodes/{eid}/zoom_in", b'{"bbox": [-Infinity, 0, 9, 9]}', j, 400,
+         "BadBoxError"),
+        ("OpenAI string arguments", "POST", call,
+         json.dumps({"name": "zoom_in", "arguments": '{"bbox": [0, 0, 40, 40]}'}).encode(), j, 200, None),
+        ("forged Host", "GET", "/images", None, {"host": "attacker.example"}, 421, "HostNotAllowedError"),
+        ("slash redirect from Host", "GET", "/episodes/..%2F", None, {"host": "attacker.example:80"}, 421, None),
+        ("..%2F on an allowed host", "GET", "/episodes/..%2F", None, {}, 404, None),
+        ("id with a trailing newline", "GET", "/images/scene_a%0A", None, {}, 404, None),
+        ("episode id with a trailing newline", "GET", f"/episodes/{eid}%0A", None, {}, 404, None),
+        ("utf-16 body (JSON detects it)", "POST", "/zoom",
+         json.dumps({"image_id": "scene_a", "bbox": [0, 0, 9, 9]}).encode("utf-16"), j, 200, None),
+        ("invalid utf-8 id", "POST", "/zoom", b'{"image_id": "\xff\xfe", "bbox": [0, 0, 9, 9]}', j, 400, None),
+        ("body over the cap", "POST", "/zoom", b'{"image_id": "' + b"x" * 300_000 + b'"}', j, 413,
+         "RequestTooLargeError"),
+    ]
+
+
+def test_issue_classes_table(client) -> None:
+    eid = client.post("/episodes", json={"image_ids": ["scene_b"]}).json()["episode_id"]
+    n5xx = 0
+    table = _issue_table(eid)
+    for case, method, path, body, headers, status, err in table:
+        r = client.request(method, path, content=body, headers=headers, follow_redirects=False)
+        n5xx += r.status_code >= 500
+        assert r.status_code == status, (case, r.status_code, r.text[:200])
+        assert "location" not in r.headers, case
+        if err is not None:
+            b = r.json()
+            got = b["error"]["error"] if path.endswith("/call") and status == 200 else b["error"]
+            assert got == err, (case, b)
+    print(f"\nissue classes: {len(table)} requests, 5xx: {n5xx}")
+    assert n5xx == 0
