@@ -56,7 +56,7 @@ def _cases(f: dict[str, Path]) -> list[tuple[str, list[str], str]]:
                                 "--output_dir", out], "max_steps: -1 is not a step count"),
         ("empty image manifest (eval)", ["eval", "--images_manifest", str(r / "empty.jsonl"), "--model",
                                          str(r / "no_model"), "--dataset_path", str(r / "vqa_ok.jsonl"),
-                                         "--output_dir", out], "not in the store"),
+                                         "--output_dir", out], "lists no images"),
         ("empty image manifest (serve-tools)", ["serve-tools", "--manifest", str(r / "empty.jsonl"),
                                                 "--gdal_lockdown", "false", "--output_dir", out], "nothing to serve"),
         ("bad manifest line (serve-tools)", ["serve-tools", "--manifest", str(r / "vqa_ok.jsonl"),

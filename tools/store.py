@@ -145,7 +145,9 @@ class ImageStore:
         """A store holding a manifest's images; the allowed root defaults to the manifest's folder."""
         manifest_path = Path(manifest_path)
         store = cls(roots or [manifest_path.parent], **kwargs)
-        store.register_manifest(manifest_path)
+        if not store.register_manifest(manifest_path):  # a stage would run on nothing
+            raise UnknownImageError(f"{manifest_path} lists no images; give an images.jsonl with "
+                                    '{"id", "path"} lines (make-scenes and prepare-images write one)')
         return store
 
     def ids(self) -> list[str]:
