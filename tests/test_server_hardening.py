@@ -423,6 +423,10 @@ def test_bad_manifest_line_fails_or_is_skipped(manifest: Path, tmp_path: Path) -
         h = c.get("/health").json()
         assert h["images"] == 4 and h["refused_images"] == 7  # 6 bad lines + the disguised VRT
         assert c.post("/zoom", json={"image_id": "scene_b", "bbox": [0, 0, 9, 9]}).status_code == 200
+    for raw in (b"\xff\xfe\x00binary manifest\n", ("[" * 20000 + "\n").encode()):
+        (tmp_path / "weird.jsonl").write_bytes(raw)
+        with pytest.raises(ConfigError, match="manifest_errors: skip"):
+            ZoomService(make_cfg(tmp_path / "weird.jsonl"))
     only_bad = tmp_path / "bad_only.jsonl"
     only_bad.write_text("{not json\n")
     with pytest.raises(Exception, match="No image could be registered"):

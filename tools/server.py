@@ -195,6 +195,8 @@ class ServeConfig(StageConfig):
             p.append(f"max_output_pixels: {self.max_output_pixels} exceeds the hard cap {HARD_MAX_PIXELS}")
         if self.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
             p.append("log_level: use debug, info, warning or error")
+        if self.manifest and not Path(self.manifest).is_file():
+            p.append(f"manifest: {self.manifest} does not exist (or is not a file); give the images.jsonl to serve")
         if self.manifest_errors not in ("fail", "skip"):
             p.append("manifest_errors: use fail or skip")
         if not 1 <= self.max_episodes_per_client <= max(1, self.max_episodes):
@@ -836,9 +838,9 @@ def build_store(cfg: ServeConfig) -> Any:
             store.register_manifest(cfg.manifest)
         for d in cfg.image_dirs:
             store.register_folder(d)
-    except ToolError as e:
-        raise ConfigError(f"cannot register the images: {e}; fix that entry, or set manifest_errors: skip "
-                          "to serve the others") from e
+    except (ToolError, ValueError, RecursionError, OSError) as e:  # ValueError: a non-UTF-8 manifest
+        raise ConfigError(f"cannot register the images: {str(e)[:300]}; fix that entry, or set "
+                          "manifest_errors: skip to serve the others") from None
     if not store.ids():
         where = " and ".join(x for x in [cfg.manifest and f"manifest {cfg.manifest}",
                                          cfg.image_dirs and f"image_dirs {cfg.image_dirs}"] if x)
@@ -939,7 +941,9 @@ class _Guard:
         self.token = token.encode() if token else None
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] not in ("http", "websocket"):
+        if scope["type"] == "websocket":  # no websocket endpoints: refuse the handshake
+            return await send({"type": "websocket.close", "code": 1008})
+        if scope["type"] != "http":  # lifespan
             return await self.app(scope, receive, send)
         path = scope.get("path", "") + scope.get("raw_path", b"").decode("latin-1")
         if any(ord(c) < 32 or ord(c) == 127 for c in path):
