@@ -66,10 +66,16 @@ def main(argv: list[str] | None = None) -> int:
     except KnowZoomError as e:
         print(f"knowzoom {name}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a file or folder the inputs name cannot be read/created: say which, no traceback
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"knowzoom {name}: error: {e.strerror or e}{where}; check the paths in the config", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"knowzoom {name}: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
-    print(json.dumps(summary, indent=2, default=str))
+    # over MCP stdio, stdout is the protocol channel: the summary goes to stderr like every log line
+    out = sys.stderr if getattr(cfg, "transport", None) == "mcp-stdio" else sys.stdout
+    print(json.dumps(summary, indent=2, default=str), file=out)
     return 0
 
 

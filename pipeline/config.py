@@ -43,6 +43,8 @@ class StageConfig:
         problems = []
         if not str(self.output_dir).strip():
             problems.append("output_dir: empty; give a folder path")
+        else:
+            problems += output_dir_problems(str(self.output_dir))
         return problems
 
     def check(self) -> None:
@@ -59,6 +61,37 @@ class StageConfig:
         """Stable hash of the config (for skip/resume decisions and prediction caches)."""
         d = {k: v for k, v in self.to_dict().items() if k not in exclude}
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# kernel-provided trees: nothing a stage writes belongs there (writes fail or, worse, change the system)
+_VIRTUAL_FS = ("/proc", "/sys", "/dev")
+
+
+def output_dir_problems(path: str) -> list[str]:
+    """Why `path` cannot be a stage's output folder (empty list when it can): an existing file, a kernel
+    tree (/proc, /sys, /dev), or a parent that is a file or not writable."""
+    import os
+
+    p = Path(path).expanduser()
+    try:
+        absolute = p.resolve(strict=False)
+    except (OSError, RuntimeError) as e:
+        return [f"output_dir: {path} cannot be resolved ({e}); give a folder path"]
+    for v in _VIRTUAL_FS:
+        if absolute == Path(v) or Path(v) in absolute.parents:
+            return [f"output_dir: {path} is inside {v}, a kernel file system; give a folder on disk, e.g. runs/x"]
+    if absolute.exists():
+        if not absolute.is_dir():
+            return [f"output_dir: {path} exists and is not a folder; give a folder path (or remove that file)"]
+        return [] if os.access(absolute, os.W_OK) else [f"output_dir: {path} is not writable; give a folder you can write"]
+    parent = absolute.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return [f"output_dir: {parent} is a file, so {path} cannot be created; give another folder path"]
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return [f"output_dir: cannot create {path}: {parent} is not writable"]
+    return []
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -96,7 +129,12 @@ def _coerce(name: str, tp: Any, value: Any) -> Any:
                 raise ValueError(value)
             return int(value)
         if tp is float:
-            return float(value)
+            if isinstance(value, bool):
+                raise ValueError(value)
+            f = float(value)
+            if f != f:  # NaN passes every `<`/`>` check silently; no field means anything by it
+                raise ConfigError(f"{name}: NaN is not a valid value; give a number")
+            return f
         if tp is str:
             if isinstance(value, (dict, list)):
                 raise ValueError(value)
@@ -117,6 +155,8 @@ def _coerce(name: str, tp: Any, value: Any) -> Any:
                 raise ValueError(value)
             return dict(value)
         return value
+    except ConfigError:
+        raise
     except (ValueError, TypeError) as e:
         raise ConfigError(f"{name}: {value!r} is not a valid {getattr(tp, '__name__', tp)}") from e
 
@@ -152,10 +192,20 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file {path} does not exist; pass --config with a YAML file under configs/")
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder; pass --config with a YAML file, e.g. configs/tiny/eval.yaml")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a text file (byte {e.start} is not UTF-8); pass a YAML config") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path} cannot be read ({e.strerror or e}); pass a readable YAML file") from None
+    if "\x00" in text:
+        raise ConfigError(f"{path}: binary file (NUL bytes); pass a YAML config")
+    try:
+        data = yaml.safe_load(text) or {}
+    except (yaml.YAMLError, RecursionError, ValueError) as e:
+        raise ConfigError(f"{path}: not valid YAML: {str(e)[:300]}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping of field: value")
     return data

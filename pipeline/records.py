@@ -75,6 +75,14 @@ class VQASample:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
+        for name in ("id", "question", "answer", "qtype", "category"):  # a number here crashed eval's viewer
+            if not isinstance(getattr(self, name), str):
+                raise RecordError(f"VQASample {str(self.id)[:60]}: {name} must be a JSON string (e.g. \"B\" or "
+                                  f"\"42\"), got {type(getattr(self, name)).__name__}; quote it")
+        for name in ("images", "choices"):
+            v = getattr(self, name)
+            if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+                raise RecordError(f"VQASample {str(self.id)[:60]}: {name} must be a list of strings")
         if self.qtype not in VQA_QTYPES:
             raise RecordError(f"VQASample {self.id}: qtype {self.qtype!r} not in {VQA_QTYPES}")
         if not self.images:

@@ -67,7 +67,7 @@ class SFTConfig(StageConfig):
     warmup_steps: int = hfield(50, help="Warmup steps (used when warmup_ratio is 0).")
     warmup_ratio: float = hfield(0.0, help="Warmup as a fraction of training steps (overrides warmup_steps).")
     num_train_epochs: float = hfield(1.0, help="Epochs (ignored when max_steps > 0).")
-    max_steps: int = hfield(-1, help="Optimizer steps; -1 = num_train_epochs over the data.")
+    max_steps: int = hfield(0, help="Optimizer steps; 0 = num_train_epochs over the data.")
     per_device_train_batch_size: int = hfield(32, help="Micro-batch size per device.")
     gradient_accumulation_steps: int = hfield(1, help="Micro-batches per optimizer step.")
     bf16: bool = hfield(False, help="bfloat16 mixed precision (GPU).")
@@ -115,7 +115,10 @@ class SFTConfig(StageConfig):
                      "max_zooms"):
             if getattr(self, name) <= 0:
                 p.append(f"{name}: must be > 0")
-        if self.max_steps <= 0 and self.num_train_epochs <= 0:
+        if self.max_steps < 0:
+            p.append(f"max_steps: {self.max_steps} is not a step count; give a positive number of optimizer steps, "
+                     "or 0 to train num_train_epochs over the data")
+        elif self.max_steps == 0 and self.num_train_epochs <= 0:
             p.append("max_steps/num_train_epochs: give max_steps > 0 or num_train_epochs > 0")
         if not 0.0 <= self.warmup_ratio < 1.0:
             p.append("warmup_ratio: must be in [0, 1)")
@@ -384,7 +387,7 @@ def run(cfg: SFTConfig, callbacks: list[Any] | None = None) -> dict[str, Any]:
         learning_rate=cfg.learning_rate, adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2,
         weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, lr_scheduler_type=cfg.lr_scheduler_type,
         warmup_steps=cfg.warmup_ratio if cfg.warmup_ratio > 0 else cfg.warmup_steps,
-        num_train_epochs=cfg.num_train_epochs, max_steps=cfg.max_steps,
+        num_train_epochs=cfg.num_train_epochs, max_steps=cfg.max_steps if cfg.max_steps > 0 else -1,
         per_device_train_batch_size=cfg.per_device_train_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, bf16=cfg.bf16,
         gradient_checkpointing=cfg.gradient_checkpointing, deepspeed=cfg.deepspeed or None,

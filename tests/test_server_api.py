@@ -72,6 +72,7 @@ def manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def make_cfg(manifest: Path, **kw) -> ServeConfig:
+    kw.setdefault("allowed_hosts", ["testserver", "127.0.0.1", "localhost"])  # TestClient sends Host: testserver
     cfg = ServeConfig(manifest=str(manifest), output_dir=str(manifest.parent / "out"), gdal_lockdown=False, **kw)
     cfg.check()
     return cfg
@@ -103,7 +104,7 @@ def test_health_images_info_tools(client) -> None:
     tools = client.get("/tools").json()
     fn = tools["tools"][0]["function"]
     assert tools["tools"][0]["type"] == "function" and fn["name"] == "zoom_in"
-    assert fn["parameters"]["required"] == ["bbox"] and "system_prompt" in tools
+    assert fn["parameters"]["required"] == ["bbox", "source"] and "system_prompt" in tools
     assert client.get("/openapi.json").status_code == 200
 
 
@@ -270,7 +271,7 @@ def test_slow_read_is_504_and_slot_held_until_the_read_ends(manifest: Path) -> N
 
     async def go():
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as c:
             t0 = time.perf_counter()
             r1 = await c.post("/zoom", json={"image_id": "scene_a", "bbox": [0, 0, 100, 100]})
             dt = time.perf_counter() - t0
@@ -297,7 +298,7 @@ def test_concurrency_limit_queues_then_serves(manifest: Path) -> None:
     app = create_app(make_cfg(manifest, max_concurrency=2, queue_timeout_s=5.0), store=store)
 
     async def go():
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as c:
             body = {"image_id": "scene_b", "bbox": [0, 0, 100, 100]}
             return await asyncio.gather(*[c.post("/zoom", json=body) for _ in range(4)])
 

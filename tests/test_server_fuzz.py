@@ -1,5 +1,9 @@
 """Hypothesis fuzz of the zoom endpoints: never a 5xx, and every response within the byte bound.
 
+Every field may also carry a raw JSON token json.dumps cannot write (400-digit and 5000-digit integers,
+1e400, NaN, Infinity, nesting 15,000 deep, lone surrogates), and whole bodies are re-encoded (UTF-16/32,
+BOM, Latin-1, invalid UTF-8).
+
 Examples: 2,000 per test when CI=true (the CI profile), 150 locally; KNOWZOOM_FUZZ_EXAMPLES overrides.
 """
 
@@ -23,8 +27,8 @@ FUZZ = settings(max_examples=N_EXAMPLES, deadline=None, database=None, derandomi
 
 MAX_RESPONSE_BYTES = 300_000
 MAX_OUTPUT_PIXELS = 120_000
-# a JSON response holds the image as base64 (4/3) plus small metadata
-RESPONSE_BOUND = MAX_RESPONSE_BYTES * 4 // 3 + 8192
+# the cap holds for the whole body (JSON with base64 inside included)
+RESPONSE_BOUND = MAX_RESPONSE_BYTES
 DATA_ROOT = ["<unset>"]
 
 
@@ -35,7 +39,7 @@ def client(tmp_path_factory: pytest.TempPathFactory):
     manifest = make_server_images(tmp_path_factory.mktemp("fuzz"))
     DATA_ROOT[0] = str(manifest.parent)
     cfg = make_cfg(manifest, max_output_pixels=MAX_OUTPUT_PIXELS, max_response_bytes=MAX_RESPONSE_BYTES,
-                   max_turns=3)
+                   max_turns=3, max_request_bytes=200_000, max_episodes=10_000, max_episodes_per_client=10_000)
     with TestClient(create_app(cfg), raise_server_exceptions=False) as c:
         yield c
 
@@ -86,9 +90,51 @@ sources = st.one_of(st.sampled_from(["image_0", "obs_1"]), st.sampled_from(["ima
                     st.text(max_size=12))
 
 
-def _raw(body: dict) -> bytes:
+class Raw(str):
+    """A raw JSON token placed verbatim in a body (what json.dumps cannot write)."""
+
+
+RAW_TOKENS = ["9" * 400, "-" + "9" * 400, "7" * 5000, "1e400", "-1e400", "NaN", "Infinity", "-Infinity",
+              "[" * 15000 + "]" * 15000, '{"a":' * 15000 + "1" + "}" * 15000, "[" * 900 + "]" * 900,
+              '"\\ud800"', '"\\udfff\\u0000"', "1" + "0" * 330, "-0", "1E+999999"]
+raw_tokens = st.sampled_from(RAW_TOKENS).map(Raw)
+huge_numbers = st.one_of(st.integers(min_value=10**300, max_value=10**400), st.integers(max_value=-(10**300)),
+                         st.sampled_from([1e308, -1e308, 5e-324, float("nan"), float("inf"), -float("inf")]))
+odd_values = st.one_of(raw_tokens, huge_numbers)
+ENCODINGS = ["utf-8", "utf-16", "utf-32", "utf-8-sig", "latin-1", "invalid-utf-8"]
+
+
+def _dumps(v) -> str:
+    if isinstance(v, Raw):
+        return str(v)
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{json.dumps(str(k))}: {_dumps(x)}" for k, x in v.items()) + "}"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_dumps(x) for x in v) + "]"
+    return json.dumps(v, allow_nan=True)
+
+
+def _raw(body: dict, encoding: str = "utf-8") -> bytes:
     # allow_nan: the wire may carry NaN/Infinity tokens, which Python's JSON parser accepts
-    return json.dumps(body, allow_nan=True).encode()
+    text = _dumps(body)
+    if encoding == "invalid-utf-8":
+        return text.encode("utf-8", "surrogatepass").replace(b'"', b'"\xc0\xaf', 1)
+    return text.encode(encoding, "surrogatepass" if encoding.startswith("utf-8") else "replace")
+
+
+@st.composite
+def oddly(draw, body: dict) -> dict:
+    """`body` with odd values at a few fields (top level or one level inside a list)."""
+    out = dict(body)
+    for k in draw(st.lists(st.sampled_from(sorted(out)), min_size=1, max_size=3, unique=True)):
+        v = out[k]
+        if isinstance(v, list) and v and draw(st.booleans()):
+            v = list(v)
+            v[draw(st.integers(0, len(v) - 1))] = draw(odd_values)
+            out[k] = v
+        else:
+            out[k] = draw(odd_values)
+    return out
 
 
 def _check(r) -> None:
@@ -126,6 +172,34 @@ def test_fuzz_episode_zoom(client, bbox, source, fmt) -> None:
             _check(r)
     finally:
         client.delete(f"/episodes/{eid}")
+
+
+@FUZZ
+@given(data=st.data(), which=st.sampled_from(["zoom", "start", "zoom_in", "call", "call_str", "text"]),
+       encoding=st.sampled_from(ENCODINGS))
+def test_fuzz_odd_values_at_every_field(client, data, which: str, encoding: str) -> None:
+    """Huge/non-finite numbers, deep nesting and odd encodings at every field of every endpoint."""
+    eid = client.post("/episodes", json={"image_ids": ["scene_b"]}).json()["episode_id"]
+    base = {
+        "zoom": ("/zoom", {"image_id": "scene_b", "bbox": [0, 0, 99, 99], "box_crs": "native", "max_pixels": 4000,
+                           "format": "json"}),
+        "start": ("/episodes", {"image_ids": ["scene_b", "plain"], "format": "json"}),
+        "zoom_in": (f"/episodes/{eid}/zoom_in", {"bbox": [0, 0, 50, 50], "source": "image_0", "format": "png"}),
+        "call": (f"/episodes/{eid}/call", {"name": "zoom_in", "arguments": {"bbox": [0, 0, 50, 50], "source": "image_0"}}),
+        "call_str": (f"/episodes/{eid}/call", {"name": "zoom_in", "arguments": Raw(json.dumps(json.dumps({"bbox": [0, 0, 9, 9]})))}),
+        "text": (f"/episodes/{eid}/call", {"text": "<tool_call>{}</tool_call>"}),
+    }[which]
+    path, body = base
+    if which == "call":  # also inside the arguments object
+        args = data.draw(oddly(body["arguments"]))
+        body = {**body, "arguments": args}
+    elif which == "text":  # the odd token inside the tool-call JSON the model wrote
+        tok = data.draw(odd_values)
+        body = {"text": Raw(json.dumps(f'<tool_call>{{"name": "zoom_in", "arguments": {{"bbox": [0, 0, {_dumps(tok)}, 9]}}}}</tool_call>'))}
+    body = data.draw(oddly(body)) if which != "text" or data.draw(st.booleans()) else body
+    r = client.post(path, content=_raw(body, encoding), headers={"content-type": "application/json"})
+    _check(r)
+    client.delete(f"/episodes/{eid}")
 
 
 @FUZZ

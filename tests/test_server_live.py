@@ -115,3 +115,19 @@ def test_real_mcp_http_server(manifest: Path, tmp_path: Path) -> None:
         names, res = anyio.run(go)
     assert "zoom_in" in names and "start_episode" in names
     assert res.is_error is False and res.content[0].type == "image"
+
+
+def test_real_server_token_host_and_no_redirect(manifest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """uvicorn with KNOWZOOM_TOKEN set (inherited by the server process): 401 without it, 421 for a forged
+    Host, no redirect and no 5xx for the issue's raw requests."""
+    monkeypatch.setenv("KNOWZOOM_TOKEN", "live-test-token-0123456789")
+    ok = {"authorization": "Bearer live-test-token-0123456789"}
+    with serve(tmp_path, manifest) as base, httpx.Client(base_url=base, timeout=30) as c:
+        assert c.get("/health").status_code == 401 and c.get("/health", headers=ok).status_code == 200
+        assert c.get("/health", headers={**ok, "host": "rebind.attacker.example"}).status_code == 421
+        r = c.get("/episodes/..%2F", headers=ok, follow_redirects=False)
+        assert r.status_code == 404 and "location" not in r.headers
+        assert c.get("/images/scene_b%0A", headers=ok).status_code == 404
+        big = b'{"image_id": "scene_a", "bbox": [0, 0, ' + b"9" * 400 + b", 10]}"
+        r = c.post("/zoom", content=big, headers={**ok, "content-type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"] == "BadBoxError"

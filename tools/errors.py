@@ -124,6 +124,26 @@ class RequestTooLargeError(ToolError):
     default_message = "Request body too large."
 
 
+class UnauthorizedError(ToolError):
+    """The server requires a bearer token and the request has none or a wrong one."""
+
+    http_status = 401
+    default_message = "Missing or wrong bearer token; send 'Authorization: Bearer <token>'."
+
+
+class HostNotAllowedError(ToolError):
+    """The Host header names no host this server answers for (DNS-rebinding defence)."""
+
+    http_status = 421
+    default_message = "Host header not allowed on this server."
+
+
+class PrepareFailedError(ToolError):
+    """prepare-images could not convert some source files (they are listed; the others were converted)."""
+
+    default_message = "Some images could not be prepared."
+
+
 __all__ = [
     "ToolError",
     "BadBoxError",
@@ -140,4 +160,7 @@ __all__ = [
     "UnknownEpisodeError",
     "ServerBusyError",
     "RequestTooLargeError",
+    "UnauthorizedError",
+    "HostNotAllowedError",
+    "PrepareFailedError",
 ]

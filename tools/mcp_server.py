@@ -15,10 +15,11 @@ import json
 import logging
 from typing import Any
 
+import anyio
 import mcp_types as types
 from mcp.server.lowlevel import Server
 
-from tools.errors import ToolError
+from tools.errors import LimitError, ToolError
 from tools.server import ServeConfig, ZoomService, public_error
 
 log = logging.getLogger("knowzoom.mcp")
@@ -70,6 +71,15 @@ def _error(err: ToolError) -> types.CallToolResult:
     return types.CallToolResult(content=[_text(err.model_message()), _text(public_error(err))], is_error=True)
 
 
+def _owner(ctx: Any) -> str:
+    """The client an MCP request comes from (its session; one client on stdio), for episode quotas."""
+    try:
+        sid = ctx.session_id
+    except Exception:  # noqa: BLE001 - no connection info (in-process clients)
+        sid = None
+    return f"mcp:{sid or id(getattr(ctx, 'session', None))}"
+
+
 def create_mcp_server(cfg: ServeConfig, service: ZoomService | None = None) -> Server:
     """A low-level MCP server bound to a ZoomService (one is built from `cfg` when not given)."""
     from tools.protocol import TOOL_NAME, observation_text
@@ -80,12 +90,12 @@ def create_mcp_server(cfg: ServeConfig, service: ZoomService | None = None) -> S
     async def list_tools(ctx: Any, params: Any) -> types.ListToolsResult:
         return types.ListToolsResult(tools=tools)
 
-    async def dispatch(name: str, a: dict[str, Any]) -> list[Any]:
+    async def dispatch(name: str, a: dict[str, Any], owner: str) -> list[Any]:
         if name == "list_images":
             off = a.get("offset", 0)
             return [_text(svc.list_images(off if isinstance(off, int) and not isinstance(off, bool) else 0))]
         if name == "start_episode":
-            body = await svc.start_episode(a.get("image_ids"), "json")
+            body = await svc.start_episode(a.get("image_ids"), "json", owner=owner)
             items: list[Any] = []
             for obs in body["observations"]:
                 items.append(_image_item(obs))
@@ -114,10 +124,17 @@ def create_mcp_server(cfg: ServeConfig, service: ZoomService | None = None) -> S
 
     async def call_tool(ctx: Any, params: types.CallToolRequestParams) -> types.CallToolResult:
         try:
-            content = await dispatch(params.name, dict(params.arguments or {}))
+            content = await dispatch(params.name, dict(params.arguments or {}), _owner(ctx))
+            size = sum(len(getattr(c, "data", "") or "") + len(getattr(c, "text", "") or "") for c in content)
+            if size > cfg.max_response_bytes:  # the cap holds for the whole result, as for REST bodies
+                raise LimitError(f"Result exceeds the {cfg.max_response_bytes}-byte cap; zoom a smaller box.",
+                                 detail=f"{size} bytes")
         except ToolError as e:
             log.info("mcp tool %s failed: %s", params.name, e)
             return _error(e)
+        except Exception:  # noqa: BLE001 - a bug, never input: logged with its trace, scrubbed for the client
+            log.exception("mcp tool %s raised", str(params.name)[:64])
+            return _error(ToolError("Internal error."))
         return types.CallToolResult(content=content)
 
     server: Server = Server(
@@ -133,21 +150,69 @@ def create_mcp_server(cfg: ServeConfig, service: ZoomService | None = None) -> S
 
 def create_mcp_http_app(cfg: ServeConfig, service: ZoomService | None = None) -> Any:
     """Starlette app serving MCP over streamable HTTP at /mcp (DNS-rebinding protection on loopback)."""
+    from tools.server import guard_app
+
     server = create_mcp_server(cfg, service)
-    return server.streamable_http_app(streamable_http_path="/mcp", host=cfg.host,
-                                      max_request_body_size=cfg.max_request_bytes)
+    app = server.streamable_http_app(streamable_http_path="/mcp", host=cfg.host,
+                                     max_request_body_size=cfg.max_request_bytes)
+    return guard_app(app, cfg)  # bearer token, Host allow-list, control characters: as the REST app
+
+
+class ParseErrorReplies:
+    """Read-stream wrapper answering undecodable JSON-RPC lines as JSON-RPC 2.0 specifies: -32700 (parse
+    error) for text that is not JSON, -32600 (invalid request) for JSON that is no JSON-RPC message, both
+    with `"id": null`. The SDK's stdio transport hands such lines on as exceptions and answers nothing."""
+
+    def __init__(self, inner: Any, write: Any):
+        self.inner, self.write, self.n_errors = inner, write, 0
+
+    @property
+    def last_context(self) -> Any:
+        return getattr(self.inner, "last_context", None)
+
+    async def receive(self) -> Any:
+        from mcp.shared.message import SessionMessage
+
+        while True:
+            item = await self.inner.receive()
+            if not isinstance(item, Exception):
+                return item
+            self.n_errors += 1
+            kinds = {e.get("type", "") for e in item.errors()} if hasattr(item, "errors") else {"json_invalid"}
+            code, msg = ((types.PARSE_ERROR, "Parse error") if any(k.startswith("json") for k in kinds)
+                         else (types.INVALID_REQUEST, "Invalid Request"))
+            log.info("mcp: undecodable message (%s): answered %d", ",".join(sorted(kinds))[:80], code)
+            err = types.JSONRPCError(jsonrpc="2.0", id=None, error=types.ErrorData(code=code, message=msg))
+            await self.write.send(SessionMessage(err))
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+    def __aiter__(self) -> ParseErrorReplies:
+        return self
+
+    async def __anext__(self) -> Any:
+        try:
+            return await self.receive()
+        except (anyio.EndOfStream, anyio.ClosedResourceError):
+            raise StopAsyncIteration from None
+
+    async def __aenter__(self) -> ParseErrorReplies:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
 
 
 def run_stdio(cfg: ServeConfig) -> None:
     """Serve MCP over stdin/stdout until the client closes the stream (blocks)."""
-    import anyio
     from mcp.server.stdio import stdio_server
 
     server = create_mcp_server(cfg)
 
     async def main() -> None:
         async with stdio_server() as (read, write):
-            await server.run(read, write, server.create_initialization_options())
+            await server.run(ParseErrorReplies(read, write), write, server.create_initialization_options())
 
     anyio.run(main)
 

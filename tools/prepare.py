@@ -6,6 +6,12 @@ PNG has no internal tiling or overviews, so a zoom on an un-prepared PNG streams
 (bounded memory, but slow); JPEG has DCT-scaled implicit overviews (faster, still whole-file decodes). After
 this stage every read is a few tile fetches. The source is first copied row by row (sequential, which PNG
 needs) into a temporary tiled GTiff, then written as a COG with average-resampled overviews.
+
+Sources are untrusted (eval runs this on downloaded XLRS-Bench copies): every one is opened through
+`tools.security.open_raster` — it must resolve inside `input_dir` (a symlink out of it is refused), its
+first bytes choose the only GDAL driver allowed (a VRT/XML named `.tif` is refused), and GDAL runs with no
+network, no sidecar files and no directory listing. Bad files are skipped and reported; the stage exits
+non-zero when any failed unless `allow_failures` is set.
 """
 
 from __future__ import annotations
@@ -37,6 +43,10 @@ class PrepareImagesConfig(StageConfig):
     overwrite: bool = hfield(False, help="Reconvert even when the recorded conversion is up to date.")
     render: dict = hfield({}, help="Rendering keys written on every images.jsonl line (tools/render.py), e.g. "
                                    "{bands: [3, 2, 1], stretch: range, range: [0, 3000]}; no reconversion needed.")
+    allow_failures: bool = hfield(
+        False, help="Finish with exit 0 when some sources could not be converted (they are still listed); "
+        "default: convert the rest, then fail naming them."
+    )
 
     def validate(self) -> list[str]:
         p = super().validate()
@@ -87,18 +97,20 @@ def sidecars(src: Path) -> dict[str, list[int]]:
     return dict(sorted(out.items()))
 
 
-def convert_to_cog(src: Path, dst: Path, cfg: PrepareImagesConfig) -> dict[str, Any]:
-    """Convert one file (atomic: written to a temp name, renamed at the end)."""
-    import rasterio
+def convert_to_cog(src: Path, dst: Path, cfg: PrepareImagesConfig, root: Path | None = None) -> dict[str, Any]:
+    """Convert one file (atomic: written to a temp name, renamed at the end). The source is opened through
+    the guarded `open_raster` (inside `root` when given; sniffed driver; no network or sidecars)."""
     import rasterio.shutil
     from rasterio.errors import NotGeoreferencedWarning
+
+    from tools.security import gdal_env, open_raster
 
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp_tiled = dst.with_name(dst.name + ".tiled.tmp.tif")
     tmp_cog = dst.with_name(dst.name + ".cog.tmp.tif")
-    with warnings.catch_warnings(), rasterio.Env(GDAL_CACHEMAX=int(cfg.cache_mb), GDAL_NUM_THREADS="ALL_CPUS"):
+    with warnings.catch_warnings(), gdal_env(GDAL_CACHEMAX=int(cfg.cache_mb), GDAL_NUM_THREADS="ALL_CPUS"):
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        with rasterio.open(src) as ds:
+        with open_raster(src, None if root is None else [root]) as ds:
             info = {"width": ds.width, "height": ds.height, "count": ds.count, "dtype": ds.dtypes[0]}
             rgb8 = ds.count == 3 and ds.dtypes[0] == "uint8"
             palette = bool(ds.colorinterp) and ds.colorinterp[0].name == "palette"
@@ -113,7 +125,7 @@ def convert_to_cog(src: Path, dst: Path, cfg: PrepareImagesConfig) -> dict[str, 
         if compress in ("JPEG", "WEBP"):
             opts["quality"] = cfg.quality
         try:
-            with rasterio.open(tmp_tiled) as ds:
+            with open_raster(tmp_tiled) as ds:
                 rasterio.shutil.copy(ds, str(tmp_cog), driver="COG", **opts)
             os.replace(tmp_cog, dst)
         finally:
@@ -131,7 +143,8 @@ def run(cfg: PrepareImagesConfig) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     sources = sorted({p for pat in cfg.patterns for p in root.rglob(pat) if p.is_file()})
-    fp = cfg.fingerprint(exclude=("input_dir", "output_dir", "overwrite", "seed", "cache_mb", "render"))
+    fp = cfg.fingerprint(exclude=("input_dir", "output_dir", "overwrite", "seed", "cache_mb", "render",
+                                  "allow_failures"))
     log_path = out / "prepared.jsonl"
     done: dict[str, dict[str, Any]] = {}
     if log_path.exists():
@@ -143,7 +156,7 @@ def run(cfg: PrepareImagesConfig) -> dict[str, Any]:
                 except (json.JSONDecodeError, KeyError):
                     continue
     converted = skipped = failed = 0
-    errors: list[str] = []
+    failures: list[dict[str, str]] = []
     images = []
     with JsonlAppender(log_path) as log:
         for src in tqdm(sources, desc="prepare-images", unit="image"):
@@ -159,17 +172,37 @@ def run(cfg: PrepareImagesConfig) -> dict[str, Any]:
                 images.append({"id": iid, "path": dst.name, **cfg.render})
                 continue
             try:
-                meta = convert_to_cog(src, dst, cfg)
+                meta = convert_to_cog(src, dst, cfg, root)
             except Exception as e:  # noqa: BLE001 - one bad file must not stop the batch; it is reported
                 failed += 1
-                errors.append(f"{src.name}: {type(e).__name__}: {e}"[:300])
+                failures.append({"source": str(src.relative_to(root)), "error": _why(e)[:300]})
                 continue
             log.append({"id": iid, "source": str(src.relative_to(root)), **key, **meta})
             converted += 1
             images.append({"id": iid, "path": dst.name, **cfg.render})
     write_jsonl(out / "images.jsonl", images)
-    return {"sources": len(sources), "converted": converted, "skipped": skipped, "failed": failed,
-            "errors": errors[:20], "seconds": round(time.time() - t0, 1)}
+    write_jsonl(out / "failed.jsonl", failures)
+    errors = [f"{f['source']}: {f['error']}" for f in failures]
+    summary = {"sources": len(sources), "converted": converted, "skipped": skipped, "failed": failed,
+               "errors": errors[:20], "seconds": round(time.time() - t0, 1)}
+    if failed and not cfg.allow_failures:
+        from tools.errors import PrepareFailedError
+
+        shown = "\n".join(f"  - {e}" for e in errors[:10]) + (f"\n  ... ({failed - 10} more)" if failed > 10 else "")
+        raise PrepareFailedError(
+            f"{failed} of {len(sources)} source files could not be converted ({converted} converted, {skipped} "
+            f"up to date; images.jsonl lists those, {out / 'failed.jsonl'} the failures):\n{shown}\n"
+            "fix or remove these files, or pass --allow_failures to accept the others")
+    return summary
+
+
+def _why(e: BaseException) -> str:
+    """One line on why a source failed (the refusals of the guarded open say what the file is)."""
+    from tools.errors import ToolError
+
+    if isinstance(e, ToolError):
+        return f"refused: {e.detail or e.message}"
+    return f"{type(e).__name__}: {e}"
 
 
 __all__ = ["PrepareImagesConfig", "run", "convert_to_cog", "image_id_for"]

@@ -42,9 +42,18 @@ DEFAULT_INSTRUCTION = (
 )
 
 
-def zoom_tool_schema(frame: str = "shown_pixels") -> dict[str, Any]:
-    """The zoom_in tool in OpenAI tools format."""
+def zoom_tool_schema(frame: str = "shown_pixels", strict: bool = False) -> dict[str, Any]:
+    """The zoom_in tool in OpenAI tools format. `strict=True` gives the same tool in the form OpenAI's strict
+    function calling accepts (every property required, no extra properties, no `default`)."""
     _check_frame(frame)
+    if strict:
+        fn = zoom_tool_schema(frame)["function"]
+        params = fn["parameters"]
+        props = {k: {kk: vv for kk, vv in v.items() if kk != "default"} for k, v in params["properties"].items()}
+        return {"type": "function", "function": {
+            **fn, "strict": True,
+            "parameters": {**params, "properties": props, "required": list(props), "additionalProperties": False},
+        }}
     return {
         "type": "function",
         "function": {
@@ -115,22 +124,29 @@ _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.S)
 _CALL = re.compile(r"<tool_call>(.*?)(?:</tool_call>|\Z)", re.S)
 
 
-def _parse_call(body: str) -> ToolCall:
+def _loads(text: str, what: str) -> Any:
+    """json.loads that maps every failure on model text to ToolCallParseError: bad JSON, nesting deeper
+    than the interpreter's recursion limit (RecursionError) and over-long integers (ValueError)."""
     try:
-        d = json.loads(body.strip())
-    except json.JSONDecodeError as e:
-        raise ToolCallParseError(detail=f"bad JSON: {e}") from e
-    if not isinstance(d, dict) or not isinstance(d.get("name"), str):
-        raise ToolCallParseError(detail="tool call must be an object with a string 'name'")
-    args = d.get("arguments", d.get("parameters", {}))
+        return json.loads(text)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+        raise ToolCallParseError(detail=f"bad {what} JSON: {type(e).__name__}") from None
+
+
+def parse_arguments(args: Any) -> dict[str, Any]:
+    """Tool arguments as a dict: an object, or the JSON string OpenAI tool calls carry."""
     if isinstance(args, str):  # OpenAI style: arguments as a JSON string
-        try:
-            args = json.loads(args)
-        except json.JSONDecodeError as e:
-            raise ToolCallParseError(detail=f"bad arguments JSON: {e}") from e
+        args = _loads(args, "arguments")
     if not isinstance(args, dict):
         raise ToolCallParseError(detail="'arguments' must be an object")
-    return ToolCall(name=d["name"], arguments=args)
+    return args
+
+
+def _parse_call(body: str) -> ToolCall:
+    d = _loads(body.strip(), "tool call")
+    if not isinstance(d, dict) or not isinstance(d.get("name"), str):
+        raise ToolCallParseError(detail="tool call must be an object with a string 'name'")
+    return ToolCall(name=d["name"], arguments=parse_arguments(d.get("arguments", d.get("parameters", {}))))
 
 
 def parse_turn(text: str) -> ParsedTurn:
@@ -313,6 +329,7 @@ __all__ = [
     "ToolCall",
     "ParsedTurn",
     "parse_turn",
+    "parse_arguments",
     "format_tool_call",
     "ToolResult",
     "Episode",

@@ -81,14 +81,49 @@ def gdal_config_options(cache_mb: int = 256) -> dict[str, str]:
     }
 
 
-def gdal_env():
+def gdal_env(**overrides: object):
     """A `rasterio.Env` carrying `gdal_config_options` (thread-local in non-main threads, where rasterio uses
-    CPLSetThreadLocalConfigOption; GDAL_CACHEMAX is process-wide and left to `apply_gdal_lockdown`)."""
+    CPLSetThreadLocalConfigOption; GDAL_CACHEMAX is process-wide and left to `apply_gdal_lockdown`).
+    `overrides` change resource options only (a converter may use GDAL_CACHEMAX / GDAL_NUM_THREADS)."""
     import rasterio
 
+    bad = set(overrides) - {"GDAL_CACHEMAX", "GDAL_NUM_THREADS"}
+    if bad:
+        raise ValueError(f"gdal_env: only resource options may be overridden, not {sorted(bad)}")
     opts = gdal_config_options()
     opts.pop("GDAL_CACHEMAX")
+    opts.update(overrides)  # rasterio wants GDAL_CACHEMAX as an int
     return rasterio.Env(**opts)
+
+
+def open_raster(path: str | os.PathLike, roots: Sequence[str | os.PathLike] | None = None,
+                base: str | os.PathLike | None = None):
+    """THE guarded raster open of the project (server store, prepare-images, every read of a file we did not
+    write in this call): the path must be a local regular file (under `roots` when given, symlinks followed
+    and kept inside), its first bytes pick the only driver GDAL may use (TIFF, PNG or JPEG — a VRT, WMS or
+    XML document named `.tif` is refused before GDAL sees it), and the open runs under `gdal_env` (no
+    network, no sidecars, no directory listing). Returns an open rasterio dataset; raises ForbiddenPathError
+    / UnreadableImageError for refused files and rasterio's errors for corrupt ones.
+    """
+    import warnings
+
+    import rasterio
+    from rasterio.errors import NotGeoreferencedWarning
+
+    if roots is not None:
+        real = resolve_under_roots(path, roots, base)
+    else:
+        p = Path(check_path_text(path))
+        try:
+            real = p.resolve(strict=True)
+        except (OSError, RuntimeError) as e:
+            raise UnreadableImageError(detail=f"cannot resolve {p}: {e}") from e
+        if not real.is_file():
+            raise UnreadableImageError(detail=f"{real} is not a regular file")
+    driver = sniff_driver(real)
+    with gdal_env(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        return rasterio.open(str(real), driver=driver)
 
 
 @dataclass

@@ -105,7 +105,18 @@ class ServeConfig(StageConfig):
         [], help="Folders registered files must resolve under (default: the manifest's folder and image_dirs)."
     )
     transport: str = hfield("http", help="http (FastAPI REST), mcp-http (MCP streamable HTTP at /mcp) or mcp-stdio.")
-    host: str = hfield("127.0.0.1", help="Bind address; keep loopback unless a proxy with auth fronts the server.")
+    host: str = hfield("127.0.0.1", help="Bind address; beyond loopback a bearer token is required (see token_env).")
+    token_env: str = hfield(
+        "KNOWZOOM_TOKEN", help="Environment variable holding the bearer token; when it is set, every HTTP request "
+        "needs 'Authorization: Bearer <token>' (the token never goes in a config file)."
+    )
+    allow_unauthenticated_remote: bool = hfield(
+        False, help="Start beyond loopback without a token (only behind a proxy that authenticates; warned loudly)."
+    )
+    allowed_hosts: list[str] = hfield(
+        [], help="Host header names accepted (DNS-rebinding defence; '*' = any). Default: loopback names when "
+        "bound to loopback, else the bind address (any Host when bound to 0.0.0.0 / ::)."
+    )
     port: int = hfield(8765, help="TCP port (0 = pick a free one).")
     workers: int = hfield(1, help="uvicorn worker processes; >1 only with stateless_only (episodes live in one process).")
     stateless_only: bool = hfield(False, help="Serve only stateless endpoints (no episodes); allows workers > 1.")
@@ -131,13 +142,20 @@ class ServeConfig(StageConfig):
     read_threads: int = hfield(4, help="Threads of the read pool.")
     max_connections: int = hfield(256, help="uvicorn limit_concurrency: open connections before 503.")
     # episodes
-    max_episodes: int = hfield(64, help="Episodes kept at once; the least recently used is evicted beyond this.")
+    max_episodes: int = hfield(64, help="Episodes kept at once; beyond it the heaviest client loses its least recently used one.")
+    max_episodes_per_client: int = hfield(
+        16, help="Episodes one client (remote address, or MCP session) holds; its own oldest is evicted beyond this."
+    )
     episode_ttl_s: float = hfield(600.0, help="Idle seconds after which an episode expires.")
     # GDAL
     gdal_cache_mb: int = hfield(256, help="GDAL block cache per process (MB).")
     gdal_lockdown: bool = hfield(True, help="Deregister non-served GDAL drivers and disable GDAL networking (process-wide).")
     store_max_open: int = hfield(64, help="Open rasterio handles kept by the image store.")
     log_level: str = hfield("info", help="Logging level: debug, info, warning, error.")
+    manifest_errors: str = hfield(
+        "fail", help="Bad manifest lines / folder files: fail (refuse to start, naming the line) or skip "
+        "(serve the rest; each bad entry is logged and counted in /health)."
+    )
 
     def validate(self) -> list[str]:
         p = super().validate()
@@ -177,7 +195,38 @@ class ServeConfig(StageConfig):
             p.append(f"max_output_pixels: {self.max_output_pixels} exceeds the hard cap {HARD_MAX_PIXELS}")
         if self.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
             p.append("log_level: use debug, info, warning or error")
+        if self.manifest and not Path(self.manifest).is_file():
+            p.append(f"manifest: {self.manifest} does not exist (or is not a file); give the images.jsonl to serve")
+        if self.manifest_errors not in ("fail", "skip"):
+            p.append("manifest_errors: use fail or skip")
+        if not 1 <= self.max_episodes_per_client <= max(1, self.max_episodes):
+            p.append("max_episodes_per_client: must be within 1..max_episodes")
+        if not isinstance(self.token_env, str) or not self.token_env.strip():
+            p.append("token_env: name an environment variable, e.g. KNOWZOOM_TOKEN")
+        elif (self.transport != "mcp-stdio" and not is_loopback(self.host) and not self.token()
+              and not self.allow_unauthenticated_remote):
+            p.append(f"host: {self.host} is reachable beyond this machine and no token is set; export "
+                     f"{self.token_env}=<a long random string> (clients send 'Authorization: Bearer <it>'), "
+                     "or bind 127.0.0.1, or set allow_unauthenticated_remote: true behind an authenticating proxy")
         return p
+
+    def token(self) -> str | None:
+        """The bearer token from the `token_env` environment variable (None when unset or empty)."""
+        import os
+
+        t = os.environ.get(self.token_env or "", "").strip()
+        return t or None
+
+    def host_allowlist(self) -> set[str] | None:
+        """Host header names to accept (lower case, no port); None = any."""
+        if self.allowed_hosts:
+            names = {h.strip().lower().strip("[]") for h in self.allowed_hosts}
+            return None if "*" in names else names
+        if is_loopback(self.host):
+            return {"127.0.0.1", "localhost", "::1"}
+        if self.host in ("0.0.0.0", "::", ""):
+            return None  # every interface: the operator names the hosts; the token guards the server
+        return {self.host.lower().strip("[]")}
 
     def zoom_config(self):
         """The tools.zoom.ZoomConfig of this server (same semantics as training)."""
@@ -195,6 +244,18 @@ class ServeConfig(StageConfig):
             return list(self.allowed_roots)
         roots = [str(Path(self.manifest).parent)] if self.manifest else []
         return roots + list(self.image_dirs)
+
+
+def is_loopback(host: str) -> bool:
+    """True for a bind address reachable only from this machine (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 # -- image encoding -----------------------------------------------------------------------------------
@@ -338,13 +399,21 @@ class _EpisodeSlot:
     created: float
     last_used: float
     lock: threading.Lock
+    owner: str = ""
 
 
 class EpisodeRegistry:
-    """Bounded, expiring map episode id → Episode (LRU eviction beyond `max_episodes`)."""
+    """Bounded, expiring map episode id → Episode, fair between clients.
 
-    def __init__(self, max_episodes: int, ttl_s: float, clock: Callable[[], float] = time.monotonic):
+    A client (`owner`) holds at most `max_per_owner` episodes: beyond that its own least recently used one
+    goes. When the whole registry is full, the least recently used episode of the client holding the most
+    is evicted, so one client opening many episodes never evicts a lighter client's.
+    """
+
+    def __init__(self, max_episodes: int, ttl_s: float, clock: Callable[[], float] = time.monotonic,
+                 max_per_owner: int | None = None):
         self.max_episodes = int(max_episodes)
+        self.max_per_owner = int(max_per_owner or max_episodes)
         self.ttl_s = float(ttl_s)
         self.clock = clock
         self._slots: OrderedDict[str, _EpisodeSlot] = OrderedDict()
@@ -357,16 +426,36 @@ class EpisodeRegistry:
             del self._slots[eid]
             self.n_expired += 1
 
-    def add(self, episode: Any, image_ids: list[str]) -> str:
+    def _evict_lru_of(self, owner: str) -> None:
+        victim = next(e for e, s in self._slots.items() if s.owner == owner)  # OrderedDict: LRU first
+        del self._slots[victim]
+        self.n_evicted += 1
+
+    def add(self, episode: Any, image_ids: list[str], owner: str = "") -> str:
         now = self.clock()
         eid = secrets.token_urlsafe(16)  # unguessable: one agent cannot drive another's episode
         with self._lock:
             self._purge(now)
+            counts: dict[str, int] = {}
+            for s in self._slots.values():
+                counts[s.owner] = counts.get(s.owner, 0) + 1
+            while counts.get(owner, 0) >= self.max_per_owner:
+                self._evict_lru_of(owner)
+                counts[owner] -= 1
             while len(self._slots) >= self.max_episodes:
-                self._slots.popitem(last=False)
-                self.n_evicted += 1
-            self._slots[eid] = _EpisodeSlot(episode, list(image_ids), now, now, threading.Lock())
+                heaviest = max(counts, key=lambda o: counts[o])
+                self._evict_lru_of(heaviest)
+                counts[heaviest] -= 1
+            self._slots[eid] = _EpisodeSlot(episode, list(image_ids), now, now, threading.Lock(), owner)
         return eid
+
+    def owners(self) -> dict[str, int]:
+        """Episodes held per client (for tests and /health)."""
+        with self._lock:
+            out: dict[str, int] = {}
+            for s in self._slots.values():
+                out[s.owner] = out.get(s.owner, 0) + 1
+            return out
 
     def get(self, eid: str) -> _EpisodeSlot:
         now = self.clock()
@@ -410,7 +499,8 @@ class ZoomService:
             except ToolError as e:
                 self.refused[image_id] = str(e)
                 log.warning("refusing to serve %r: %s", image_id, e)
-        self.episodes = EpisodeRegistry(cfg.max_episodes, cfg.episode_ttl_s)
+        self.episodes = EpisodeRegistry(cfg.max_episodes, cfg.episode_ttl_s,
+                                        max_per_owner=cfg.max_episodes_per_client)
         self.pool = concurrent.futures.ThreadPoolExecutor(cfg.read_threads, thread_name_prefix="kz-read")
         self._sem: asyncio.Semaphore | None = None
         self._sem_loop: asyncio.AbstractEventLoop | None = None
@@ -472,6 +562,8 @@ class ZoomService:
             return fn()
         except ToolError:
             raise
+        except (OverflowError, RecursionError) as e:  # numbers/nesting from the request, not the file
+            raise E.BadBoxError(detail=f"{type(e).__name__} on {image_id}") from None
         except (OSError, ValueError, RuntimeError, MemoryError) as e:
             if isinstance(e, (ValueError,)) and "bbox" in str(e).lower():
                 raise E.BadBoxError(detail=str(e)) from e
@@ -500,7 +592,8 @@ class ZoomService:
     def tools(self) -> dict[str, Any]:
         from tools.protocol import system_prompt, zoom_tool_schema
 
-        return {"tools": [zoom_tool_schema(self.cfg.frame)], "frame": self.cfg.frame,
+        # strict form: OpenAI strict function calling accepts it as is (same tool, same semantics)
+        return {"tools": [zoom_tool_schema(self.cfg.frame, strict=True)], "frame": self.cfg.frame,
                 "system_prompt": system_prompt(self.cfg.frame), "max_turns": self.cfg.max_turns}
 
     # -- episodes -------------------------------------------------------------------------------------
@@ -508,7 +601,7 @@ class ZoomService:
         if self.cfg.stateless_only:
             raise E.LimitError("Episodes are disabled on this server (stateless_only); use /zoom.")
 
-    async def start_episode(self, image_ids: Any, fmt: str = "json") -> dict[str, Any]:
+    async def start_episode(self, image_ids: Any, fmt: str = "json", owner: str = "") -> dict[str, Any]:
         from tools.protocol import Episode
 
         self._need_episodes()
@@ -525,7 +618,7 @@ class ZoomService:
             return ep, [observation_payload(o, fmt, self.cfg) for o in obs]
 
         ep, payloads = await self.run_read(make)
-        eid = self.episodes.add(ep, ids)
+        eid = self.episodes.add(ep, ids, owner)
         return {"episode_id": eid, "frame": self.cfg.frame, "max_turns": self.cfg.max_turns,
                 "expires_after_idle_s": self.cfg.episode_ttl_s, "observations": _finite_json(payloads)}
 
@@ -553,8 +646,11 @@ class ZoomService:
 
     async def episode_call(self, eid: str, name: Any = None, arguments: Any = None,
                            text: Any = None) -> dict[str, Any]:
-        """Execute one tool call as in training: errors come back as the text the model would see."""
-        from tools.protocol import ToolCall, parse_turn
+        """Execute one tool call as in training: errors come back as the text the model would see.
+
+        `arguments` may be an object or the JSON string of an OpenAI tool call; a malformed string is the
+        model's mistake and comes back as error text, like a malformed `text`."""
+        from tools.protocol import ToolCall, parse_arguments, parse_turn
 
         self._need_episodes()
         slot = self.episodes.get(eid)
@@ -570,9 +666,13 @@ class ZoomService:
                         "error": public_error(E.ToolCallParseError()), "observation": None}
             call = parsed.tool_call
         else:
-            if not isinstance(name, str) or not isinstance(arguments, dict):
+            if not isinstance(name, str) or not isinstance(arguments, (dict, str)):
                 raise E.ToolCallParseError()
-            call = ToolCall(name=name, arguments=arguments)
+            try:
+                args = parse_arguments(arguments)
+            except E.ToolCallParseError as e:
+                return {"text": e.model_message(), "error": public_error(e), "observation": None}
+            call = ToolCall(name=name, arguments=args)
 
         def work() -> dict[str, Any]:
             if not slot.lock.acquire(timeout=self.cfg.request_timeout_s):
@@ -672,7 +772,8 @@ class ZoomService:
         from tools.security import lockdown_report
 
         rep = lockdown_report()
-        return {"status": "ok", "images": len(self.served), "refused_images": len(self.refused),
+        skipped = len(getattr(self.store, "manifest_problems", []))
+        return {"status": "ok", "images": len(self.served), "refused_images": len(self.refused) + skipped,
                 "episodes": len(self.episodes), "inflight": self.inflight, "timeouts": self.n_timeouts,
                 "busy_rejections": self.n_busy, "gdal_drivers_locked": bool(rep and rep.drivers_locked)}
 
@@ -680,15 +781,68 @@ class ZoomService:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 
+def _register_skipping(store: Any, cfg: ServeConfig) -> list[str]:
+    """Register the manifest line by line and the folders file by file, skipping bad entries (manifest_errors:
+    skip); returns one 'where: why' line per skipped entry (also logged)."""
+    from tools.store import DEFAULT_PATTERNS
+
+    problems: list[str] = []
+    entries: list[tuple[str, Any, Any]] = []  # (where, id, path)
+    if cfg.manifest:
+        mpath = Path(cfg.manifest)
+        try:
+            lines = mpath.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise E.UnreadableImageError("Cannot read the manifest.", detail=f"{mpath}: {e}") from e
+        for i, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                d = json.loads(line)
+                entries.append((f"{mpath.name}:{i}", str(d["id"]), mpath.parent / d["path"]))
+            except (ValueError, RecursionError, KeyError, TypeError) as e:
+                problems.append(f"{mpath.name}:{i}: not a {{\"id\", \"path\"}} JSON object ({type(e).__name__})")
+    for folder in cfg.image_dirs:
+        files = sorted({f for pat in DEFAULT_PATTERNS for f in Path(folder).glob(pat)})
+        entries += [(str(f), f.stem, f) for f in files]
+    for where, image_id, path in entries:
+        try:
+            store.register(image_id, path)
+        except (ToolError, OSError, ValueError) as e:
+            problems.append(f"{where}: {e}"[:300])
+    return problems
+
+
 def build_store(cfg: ServeConfig) -> Any:
-    """The ImageStore of a config: manifest and/or folders, under the allowed roots."""
+    """The ImageStore of a config: manifest and/or folders, under the allowed roots. With
+    `manifest_errors: skip` bad entries are skipped and listed in `store.manifest_problems`."""
     from tools.store import ImageStore
 
     store = ImageStore(cfg.roots(), max_open=cfg.store_max_open)
-    if cfg.manifest:
-        store.register_manifest(cfg.manifest)
-    for d in cfg.image_dirs:
-        store.register_folder(d)
+    if cfg.manifest_errors == "skip":
+        store.manifest_problems = _register_skipping(store, cfg)
+        for p in store.manifest_problems:
+            log.warning("skipped image entry %s", p)
+        if not store.ids():
+            from pipeline.errors import ConfigError
+
+            raise ConfigError("No image could be registered: " + "; ".join(store.manifest_problems[:5]))
+        return store
+    from pipeline.errors import ConfigError
+
+    try:
+        if cfg.manifest:
+            store.register_manifest(cfg.manifest)
+        for d in cfg.image_dirs:
+            store.register_folder(d)
+    except (ToolError, ValueError, RecursionError, OSError) as e:  # ValueError: a non-UTF-8 manifest
+        raise ConfigError(f"cannot register the images: {str(e)[:300]}; fix that entry, or set "
+                          "manifest_errors: skip to serve the others") from None
+    if not store.ids():
+        where = " and ".join(x for x in [cfg.manifest and f"manifest {cfg.manifest}",
+                                         cfg.image_dirs and f"image_dirs {cfg.image_dirs}"] if x)
+        raise ConfigError(f"nothing to serve: {where} list no images; point them at images.jsonl lines "
+                          '{"id", "path"} or folders with .tif/.png/.jpg files')
     return store
 
 
@@ -711,7 +865,8 @@ class ZoomIn(_Model):
 
 class ToolCallBody(_Model):
     name: str | None = Field(None, description="Tool name (zoom_in).")
-    arguments: dict[str, Any] | None = Field(None, description="Tool arguments: {bbox, source}.")
+    arguments: dict[str, Any] | str | None = Field(
+        None, description="Tool arguments {bbox, source}, as an object or as the JSON string OpenAI tool calls carry.")
     text: str | None = Field(None, description="Or the raw model turn containing one <tool_call>.")
 
 class StatelessZoom(_Model):
@@ -753,11 +908,67 @@ class _BodyLimit:
         return await self.app(scope, limited_receive, send)
 
 
-async def _send_json(send: Callable, status: int, body: dict) -> None:
+async def _send_json(send: Callable, status: int, body: dict, headers: list | None = None) -> None:
     raw = json.dumps(body).encode()
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]})
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode()),
+                            *(headers or [])]})
     await send({"type": "http.response.body", "body": raw})
+
+
+def _host_name(value: str) -> str:
+    """The host part of a Host header value, lower case, without port or IPv6 brackets."""
+    v = value.strip().lower()
+    if v.startswith("["):
+        return v[1:v.find("]")] if "]" in v else v
+    return v.rsplit(":", 1)[0] if v.count(":") == 1 else v
+
+
+class _Guard:
+    """ASGI middleware in front of every HTTP app (REST and MCP): refuses, before any routing or body read,
+
+    - paths with control characters (a trailing newline would otherwise match a route: regex `$` matches
+      before a final newline) → 404;
+    - a Host header outside the allow-list (DNS rebinding) → 421;
+    - a missing or wrong bearer token when one is configured → 401 (constant-time comparison).
+    """
+
+    def __init__(self, app: Any, token: str | None, hosts: set[str] | None):
+        self.app, self.hosts = app, hosts
+        self.token = token.encode() if token else None
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "websocket":  # no websocket endpoints: refuse the handshake
+            return await send({"type": "websocket.close", "code": 1008})
+        if scope["type"] != "http":  # lifespan
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "") + scope.get("raw_path", b"").decode("latin-1")
+        if any(ord(c) < 32 or ord(c) == 127 for c in path):
+            return await _send_json(send, 404, {"error": "HTTPError", "message": "Not found."})
+        headers = dict(scope.get("headers") or [])
+        if self.hosts is not None:
+            host = headers.get(b"host", b"").decode("latin-1")
+            if _host_name(host) not in self.hosts:
+                log.info("refused Host header %r", host[:100])
+                return await _send_json(send, 421, public_error(E.HostNotAllowedError()))
+        if self.token is not None:
+            auth = headers.get(b"authorization", b"")
+            scheme, _, given = auth.partition(b" ")
+            if scheme.lower() != b"bearer" or not secrets.compare_digest(given.strip(), self.token):
+                return await _send_json(send, 401, public_error(E.UnauthorizedError()),
+                                        [(b"www-authenticate", b'Bearer realm="knowzoom"')])
+        return await self.app(scope, receive, send)
+
+
+def guard_app(app: Any, cfg: ServeConfig) -> Any:
+    """Wrap an ASGI app in the token / Host / path guard of `cfg` (the REST app and the MCP HTTP app)."""
+    return _Guard(app, cfg.token(), cfg.host_allowlist())
+
+
+def client_key(request: Request) -> str:
+    """Who a request comes from, for per-client episode quotas: the peer address (behind a proxy every
+    client shares the proxy's address; see SECURITY.md)."""
+    return request.client.host if request.client else ""
 
 
 def create_app(cfg: ServeConfig, store: Any | None = None) -> Any:
@@ -769,8 +980,24 @@ def create_app(cfg: ServeConfig, store: Any | None = None) -> Any:
         yield
         svc.close()
 
+    cap = cfg.max_response_bytes
+
+    class CappedJSON(JSONResponse):
+        """JSON body refused (422) above max_response_bytes: the cap holds for the whole body, not only the
+        image inside it (base64 makes that 4/3 larger)."""
+
+        def render(self, content: Any) -> bytes:
+            raw = super().render(content)
+            if len(raw) > cap:
+                raise E.LimitError(f"Response exceeds the {cap}-byte cap; ask for fewer pixels, fewer images or "
+                                   "png/jpeg bytes.", detail=f"{len(raw)} bytes")
+            return raw
+
     app = FastAPI(
         lifespan=lifespan,
+        default_response_class=CappedJSON,
+        redirect_slashes=False,  # a slash redirect would be built from the Host header
+
         title="KnowZoom zoom tool",
         version="1",
         description="The zoom_in tool of KnowZoom with the training semantics. Images are addressed by id only.",
@@ -779,7 +1006,7 @@ def create_app(cfg: ServeConfig, store: Any | None = None) -> Any:
 
     def image_response(payload: dict[str, Any], data: bytes | None, fmt: str) -> Response:
         if data is None:
-            return JSONResponse(payload)
+            return CappedJSON(payload)
         meta = json.dumps(payload, separators=(",", ":"), ensure_ascii=True)
         return Response(data, media_type=MIME[fmt], headers={"X-KnowZoom-Observation": meta})
 
@@ -825,8 +1052,8 @@ def create_app(cfg: ServeConfig, store: Any | None = None) -> Any:
         return svc.tools()
 
     @app.post("/episodes", summary="Start an episode: returns the overview observations (image_k)")
-    async def start_episode(body: StartEpisode = Body(...)) -> dict:
-        return await svc.start_episode(body.image_ids, body.format)
+    async def start_episode(request: Request, body: StartEpisode = Body(...)) -> dict:
+        return await svc.start_episode(body.image_ids, body.format, owner=client_key(request))
 
     @app.get("/episodes/{episode_id}", summary="Episode state: observations, calls, errors")
     async def episode(episode_id: str) -> dict:
@@ -856,6 +1083,7 @@ def create_app(cfg: ServeConfig, store: Any | None = None) -> Any:
         return image_response(payload, data, body.format)
 
     app.add_middleware(_BodyLimit, limit=cfg.max_request_bytes)
+    app.add_middleware(_Guard, token=cfg.token(), hosts=cfg.host_allowlist())  # outermost: before any body
     return app
 
 
@@ -876,6 +1104,24 @@ def app_from_env() -> Any:
     return create_app(cfg)
 
 
+def warn_exposure(cfg: ServeConfig) -> list[str]:
+    """Log (at WARNING, on stderr) how exposed this server is; returns the warnings for tests."""
+    out: list[str] = []
+    if cfg.transport == "mcp-stdio":
+        return out
+    if not is_loopback(cfg.host):
+        if cfg.token() is None:
+            out.append(f"SERVING WITHOUT AUTHENTICATION ON {cfg.host}:{cfg.port}: anyone who can reach this "
+                       f"address can read every served image and use every read slot. Export {cfg.token_env} "
+                       "or keep an authenticating proxy in front (allow_unauthenticated_remote is set).")
+        if cfg.host_allowlist() is None:
+            out.append("Any Host header is accepted (bound to every interface); set allowed_hosts to the names "
+                       "clients use.")
+    for w in out:
+        log.warning("%s", w)
+    return out
+
+
 def run(cfg: ServeConfig) -> dict[str, Any]:
     """Serve until interrupted (blocks): REST on uvicorn, or MCP over streamable HTTP / stdio."""
     import os
@@ -885,6 +1131,7 @@ def run(cfg: ServeConfig) -> dict[str, Any]:
     from tools.security import apply_gdal_lockdown
 
     logging.basicConfig(level=cfg.log_level.upper())
+    warn_exposure(cfg)
     if cfg.gdal_lockdown:
         rep = apply_gdal_lockdown(cfg.gdal_cache_mb)
         log.info("GDAL drivers left: %s", rep.remaining)

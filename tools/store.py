@@ -13,7 +13,6 @@ import json
 import os
 import re
 import threading
-import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -27,7 +26,7 @@ os.environ.setdefault("GDAL_CACHEMAX", "256")
 import numpy as np  # noqa: E402
 import rasterio  # noqa: E402
 from rasterio.enums import Resampling  # noqa: E402
-from rasterio.errors import NotGeoreferencedWarning, RasterioIOError  # noqa: E402
+from rasterio.errors import RasterioIOError  # noqa: E402
 
 from tools.errors import ForbiddenPathError, UnknownImageError, UnreadableImageError  # noqa: E402
 from tools.render import RENDER_KEYS, RenderSpec, auto_bands, palette_lut, parse_render  # noqa: E402
@@ -69,9 +68,9 @@ class ImageInfo:
 
 
 def _open_raw(path: str) -> rasterio.io.DatasetReader:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        return rasterio.open(path)
+    from tools.security import open_raster  # sniffed driver, no network/sidecars (tools.security)
+
+    return open_raster(path)
 
 
 class ImageStore:
@@ -168,7 +167,9 @@ class ImageStore:
         """A store holding a manifest's images; the allowed root defaults to the manifest's folder."""
         manifest_path = Path(manifest_path)
         store = cls(roots or [manifest_path.parent], **kwargs)
-        store.register_manifest(manifest_path)
+        if not store.register_manifest(manifest_path):  # a stage would run on nothing
+            raise UnknownImageError(f"{manifest_path} lists no images; give an images.jsonl with "
+                                    '{"id", "path"} lines (make-scenes and prepare-images write one)')
         return store
 
     def ids(self) -> list[str]:

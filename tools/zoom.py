@@ -13,6 +13,7 @@ streamed row by row: bounded memory but slow — run `knowzoom prepare-images` o
 from __future__ import annotations
 
 import math
+import reprlib
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -211,12 +212,15 @@ def check_box(bbox: Any, wrap_x: bool = False) -> tuple[float, float, float, flo
     """4 finite numbers with x0 < x1 and y0 < y1, else BadBoxError. `wrap_x` (lon/lat boxes) also accepts
     x0 > x1: a box across the antimeridian, west edge first (as GeoJSON and STAC write it)."""
     if isinstance(bbox, (str, bytes, dict)) or not hasattr(bbox, "__len__") or len(bbox) != 4:
-        raise BadBoxError(detail=f"not a 4-number box: {bbox!r:.80}")
+        raise BadBoxError(detail=f"not a 4-number box: {reprlib.repr(bbox)}")  # reprlib: bounded depth
     out = []
     for v in bbox:
         if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
-            raise BadBoxError(detail=f"non-numeric coordinate {v!r:.40}")
-        v = float(v)
+            raise BadBoxError(detail=f"non-numeric coordinate {reprlib.repr(v)}")
+        try:
+            v = float(v)
+        except OverflowError:  # a 400-digit integer: a caller mistake, not a server error
+            raise BadBoxError("bbox coordinates must be finite numbers.", detail="integer too large") from None
         if not math.isfinite(v):
             raise BadBoxError("bbox coordinates must be finite numbers.", detail=str(bbox))
         out.append(v)
