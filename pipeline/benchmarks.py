@@ -221,12 +221,23 @@ def _find(root: Path, names: tuple[str, ...], what: str) -> Path:
 
 
 def _link_image(path: Path, raw: Path, rel: str) -> str:
-    """Give the image an id from its relative path and link it under raw/ for prepare-images (no copy)."""
+    """Give the image an id from its relative path and place it under raw/ for prepare-images: a hard link
+    (no copy) when raw/ is on the same filesystem, else a copy. Not a symlink: prepare-images refuses links
+    that leave its input folder (tools/security.py)."""
+    import os
+    import shutil
+
     image_id = _SAFE.sub("_", str(Path(rel).with_suffix(""))).strip("._") or "image"
     dst = raw / (image_id + path.suffix.lower())
     if not dst.exists():
         raw.mkdir(parents=True, exist_ok=True)
-        dst.symlink_to(path.resolve())
+        tmp = dst.with_name(dst.name + ".tmp")
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(path.resolve(), tmp)
+        except OSError:
+            shutil.copyfile(path.resolve(), tmp)
+        tmp.replace(dst)
     return image_id
 
 

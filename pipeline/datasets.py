@@ -98,6 +98,21 @@ def _sniff_ext(data: bytes) -> str:
     raise DatasetFormatError("image bytes are not PNG, JPEG, TIFF, WebP or BMP")
 
 
+def _to_png(data: bytes) -> bytes:
+    """Lossless PNG of a WebP/BMP image (decoded by Pillow), so the guarded raster open accepts it."""
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            buf = io.BytesIO()
+            im.convert("RGBA" if "A" in im.getbands() else "RGB").save(buf, format="PNG")
+    except Exception as e:  # noqa: BLE001 - a corrupt image is a format error of the dataset
+        raise DatasetFormatError(f"image bytes could not be decoded ({e})") from e
+    return buf.getvalue()
+
+
 @dataclass
 class _ImageRef:
     """One image of a question: its bytes (parquet) or a file (JSON layout), and a name hint."""
@@ -131,7 +146,10 @@ class _RawWriter:
         image_id = stem or f"xlrs_{digest[:10]}"
         if image_id in self._taken:
             image_id = f"{image_id}_{digest[:10]}"
-        out = self.raw_dir / (image_id + _sniff_ext(data[:16]))
+        ext = _sniff_ext(data[:16])
+        if ext in (".webp", ".bmp"):  # prepare-images opens TIFF, PNG and JPEG only (tools/security.py)
+            data, ext = _to_png(data), ".png"
+        out = self.raw_dir / (image_id + ext)
         if not out.exists() or out.stat().st_size != len(data):
             tmp = out.with_name(out.name + ".tmp")
             tmp.write_bytes(data)

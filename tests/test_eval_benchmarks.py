@@ -134,7 +134,8 @@ def test_lrs_loader_reads_the_published_layout(lrs: Path, tmp_path: Path) -> Non
     assert s.qtype == "text" and s.answer == "red" and s.meta["subset"] == "FAIR1M" and s.category == "FAIR1M:color"
     assert s.meta["official_prompt"] == LRS_ROWS[0]["text"]
     assert samples[0].images == samples[1].images and len({i for x in samples for i in x.images}) == 3
-    assert all(p.is_symlink() for p in raw.iterdir())  # images are linked, not copied, before prepare-images
+    # images are hard-linked (same filesystem), not copied and not symlinked (prepare-images refuses links out)
+    assert all(p.stat().st_nlink == 2 and not p.is_symlink() for p in raw.iterdir())
 
 
 def test_mme_loader_keeps_only_remote_sensing(mme: Path, tmp_path: Path) -> None:
