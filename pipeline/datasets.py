@@ -71,8 +71,9 @@ class DatasetFormatError(RecordError):
 
 
 def official_prompt(sample: VQASample) -> str:
-    """The lmms-eval `xlrs-lite` question text (the images come before it in the user turn)."""
-    post = _POST_MULTI if sample.category == MULTI_ANSWER_CATEGORY or sample.qtype == "multi" else _POST_SINGLE
+    """The lmms-eval `xlrs-lite` question text (the images come before it in the user turn). As in lmms-eval,
+    the multi-answer instruction is chosen by the category alone: the answer key never shapes the prompt."""
+    post = _POST_MULTI if sample.category == MULTI_ANSWER_CATEGORY else _POST_SINGLE
     return sample.question + _OPTION_PROMPT + "\n".join(sample.choices) + "\n" + post
 
 
