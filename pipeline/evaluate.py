@@ -250,13 +250,19 @@ def run(cfg: EvalConfig, backend: Any = None) -> dict[str, Any]:
         skey = cache_key(cfg, s_agent, f"sample{cfg.n_samples}")
         sampled = run_cached(backend, samples, store, s_agent, cfg.n_samples, pred_dir / f"{skey}.jsonl",
                              cfg.chunk_size, f"pass@k (n={cfg.n_samples})")
-    metrics = compute_metrics(samples, greedy, sampled, [k for k in cfg.pass_k if k > 1] or None)
+    metrics = compute_metrics(samples, greedy, sampled, [k for k in cfg.pass_k if k > 1] or None,
+                              n_samples=cfg.n_samples or None)
     n_err = metrics["overall"]["errors"] + sum(1 for s in samples if s.id not in greedy)
     reasons = []
     if cfg.limit is not None:
         reasons.append(f"--limit {cfg.limit} evaluates a subset")
     if n_err:
         reasons.append(f"{n_err} items have no scored prediction (episode errors); rerun to retry them")
+    missing = metrics["overall"].get("items_missing_rollouts", 0)
+    if missing:
+        reasons.append(f"{missing} items have fewer than {cfg.n_samples} scored rollouts "
+                       f"({metrics['overall']['sampled_errors']} rollouts errored), so Pass@k is computed on "
+                       "fewer items or rollouts; rerun to retry them")
     result = {
         "model": cfg.model, "backend": cfg.backend, "dataset": cfg.dataset, "dataset_path": cfg.dataset_path,
         "protocol": cfg.protocol, "reportable": not reasons, "not_reportable_reason": "; ".join(reasons),
@@ -269,7 +275,9 @@ def run(cfg: EvalConfig, backend: Any = None) -> dict[str, Any]:
                           title=f"{cfg.model} · {cfg.dataset} · {cfg.protocol}",
                           note="" if result["reportable"] else "NOT REPORTABLE: " + result["not_reportable_reason"])
     o = metrics["overall"]
-    summary = {k: o[k] for k in o if k.endswith(("_micro", "_macro"))}
+    summary = {k: o[k] for k in o if k.endswith(("_micro", "_macro", "_items"))}
+    if cfg.n_samples:
+        summary.update(sampled_errors=o["sampled_errors"], items_missing_rollouts=o["items_missing_rollouts"])
     summary.update(n=o["n"], errors=o["errors"], parse_failure_rate=o["parse_failure_rate"],
                    tool_calls_per_question=o["tool_calls_per_question"], reportable=result["reportable"],
                    viewer=str(viewer), **paths)

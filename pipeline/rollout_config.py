@@ -84,7 +84,7 @@ class RolloutStageConfig(StageConfig):
         return AgentConfig(max_turns=self.max_turns if self.protocol == "zoom" else 1,
                            max_new_tokens=self.max_new_tokens, temperature=temperature, top_p=top_p,
                            protocol=self.protocol, batch_size=self.batch_size,
-                           max_answer_chars=self.max_answer_chars, zoom=self.zoom_config())
+                           max_answer_chars=self.max_answer_chars, seed=self.seed, zoom=self.zoom_config())
 
     def make_backend(self) -> Any:
         """The generation backend these settings name (loads the model)."""

@@ -14,6 +14,7 @@ XLRS-Bench lmms-eval prompt: images + question + options, one turn, no tools).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -48,6 +49,7 @@ class AgentConfig:
     protocol: str = "zoom"  # "zoom" | "direct"
     batch_size: int = 8  # conversations per backend.generate call
     max_answer_chars: int = MAX_ANSWER_CHARS  # verifier: answers this long get no credit
+    seed: int = 0  # base seed; each rollout's turns are seeded from (seed, item id, rollout, turn)
     zoom: ZoomConfig = field(default_factory=ZoomConfig)
 
     def problems(self) -> list[str]:
@@ -72,10 +74,20 @@ class AgentConfig:
 class Backend(Protocol):
     """Generates one assistant turn for each conversation. `images[i]` are the PIL images of
     conversation i in the order their {"type": "image"} placeholders appear. Returned texts keep the stop
-    string that ended them ("…</tool_call>")."""
+    string that ended them ("…</tool_call>"). `seeds[i]` (from `rollout_seed`) seeds conversation i's
+    sampling on its own, so a rollout never depends on which other rollouts share its batch."""
 
     def generate(self, conversations: list[list[dict]], images: list[list[Image.Image]], *,
-                 max_new_tokens: int, temperature: float, top_p: float, stop: list[str]) -> list[str]: ...
+                 max_new_tokens: int, temperature: float, top_p: float, stop: list[str],
+                 seeds: list[int] | None = None) -> list[str]: ...
+
+
+def rollout_seed(base: int, item_id: str, rollout: int, turn: int = 0) -> int:
+    """The sampling seed of one turn of one rollout: a hash of (base seed, item id, rollout index, turn), so
+    rollouts of an item differ, a rerun or a resumed run repeats them, and batching cannot change them.
+    63 bits (what torch generators and vLLM's SamplingParams.seed accept)."""
+    digest = hashlib.sha256(f"{int(base)}|{item_id}|{int(rollout)}|{int(turn)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 def trim_at_stop(text: str, stop: list[str]) -> str:
@@ -283,6 +295,8 @@ def run_episodes(
                     [lives[i].messages for i in chunk], [lives[i].images for i in chunk],
                     max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                     stop=list(STOP_STRINGS),
+                    seeds=[rollout_seed(cfg.seed, lives[i].sample.id, lives[i].rollout, lives[i].turns)
+                           for i in chunk],
                 )
                 if len(texts) != len(chunk):
                     raise BackendError(f"backend returned {len(texts)} texts for {len(chunk)} conversations")
@@ -333,6 +347,7 @@ __all__ = [
     "STOP_STRINGS",
     "PROTOCOLS",
     "run_episodes",
+    "rollout_seed",
     "trim_at_stop",
     "close_stopped",
     "agent_config_from",

@@ -79,7 +79,31 @@ class TransformersBackend:
         return trim_at_stop(text[:cut], stop)
 
     def generate(self, conversations: list[list[dict]], images: list[list[Image.Image]], *,
-                 max_new_tokens: int, temperature: float, top_p: float, stop: list[str]) -> list[str]:
+                 max_new_tokens: int, temperature: float, top_p: float, stop: list[str],
+                 seeds: list[int] | None = None) -> list[str]:
+        """Greedy turns run as one padded batch. Sampled turns with `seeds` run one conversation at a time,
+        each from its own seed (torch's sampler draws from one global generator, so in a batch a row's
+        tokens would depend on its batch-mates and a resumed run would sample differently)."""
+        if temperature > 0 and seeds is not None:
+            import torch
+
+            if len(seeds) != len(conversations):
+                raise BackendError(f"{len(seeds)} seeds for {len(conversations)} conversations")
+            out = []
+            devices = [self.model.device] if getattr(self.model, "device", None) is not None and \
+                self.model.device.type == "cuda" else []
+            for conv, ims, sd in zip(conversations, images, seeds, strict=True):
+                with torch.random.fork_rng(devices=devices):
+                    torch.manual_seed(int(sd))
+                    out += self._generate([conv], [ims], max_new_tokens=max_new_tokens, temperature=temperature,
+                                          top_p=top_p, stop=stop, seed=None)
+            return out
+        return self._generate(conversations, images, max_new_tokens=max_new_tokens, temperature=temperature,
+                              top_p=top_p, stop=stop, seed=self.seed)
+
+    def _generate(self, conversations: list[list[dict]], images: list[list[Image.Image]], *,
+                  max_new_tokens: int, temperature: float, top_p: float, stop: list[str],
+                  seed: int | None) -> list[str]:
         import torch
 
         texts = [self.render(c) for c in conversations]
@@ -98,8 +122,8 @@ class TransformersBackend:
                                   "pad_token_id": self.tokenizer.pad_token_id or self.tokenizer.eos_token_id}
         if do_sample:
             kwargs.update(temperature=temperature, top_p=top_p)
-            if self.seed is not None:
-                torch.manual_seed(self.seed)
+            if seed is not None:  # no per-rollout seeds: one seed per call (batch-dependent; legacy callers)
+                torch.manual_seed(seed)
         else:
             kwargs.update(temperature=None, top_p=None, top_k=None)
         if stop:
@@ -130,16 +154,31 @@ class VLLMBackend:
             import vllm
         except ImportError as e:
             raise BackendError("vLLM is not installed: pip install 'knowzoom[gpu]' on a GPU host") from e
-        from pipeline.models import load_processor
+        return cls.from_engine_class(path, vllm.LLM, vllm.SamplingParams, max_images=max_images,
+                                     max_pixels=max_pixels, min_pixels=min_pixels,
+                                     gpu_memory_utilization=gpu_memory_utilization,
+                                     tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len,
+                                     seed=seed, **engine_kwargs)
 
-        llm = vllm.LLM(
-            model=str(path), limit_mm_per_prompt={"image": max_images},
+    @classmethod
+    def from_engine_class(cls, path: str, llm_cls: Any, sampling_params_cls: Any, *, max_images: int = 8,
+                          max_pixels: int = 1003520, min_pixels: int = 3136, gpu_memory_utilization: float = 0.85,
+                          tensor_parallel_size: int = 1, max_model_len: int = 32768, seed: int = 0,
+                          **engine_kwargs: Any) -> VLLMBackend:
+        """Build the engine from `llm_cls` (vllm.LLM, or a stand-in with its contract) on the *resolved local
+        folder* of `path` ("tiny", a stage output, or an HF id already in the local cache), so vLLM never
+        sees a Hub id and never goes online; the processor is loaded from the same folder."""
+        from pipeline.models import load_processor, resolve_model_path
+
+        local = resolve_model_path(str(path))
+        llm = llm_cls(
+            model=str(local), limit_mm_per_prompt={"image": max_images},
             mm_processor_kwargs={"max_pixels": max_pixels, "min_pixels": min_pixels},
             gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size,
             max_model_len=max_model_len, seed=seed, **engine_kwargs,
         )
-        processor = load_processor(str(path), max_pixels=max_pixels, min_pixels=min_pixels)
-        return cls(llm, processor, sampling_params_cls=vllm.SamplingParams, seed=seed)
+        processor = load_processor(str(local), max_pixels=max_pixels, min_pixels=min_pixels)
+        return cls(llm, processor, sampling_params_cls=sampling_params_cls, seed=seed)
 
     def build_requests(self, conversations: list[list[dict]], images: list[list[Image.Image]]) -> list[dict]:
         """One vLLM prompt dict per conversation: the rendered chat text and its images in order."""
@@ -156,18 +195,29 @@ class VLLMBackend:
             reqs.append(req)
         return reqs
 
-    def sampling_params(self, *, max_new_tokens: int, temperature: float, top_p: float, stop: list[str]) -> Any:
+    def sampling_params(self, *, max_new_tokens: int, temperature: float, top_p: float, stop: list[str],
+                        seed: int | None = None) -> Any:
+        """One request's SamplingParams; `seed` is that rollout's own seed (vLLM seeds each request's
+        generator from it, so one shared seed would make every rollout of an item identical)."""
         if self._sp_cls is None:
             from vllm import SamplingParams
 
             self._sp_cls = SamplingParams
         return self._sp_cls(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
-                            stop=list(stop), include_stop_str_in_output=True, seed=self.seed)
+                            stop=list(stop), include_stop_str_in_output=True,
+                            seed=int(seed) if seed is not None and temperature > 0 else None)
 
     def generate(self, conversations: list[list[dict]], images: list[list[Image.Image]], *,
-                 max_new_tokens: int, temperature: float, top_p: float, stop: list[str]) -> list[str]:
+                 max_new_tokens: int, temperature: float, top_p: float, stop: list[str],
+                 seeds: list[int] | None = None) -> list[str]:
         reqs = self.build_requests(conversations, images)
-        params = self.sampling_params(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop=stop)
+        if seeds is not None and len(seeds) != len(reqs):
+            raise BackendError(f"{len(seeds)} seeds for {len(reqs)} conversations")
+        if seeds is None and temperature > 0 and self.seed is not None:
+            log.warning("vLLM backend: no per-rollout seeds; sampling is not reproducible across batches")
+        params = [self.sampling_params(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                       stop=stop, seed=None if seeds is None else seeds[i])
+                  for i in range(len(reqs))]
         outs = self.llm.generate(reqs, params, use_tqdm=False)
         if len(outs) != len(reqs):
             raise BackendError(f"vLLM returned {len(outs)} outputs for {len(reqs)} prompts")
@@ -264,9 +314,13 @@ class OpenAIBackend:
         raise BackendError(f"{self.url}: {last}")
 
     def generate(self, conversations: list[list[dict]], images: list[list[Image.Image]], *,
-                 max_new_tokens: int, temperature: float, top_p: float, stop: list[str]) -> list[str]:
+                 max_new_tokens: int, temperature: float, top_p: float, stop: list[str],
+                 seeds: list[int] | None = None) -> list[str]:
         bodies = [self._payload(c, ims, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                 stop=stop) for c, ims in zip(conversations, images, strict=True)]
+        if seeds is not None and temperature > 0:
+            for b, sd in zip(bodies, seeds, strict=True):
+                b["seed"] = int(sd) % (1 << 31)  # OpenAI's `seed`: best-effort reproducibility, per request
         if len(bodies) == 1 or self.concurrency == 1:
             return [self._post(b, stop) for b in bodies]
         with ThreadPoolExecutor(max_workers=min(self.concurrency, len(bodies))) as pool:
