@@ -94,6 +94,8 @@ def cache_key(cfg: Any, agent: Any, mode: str) -> str:
          "gen": {k: getattr(agent, k) for k in ("max_turns", "max_new_tokens", "temperature", "top_p",
                                                 "protocol", "max_answer_chars")},
          "zoom": {k: getattr(agent.zoom, k) for k in vars(agent.zoom)}, "seed": cfg.seed}
+    if cfg.backend == "openai" and getattr(cfg, "openai_tool_mode", "text") != "text":
+        d["openai_tool_mode"] = cfg.openai_tool_mode  # other messages reach the server
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -275,6 +277,12 @@ def run(cfg: EvalConfig, backend: Any = None) -> dict[str, Any]:
                           title=f"{cfg.model} · {cfg.dataset} · {cfg.protocol}",
                           note="" if result["reportable"] else "NOT REPORTABLE: " + result["not_reportable_reason"])
     o = metrics["overall"]
+    if o["n"] == 0:
+        from pipeline.errors import EvalError
+
+        errs = [greedy[s.id].error for s in samples if s.id in greedy and greedy[s.id].error][:2]
+        raise EvalError(f"no episode could be scored ({n_err} of {len(samples)} items failed, e.g. {errs}); "
+                        f"reports in {out} show every error")
     summary = {k: o[k] for k in o if k.endswith(("_micro", "_macro", "_items"))}
     if cfg.n_samples:
         summary.update(sampled_errors=o["sampled_errors"], items_missing_rollouts=o["items_missing_rollouts"])

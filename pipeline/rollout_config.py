@@ -48,6 +48,9 @@ class RolloutStageConfig(StageConfig):
     zoom_read_timeout_s: float = hfield(10.0, help="Per-read time limit of the zoom tool (seconds).")
     openai_concurrency: int = hfield(8, help="backend openai: concurrent requests.")
     openai_timeout_s: float = hfield(120.0, help="backend openai: per-request timeout (seconds).")
+    openai_tool_mode: str = hfield("text", help="backend openai: text (our <tool_call> text protocol in the "
+                                                "messages) | native (zoom_in sent as an OpenAI tool; calls "
+                                                "come back in message.tool_calls, crops as images).")
 
     def validate(self) -> list[str]:
         p = super().validate()
@@ -68,6 +71,8 @@ class RolloutStageConfig(StageConfig):
         p += [f"zoom_{x}" for x in self.zoom_config().validate()]  # the tool's own checks, one copy
         if self.openai_timeout_s <= 0:
             p.append("openai_timeout_s: must be > 0")
+        if self.openai_tool_mode not in ("text", "native"):
+            p.append(f"openai_tool_mode: {self.openai_tool_mode!r} unknown; use text or native")
         return p
 
     def zoom_config(self) -> Any:
@@ -94,7 +99,8 @@ class RolloutStageConfig(StageConfig):
         if self.backend == "transformers":
             kw = {"device": self.device, "dtype": self.dtype}
         elif self.backend == "openai":
-            kw = {"concurrency": self.openai_concurrency, "timeout_s": self.openai_timeout_s}
+            kw = {"concurrency": self.openai_concurrency, "timeout_s": self.openai_timeout_s,
+                  "tool_mode": self.openai_tool_mode, "frame": self.zoom_frame}
         return make_backend(self.backend, self.model, base_url=self.base_url, api_key_env=self.api_key_env,
                             agent_max_pixels=self.zoom_max_pixels, agent_min_pixels=self.zoom_min_pixels,
                             seed=self.seed, **kw)

@@ -131,8 +131,10 @@ def test_errors_are_not_cached_and_not_reportable(data, tmp_path):
         def generate(self, conversations, images, **kw):
             raise RuntimeError("server down")
 
-    summary = run_eval(_cfg(data, tmp_path / "e"), backend=Broken())
-    assert not summary["reportable"] and summary["errors"] == 4
+    from pipeline.errors import EvalError
+
+    with pytest.raises(EvalError, match="no episode could be scored .4 of 4 items failed.*server down"):
+        run_eval(_cfg(data, tmp_path / "e"), backend=Broken())
     [cache] = list((tmp_path / "e" / "predictions").iterdir())
     assert cache.read_text() == ""
     res = json.loads((tmp_path / "e" / "results.json").read_text())

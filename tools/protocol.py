@@ -75,9 +75,18 @@ def zoom_tool_schema(frame: str = "shown_pixels") -> dict[str, Any]:
     }
 
 
-def system_prompt(frame: str = "shown_pixels") -> str:
-    """Short system prompt describing the tool and the answer format (short: tiny models pay per token)."""
+def system_prompt(frame: str = "shown_pixels", *, native_tools: bool = False) -> str:
+    """Short system prompt describing the tool and the answer format (short: tiny models pay per token).
+    `native_tools`: the variant for chat APIs that receive `zoom_in` as a native tool (OpenAI `tools`), which
+    asks for a tool call instead of describing the `<tool_call>` text format."""
     _check_frame(frame)
+    if native_tools:
+        return (
+            "You answer questions about very large remote-sensing images. Small objects are invisible in the "
+            f"overview; zoom in first by calling the zoom_in tool with bbox in {_FRAME_TEXT[frame]} named by "
+            "source (image_0, image_1, or an earlier obs_N). You may think inside <think></think>. When sure, "
+            "reply with <answer>letter(s)</answer>."
+        )
     return (
         "You answer questions about very large remote-sensing images. Small objects are invisible in the "
         "overview; zoom in first. To zoom, reply with "
