@@ -298,14 +298,17 @@ def to_openai_native_messages(conversation: list[dict], images: list[Image.Image
         if role == "assistant":
             text = content if isinstance(content, str) else "".join(p.get("text", "") for p in _parts(content, it))
             parsed = parse_turn(text)
+            call = None
             if parsed.tool_call is not None:
+                call = (parsed.tool_call.name, json.dumps(parsed.tool_call.arguments))
+            elif parsed.error is not None:
+                call = _raw_call(text)  # arguments that were not JSON go back as the string the server sent
+            if call is not None:
                 pending = f"call_{n_calls}"
                 n_calls += 1
                 prose = _CALL_BLOCK.sub("", text).strip()
                 out.append({"role": "assistant", "content": prose or None, "tool_calls": [{
-                    "id": pending, "type": "function",
-                    "function": {"name": parsed.tool_call.name,
-                                 "arguments": json.dumps(parsed.tool_call.arguments)}}]})
+                    "id": pending, "type": "function", "function": {"name": call[0], "arguments": call[1]}}]})
             else:
                 pending = None
                 out.append({"role": "assistant", "content": text})
@@ -329,6 +332,20 @@ def to_openai_native_messages(conversation: list[dict], images: list[Image.Image
     if next(it, None) is not None:
         raise BackendError("more images than image placeholders")
     return out
+
+
+def _raw_call(text: str) -> tuple[str, str] | None:
+    """(name, arguments string) of the one `<tool_call>` of a turn whose arguments are an unparsed string."""
+    blocks = re.findall(r"<tool_call>(.*?)(?:</tool_call>|\Z)", text, re.S)
+    if len(blocks) != 1:
+        return None
+    try:
+        d = json.loads(blocks[0].strip())
+    except json.JSONDecodeError:
+        return None
+    if isinstance(d, dict) and isinstance(d.get("name"), str) and isinstance(d.get("arguments"), str):
+        return d["name"], d["arguments"]
+    return None
 
 
 def _call_text(name: Any, arguments: Any) -> str:
