@@ -42,7 +42,7 @@ class BackendError(KnowZoomError):
 class AgentConfig:
     """Generation and episode limits of the agent loop (zoom limits live in `zoom`)."""
 
-    max_turns: int = 5  # assistant turns per episode (tool calls + the answer)
+    max_turns: int = 5  # assistant turns per episode (tool calls + the answer): tools.protocol.turn_budget
     max_new_tokens: int = 256
     temperature: float = 0.0
     top_p: float = 1.0
@@ -186,19 +186,18 @@ def _step(live: _Live, text: str, cfg: AgentConfig) -> None:
         live.done = True
         return
     parsed = protocol.parse_turn(text)
-    if parsed.error is not None and parsed.tool_call is not None:
-        result = live.episode.execute(parsed.tool_call)  # unknown tool: counted as a call and an error
-    elif parsed.error is not None:
-        result = protocol.ToolResult(text=parsed.error.model_message(), observation=None, error=parsed.error)
-        live.episode.n_errors += 1
-    elif parsed.answer is not None:
-        live.done = True
+    if parsed.error is None and parsed.tool_call is None:
+        live.done = True  # an answer, or plain text with neither a call nor an answer (the verifier decides)
         return
-    elif parsed.tool_call is not None:
-        result = live.episode.execute(parsed.tool_call)
+    if live.turns >= cfg.max_turns:
+        # a call on the last allowed turn is not run (TRL's tool loop stops the same way): cut by the limit
+        live.done = live.truncated = True
+        return
+    result = protocol.turn_error_result(parsed)
+    if result is not None:
+        live.episode.n_errors += 1  # a malformed turn: the error goes back to the model, another turn follows
     else:
-        live.done = True  # plain text with neither a call nor an answer ends the episode (verifier decides)
-        return
+        result = live.episode.execute(parsed.tool_call)  # unknown tools are counted as a call and an error
     msg = protocol.tool_message(result)
     names = []
     if result.observation is not None:
@@ -207,9 +206,6 @@ def _step(live: _Live, text: str, cfg: AgentConfig) -> None:
         names = [result.observation.name]
     live.messages.append(msg)
     live.record.append(_with_refs(msg, names))
-    if live.turns >= cfg.max_turns:
-        live.done = True
-        live.truncated = True
 
 
 def _finish(live: _Live, cfg: AgentConfig) -> Trajectory:

@@ -202,7 +202,7 @@ def test_cli_eval_with_tiny_model(data, tmp_path, capsys):
     rc = main(["eval", "--config", "configs/tiny/eval.yaml", "--model", "tiny", "--output_dir", str(tmp_path / "e"),
                "--dataset_path", str(data / "vqa_test.jsonl"), "--images_manifest", str(data / "images.jsonl"),
                "--limit", "2", "--n_samples", "2", "--pass_k", "[1, 2]", "--max_new_tokens", "8",
-               "--max_turns", "2"])
+               "--max_zooms", "1"])
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
     assert out["n"] == 2 and out["reportable"] is False
@@ -239,7 +239,7 @@ def test_killed_and_resumed_sampled_eval_is_bit_identical_tiny_model(data, tmp_p
     """Per-rollout seeds (base seed, item, rollout, turn): a run killed mid-way and resumed, whose batches are
     therefore composed differently, samples exactly what an uninterrupted run samples (real tiny model)."""
     kw = {"model": "tiny", "limit": 3, "n_samples": 3, "pass_k": [1, 3], "sample_temperature": 1.0,
-          "max_new_tokens": 6, "max_turns": 2, "batch_size": 3, "chunk_size": 4}
+          "max_new_tokens": 6, "max_zooms": 1, "batch_size": 3, "chunk_size": 4}
     full_cfg = _cfg(data, tmp_path / "full", **kw)
     backend = full_cfg.make_backend()
     full = run_eval(full_cfg, backend=backend)

@@ -167,6 +167,25 @@ def parse_turn(text: str) -> ParsedTurn:
     return ParsedTurn(think, call, None, None)
 
 
+def turn_budget(max_zooms: int) -> int:
+    """Assistant turns of an episode allowed `max_zooms` zoom calls: one turn per call plus the answer turn.
+    The one meaning of the zoom limit: SFT trajectories hold at most max_zooms calls, mining and eval give the
+    agent turn_budget(max_zooms) turns, RL gives TRL max_tool_calling_iterations = max_zooms (so
+    max_zooms + 1 generations), and the tool refuses call max_zooms + 1 in all of them."""
+    if max_zooms < 0:
+        raise ValueError("max_zooms must be >= 0")
+    return int(max_zooms) + 1
+
+
+def turn_error_result(parsed: ParsedTurn) -> ToolResult | None:
+    """The observation for a turn whose call cannot be run at all (bad JSON, several calls, a call and an answer
+    together): the error text, for the model to read before its next turn. None when the turn is fine or names
+    a tool (an unknown tool goes to `Episode.execute`, which counts it as a call). Eval and RL both use this."""
+    if parsed.error is None or parsed.tool_call is not None:
+        return None
+    return ToolResult(text=parsed.error.model_message(), observation=None, error=parsed.error)
+
+
 def _num(v: float) -> int | float:
     return int(v) if float(v).is_integer() else round(float(v), 2)
 
@@ -322,6 +341,8 @@ __all__ = [
     "ToolCall",
     "ParsedTurn",
     "parse_turn",
+    "turn_budget",
+    "turn_error_result",
     "format_tool_call",
     "ToolResult",
     "Episode",
