@@ -7,8 +7,9 @@ turn (overviews + question, rendered by `tools.protocol.user_message`) that TRL 
 which repeat `tools.protocol.zoom_tool_schema`); it returns the crop as an image content block. Tool errors
 come back as text observations; anything else that raises marks the episode unscorable (`stats.failure`).
 
-Parsing: `install_protocol_parser` makes TRL read each generated turn with `tools.protocol.parse_turn`, the
-parser of evaluation, mining and the server, instead of TRL's own: a malformed turn (bad JSON, several calls,
+Parsing: `install_protocol_parser` makes TRL read each generated turn, up to its first stop string as eval's
+engines cut it, with `tools.protocol.parse_turn` (the parser of evaluation, mining and the server) instead of
+TRL's own: a malformed turn (bad JSON, several calls,
 a call and an answer together) gets the error observation and another turn exactly as in `rl.agent`, an unknown
 tool or a missing argument goes to the tool as in eval, and a turn without a call ends the episode.
 """
@@ -81,6 +82,8 @@ def protocol_tool_calls(text: str) -> list[dict] | None:
 def install_protocol_parser(processor: Any) -> Any:
     """Make TRL's `parse_response` (it calls `tokenizer.parse_response(ids, ...)`) parse every generated turn
     with `protocol_tool_calls`, so RL and eval share one parser and one answer to malformed calls."""
+    from rl.agent import STOP_STRINGS, trim_at_stop
+
     tok = getattr(processor, "tokenizer", processor)
     ends = [e for e in dict.fromkeys([getattr(tok, "eos_token", None), "<|im_end|>", "<|endoftext|>"]) if e]
 
@@ -89,7 +92,9 @@ def install_protocol_parser(processor: Any) -> Any:
         cuts = [i for i in (text.find(e) for e in ends) if i >= 0]
         text = text[:min(cuts)] if cuts else text
         msg: dict[str, Any] = {"role": "assistant", "content": text}
-        calls = protocol_tool_calls(text)
+        # eval's engines stop at the first </tool_call> or </answer>; TRL's generation does not, so the turn is
+        # read up to that point, as eval reads it (the reward's format score still sees the whole turn)
+        calls = protocol_tool_calls(trim_at_stop(text, STOP_STRINGS))
         if calls:
             msg["tool_calls"] = calls
         return msg
