@@ -102,7 +102,8 @@ class RolloutStageConfig(StageConfig):
             kw = {"device": self.device, "dtype": self.dtype}
         elif self.backend == "openai":
             kw = {"concurrency": self.openai_concurrency, "timeout_s": self.openai_timeout_s,
-                  "tool_mode": self.openai_tool_mode, "frame": self.zoom_frame}
+                  "tool_mode": self.openai_tool_mode if self.protocol == "zoom" else "text",  # direct: no tools
+                  "frame": self.zoom_frame}
         return make_backend(self.backend, self.model, base_url=self.base_url, api_key_env=self.api_key_env,
                             agent_max_pixels=self.zoom_max_pixels, agent_min_pixels=self.zoom_min_pixels,
                             seed=self.seed, **kw)

@@ -368,6 +368,8 @@ def message_text(message: dict) -> str:
     calls = message.get("tool_calls") or []
     if not isinstance(calls, list):
         raise BackendError(f"tool_calls is not a list: {str(calls)[:80]!r}")
+    if calls:  # a server that parsed the calls may also leave their raw text in the content: count them once
+        content = _CALL_BLOCK.sub("", str(content))
     out = [str(content)]
     for c in calls:
         fn = (c or {}).get("function") or {}

@@ -95,6 +95,21 @@ def test_content_and_tool_calls_together():
                                 '{"bbox": [1, 2, 3, 4]}}</tool_call>'
     assert message_text({"role": "assistant", "content": "<answer>B</answer>", "tool_calls": None}) == \
         "<answer>B</answer>"
+    # a server that leaves the raw call in the content as well: one call, not two
+    raw = '<tool_call>{"name": "zoom_in", "arguments": {"bbox": [1, 2, 3, 4]}}</tool_call>'
+    assert message_text(dict(msg, content="<think>zoom</think>" + raw)) == message_text(msg)
+
+
+def test_direct_protocol_never_sends_tools(data):
+    from pipeline.config import load_config
+    from pipeline.evaluate import EvalConfig
+
+    cfg = load_config(EvalConfig, None, {"backend": "openai", "base_url": "http://127.0.0.1:9/v1",
+                                         "openai_tool_mode": "native", "protocol": "direct"})
+    assert cfg.make_backend().tool_mode == "text"
+    cfg = load_config(EvalConfig, None, {"backend": "openai", "base_url": "http://127.0.0.1:9/v1",
+                                         "openai_tool_mode": "native"})
+    assert cfg.make_backend().tool_mode == "native"
 
 
 def test_the_real_openai_client_reads_the_standin(vqa):
