@@ -79,27 +79,35 @@ def protocol_tool_calls(text: str) -> list[dict] | None:
     return [{"type": "function", "function": {"name": TOOL_NAME, "arguments": {"bbox": {TURN_KEY: turn}}}}]
 
 
-def install_protocol_parser(processor: Any) -> Any:
-    """Make TRL's `parse_response` (it calls `tokenizer.parse_response(ids, ...)`) parse every generated turn
-    with `protocol_tool_calls`, so RL and eval share one parser and one answer to malformed calls."""
-    from rl.agent import STOP_STRINGS, trim_at_stop
+class ProtocolParser:
+    """`tokenizer.parse_response` for TRL: decode one generated turn, read it up to its first stop string (eval's
+    engines stop there; TRL's generation does not), and return the assistant message with the tool calls
+    `protocol_tool_calls` decides (the reward's format score still sees the whole turn). A class, not a
+    closure, so a tokenizer carrying it still pickles (Ray workers, dataloader processes)."""
 
-    tok = getattr(processor, "tokenizer", processor)
-    ends = [e for e in dict.fromkeys([getattr(tok, "eos_token", None), "<|im_end|>", "<|endoftext|>"]) if e]
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self.ends = [e for e in dict.fromkeys([getattr(tokenizer, "eos_token", None), "<|im_end|>",
+                                               "<|endoftext|>"]) if e]
 
-    def parse_response(ids: Any, prefix: Any = None, tools: Any = None) -> dict:
-        text = tok.decode(list(ids), skip_special_tokens=False)
-        cuts = [i for i in (text.find(e) for e in ends) if i >= 0]
+    def __call__(self, ids: Any, prefix: Any = None, tools: Any = None) -> dict:
+        from rl.agent import STOP_STRINGS, trim_at_stop
+
+        text = self.tokenizer.decode(list(ids), skip_special_tokens=False)
+        cuts = [i for i in (text.find(e) for e in self.ends) if i >= 0]
         text = text[:min(cuts)] if cuts else text
         msg: dict[str, Any] = {"role": "assistant", "content": text}
-        # eval's engines stop at the first </tool_call> or </answer>; TRL's generation does not, so the turn is
-        # read up to that point, as eval reads it (the reward's format score still sees the whole turn)
         calls = protocol_tool_calls(trim_at_stop(text, STOP_STRINGS))
         if calls:
             msg["tool_calls"] = calls
         return msg
 
-    tok.parse_response = parse_response
+
+def install_protocol_parser(processor: Any) -> Any:
+    """Make TRL's `parse_response` (it calls `tokenizer.parse_response(ids, ...)`) parse every generated turn
+    with `protocol_tool_calls`, so RL and eval share one parser and one answer to malformed calls."""
+    tok = getattr(processor, "tokenizer", processor)
+    tok.parse_response = ProtocolParser(tok)
     return processor
 
 
