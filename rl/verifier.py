@@ -100,6 +100,8 @@ _WORD_NUMBERS["dozen"] = 12
 _TRUE = {"true", "yes", "correct", "t", "y", "right", "是", "对", "正确"}
 _FALSE = {"false", "no", "incorrect", "f", "n", "wrong", "否", "错", "错误", "不是", "不对"}
 _LEAD_BOOL = re.compile(r"^(yes|no|true|false|correct|incorrect)\s*(?:[,.;:!]|\s[-–—])\s*(.*)$", re.I | re.S)
+_BOOL_CLAIM = re.compile(r"(?:^|[,;:]\s*|\bso\s+)(?:the\s+)?(?:statement|claim)\s+is\s+(true|false|correct|incorrect)"
+                         r"\s*[.!]?\s*$", re.I)
 _ARTICLES = re.compile(r"\b(?:a|an|the)\b", re.I)
 _PUNCT = re.compile(r"[^\w\s%.,\-]|\.(?!(?<=\d\.)\d)|,(?!(?<=\d,)\d)|-(?!\d)")
 _PURE_NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
@@ -389,11 +391,20 @@ def _read_bool(cand: str, options: dict[str, str]) -> tuple[bool | None, str]:
         label = _split_label(cleaned)[0]
         if label is not None and label.upper() in options:
             return None, why  # a labelled answer is read by its label only ("(A) False" is a contradiction)
+    m = _BOOL_CLAIM.search(cleaned)  # "No wake, so the statement is false." (a negation before the claim is fine)
+    if m and len(cleaned) <= MAX_CONTAINS_CHARS and not _HEDGE.search(cleaned):
+        v = _bool_word(m.group(1))
+        before = {_bool_word(w) for w in re.findall(r"[a-z]+", cleaned[:m.start(1)].lower())
+                  if w in ("yes", "no", "true", "false", "correct", "incorrect")}
+        if (not v) not in before:  # "Yes, the statement is false" contradicts itself
+            return v, "the statement's value"
     words = set(c.split())
-    if len(cleaned) <= MAX_CONTAINS_CHARS and not _NEGATION.search(cleaned) and not _HEDGE.search(cleaned):
-        if "true" in words and "false" not in words:
+    polarity = {_bool_word(w) for w in words if w in ("yes", "no", "true", "false", "correct", "incorrect")}
+    if len(cleaned) <= MAX_CONTAINS_CHARS and not _NEGATION.search(cleaned) and not _HEDGE.search(cleaned) \
+            and len(polarity) == 1:
+        if "true" in words:
             return True, "the word true"
-        if "false" in words and "true" not in words:
+        if "false" in words:
             return False, "the word false"
     return None, "not exactly one of true/false"
 

@@ -159,6 +159,8 @@ HELD_OUT_TF: list[tuple[str, bool | None]] = [
     ("Yes.", True), ("yes, it is moving", True), ("True, the ship leaves a wake.", True),
     ("No, it is moored.", False), ("The answer is False.", False), ("Answer: No", False),
     ("It is hard to say; probably true.", None), ("No wake, so the statement is false.", False),
+    ("The statement is not true.", None), ("Probably the statement is true.", None),
+    ("There is no wake; the statement is false.", False), ("Yes, the statement is false.", None),
 ]
 HELD_OUT_NUMERIC: list[tuple[str, float | None]] = [
     ("There appear to be 12 ships moored along the pier.", 12), ("Total: 12", 12), ("12 (twelve)", 12),
