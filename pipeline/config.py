@@ -161,6 +161,15 @@ def _coerce(name: str, tp: Any, value: Any) -> Any:
         raise ConfigError(f"{name}: {value!r} is not a valid {getattr(tp, '__name__', tp)}") from e
 
 
+# fields renamed across stages: old name -> (new name, how to convert)
+RENAMED = {
+    "max_turns": ("max_zooms", "replaced by max_zooms, the zoom calls per episode with the answer turn on top; "
+                               "the old eval/mine-hard max_turns N is max_zooms N-1, the old rl max_turns N is "
+                               "max_zooms N"),
+    "zoom_max_calls": ("max_zooms", "replaced by max_zooms (zoom calls per episode)"),
+}
+
+
 def config_from_dict(cls: type[C], data: dict[str, Any], source: str = "config", check: bool = True) -> C:
     """Build and validate a config; unknown keys and bad types are all reported together.
 
@@ -174,6 +183,8 @@ def config_from_dict(cls: type[C], data: dict[str, Any], source: str = "config",
         if k not in fields:
             close = [n for n in fields if n.split("_")[0] == k.split("_")[0]][:3]
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            if k in RENAMED and RENAMED[k][0] in fields:
+                hint = f" ({RENAMED[k][1]})"
             problems.append(f"{k}: unknown field in {source}{hint}")
             continue
         try:

@@ -71,11 +71,13 @@ class DatasetFormatError(RecordError):
 
 
 def official_prompt(sample: VQASample) -> str:
-    """The lmms-eval `xlrs-lite` question text (the images come before it in the user turn); a benchmark
-    loader that stores its own official text in `meta["official_prompt"]` (pipeline/benchmarks.py) gets that."""
+    """The lmms-eval `xlrs-lite` question text (the images come before it in the user turn). As in lmms-eval,
+    the multi-answer instruction is chosen by the category alone: the answer key never shapes the prompt.
+    A benchmark loader that stores its own official text in `meta["official_prompt"]` (pipeline/benchmarks.py)
+    gets that."""
     if isinstance(sample.meta.get("official_prompt"), str):
         return sample.meta["official_prompt"]
-    post = _POST_MULTI if sample.category == MULTI_ANSWER_CATEGORY or sample.qtype == "multi" else _POST_SINGLE
+    post = _POST_MULTI if sample.category == MULTI_ANSWER_CATEGORY else _POST_SINGLE
     return sample.question + _OPTION_PROMPT + "\n".join(sample.choices) + "\n" + post
 
 

@@ -21,3 +21,7 @@ class DatasetNotFoundError(KnowZoomError, FileNotFoundError):
 
 class ModelNotFoundError(KnowZoomError, FileNotFoundError):
     """A model id or path cannot be loaded offline."""
+
+
+class EvalError(KnowZoomError):
+    """An evaluation produced nothing to score (every episode failed); the message says why."""

@@ -99,6 +99,8 @@ def cache_key(cfg: Any, agent: Any, mode: str) -> str:
          "gen": {k: getattr(agent, k) for k in ("max_turns", "max_new_tokens", "temperature", "top_p",
                                                 "protocol", "max_answer_chars")},
          "zoom": {k: getattr(agent.zoom, k) for k in vars(agent.zoom)}, "seed": cfg.seed}
+    if cfg.backend == "openai" and getattr(cfg, "openai_tool_mode", "text") != "text":
+        d["openai_tool_mode"] = cfg.openai_tool_mode  # other messages reach the server
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -269,13 +271,19 @@ def run(cfg: EvalConfig, backend: Any = None) -> dict[str, Any]:
         if cfg.benchmark_scoring == "official":
             scoring = rescore(cfg.dataset, samples, [greedy, sampled], cfg.protocol)
         official = {"scoring": scoring, **official_tables(cfg.dataset, samples, greedy)}
-    metrics = compute_metrics(samples, greedy, sampled, [k for k in cfg.pass_k if k > 1] or None)
+    metrics = compute_metrics(samples, greedy, sampled, [k for k in cfg.pass_k if k > 1] or None,
+                              n_samples=cfg.n_samples or None)
     n_err = metrics["overall"]["errors"] + sum(1 for s in samples if s.id not in greedy)
     reasons = []
     if cfg.limit is not None:
         reasons.append(f"--limit {cfg.limit} evaluates a subset")
     if n_err:
         reasons.append(f"{n_err} items have no scored prediction (episode errors); rerun to retry them")
+    missing = metrics["overall"].get("items_missing_rollouts", 0)
+    if missing:
+        reasons.append(f"{missing} items have fewer than {cfg.n_samples} scored rollouts "
+                       f"({metrics['overall']['sampled_errors']} rollouts errored), so Pass@k is computed on "
+                       "fewer items or rollouts; rerun to retry them")
     result = {
         "model": cfg.model, "backend": cfg.backend, "dataset": cfg.dataset, "dataset_path": cfg.dataset_path,
         "protocol": cfg.protocol, "reportable": not reasons, "not_reportable_reason": "; ".join(reasons),
@@ -295,7 +303,15 @@ def run(cfg: EvalConfig, backend: Any = None) -> dict[str, Any]:
                           title=f"{cfg.model} · {cfg.dataset} · {cfg.protocol}",
                           note="" if result["reportable"] else "NOT REPORTABLE: " + result["not_reportable_reason"])
     o = metrics["overall"]
-    summary = {k: o[k] for k in o if k.endswith(("_micro", "_macro"))}
+    if o["n"] == 0:
+        from pipeline.errors import EvalError
+
+        errs = [greedy[s.id].error for s in samples if s.id in greedy and greedy[s.id].error][:2]
+        raise EvalError(f"no episode could be scored ({n_err} of {len(samples)} items failed, e.g. {errs}); "
+                        f"reports in {out} show every error")
+    summary = {k: o[k] for k in o if k.endswith(("_micro", "_macro", "_items"))}
+    if cfg.n_samples:
+        summary.update(sampled_errors=o["sampled_errors"], items_missing_rollouts=o["items_missing_rollouts"])
     summary.update(n=o["n"], errors=o["errors"], parse_failure_rate=o["parse_failure_rate"],
                    tool_calls_per_question=o["tool_calls_per_question"], reportable=result["reportable"],
                    viewer=str(viewer), **paths)

@@ -35,11 +35,17 @@ def compute_metrics(
     greedy: dict[str, Trajectory],
     sampled: dict[str, list[Trajectory]] | None = None,
     ks: list[int] | None = None,
+    n_samples: int | None = None,
 ) -> dict[str, Any]:
     """Metrics over the samples that were scored. `greedy[id]` is the Pass@1 trajectory; `sampled[id]` the n
-    sampled rollouts for Pass@k. Items whose episode errored are counted in `errors`, not scored."""
+    sampled rollouts for Pass@k. Items whose episode errored are counted in `errors`, not scored. Pass@k is
+    computed per item on its error-free rollouts; `overall` says on how many items each k was computed
+    (`pass@k_items`), how many rollouts errored (`sampled_errors`) and how many items have fewer than
+    `n_samples` scored rollouts (`items_missing_rollouts`: such a run is not reportable)."""
     sampled = sampled or {}
     ks = sorted(set(ks or []))
+    k_items: dict[int, int] = {k: 0 for k in ks if k > 1}
+    sampled_errors = missing_rollouts = 0
     per_task: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     items = []
     for s in samples:
@@ -60,7 +66,12 @@ def compute_metrics(
         elif g is not None:
             row["error"] = g.error
             per_task[task]["errors"].append(1.0)
-        rollouts = [r for r in sampled.get(s.id, []) if r.error is None]
+        got = sampled.get(s.id, [])
+        rollouts = [r for r in got if r.error is None]
+        sampled_errors += len(got) - len(rollouts)
+        if n_samples and len(rollouts) < n_samples:
+            missing_rollouts += 1
+            row["missing_rollouts"] = n_samples - len(rollouts)
         if rollouts:
             n, c = len(rollouts), sum(1 for r in rollouts if r.correct)
             row.update(n_samples=n, n_correct=c)
@@ -68,6 +79,7 @@ def compute_metrics(
             for k in ks:
                 if 1 < k <= n:
                     per_task[task][f"pass@{k}"].append(pass_at_k(n, c, k))
+                    k_items[k] += 1
         items.append(row)
     metric_names = ["pass@1"] + [f"pass@{k}" for k in ks if k > 1] + (["sampled_acc"] if sampled else [])
     tasks = {}
@@ -93,6 +105,10 @@ def compute_metrics(
         overall[f"{m}_micro"] = _mean(vals)
         task_means = [tasks[t][m] for t in tasks if tasks[t][m] is not None]
         overall[f"{m}_macro"] = _mean(task_means)
+    for k, cnt in k_items.items():
+        overall[f"pass@{k}_items"] = cnt
+    if sampled or n_samples:
+        overall.update(sampled_errors=sampled_errors, items_missing_rollouts=missing_rollouts)
     overall.update(
         parse_failures=sum(1 for r in scored if r["parse_failure"]),
         parse_failure_rate=_mean(1.0 if r["parse_failure"] else 0.0 for r in scored),
@@ -116,9 +132,13 @@ def markdown_report(result: dict[str, Any]) -> str:
         lines += [f"> **Not reportable**: {result.get('not_reportable_reason', '')}", ""]
     lines += [f"- protocol: `{result.get('protocol')}`, items scored: {o['n']} / {o['n_total']}, "
               f"episode errors: {o['errors']}", ""]
-    lines += ["| metric | micro | macro |", "|---|---:|---:|"]
+    lines += ["| metric | micro | macro | items |", "|---|---:|---:|---:|"]
     for m in metrics:
-        lines.append(f"| {m} | {_pct(o[f'{m}_micro'])} | {_pct(o[f'{m}_macro'])} |")
+        n_items = o.get(f"{m}_items", o["n"] if m == "pass@1" else "–")
+        lines.append(f"| {m} | {_pct(o[f'{m}_micro'])} | {_pct(o[f'{m}_macro'])} | {n_items} |")
+    if "sampled_errors" in o:
+        lines += ["", f"- sampled rollouts that errored: {o['sampled_errors']}; items missing rollouts: "
+                      f"{o['items_missing_rollouts']}"]
     lines += ["", "## Per task", ""]
     head = "| task | n | " + " | ".join(metrics) + " | parse fail % | zooms/q | tool err % |"
     lines += [head, "|---|---:|" + "---:|" * (len(metrics) + 3)]

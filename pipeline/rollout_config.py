@@ -37,7 +37,8 @@ class RolloutStageConfig(StageConfig):
     limit: int | None = hfield(None, help="Use only the first N items (eval marks such a result not reportable).")
     protocol: str = hfield("zoom", help="zoom (our zoom-agent tool protocol) | direct (official lmms-eval xlrs-lite "
                                         "prompt, one turn, no tools).")
-    max_turns: int = hfield(5, help="Assistant turns per episode (zoom protocol).")
+    max_zooms: int = hfield(4, help="Zoom calls allowed per episode; the answer turn comes on top (zoom "
+                                    "protocol: max_zooms + 1 assistant turns). The same field in sft and rl.")
     max_new_tokens: int = hfield(256, help="New tokens per turn (the official direct protocol uses 64).")
     batch_size: int = hfield(8, help="Conversations per generate call.")
     chunk_size: int = hfield(32, help="Items per durable chunk (progress is saved after each finished episode).")
@@ -45,10 +46,12 @@ class RolloutStageConfig(StageConfig):
     zoom_max_pixels: int = hfield(50176, help="Pixel cap of every image shown (tiny: 224*224; 7B: 1003520).")
     zoom_min_pixels: int = hfield(3136, help="Pixel floor of every image shown.")
     zoom_frame: str = hfield("shown_pixels", help="Box frame the model uses: shown_pixels | norm1000.")
-    zoom_max_calls: int = hfield(5, help="Zoom calls allowed per episode.")
     zoom_read_timeout_s: float = hfield(10.0, help="Per-read time limit of the zoom tool (seconds).")
     openai_concurrency: int = hfield(8, help="backend openai: concurrent requests.")
     openai_timeout_s: float = hfield(120.0, help="backend openai: per-request timeout (seconds).")
+    openai_tool_mode: str = hfield("text", help="backend openai: text (our <tool_call> text protocol in the "
+                                                "messages) | native (zoom_in sent as an OpenAI tool; calls "
+                                                "come back in message.tool_calls, crops as images).")
 
     def validate(self) -> list[str]:
         p = super().validate()
@@ -62,13 +65,16 @@ class RolloutStageConfig(StageConfig):
             p.append(f"protocol: {self.protocol!r} unknown; use one of {PROTOCOLS}")
         if self.limit is not None and self.limit < 1:
             p.append("limit: must be >= 1 (or null for the full set)")
-        for name in ("max_turns", "max_new_tokens", "batch_size", "chunk_size", "max_answer_chars",
-                     "openai_concurrency"):
+        if self.max_zooms < 0:
+            p.append("max_zooms: must be >= 0 (0 = answer without zooming)")
+        for name in ("max_new_tokens", "batch_size", "chunk_size", "max_answer_chars", "openai_concurrency"):
             if getattr(self, name) < 1:
                 p.append(f"{name}: must be >= 1")
         p += [f"zoom_{x}" for x in self.zoom_config().validate()]  # the tool's own checks, one copy
         if self.openai_timeout_s <= 0:
             p.append("openai_timeout_s: must be > 0")
+        if self.openai_tool_mode not in ("text", "native"):
+            p.append(f"openai_tool_mode: {self.openai_tool_mode!r} unknown; use text or native")
         return p
 
     def zoom_config(self) -> Any:
@@ -76,16 +82,17 @@ class RolloutStageConfig(StageConfig):
         from tools.zoom import ZoomConfig
 
         return ZoomConfig(max_pixels=self.zoom_max_pixels, min_pixels=self.zoom_min_pixels, frame=self.zoom_frame,
-                          max_turns=self.zoom_max_calls, read_timeout_s=self.zoom_read_timeout_s)
+                          max_turns=self.max_zooms, read_timeout_s=self.zoom_read_timeout_s)
 
     def agent_config(self, *, temperature: float, top_p: float) -> Any:
         """The rl.agent.AgentConfig of these settings at the given sampling temperature and nucleus p."""
         from rl.agent import AgentConfig
+        from tools.protocol import turn_budget
 
-        return AgentConfig(max_turns=self.max_turns if self.protocol == "zoom" else 1,
+        return AgentConfig(max_turns=turn_budget(self.max_zooms) if self.protocol == "zoom" else 1,
                            max_new_tokens=self.max_new_tokens, temperature=temperature, top_p=top_p,
                            protocol=self.protocol, batch_size=self.batch_size,
-                           max_answer_chars=self.max_answer_chars, zoom=self.zoom_config())
+                           max_answer_chars=self.max_answer_chars, seed=self.seed, zoom=self.zoom_config())
 
     def make_backend(self) -> Any:
         """The generation backend these settings name (loads the model)."""
@@ -95,7 +102,9 @@ class RolloutStageConfig(StageConfig):
         if self.backend == "transformers":
             kw = {"device": self.device, "dtype": self.dtype}
         elif self.backend == "openai":
-            kw = {"concurrency": self.openai_concurrency, "timeout_s": self.openai_timeout_s}
+            kw = {"concurrency": self.openai_concurrency, "timeout_s": self.openai_timeout_s,
+                  "tool_mode": self.openai_tool_mode if self.protocol == "zoom" else "text",  # direct: no tools
+                  "frame": self.zoom_frame}
         return make_backend(self.backend, self.model, base_url=self.base_url, api_key_env=self.api_key_env,
                             agent_max_pixels=self.zoom_max_pixels, agent_min_pixels=self.zoom_min_pixels,
                             seed=self.seed, **kw)

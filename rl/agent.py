@@ -14,6 +14,7 @@ XLRS-Bench lmms-eval prompt: images + question + options, one turn, no tools).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -41,13 +42,14 @@ class BackendError(KnowZoomError):
 class AgentConfig:
     """Generation and episode limits of the agent loop (zoom limits live in `zoom`)."""
 
-    max_turns: int = 5  # assistant turns per episode (tool calls + the answer)
+    max_turns: int = 5  # assistant turns per episode (tool calls + the answer): tools.protocol.turn_budget
     max_new_tokens: int = 256
     temperature: float = 0.0
     top_p: float = 1.0
     protocol: str = "zoom"  # "zoom" | "direct"
     batch_size: int = 8  # conversations per backend.generate call
     max_answer_chars: int = MAX_ANSWER_CHARS  # verifier: answers this long get no credit
+    seed: int = 0  # base seed; each rollout's turns are seeded from (seed, item id, rollout, turn)
     zoom: ZoomConfig = field(default_factory=ZoomConfig)
 
     def problems(self) -> list[str]:
@@ -72,10 +74,20 @@ class AgentConfig:
 class Backend(Protocol):
     """Generates one assistant turn for each conversation. `images[i]` are the PIL images of
     conversation i in the order their {"type": "image"} placeholders appear. Returned texts keep the stop
-    string that ended them ("…</tool_call>")."""
+    string that ended them ("…</tool_call>"). `seeds[i]` (from `rollout_seed`) seeds conversation i's
+    sampling on its own, so a rollout never depends on which other rollouts share its batch."""
 
     def generate(self, conversations: list[list[dict]], images: list[list[Image.Image]], *,
-                 max_new_tokens: int, temperature: float, top_p: float, stop: list[str]) -> list[str]: ...
+                 max_new_tokens: int, temperature: float, top_p: float, stop: list[str],
+                 seeds: list[int] | None = None) -> list[str]: ...
+
+
+def rollout_seed(base: int, item_id: str, rollout: int, turn: int = 0) -> int:
+    """The sampling seed of one turn of one rollout: a hash of (base seed, item id, rollout index, turn), so
+    rollouts of an item differ, a rerun or a resumed run repeats them, and batching cannot change them.
+    63 bits (what torch generators and vLLM's SamplingParams.seed accept)."""
+    digest = hashlib.sha256(f"{int(base)}|{item_id}|{int(rollout)}|{int(turn)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 def trim_at_stop(text: str, stop: list[str]) -> str:
@@ -174,19 +186,18 @@ def _step(live: _Live, text: str, cfg: AgentConfig) -> None:
         live.done = True
         return
     parsed = protocol.parse_turn(text)
-    if parsed.error is not None and parsed.tool_call is not None:
-        result = live.episode.execute(parsed.tool_call)  # unknown tool: counted as a call and an error
-    elif parsed.error is not None:
-        result = protocol.ToolResult(text=parsed.error.model_message(), observation=None, error=parsed.error)
-        live.episode.n_errors += 1
-    elif parsed.answer is not None:
-        live.done = True
+    if parsed.error is None and parsed.tool_call is None:
+        live.done = True  # an answer, or plain text with neither a call nor an answer (the verifier decides)
         return
-    elif parsed.tool_call is not None:
-        result = live.episode.execute(parsed.tool_call)
+    if live.turns >= cfg.max_turns:
+        # a call on the last allowed turn is not run (TRL's tool loop stops the same way): cut by the limit
+        live.done = live.truncated = True
+        return
+    result = protocol.turn_error_result(parsed)
+    if result is not None:
+        live.episode.n_errors += 1  # a malformed turn: the error goes back to the model, another turn follows
     else:
-        live.done = True  # plain text with neither a call nor an answer ends the episode (verifier decides)
-        return
+        result = live.episode.execute(parsed.tool_call)  # unknown tools are counted as a call and an error
     msg = protocol.tool_message(result)
     names = []
     if result.observation is not None:
@@ -195,9 +206,6 @@ def _step(live: _Live, text: str, cfg: AgentConfig) -> None:
         names = [result.observation.name]
     live.messages.append(msg)
     live.record.append(_with_refs(msg, names))
-    if live.turns >= cfg.max_turns:
-        live.done = True
-        live.truncated = True
 
 
 def _finish(live: _Live, cfg: AgentConfig) -> Trajectory:
@@ -283,6 +291,8 @@ def run_episodes(
                     [lives[i].messages for i in chunk], [lives[i].images for i in chunk],
                     max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                     stop=list(STOP_STRINGS),
+                    seeds=[rollout_seed(cfg.seed, lives[i].sample.id, lives[i].rollout, lives[i].turns)
+                           for i in chunk],
                 )
                 if len(texts) != len(chunk):
                     raise BackendError(f"backend returned {len(texts)} texts for {len(chunk)} conversations")
@@ -333,6 +343,7 @@ __all__ = [
     "STOP_STRINGS",
     "PROTOCOLS",
     "run_episodes",
+    "rollout_seed",
     "trim_at_stop",
     "close_stopped",
     "agent_config_from",

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import logging
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -79,7 +81,31 @@ class TransformersBackend:
         return trim_at_stop(text[:cut], stop)
 
     def generate(self, conversations: list[list[dict]], images: list[list[Image.Image]], *,
-                 max_new_tokens: int, temperature: float, top_p: float, stop: list[str]) -> list[str]:
+                 max_new_tokens: int, temperature: float, top_p: float, stop: list[str],
+                 seeds: list[int] | None = None) -> list[str]:
+        """Greedy turns run as one padded batch. Sampled turns with `seeds` run one conversation at a time,
+        each from its own seed (torch's sampler draws from one global generator, so in a batch a row's
+        tokens would depend on its batch-mates and a resumed run would sample differently)."""
+        if temperature > 0 and seeds is not None:
+            import torch
+
+            if len(seeds) != len(conversations):
+                raise BackendError(f"{len(seeds)} seeds for {len(conversations)} conversations")
+            out = []
+            devices = [self.model.device] if getattr(self.model, "device", None) is not None and \
+                self.model.device.type == "cuda" else []
+            for conv, ims, sd in zip(conversations, images, seeds, strict=True):
+                with torch.random.fork_rng(devices=devices):
+                    torch.manual_seed(int(sd))
+                    out += self._generate([conv], [ims], max_new_tokens=max_new_tokens, temperature=temperature,
+                                          top_p=top_p, stop=stop, seed=None)
+            return out
+        return self._generate(conversations, images, max_new_tokens=max_new_tokens, temperature=temperature,
+                              top_p=top_p, stop=stop, seed=self.seed)
+
+    def _generate(self, conversations: list[list[dict]], images: list[list[Image.Image]], *,
+                  max_new_tokens: int, temperature: float, top_p: float, stop: list[str],
+                  seed: int | None) -> list[str]:
         import torch
 
         texts = [self.render(c) for c in conversations]
@@ -98,8 +124,8 @@ class TransformersBackend:
                                   "pad_token_id": self.tokenizer.pad_token_id or self.tokenizer.eos_token_id}
         if do_sample:
             kwargs.update(temperature=temperature, top_p=top_p)
-            if self.seed is not None:
-                torch.manual_seed(self.seed)
+            if seed is not None:  # no per-rollout seeds: one seed per call (batch-dependent; legacy callers)
+                torch.manual_seed(seed)
         else:
             kwargs.update(temperature=None, top_p=None, top_k=None)
         if stop:
@@ -130,16 +156,31 @@ class VLLMBackend:
             import vllm
         except ImportError as e:
             raise BackendError("vLLM is not installed: pip install 'knowzoom[gpu]' on a GPU host") from e
-        from pipeline.models import load_processor
+        return cls.from_engine_class(path, vllm.LLM, vllm.SamplingParams, max_images=max_images,
+                                     max_pixels=max_pixels, min_pixels=min_pixels,
+                                     gpu_memory_utilization=gpu_memory_utilization,
+                                     tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len,
+                                     seed=seed, **engine_kwargs)
 
-        llm = vllm.LLM(
-            model=str(path), limit_mm_per_prompt={"image": max_images},
+    @classmethod
+    def from_engine_class(cls, path: str, llm_cls: Any, sampling_params_cls: Any, *, max_images: int = 8,
+                          max_pixels: int = 1003520, min_pixels: int = 3136, gpu_memory_utilization: float = 0.85,
+                          tensor_parallel_size: int = 1, max_model_len: int = 32768, seed: int = 0,
+                          **engine_kwargs: Any) -> VLLMBackend:
+        """Build the engine from `llm_cls` (vllm.LLM, or a stand-in with its contract) on the *resolved local
+        folder* of `path` ("tiny", a stage output, or an HF id already in the local cache), so vLLM never
+        sees a Hub id and never goes online; the processor is loaded from the same folder."""
+        from pipeline.models import load_processor, resolve_model_path
+
+        local = resolve_model_path(str(path))
+        llm = llm_cls(
+            model=str(local), limit_mm_per_prompt={"image": max_images},
             mm_processor_kwargs={"max_pixels": max_pixels, "min_pixels": min_pixels},
             gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size,
             max_model_len=max_model_len, seed=seed, **engine_kwargs,
         )
-        processor = load_processor(str(path), max_pixels=max_pixels, min_pixels=min_pixels)
-        return cls(llm, processor, sampling_params_cls=vllm.SamplingParams, seed=seed)
+        processor = load_processor(str(local), max_pixels=max_pixels, min_pixels=min_pixels)
+        return cls(llm, processor, sampling_params_cls=sampling_params_cls, seed=seed)
 
     def build_requests(self, conversations: list[list[dict]], images: list[list[Image.Image]]) -> list[dict]:
         """One vLLM prompt dict per conversation: the rendered chat text and its images in order."""
@@ -156,18 +197,29 @@ class VLLMBackend:
             reqs.append(req)
         return reqs
 
-    def sampling_params(self, *, max_new_tokens: int, temperature: float, top_p: float, stop: list[str]) -> Any:
+    def sampling_params(self, *, max_new_tokens: int, temperature: float, top_p: float, stop: list[str],
+                        seed: int | None = None) -> Any:
+        """One request's SamplingParams; `seed` is that rollout's own seed (vLLM seeds each request's
+        generator from it, so one shared seed would make every rollout of an item identical)."""
         if self._sp_cls is None:
             from vllm import SamplingParams
 
             self._sp_cls = SamplingParams
         return self._sp_cls(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
-                            stop=list(stop), include_stop_str_in_output=True, seed=self.seed)
+                            stop=list(stop), include_stop_str_in_output=True,
+                            seed=int(seed) if seed is not None and temperature > 0 else None)
 
     def generate(self, conversations: list[list[dict]], images: list[list[Image.Image]], *,
-                 max_new_tokens: int, temperature: float, top_p: float, stop: list[str]) -> list[str]:
+                 max_new_tokens: int, temperature: float, top_p: float, stop: list[str],
+                 seeds: list[int] | None = None) -> list[str]:
         reqs = self.build_requests(conversations, images)
-        params = self.sampling_params(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop=stop)
+        if seeds is not None and len(seeds) != len(reqs):
+            raise BackendError(f"{len(seeds)} seeds for {len(reqs)} conversations")
+        if seeds is None and temperature > 0 and self.seed is not None:
+            log.warning("vLLM backend: no per-rollout seeds; sampling is not reproducible across batches")
+        params = [self.sampling_params(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                       stop=stop, seed=None if seeds is None else seeds[i])
+                  for i in range(len(reqs))]
         outs = self.llm.generate(reqs, params, use_tqdm=False)
         if len(outs) != len(reqs):
             raise BackendError(f"vLLM returned {len(outs)} outputs for {len(reqs)} prompts")
@@ -175,6 +227,9 @@ class VLLMBackend:
 
 
 # ------------------------------------------------------------------------------------------ OpenAI-compatible
+OPENAI_TOOL_MODES = ("text", "native")
+
+
 def image_data_url(image: Image.Image) -> str:
     """A PNG data URL (lossless: the model sees exactly the pixels the tool produced)."""
     buf = io.BytesIO()
@@ -182,59 +237,193 @@ def image_data_url(image: Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def _parts(content: Any, it: Any) -> list[dict]:
+    """OpenAI content parts of one HF message's content; image placeholders take the next image."""
+    parts: list[dict] = []
+    if isinstance(content, list):
+        for c in content:
+            if c.get("type") == "image":
+                try:
+                    parts.append({"type": "image_url", "image_url": {"url": image_data_url(next(it))}})
+                except StopIteration:
+                    raise BackendError("more image placeholders than images") from None
+            elif c.get("type") == "text":
+                parts.append({"type": "text", "text": str(c.get("text", ""))})
+    else:
+        parts.append({"type": "text", "text": "" if content is None else str(content)})
+    return parts
+
+
+def _plain(role: str, parts: list[dict]) -> dict:
+    if role in ("system", "assistant") and all(p["type"] == "text" for p in parts):
+        return {"role": role, "content": "".join(p["text"] for p in parts)}
+    return {"role": role, "content": parts}
+
+
 def to_openai_messages(conversation: list[dict], images: list[Image.Image]) -> list[dict]:
-    """HF multimodal chat messages → OpenAI chat messages. Tool observations become user turns wrapped in
-    `<tool_response>` (how the Qwen template renders them), so any chat endpoint runs the text protocol."""
+    """HF multimodal chat messages → OpenAI chat messages for the *text* tool protocol. Tool observations
+    become user turns wrapped in `<tool_response>` (how the Qwen template renders them), so any chat endpoint
+    runs the text protocol."""
     it = iter(images)
     out = []
     for m in conversation:
-        role, content = m.get("role"), m.get("content")
-        parts: list[dict] = []
-        if isinstance(content, list):
-            for c in content:
-                if c.get("type") == "image":
-                    try:
-                        parts.append({"type": "image_url", "image_url": {"url": image_data_url(next(it))}})
-                    except StopIteration:
-                        raise BackendError("more image placeholders than images") from None
-                elif c.get("type") == "text":
-                    parts.append({"type": "text", "text": str(c.get("text", ""))})
-        else:
-            parts.append({"type": "text", "text": "" if content is None else str(content)})
+        role, parts = m.get("role"), _parts(m.get("content"), it)
         if role == "tool":
             parts = [{"type": "text", "text": "<tool_response>\n"}] + parts + [{"type": "text", "text": "\n</tool_response>"}]
             role = "user"
-        if role in ("system", "assistant") and all(p["type"] == "text" for p in parts):
-            out.append({"role": role, "content": "".join(p["text"] for p in parts)})
-        else:
-            out.append({"role": role, "content": parts})
+        out.append(_plain(role, parts))
     if next(it, None) is not None:
         raise BackendError("more images than image placeholders")
     return out
 
 
+_CALL_BLOCK = re.compile(r"<tool_call>.*?(?:</tool_call>|\Z)", re.S)
+
+
+def to_openai_native_messages(conversation: list[dict], images: list[Image.Image], *,
+                              system: str | None = None) -> list[dict]:
+    """HF multimodal chat messages → OpenAI chat messages for *native* tool calling: an assistant turn holding
+    a tool call becomes `tool_calls` (arguments as a JSON string, ids call_0, call_1, …), its observation a
+    `tool` message with that `tool_call_id` and the observation text; the crop follows as a user message with
+    the image (tool messages carry text only in the chat-completions API). A malformed call stays assistant
+    text and its error observation a user message. `system` replaces the text-protocol system prompt."""
+    from tools.protocol import parse_turn
+
+    it = iter(images)
+    out: list[dict] = []
+    pending: str | None = None
+    n_calls = 0
+    for i, m in enumerate(conversation):
+        role, content = m.get("role"), m.get("content")
+        if role == "assistant":
+            text = content if isinstance(content, str) else "".join(p.get("text", "") for p in _parts(content, it))
+            parsed = parse_turn(text)
+            call = None
+            if parsed.tool_call is not None:
+                call = (parsed.tool_call.name, json.dumps(parsed.tool_call.arguments))
+            elif parsed.error is not None:
+                call = _raw_call(text)  # arguments that were not JSON go back as the string the server sent
+            if call is not None:
+                pending = f"call_{n_calls}"
+                n_calls += 1
+                prose = _CALL_BLOCK.sub("", text).strip()
+                out.append({"role": "assistant", "content": prose or None, "tool_calls": [{
+                    "id": pending, "type": "function", "function": {"name": call[0], "arguments": call[1]}}]})
+            else:
+                pending = None
+                out.append({"role": "assistant", "content": text})
+            continue
+        parts = _parts(content, it)
+        if role == "tool":
+            texts = "\n".join(p["text"] for p in parts if p["type"] == "text")
+            pics = [p for p in parts if p["type"] == "image_url"]
+            if pending is not None:
+                out.append({"role": "tool", "tool_call_id": pending, "content": texts})
+            else:
+                out.append({"role": "user", "content": [{"type": "text", "text": texts}]})
+            if pics:
+                out.append({"role": "user", "content": [{"type": "text", "text": texts}] + pics})
+            pending = None
+            continue
+        pending = None
+        if role == "system" and i == 0 and system is not None:
+            parts = [{"type": "text", "text": system}]
+        out.append(_plain(str(role), parts))
+    if next(it, None) is not None:
+        raise BackendError("more images than image placeholders")
+    return out
+
+
+def _raw_call(text: str) -> tuple[str, str] | None:
+    """(name, arguments string) of the one `<tool_call>` of a turn whose arguments are an unparsed string."""
+    blocks = re.findall(r"<tool_call>(.*?)(?:</tool_call>|\Z)", text, re.S)
+    if len(blocks) != 1:
+        return None
+    try:
+        d = json.loads(blocks[0].strip())
+    except json.JSONDecodeError:
+        return None
+    if isinstance(d, dict) and isinstance(d.get("name"), str) and isinstance(d.get("arguments"), str):
+        return d["name"], d["arguments"]
+    return None
+
+
+def _call_text(name: Any, arguments: Any) -> str:
+    """One `message.tool_calls` entry in the text protocol, so `tools.protocol.parse_turn` reads it: string
+    arguments are parsed; arguments that are not JSON stay a string and become the model's parse error."""
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except json.JSONDecodeError:
+            pass
+    return "<tool_call>" + json.dumps({"name": name, "arguments": arguments}) + "</tool_call>"
+
+
+def message_text(message: dict) -> str:
+    """The text of a chat-completions `message`: its content followed by each of its `tool_calls` (vLLM's and
+    transformers' servers and API models return calls there, not in the content)."""
+    content = message.get("content") or ""
+    if isinstance(content, list):
+        content = "".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+    calls = message.get("tool_calls") or []
+    if not isinstance(calls, list):
+        raise BackendError(f"tool_calls is not a list: {str(calls)[:80]!r}")
+    if calls:  # a server that parsed the calls may also leave their raw text in the content: count them once
+        content = _CALL_BLOCK.sub("", str(content))
+    out = [str(content)]
+    for c in calls:
+        fn = (c or {}).get("function") or {}
+        out.append(_call_text(fn.get("name"), fn.get("arguments", "{}")))
+    return "".join(out)
+
+
 class OpenAIBackend:
-    """POST /chat/completions on an OpenAI-compatible server; conversations of a batch run concurrently."""
+    """POST /chat/completions on an OpenAI-compatible server; conversations of a batch run concurrently.
+
+    `tool_mode` "text": our text protocol in the messages (any chat endpoint); "native": `zoom_in` is sent as
+    an OpenAI tool (`tools`, schema from `tools.protocol.zoom_tool_schema(frame)`), the history carries
+    `tool_calls` / `tool` messages, and the crop comes back as an image in a user message. In both modes calls
+    the server returns in `message.tool_calls` are read."""
 
     def __init__(self, base_url: str, model: str, *, api_key: str | None = None, timeout_s: float = 120.0,
                  max_retries: int = 3, concurrency: int = 8, include_stop_str: bool = False,
-                 extra_body: dict | None = None, client: Any = None):
+                 extra_body: dict | None = None, client: Any = None, tool_mode: str = "text",
+                 frame: str = "shown_pixels"):
         import httpx
 
+        from tools.protocol import system_prompt, zoom_tool_schema
+
+        if tool_mode not in OPENAI_TOOL_MODES:
+            raise BackendError(f"tool_mode {tool_mode!r} unknown; use one of {OPENAI_TOOL_MODES}")
         self.model = model
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.max_retries = max_retries
         self.concurrency = max(1, concurrency)
         self.include_stop_str = include_stop_str  # vLLM servers accept include_stop_str_in_output
         self.extra_body = dict(extra_body or {})
+        self.tool_mode = tool_mode
+        self.tools = [zoom_tool_schema(frame)]
+        self._text_system = system_prompt(frame)
+        self._native_system = system_prompt(frame, native_tools=True)
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.client = client or httpx.Client(timeout=timeout_s, headers=headers)
 
     def _payload(self, conversation: list[dict], images: list[Image.Image], *, max_new_tokens: int,
                  temperature: float, top_p: float, stop: list[str]) -> dict:
-        body: dict[str, Any] = {"model": self.model, "messages": to_openai_messages(conversation, images),
+        if self.tool_mode == "native":
+            first = conversation[0] if conversation else {}
+            swap = first.get("role") == "system" and first.get("content") == self._text_system
+            messages = to_openai_native_messages(conversation, images,
+                                                 system=self._native_system if swap else None)
+            stop = [s for s in stop if s != "</tool_call>"]  # the server's tool parser needs the whole call
+        else:
+            messages = to_openai_messages(conversation, images)
+        body: dict[str, Any] = {"model": self.model, "messages": messages,
                                 "max_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
                                 "stop": list(stop)[:4]}
+        if self.tool_mode == "native":
+            body["tools"] = self.tools
+            body["tool_choice"] = "auto"
         if self.include_stop_str:
             body["include_stop_str_in_output"] = True
         body.update(self.extra_body)
@@ -252,8 +441,9 @@ class OpenAIBackend:
             else:
                 if r.status_code == 200:
                     try:
-                        text = r.json()["choices"][0]["message"].get("content") or ""
-                    except (ValueError, KeyError, IndexError, TypeError) as e:
+                        message = r.json()["choices"][0]["message"]
+                        text = message_text(message)
+                    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
                         raise BackendError(f"bad response from {self.url}: {r.text[:200]!r}") from e
                     return trim_at_stop(close_stopped(text), stop)
                 last = f"HTTP {r.status_code}: {r.text[:200]}"
@@ -264,9 +454,13 @@ class OpenAIBackend:
         raise BackendError(f"{self.url}: {last}")
 
     def generate(self, conversations: list[list[dict]], images: list[list[Image.Image]], *,
-                 max_new_tokens: int, temperature: float, top_p: float, stop: list[str]) -> list[str]:
+                 max_new_tokens: int, temperature: float, top_p: float, stop: list[str],
+                 seeds: list[int] | None = None) -> list[str]:
         bodies = [self._payload(c, ims, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                 stop=stop) for c, ims in zip(conversations, images, strict=True)]
+        if seeds is not None and temperature > 0:
+            for b, sd in zip(bodies, seeds, strict=True):
+                b["seed"] = int(sd) % (1 << 31)  # OpenAI's `seed`: best-effort reproducibility, per request
         if len(bodies) == 1 or self.concurrency == 1:
             return [self._post(b, stop) for b in bodies]
         with ThreadPoolExecutor(max_workers=min(self.concurrency, len(bodies))) as pool:
@@ -297,4 +491,4 @@ def make_backend(kind: str, model: str, *, base_url: str = "", api_key_env: str 
 
 
 __all__ = ["TransformersBackend", "VLLMBackend", "OpenAIBackend", "make_backend", "image_data_url",
-           "to_openai_messages"]
+           "to_openai_messages", "to_openai_native_messages", "message_text", "OPENAI_TOOL_MODES"]

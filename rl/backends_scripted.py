@@ -105,10 +105,17 @@ class ScriptedPolicy:
     """A Backend that plays `oracle` or `overview` (no zoom) for known samples; an unreadable view gets
     the fixed guess "A" (so an empty view scores at chance, never above it)."""
 
-    def __init__(self, samples: list[VQASample], store: Any, zoom_cfg: Any, mode: str = "oracle"):
+    def __init__(self, samples: list[VQASample], store: Any, zoom_cfg: Any, mode: str = "oracle",
+                 slip_rate: float = 0.0):
+        """`slip_rate`: when sampling (temperature > 0), the share of answers replaced by an option drawn from
+        the rollout's own seed (`rl.agent.rollout_seed`) — a cheap stochastic policy whose rollouts differ yet
+        repeat exactly on a rerun or a resumed run, like the model backends'."""
         if mode not in ("oracle", "overview"):
             raise ValueError("mode: oracle | overview")
+        if not 0.0 <= slip_rate <= 1.0:
+            raise ValueError("slip_rate: must be in [0, 1]")
         self.samples, self.store, self.zoom_cfg, self.mode = samples, store, zoom_cfg, mode
+        self.slip_rate = slip_rate
         self._index: dict[tuple[str, str], VQASample] | None = None
         self.unreadable = 0
 
@@ -136,11 +143,14 @@ class ScriptedPolicy:
         t = sample.targets[0]
         return t.image, Episode(self.store, sample.images, self.zoom_cfg).oracle_bbox(t.image, t.bbox)
 
-    def generate(self, conversations: list[list[dict]], images: list[list[Image.Image]], **kw: Any) -> list[str]:
+    def generate(self, conversations: list[list[dict]], images: list[list[Image.Image]], *,
+                 temperature: float = 0.0, seeds: list[int] | None = None, **kw: Any) -> list[str]:
         from tools.protocol import format_tool_call
 
         out = []
-        for conv, ims in zip(conversations, images, strict=True):
+        if seeds is not None and len(seeds) != len(conversations):
+            raise ValueError(f"{len(seeds)} seeds for {len(conversations)} conversations")
+        for j, (conv, ims) in enumerate(zip(conversations, images, strict=True)):
             sample = self._lookup(conv, ims[0])
             zoomed = any(m["role"] == "tool" for m in conv)
             k, box = self._box(sample)
@@ -155,6 +165,12 @@ class ScriptedPolicy:
             if letter is None:
                 self.unreadable += 1
                 letter = "A"
+            if temperature > 0 and self.slip_rate > 0:
+                if seeds is None:
+                    raise ValueError("a sampling scripted policy needs per-rollout seeds")
+                rng = np.random.default_rng(seeds[j])
+                if rng.random() < self.slip_rate:
+                    letter = "ABCDEFGH"[int(rng.integers(len(sample.choices) or 1))]
             out.append(f"<answer>{letter}</answer>")
         return out
 

@@ -6,6 +6,12 @@ turn (overviews + question, rendered by `tools.protocol.user_message`) that TRL 
 `zoom_in(bbox, source)` is the one public tool method TRL exposes (schema from its signature and docstring,
 which repeat `tools.protocol.zoom_tool_schema`); it returns the crop as an image content block. Tool errors
 come back as text observations; anything else that raises marks the episode unscorable (`stats.failure`).
+
+Parsing: `install_protocol_parser` makes TRL read each generated turn, up to its first stop string as eval's
+engines cut it, with `tools.protocol.parse_turn` (the parser of evaluation, mining and the server) instead of
+TRL's own: a malformed turn (bad JSON, several calls,
+a call and an answer together) gets the error observation and another turn exactly as in `rl.agent`, an unknown
+tool or a missing argument goes to the tool as in eval, and a turn without a call ends the episode.
 """
 
 from __future__ import annotations
@@ -52,6 +58,57 @@ class LocalEpisodes:
 
     def close(self, key: str) -> None:
         self._episodes.pop(key, None)
+
+
+TURN_KEY = "__turn__"  # zoom_in(bbox={TURN_KEY: ...}) carries a turn parsed by tools.protocol (see below)
+
+
+def protocol_tool_calls(text: str) -> list[dict] | None:
+    """The tool calls TRL should run for one assistant turn, decided by `tools.protocol.parse_turn` (eval's
+    parser): None when the turn answers or holds no call (the episode ends); else one call of `zoom_in` whose
+    `bbox` carries the parsed turn, so `ZoomEnv.zoom_in` does what eval's agent loop does with it — a call
+    (valid, aliased or to an unknown tool) goes to the tool, a malformed turn gets the error observation."""
+    from tools.protocol import TOOL_NAME, parse_turn, turn_error_result
+
+    parsed = parse_turn(text)
+    if parsed.error is None and parsed.tool_call is None:
+        return None
+    err = turn_error_result(parsed)
+    turn = {"error": err.text} if err is not None else {
+        "name": parsed.tool_call.name, "arguments": dict(parsed.tool_call.arguments)}  # type: ignore[union-attr]
+    return [{"type": "function", "function": {"name": TOOL_NAME, "arguments": {"bbox": {TURN_KEY: turn}}}}]
+
+
+class ProtocolParser:
+    """`tokenizer.parse_response` for TRL: decode one generated turn, read it up to its first stop string (eval's
+    engines stop there; TRL's generation does not), and return the assistant message with the tool calls
+    `protocol_tool_calls` decides (the reward's format score still sees the whole turn). A class, not a
+    closure, so a tokenizer carrying it still pickles (Ray workers, dataloader processes)."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self.ends = [e for e in dict.fromkeys([getattr(tokenizer, "eos_token", None), "<|im_end|>",
+                                               "<|endoftext|>"]) if e]
+
+    def __call__(self, ids: Any, prefix: Any = None, tools: Any = None) -> dict:
+        from rl.agent import STOP_STRINGS, trim_at_stop
+
+        text = self.tokenizer.decode(list(ids), skip_special_tokens=False)
+        cuts = [i for i in (text.find(e) for e in self.ends) if i >= 0]
+        text = text[:min(cuts)] if cuts else text
+        msg: dict[str, Any] = {"role": "assistant", "content": text}
+        calls = protocol_tool_calls(trim_at_stop(text, STOP_STRINGS))
+        if calls:
+            msg["tool_calls"] = calls
+        return msg
+
+
+def install_protocol_parser(processor: Any) -> Any:
+    """Make TRL's `parse_response` (it calls `tokenizer.parse_response(ids, ...)`) parse every generated turn
+    with `protocol_tool_calls`, so RL and eval share one parser and one answer to malformed calls."""
+    tok = getattr(processor, "tokenizer", processor)
+    tok.parse_response = ProtocolParser(tok)
+    return processor
 
 
 def _image_block(image: Any) -> dict:
@@ -126,13 +183,20 @@ class ZoomEnv:
         """
         from tools.protocol import tool_message
 
+        name, arguments = "zoom_in", {"bbox": bbox, "source": source}
+        if isinstance(bbox, dict) and TURN_KEY in bbox:  # a turn read by protocol_tool_calls
+            turn = bbox[TURN_KEY]
+            if "error" in turn:  # malformed: the error observation, counted as an error, not a call (as eval)
+                self.stats.n_errors += 1
+                return [{"type": "text", "text": str(turn["error"])}]
+            name, arguments = str(turn["name"]), dict(turn["arguments"])
         if self.key is None or self.stats.failure is not None:
             self.stats.n_calls += 1
             self.stats.n_errors += 1
             return "Error: the episode is not available; answer with what you have seen."
         self.stats.n_calls += 1
         try:
-            result = self.backend.execute(self.key, "zoom_in", {"bbox": bbox, "source": source})
+            result = self.backend.execute(self.key, name, arguments)
         except Exception as e:
             self._fail("zoom_in", e)
             return "Error: the zoom tool failed; answer with what you have seen."

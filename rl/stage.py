@@ -59,7 +59,8 @@ class RLConfig(StageConfig):
     chat_template: str = hfield("auto", help="'auto': switch to TRL's tool-capable Qwen-VL template when the model's cannot call tools; 'keep'; or a .jinja path.")
     # zoom tool
     frame: str = hfield("shown_pixels", help="Box frame the model uses: shown_pixels | norm1000.")
-    max_turns: int = hfield(5, help="Tool-calling turns per episode (TRL max_tool_calling_iterations).")
+    max_zooms: int = hfield(4, help="Zoom calls allowed per episode; the answer turn comes on top (TRL "
+                                    "max_tool_calling_iterations; the same field in sft, mine-hard and eval).")
     zoom_max_pixels: int = hfield(50176, help="Pixel cap of an overview or crop shown to the model (7B: 1003520).")
     zoom_min_pixels: int = hfield(3136, help="Pixel floor of an image shown to the model.")
     tool_read_timeout_s: float = hfield(10.0, help="Time limit of one raster read.")
@@ -86,7 +87,7 @@ class RLConfig(StageConfig):
     tool_bonus_weight: float = hfield(1.2, help="Weight of the tool bonus (right answer AND >= 1 successful zoom).")
     region_weight: float = hfield(0.0, help="Weight of the region reward (zoom covers the target); 0 = off.")
     max_answer_chars: int = hfield(1000, help="Answers this long or longer get no accuracy credit.")
-    mask_truncated_episodes: bool = hfield(True, help="Episodes cut by max_turns get no reward (zero advantage) instead of a penalty.")
+    mask_truncated_episodes: bool = hfield(True, help="Episodes cut by the zoom limit get no reward (zero advantage) instead of a penalty.")
     mask_length_truncated: bool = hfield(True, help="Completions cut by max_completion_length carry no loss (TRL mask_truncated_completions).")
     max_failure_rate: float = hfield(0.25, help="A step fails when more than this share of its rollouts raised.")
     # checkpoints and logs
@@ -129,8 +130,8 @@ class RLConfig(StageConfig):
                      f"divisible by num_generations={self.num_generations}; change one of them")
         if self.max_steps < 1:
             p.append("max_steps: must be >= 1")
-        if self.max_turns < 1:
-            p.append("max_turns: must be >= 1")
+        if self.max_zooms < 1:
+            p.append("max_zooms: must be >= 1 (zoom calls per episode)")
         if self.frame not in ("shown_pixels", "norm1000"):
             p.append("frame: use shown_pixels or norm1000")
         if not 0.0 <= self.max_failure_rate <= 1.0:
@@ -164,7 +165,7 @@ class RLConfig(StageConfig):
 
     def zoom_config(self) -> dict[str, Any]:
         return {"max_pixels": self.zoom_max_pixels, "min_pixels": self.zoom_min_pixels, "frame": self.frame,
-                "max_turns": self.max_turns, "read_timeout_s": self.tool_read_timeout_s}
+                "max_turns": self.max_zooms, "read_timeout_s": self.tool_read_timeout_s}
 
 
 def _cuda_available() -> bool:
@@ -259,7 +260,8 @@ def prepare_processor(processor: Any, mode: str) -> Any:
     'auto': Qwen2.5-VL's own template (used by SFT and eval) cannot render `tool_calls`, so TRL would refuse
     it; `rl/templates/qwen2_5_vl_tools.jinja` is that template plus tool-call rendering in the canonical
     `<tool_call>{...}</tool_call>` form (`tools.protocol.format_tool_call`), so RL prompts and tool turns are
-    byte-identical to the SFT/eval ones. Tool calls are parsed with TRL's Qwen parser (`<tool_call>` JSON)."""
+    byte-identical to the SFT/eval ones. Generated turns are parsed with `tools.protocol.parse_turn`, eval's
+    parser (`rl.env.install_protocol_parser`)."""
     import trl
     from trl.chat_template_utils import add_response_schema, qwen3_template, supports_tool_calling
 
@@ -285,7 +287,9 @@ def prepare_processor(processor: Any, mode: str) -> Any:
                 add_response_schema(processor)
             except ValueError as e:
                 raise ChatTemplateError(f"cannot parse tool calls with this chat template: {e}") from e
-    return processor
+    from rl.env import install_protocol_parser
+
+    return install_protocol_parser(processor)  # turns are parsed by tools.protocol, as in eval
 
 
 def _set_template(processor: Any, template: str) -> None:
@@ -394,7 +398,7 @@ def _grpo_config(cfg: RLConfig, ckpt_dir: Path, ray_mode: bool) -> Any:
         temperature=cfg.temperature,
         top_p=cfg.top_p,
         max_completion_length=cfg.max_completion_length,
-        max_tool_calling_iterations=cfg.max_turns,
+        max_tool_calling_iterations=cfg.max_zooms,  # max_zooms + 1 generations: tools.protocol.turn_budget
         reward_weights=cfg.reward_settings().weights(),
         mask_truncated_completions=cfg.mask_length_truncated,
         save_strategy="steps" if cfg.save_steps else "no",

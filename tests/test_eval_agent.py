@@ -189,8 +189,10 @@ def test_vllm_backend_requests_with_fake_engine(vqa):
     reqs, params = llm.calls[0]
     assert reqs[0]["prompt"] == "system|user|assistant:"
     assert isinstance(reqs[0]["multi_modal_data"]["image"], Image.Image)
+    assert len(params) == len(reqs)  # one SamplingParams per request
+    params = params[0]
     assert params["include_stop_str_in_output"] and params["stop"] == ["</tool_call>", "</answer>"]
-    assert params["temperature"] == 0.0 and params["seed"] == 3
+    assert params["temperature"] == 0.0 and params["seed"] is None  # greedy: no seed needed
     # turn 2 of episode 0 carries the overview and the crop, in order
     reqs2, _ = llm.calls[1]
     assert reqs2[0]["prompt"] == "system|user|assistant|tool|assistant:"
@@ -198,6 +200,61 @@ def test_vllm_backend_requests_with_fake_engine(vqa):
     assert trajs[0].messages[2]["content"].endswith("</tool_call>")  # junk after the stop string dropped
     with pytest.raises(BackendError, match="placeholders"):
         be.build_requests([[{"role": "user", "content": [{"type": "image"}]}]], [[]])
+
+
+def _vllm_run(samples, store, *, batch_size, n=4, temperature=1.0, seed=7):
+    import vllm_standin
+
+    from rl.backends import VLLMBackend
+
+    be = VLLMBackend.from_engine_class("tiny", vllm_standin.LLM, vllm_standin.SamplingParams, seed=0)
+    trajs = run_episodes(be, samples, store, AgentConfig(max_turns=1, temperature=temperature, seed=seed,
+                                                         batch_size=batch_size), n=n)
+    return be, trajs
+
+
+def test_vllm_backend_seeds_each_rollout_against_the_vllm_contract(vqa):
+    """Issue #11 finding 7: every request carries its rollout's own seed (vLLM seeds each request's generator
+    from SamplingParams.seed): distinct across rollouts, identical on a rerun with other batches."""
+    samples, store = vqa
+    be, trajs = _vllm_run(samples[:2], store, batch_size=8)
+    reqs = be.llm.requests
+    seeds = [sp.seed for _, sp in reqs]
+    assert len(reqs) == 8 and all(sp.sampling_type == "RANDOM_SEED" for _, sp in reqs)
+    assert len(set(seeds)) == 8  # one seed per rollout
+    assert len({t.final_text for t in trajs}) > 1  # so the rollouts of an item can differ
+    be2, trajs2 = _vllm_run(samples[:2], store, batch_size=3)  # a rerun, batched differently
+    assert [sp.seed for _, sp in be2.llm.requests] == seeds
+    assert [t.final_text for t in trajs2] == [t.final_text for t in trajs]
+    be3, _ = _vllm_run(samples[:2], store, batch_size=8, seed=8)  # another base seed: other draws
+    assert not set(sp.seed for _, sp in be3.llm.requests) & set(seeds)
+    be4, _ = _vllm_run(samples[:1], store, batch_size=8, n=1, temperature=0.0)  # greedy needs no seed
+    assert be4.llm.requests[0][1].sampling_type == "GREEDY"
+
+
+def test_vllm_backend_gets_the_resolved_local_folder(vqa, tmp_path):
+    """Issue #11 finding 8: the engine is built on the resolved local model folder ("tiny", a stage output
+    folder, a cached HF id), never on the raw spec; an HF id that is not cached is a clear error, offline."""
+    import vllm_standin
+
+    from pipeline.errors import ModelNotFoundError
+    from pipeline.models import resolve_model_path
+    from rl.backends import VLLMBackend
+
+    be = VLLMBackend.from_engine_class("tiny", vllm_standin.LLM, vllm_standin.SamplingParams, max_images=3)
+    assert be.llm.model == str(resolve_model_path("tiny")) and be.llm.engine_args["limit_mm_per_prompt"] == {
+        "image": 3}
+    stage = tmp_path / "sft"
+    (stage / "model").mkdir(parents=True)
+    for f in resolve_model_path("tiny").iterdir():
+        if f.is_file():
+            (stage / "model" / f.name).write_bytes(f.read_bytes())
+    be = VLLMBackend.from_engine_class(str(stage), vllm_standin.LLM, vllm_standin.SamplingParams)
+    assert be.llm.model == str(stage / "model")
+    n = len(vllm_standin.LLM.instances)
+    with pytest.raises(ModelNotFoundError, match="local Hugging Face cache"):
+        VLLMBackend.from_engine_class("nobody/not-cached-model", vllm_standin.LLM, vllm_standin.SamplingParams)
+    assert len(vllm_standin.LLM.instances) == n  # no engine was started on the Hub id
 
 
 def test_vllm_from_pretrained_without_vllm_is_a_clear_error():

@@ -20,6 +20,7 @@ from pipeline.datasets import (
     subtask_name,
 )
 from pipeline.errors import DatasetNotFoundError
+from pipeline.records import VQASample
 
 OPTS = ["(A) Red", "(B) Blue", "(C) Green", "(D) White"]
 
@@ -128,6 +129,21 @@ def test_official_prompt_snapshot(tmp_path):
         "with the letter corresponding to the correct answer (A, B, C, D).\nThe answer is:"
     )
     assert official_prompt(by_id["1"]).endswith("with multiple choices separated by spaces.The answer(s) is(are):")
+
+
+def test_official_prompt_never_depends_on_the_key():
+    """lmms-eval picks the instruction by category: a two-letter key elsewhere keeps the single instruction,
+    and the land-use category keeps the multi one whatever its key."""
+    from pipeline.datasets import MULTI_ANSWER_CATEGORY
+
+    base = dict(id="q", images=["i"], question="Q?", choices=["(A) x", "(B) y", "(C) z"])
+    colour = "Object properties/Object color"
+    prompts = {official_prompt(VQASample(**base, answer=key, qtype=qt, category=colour))
+               for key, qt in (("A", "single"), ("AC", "multi"), ("BC", "multi"))}
+    assert len(prompts) == 1 and prompts.pop().endswith("The answer is:")
+    multi = {official_prompt(VQASample(**base, answer=key, qtype=qt, category=MULTI_ANSWER_CATEGORY))
+             for key, qt in (("A", "single"), ("AC", "multi"))}
+    assert len(multi) == 1 and multi.pop().endswith("The answer(s) is(are):")
 
 
 def test_bad_inputs_raise_typed_errors(tmp_path):

@@ -80,7 +80,7 @@ class OracleBackend:
         self.calls = 0
         self.batches: list[int] = []
 
-    def generate(self, conversations, images, *, max_new_tokens, temperature, top_p, stop):
+    def generate(self, conversations, images, *, max_new_tokens, temperature, top_p, stop, seeds=None):
         from tools.protocol import Episode, format_tool_call
 
         self.batches.append(len(conversations))
@@ -118,7 +118,7 @@ class ScriptBackend:
         self.script = script
         self.seen: list[list[dict]] = []
 
-    def generate(self, conversations, images, *, max_new_tokens, temperature, top_p, stop):
+    def generate(self, conversations, images, *, max_new_tokens, temperature, top_p, stop, seeds=None):
         out = []
         for conv in conversations:
             self.seen.append(conv)

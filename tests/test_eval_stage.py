@@ -131,8 +131,10 @@ def test_errors_are_not_cached_and_not_reportable(data, tmp_path):
         def generate(self, conversations, images, **kw):
             raise RuntimeError("server down")
 
-    summary = run_eval(_cfg(data, tmp_path / "e"), backend=Broken())
-    assert not summary["reportable"] and summary["errors"] == 4
+    from pipeline.errors import EvalError
+
+    with pytest.raises(EvalError, match="no episode could be scored .4 of 4 items failed.*server down"):
+        run_eval(_cfg(data, tmp_path / "e"), backend=Broken())
     [cache] = list((tmp_path / "e" / "predictions").iterdir())
     assert cache.read_text() == ""
     res = json.loads((tmp_path / "e" / "results.json").read_text())
@@ -200,7 +202,7 @@ def test_cli_eval_with_tiny_model(data, tmp_path, capsys):
     rc = main(["eval", "--config", "configs/tiny/eval.yaml", "--model", "tiny", "--output_dir", str(tmp_path / "e"),
                "--dataset_path", str(data / "vqa_test.jsonl"), "--images_manifest", str(data / "images.jsonl"),
                "--limit", "2", "--n_samples", "2", "--pass_k", "[1, 2]", "--max_new_tokens", "8",
-               "--max_turns", "2"])
+               "--max_zooms", "1"])
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
     assert out["n"] == 2 and out["reportable"] is False
@@ -224,3 +226,70 @@ def test_eval_on_xlrs_parquet_direct_protocol(tmp_path):
     res = json.loads((tmp_path / "e" / "results.json").read_text())
     assert set(res["metrics"]["tasks"]) == {"OCL", "OLUC", "RCCD"}
     assert (tmp_path / "e" / "xlrs_images" / "prepared" / "images.jsonl").exists()
+
+
+def _sampled_cache(out):
+    """{key: final text} of the sampled-rollouts cache of an eval output folder."""
+    res = json.loads((out / "results.json").read_text())
+    path = out / "predictions" / f"{res['cache']['sampled']}.jsonl"
+    return {json.loads(x)["key"]: json.loads(x)["trajectory"]["final_text"] for x in path.read_text().splitlines()}
+
+
+def test_killed_and_resumed_sampled_eval_is_bit_identical_tiny_model(data, tmp_path):
+    """Per-rollout seeds (base seed, item, rollout, turn): a run killed mid-way and resumed, whose batches are
+    therefore composed differently, samples exactly what an uninterrupted run samples (real tiny model)."""
+    kw = {"model": "tiny", "limit": 3, "n_samples": 3, "pass_k": [1, 3], "sample_temperature": 1.0,
+          "max_new_tokens": 6, "max_zooms": 1, "batch_size": 3, "chunk_size": 4}
+    full_cfg = _cfg(data, tmp_path / "full", **kw)
+    backend = full_cfg.make_backend()
+    full = run_eval(full_cfg, backend=backend)
+
+    class KilledAfter:
+        """The same model; the second sampled generate call is a kill."""
+
+        def __init__(self):
+            self.sampled_calls = 0
+
+        def generate(self, conversations, images, **kw):
+            if kw["temperature"] > 0:
+                self.sampled_calls += 1
+                if self.sampled_calls == 2:  # mid-chunk: the resumed batches are composed differently
+                    raise KeyboardInterrupt
+            return backend.generate(conversations, images, **kw)
+
+    cut_cfg = _cfg(data, tmp_path / "cut", **kw)
+    with pytest.raises(KeyboardInterrupt):
+        run_eval(cut_cfg, backend=KilledAfter())
+    resumed = run_eval(cut_cfg, backend=backend)
+    a, b = _sampled_cache(tmp_path / "full"), _sampled_cache(tmp_path / "cut")
+    assert len(a) == 9 and a == b
+    assert len(set(a.values())) > 1  # the rollouts really differ from each other
+    assert {k: v for k, v in full.items() if "pass" in k or "acc" in k} == \
+        {k: v for k, v in resumed.items() if "pass" in k or "acc" in k}
+
+
+
+def test_pass_at_k_reports_items_per_k_and_errored_rollouts(data, tmp_path):
+    """Rollouts that errored are counted, Pass@k says how many items it was computed on, and a run with
+    missing rollouts is not reportable (a rerun retries them)."""
+    from rl.agent import rollout_seed
+
+    q1_seeds = {rollout_seed(0, "q1", k, 0) for k in range(3)}  # the sampled rollouts of q1 (base seed 0)
+
+    class FailsQ1:
+        def generate(self, conversations, images, *, temperature, seeds, **kw):
+            if temperature > 0 and q1_seeds & set(seeds):
+                raise RuntimeError("server error on this request")
+            return ["<answer>A</answer>"] * len(conversations)
+
+    cfg = _cfg(data, tmp_path / "e", n_samples=3, pass_k=[1, 2, 3], sample_temperature=1.0, batch_size=1)
+    summary = run_eval(cfg, backend=FailsQ1())
+    assert summary["sampled_errors"] == 3 and summary["items_missing_rollouts"] == 1
+    assert summary["pass@2_items"] == 3 and summary["pass@3_items"] == 3  # q1 has no scored rollout
+    assert not summary["reportable"]
+    res = json.loads((tmp_path / "e" / "results.json").read_text())
+    assert "fewer than 3 scored rollouts" in res["not_reportable_reason"]
+    md = (tmp_path / "e" / "results.md").read_text()
+    assert "| pass@2 |" in md and "sampled rollouts that errored: 3" in md
+    ok = run_eval(cfg, backend=ScriptBackend(["<answer>A</answer>"]))  # the rerun fills the gap
+    assert ok["items_missing_rollouts"] == 0 and ok["pass@3_items"] == 4 and ok["reportable"]

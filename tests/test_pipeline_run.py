@@ -22,12 +22,12 @@ FAST = {
     "build-qa": {"n_train": 200, "n_val": 20, "n_test": 40, "min_test": 20, "max_spectra": 200},
     "sft_text": {"max_steps": 2, "per_device_train_batch_size": 4, "warmup_steps": 0, "eval_max_samples": 4,
                  "eval_train_samples": 4, "save_steps": 1, "torch_threads": 1},
-    "mine_hard": {"limit": 6, "k": 2, "max_turns": 2, "max_new_tokens": 24, "batch_size": 6},
+    "mine_hard": {"limit": 6, "k": 2, "max_zooms": 1, "max_new_tokens": 24, "batch_size": 6},
     "sft_prewarm": {"max_steps": 2, "per_device_train_batch_size": 2, "warmup_steps": 0, "eval_max_samples": 4,
                     "save_steps": 1, "torch_threads": 1},
     "rl": {"max_steps": 1, "num_generations": 2, "per_device_train_batch_size": 2, "max_completion_length": 48,
-           "max_turns": 2, "save_steps": 1, "torch_threads": 1},
-    "eval": {"limit": 6, "n_samples": 2, "pass_k": [1, 2], "max_new_tokens": 24, "max_turns": 2, "batch_size": 6},
+           "max_zooms": 2, "save_steps": 1, "torch_threads": 1},
+    "eval": {"limit": 6, "n_samples": 2, "pass_k": [1, 2], "max_new_tokens": 24, "max_zooms": 1, "batch_size": 6},
 }
 
 
@@ -93,7 +93,7 @@ def test_7b_recipe_wiring_with_tiny_overrides(tiny_run, tmp_path):
         "rl": {**FAST["rl"], "use_vllm": False, "use_ray": False, "bf16": False, "gradient_checkpointing": False,
                "gradient_accumulation_steps": 1, "zoom_max_pixels": 50176, "beta": 0.0},
         "eval": {"backend": "transformers", "dtype": "auto", "dataset_path": str(xlrs), "limit": 4,
-                 "n_samples": 0, "pass_k": [1], "max_new_tokens": 16, "max_turns": 2, "batch_size": 4,
+                 "n_samples": 0, "pass_k": [1], "max_new_tokens": 16, "max_zooms": 1, "batch_size": 4,
                  "zoom_max_pixels": 50176, "xlrs_images_dir": str(tmp_path / "xlrs_prepared")},
     }
     cpu["build-qa"]["output_dir"] = str(tmp_path / "qa")  # the 7B QA config differs: keep the tiny run's QA intact

@@ -78,7 +78,7 @@ def test_grpo_step_completes_when_a_tool_actor_is_killed(task, ray_local, tmp_pa
     answer = json.loads((task / "vqa.jsonl").read_text().splitlines()[0])["answer"]
     cfg = RLConfig(output_dir=str(tmp_path), model="tiny", train_data=str(task / "vqa.jsonl"),
                    image_manifest=str(task / "images.jsonl"), max_samples=1, num_generations=2,
-                   per_device_train_batch_size=2, max_steps=1, max_turns=2, save_steps=0, plot=False)
+                   per_device_train_batch_size=2, max_steps=1, max_zooms=2, save_steps=0, plot=False)
     pool = RayEpisodePool(cfg.image_manifest, cfg.zoom_config(), n_actors=1, call_timeout_s=30)
     pids = pool.wait_ready(60)
     run = build_run(cfg, backend=pool)
@@ -114,7 +114,7 @@ def test_ray_train_run_and_resume_from_ray_checkpoint(task, tmp_path):
 
     base = dict(output_dir=str(tmp_path / "out"), model="tiny", train_data=str(task / "vqa.jsonl"),
                 image_manifest=str(task / "images.jsonl"), num_generations=2, per_device_train_batch_size=2,
-                max_completion_length=32, max_turns=1, save_steps=1, mask_length_truncated=False,
+                max_completion_length=32, max_zooms=1, save_steps=1, mask_length_truncated=False,
                 learning_rate=0.01, use_ray=True, ray_num_workers=1, tool_actors=1)
     s1 = run(RLConfig(max_steps=2, **base))
     assert s1["steps"] == 2 and s1["param_delta_l2"] > 0 and s1["ray_checkpoint"]
@@ -134,6 +134,6 @@ def test_ray_train_two_cpu_workers(task, tmp_path):
     # whose groups all score alike, which 2 x 32 tokens of a random model can be)
     s = run(RLConfig(output_dir=str(tmp_path / "out"), model="tiny", train_data=str(task / "vqa.jsonl"),
                      image_manifest=str(task / "images.jsonl"), num_generations=4, per_device_train_batch_size=4,
-                     max_completion_length=48, max_turns=1, save_steps=1, max_steps=2, mask_length_truncated=False,
+                     max_completion_length=48, max_zooms=1, save_steps=1, max_steps=2, mask_length_truncated=False,
                      learning_rate=0.01, use_ray=True, ray_num_workers=2, ray_cpus_per_worker=0.5, tool_actors=1))
     assert s["steps"] == 2 and s["param_delta_l2"] > 0 and s["ray_checkpoint"]

@@ -22,7 +22,7 @@ def _args(task: Path, out: Path) -> list[str]:
     return [sys.executable, "-m", "pipeline.cli", "rl", "--output_dir", str(out), "--model", "tiny",
             "--train_data", str(task / "vqa.jsonl"), "--image_manifest", str(task / "images.jsonl"),
             "--max_steps", "4", "--save_steps", "1", "--save_total_limit", "5", "--num_generations", "2",
-            "--per_device_train_batch_size", "2", "--max_completion_length", "24", "--max_turns", "1",
+            "--per_device_train_batch_size", "2", "--max_completion_length", "24", "--max_zooms", "1",
             "--mask_length_truncated", "false", "--plot", "false", "--learning_rate", "0.01"]
 
 

@@ -21,14 +21,14 @@ def scripts(answer: str, wrong: str) -> list[list[str]]:
     """Rollout k's turns; each first turn carries a unique marker r<k> so later calls can be matched."""
     return [
         [f"<think>r0</think>{VALID}", f"<think>seen</think><answer>{answer}</answer>"],  # valid
-        ["<think>r1</think><tool_call>{bad json</tool_call>"],  # malformed call: ends the episode
+        ["<think>r1</think><tool_call>{bad json</tool_call>"],  # malformed call: error observation, again
         ['<think>r2</think><tool_call>{"name": "crop", "arguments": {"bbox": [1, 2, 3, 4]}}</tool_call>',
          f"<answer>{answer}</answer>"],  # unknown tool
         ['<think>r3</think><tool_call>{"name": "zoom_in", "arguments": {"bbox": [5000, 5000, 6000, 6000], '
          '"source": "image_0"}}</tool_call>', f"<answer>{wrong}</answer>"],  # out of bounds
         [f"<think>r4</think>{VALID}<answer>{answer}</answer>", f"<answer>{answer}</answer>"],  # call + answer
         [f"<think>r5<answer>{answer}</answer>"],  # unbalanced tags
-        [f"<think>r6</think>{VALID}", VALID, VALID],  # cut by max_turns=2
+        [f"<think>r6</think>{VALID}", VALID, VALID],  # cut by max_zooms=2
         ['<think>r7</think><tool_call>{"name": "zoom_in", "arguments": {"bbox": [66, 66, 99, 99], '
          '"source": "image_0"}}</tool_call>', f"<answer>{answer}</answer>"],  # the backend raises
     ]
@@ -63,7 +63,7 @@ def task(tmp_path_factory):
 def _cfg(task, out, **kw):
     base = dict(output_dir=str(out), model="tiny", train_data=str(task / "vqa.jsonl"),
                 image_manifest=str(task / "images.jsonl"), max_samples=1, num_generations=8,
-                per_device_train_batch_size=8, max_steps=1, max_turns=2, save_steps=0, plot=False,
+                per_device_train_batch_size=8, max_steps=1, max_zooms=2, save_steps=0, plot=False,
                 max_completion_length=1024, learning_rate=1e-2, max_failure_rate=0.2)
     base.update(kw)
     return RLConfig(**base)
@@ -122,9 +122,12 @@ def test_scripted_rewards_counters_and_masks(task, tmp_path):
     # masked rollouts get exactly zero advantage
     adv = torch.tensor(logs["advantages"])
     assert adv[idx[6]] == 0 and adv[idx[7]] == 0 and adv.abs().sum() > 0
-    # TRL counted the unknown tool as a tool failure
+    # protocol errors are observations the environment returns (as in eval), never exceptions in TRL's loop;
+    # they are counted by the environment: the unknown tool as a call and an error, bad JSON as an error only
     logged = next(h for h in trainer.state.log_history if "reward" in h)
-    assert logged["tools/failure_frequency"] > 0
+    assert logged["tools/failure_frequency"] == 0
+    assert (s[2].n_tool_calls, s[2].n_tool_errors) == (1, 1)
+    assert s[1].n_tool_errors >= 1 and s[1].n_turns > 1  # the malformed call got an observation and more turns
     assert logged["episodes/unscorable_rate"] == pytest.approx(1 / 8)
     assert logged["episodes/masked_truncated_rate"] == pytest.approx(1 / 8)
 

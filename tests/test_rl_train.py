@@ -16,7 +16,7 @@ def test_tiny_run_logs_rewards_and_updates_parameters(tmp_path):
     cfg = cfg_cls(output_dir=str(tmp_path / "rl"), model=str(tmp_path / "no_prewarm_model"), model_fallback="tiny",
                   train_data=str(tmp_path / "hard.jsonl"), train_data_fallback=str(task / "vqa.jsonl"),
                   image_manifest=str(task / "images.jsonl"), max_steps=3, num_generations=2,
-                  per_device_train_batch_size=4, max_completion_length=48, max_turns=2, save_steps=2,
+                  per_device_train_batch_size=4, max_completion_length=48, max_zooms=2, save_steps=2,
                   mask_length_truncated=False, learning_rate=1e-2)
     summary = run_stage("rl", cfg)
     out = tmp_path / "rl"

@@ -183,16 +183,18 @@ def test_config_validation_messages(tmp_path):
     from rl.stage import RLConfig
 
     with pytest.raises(ConfigError) as e:
-        load_config(RLConfig, None, {"num_generations": 3, "per_device_train_batch_size": 4, "max_turns": 0,
+        load_config(RLConfig, None, {"num_generations": 3, "per_device_train_batch_size": 4, "max_zooms": 0,
                                      "frame": "pixels", "max_failure_rate": 2.0, "vllm_mode": "remote"})
     msg = str(e.value)
-    for field in ("divisible by num_generations", "max_turns", "frame", "max_failure_rate", "vllm_mode"):
+    for field in ("divisible by num_generations", "max_zooms", "frame", "max_failure_rate", "vllm_mode"):
         assert field in msg
+    with pytest.raises(ConfigError, match="max_turns: unknown field .*replaced by max_zooms"):
+        load_config(RLConfig, None, {"max_turns": 5})  # the old name says what replaced it
     for path in ("configs/tiny/rl.yaml", "configs/qwen2_5_vl_7b/rl.yaml"):
         cfg = load_config(RLConfig, path)
         assert cfg.reward_settings().weights() == [0.8, 0.2, 1.2]
     big = load_config(RLConfig, "configs/qwen2_5_vl_7b/rl.yaml")
-    assert (big.num_generations, big.learning_rate, big.beta, big.entropy_coef, big.max_turns) == (16, 5e-7, 0.001, 0.001, 5)
+    assert (big.num_generations, big.learning_rate, big.beta, big.entropy_coef, big.max_zooms) == (16, 5e-7, 0.001, 0.001, 4)
     assert big.per_device_train_batch_size * big.gradient_accumulation_steps * big.ray_num_workers == 128 * 16
     assert big.use_vllm and big.vllm_mode == "colocate" and big.ray_num_workers == 8 and big.ray_use_gpu
 

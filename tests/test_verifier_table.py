@@ -151,3 +151,62 @@ def test_verify_sample_on_records():
     assert verify_sample("<answer>false</answer>", t).correct
     n = VQASample(id="2", images=["x"], question="q", answer="7", qtype="numeric", tolerance=1.0)
     assert verify_sample("<answer>8</answer>", n).correct
+
+
+# ------------------------------------------------------------------------------ labelled realistic replies
+def _truth_text(truth: object) -> str:
+    if isinstance(truth, bool):
+        return "true" if truth else "false"
+    return str(truth)
+
+
+def measure_labelled() -> dict:
+    """Check every labelled reply against every truth of its question: credit must be given exactly when the
+    truth is the human label. Returns the counts and the failing cases."""
+    from verifier_labelled import SETS
+
+    rows = clear = checks = 0
+    false_credits: list[tuple] = []
+    false_denials: list[tuple] = []
+    for table, qtype, choices, truths in SETS:
+        for reply, label in table:
+            rows += 1
+            clear += label is not None
+            for truth in truths:
+                checks += 1
+                got = verify(reply, _truth_text(truth), qtype, choices).correct
+                want = label is not None and (label == truth if qtype != "multi" else set(label) == set(truth))
+                if got and not want:
+                    false_credits.append((qtype, reply, truth, label))
+                elif want and not got:
+                    false_denials.append((qtype, reply, truth, verify(reply, _truth_text(truth), qtype,
+                                                                         choices).reason))
+    return {"rows": rows, "clear": clear, "checks": checks, "false_credits": false_credits,
+            "false_denials": false_denials}
+
+
+def test_labelled_replies_false_credit_and_denial(capsys):
+    m = measure_labelled()
+    rate = len(m["false_denials"]) / max(m["clear"], 1)
+    with capsys.disabled():
+        print(f"\nverifier on {m['rows']} labelled replies ({m['clear']} clear answers, {m['checks']} checks): "
+              f"false credits {len(m['false_credits'])}, false denials {len(m['false_denials'])} "
+              f"({100 * rate:.1f}% of clear answers)")
+        for fc in m["false_credits"]:
+            print("  FALSE CREDIT", fc)
+        for fd in m["false_denials"]:
+            print("  false denial", fd)
+    assert m["rows"] >= 250
+    assert m["false_credits"] == []
+    assert rate <= 0.05
+
+
+def test_issue_false_credits_fixed():
+    five = ["(A) Red", "(B) Blue", "(C) Green", "(D) White", "(E) Black"]
+    for reply in ("(A) Green", "A. Green", "The answer is A. Green", "<answer>(A) Green</answer>"):
+        assert not verify(reply, "C", "single", five).correct, reply
+        assert not verify(reply, "A", "single", five).correct, reply
+    land = ["(A) Residential", "(B) Forest", "(C) Farmland", "(D) Industrial", "(E) Water"]
+    assert not verify("(A) Farmland, (E) Water", "CE", "multi", land).correct
+    assert not verify("(A) Farmland, (E) Water", "AE", "multi", land).correct
+    assert verify("(C) Farmland, (E) Water", "CE", "multi", land).correct

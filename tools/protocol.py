@@ -84,9 +84,18 @@ def zoom_tool_schema(frame: str = "shown_pixels", strict: bool = False) -> dict[
     }
 
 
-def system_prompt(frame: str = "shown_pixels") -> str:
-    """Short system prompt describing the tool and the answer format (short: tiny models pay per token)."""
+def system_prompt(frame: str = "shown_pixels", *, native_tools: bool = False) -> str:
+    """Short system prompt describing the tool and the answer format (short: tiny models pay per token).
+    `native_tools`: the variant for chat APIs that receive `zoom_in` as a native tool (OpenAI `tools`), which
+    asks for a tool call instead of describing the `<tool_call>` text format."""
     _check_frame(frame)
+    if native_tools:
+        return (
+            "You answer questions about very large remote-sensing images. Small objects are invisible in the "
+            f"overview; zoom in first by calling the zoom_in tool with bbox in {_FRAME_TEXT[frame]} named by "
+            "source (image_0, image_1, or an earlier obs_N). You may think inside <think></think>. When sure, "
+            "reply with <answer>letter(s)</answer>."
+        )
     return (
         "You answer questions about very large remote-sensing images. Small objects are invisible in the "
         "overview; zoom in first. To zoom, reply with "
@@ -172,6 +181,25 @@ def parse_turn(text: str) -> ParsedTurn:
     if call.name != TOOL_NAME:
         return ParsedTurn(think, call, None, UnknownToolError())
     return ParsedTurn(think, call, None, None)
+
+
+def turn_budget(max_zooms: int) -> int:
+    """Assistant turns of an episode allowed `max_zooms` zoom calls: one turn per call plus the answer turn.
+    The one meaning of the zoom limit: SFT trajectories hold at most max_zooms calls, mining and eval give the
+    agent turn_budget(max_zooms) turns, RL gives TRL max_tool_calling_iterations = max_zooms (so
+    max_zooms + 1 generations), and the tool refuses call max_zooms + 1 in all of them."""
+    if max_zooms < 0:
+        raise ValueError("max_zooms must be >= 0")
+    return int(max_zooms) + 1
+
+
+def turn_error_result(parsed: ParsedTurn) -> ToolResult | None:
+    """The observation for a turn whose call cannot be run at all (bad JSON, several calls, a call and an answer
+    together): the error text, for the model to read before its next turn. None when the turn is fine or names
+    a tool (an unknown tool goes to `Episode.execute`, which counts it as a call). Eval and RL both use this."""
+    if parsed.error is None or parsed.tool_call is not None:
+        return None
+    return ToolResult(text=parsed.error.model_message(), observation=None, error=parsed.error)
 
 
 def _num(v: float) -> int | float:
@@ -330,6 +358,8 @@ __all__ = [
     "ParsedTurn",
     "parse_turn",
     "parse_arguments",
+    "turn_budget",
+    "turn_error_result",
     "format_tool_call",
     "ToolResult",
     "Episode",

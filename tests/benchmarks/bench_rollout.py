@@ -151,7 +151,7 @@ def main() -> None:
         manifest = tmp / "task" / "images.jsonl"
     cfg = RLConfig(output_dir=str(tmp / "out"), model=args.model, train_data=str(data), image_manifest=str(manifest),
                    max_steps=args.steps, num_generations=args.generations, per_device_train_batch_size=args.batch,
-                   max_turns=2, save_steps=0, plot=False, max_completion_length=512, resume=False)
+                   max_zooms=2, save_steps=0, plot=False, max_completion_length=512, resume=False)
     zcfg = ZoomConfig(**cfg.zoom_config())
     rows = {"in-process tools": measure(cfg, LocalEpisodes(ImageStore.from_manifest(manifest), zcfg), args.policy,
                                         args.steps)}
