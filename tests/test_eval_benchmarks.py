@@ -178,7 +178,7 @@ class ReplyBackend:
         self.calls = 0
         self.prompts: list[str] = []
 
-    def generate(self, conversations, images, *, max_new_tokens, temperature, top_p, stop):
+    def generate(self, conversations, images, *, max_new_tokens, temperature, top_p, stop, seeds=None):
         out = []
         for conv in conversations:
             self.calls += 1
