@@ -609,7 +609,7 @@ def train_worker(cfg: RLConfig, ray_mode: bool = False, run: RLRun | None = None
     r = run or build_run(cfg, ray_mode)
     trainer, out = r.trainer, Path(cfg.output_dir)
     n_params = sum(p.numel() for p in trainer.model.parameters())
-    before = [p.detach().clone() for p in trainer.model.parameters()] if n_params <= 50_000_000 else None
+    before = [_full(p).detach().clone() for p in trainer.model.parameters()] if n_params <= 50_000_000 else None
     try:
         result = trainer.train(resume_from_checkpoint=r.resume_from)
     finally:
@@ -619,7 +619,8 @@ def train_worker(cfg: RLConfig, ray_mode: bool = False, run: RLRun | None = None
     delta = None
     if before is not None:
         with torch.no_grad():
-            delta = float(sum((p.detach().float() - b.float()).pow(2).sum() for p, b in
+            # FSDP parameters are shards (DTensor): gather each (a collective every rank runs in this order)
+            delta = float(sum((_full(p).detach().float() - b.float()).pow(2).sum() for p, b in
                               zip(trainer.model.parameters(), before, strict=True)) ** 0.5)
     summary: dict[str, Any] = {
         "model": r.inputs["model"], "train_data": r.inputs["train_data"], "fallbacks": r.inputs["fallbacks"],
@@ -630,9 +631,9 @@ def train_worker(cfg: RLConfig, ray_mode: bool = False, run: RLRun | None = None
         "nonfinite_skipped": r.counters.get("nonfinite_skipped", 0), "tool_pool": pool_counters,
         "ray": r.ray_mode, "train_seconds": round(time.time() - r.t0, 1),
     }
+    final = out / "model"
+    trainer.save_model(str(final))  # every rank: with FSDP the full state dict is gathered; rank 0 writes
     if trainer.is_world_process_zero():
-        final = out / "model"
-        trainer.save_model(str(final))
         processor = trainer.processing_class
         processor.save_pretrained(str(final))
         if getattr(processor, "chat_template", None):
@@ -644,6 +645,11 @@ def train_worker(cfg: RLConfig, ray_mode: bool = False, run: RLRun | None = None
             summary["plot"] = str(plot_reward_curve(rows, out / "reward_curve.png"))
         atomic_write_text(out / "train_summary.json", json.dumps(summary, indent=2))
     return summary
+
+
+def _full(p: Any) -> Any:
+    """A parameter's whole tensor (an FSDP2 shard is gathered)."""
+    return p.full_tensor() if hasattr(p, "full_tensor") else p
 
 
 def read_reward_log(path: Path) -> list[dict[str, Any]]:

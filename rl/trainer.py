@@ -67,6 +67,36 @@ class ZoomGRPOTrainer(GRPOTrainer):
         self.tool_threads = max(int(tool_threads), 1)
         self._tool_pool: ThreadPoolExecutor | None = None
         super().__init__(*args, **kwargs)
+        self._keep_fsdp()
+
+    def _keep_fsdp(self) -> None:
+        """Put FSDP back as accelerate's distributed type when something reset it.
+
+        GRPOTrainer calls accelerate's `set_seed(device_specific=True)` after the Accelerator exists; that
+        builds `AcceleratorState()` again, which copies PartialState's distributed type (MULTI_GPU / MULTI_CPU,
+        it knows nothing of FSDP) over FSDP. `prepare_model` would then wrap the policy in DDP while the
+        trainer (and TRL's FSDP-sharded reference model) expect FSDP. `AcceleratedOptimizer` does the same
+        inside `accelerator.prepare`, after which checkpoints would skip the FSDP2 full-state-dict gather.
+        Seen on CPU gloo ranks (tests/test_rl_gpu_path.py); the same accelerate lines run on GPUs. Called at
+        init, before each training step and before each save."""
+        from accelerate.utils import DistributedType
+
+        state = self.accelerator.state
+        if self.is_fsdp_enabled and getattr(state, "fsdp_plugin", None) is not None \
+                and state.distributed_type != DistributedType.FSDP:
+            state.distributed_type = DistributedType.FSDP
+
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        self._keep_fsdp()
+        return super().training_step(*args, **kwargs)
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        self._keep_fsdp()
+        super()._save_checkpoint(model, trial)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        self._keep_fsdp()
+        super().save_model(output_dir, _internal_call=_internal_call)
 
     # --- 3. one image placeholder per image for vLLM colocate ---------------------------------------------
     def _generate_single_turn(self, prompt_ids: list, images: Any, multimodal_fields: Any, num_generations: int,
