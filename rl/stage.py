@@ -422,17 +422,22 @@ def _trim_reward_log(path: Path, step: int) -> None:
 
 
 # --- training --------------------------------------------------------------------------------------------
+def generation_batch_size(cfg: RLConfig, ray_mode: bool) -> int:
+    """Rollouts per optimizer step over all ranks: Ray workers, or the ranks the launcher started."""
+    world = cfg.world_size() if ray_mode else int(os.environ.get("WORLD_SIZE", "1") or 1)
+    return cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world
+
+
 def _grpo_config(cfg: RLConfig, ckpt_dir: Path, ray_mode: bool) -> Any:
     from trl import GRPOConfig
 
-    world = cfg.world_size() if ray_mode else int(os.environ.get("WORLD_SIZE", "1") or 1)
     kw: dict[str, Any] = dict(
         output_dir=str(ckpt_dir),
         seed=cfg.seed,
         num_generations=cfg.num_generations,
         per_device_train_batch_size=cfg.per_device_train_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        generation_batch_size=cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world,
+        generation_batch_size=generation_batch_size(cfg, ray_mode),
         max_steps=cfg.max_steps,
         learning_rate=cfg.learning_rate,
         lr_scheduler_type=cfg.lr_scheduler_type,
@@ -481,7 +486,11 @@ def _grpo_config(cfg: RLConfig, ckpt_dir: Path, ray_mode: bool) -> Any:
         # ordinary checkpoints that resume and `from_pretrained` read.
         kw["fsdp"] = True
         kw["fsdp_config"] = {"version": 2, "reshard_after_forward": True, "cpu_offload": cfg.fsdp_cpu_offload,
-                             "state_dict_type": "FULL_STATE_DICT", "cpu_ram_efficient_loading": False}
+                             "state_dict_type": "FULL_STATE_DICT", "cpu_ram_efficient_loading": False,
+                             # FSDP's own checkpointing of each wrapped layer: the Trainer's would all-gather
+                             # every layer once more in the backward pass (and the two cannot be combined)
+                             "activation_checkpointing": cfg.gradient_checkpointing}
+        kw["gradient_checkpointing"] = False
     if ray_mode:
         kw["ddp_backend"] = "nccl" if cfg.ray_use_gpu else "gloo"
     return GRPOConfig(**kw)
