@@ -182,7 +182,9 @@ def _report_rank(rank: int, port: int, ckpt_dir: str, log_dir: str) -> None:
     reports = []
 
     def report(metrics, checkpoint=None):  # ray.train.report: records what the folder held at report time
-        files = sorted(os.listdir(checkpoint.path)) if checkpoint is not None else None
+        files = None
+        if checkpoint is not None:
+            files = sorted(os.listdir(checkpoint.path)) if os.path.isdir(checkpoint.path) else []
         reports.append({"t": time.time(), "files": files})
 
     class Checkpoint:
@@ -221,7 +223,7 @@ def test_ray_checkpoint_is_reported_after_rank0_wrote_it(tmp_path):
     import torch.multiprocessing as mp
 
     port = _free_port()
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("fork")  # the parent has imported torch and transformers already
     procs = [ctx.Process(target=_report_rank, args=(r, port, str(tmp_path / "ckpt"), str(tmp_path)))
              for r in range(2)]
     for p in procs:
