@@ -121,8 +121,9 @@ class RLConfig(StageConfig):
     lora_dropout: float = hfield(0.0, help="LoRA dropout.")
     lora_target_modules: list[str] = hfield(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                              "down_proj"], help="Language-model linear layers that get LoRA.")
-    tool_threads: int = hfield(8, help="Threads that run one turn's pending zoom calls of all rollouts at once "
-                                       "(TRL calls tools one at a time); 1 = sequential.")
+    tool_threads: int = hfield(1, help="Threads that run one turn's pending zoom calls of all rollouts at once "
+                                       "(TRL calls tools one at a time); 1 = sequential. Helps when calls wait "
+                                       "(Ray tool actors, remote storage), not on a few busy cores.")
     # Ray
     use_ray: bool = hfield(False, help="Run the trainer under Ray Train (TorchTrainer) and tools in Ray actors.")
     ray_address: str = hfield("", help="Ray cluster address; empty = start a local Ray.")
