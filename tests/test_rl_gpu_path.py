@@ -82,6 +82,10 @@ def test_vllm_colocate_sees_exactly_what_the_trainer_scores(tmp_path):
     assert all(q["placed"] for q in reqs), "an image's placeholder is not on its own run of image tokens"
     assert r["n_scored"] == 4 and all(r["scored_covered"])
     assert r["weight_loads"] > 0  # TRL's colocate weight sync reached the engine
+    # sleep mode: asleep after init, weights pushed back (wake) before generating, asleep again after
+    ev = r["events"]
+    assert ev[0] == "sleep2" and "wake:weights" in ev and ev[-1] == "sleep2"
+    assert all(ev[i - 1].startswith("wake:kv_cache") for i, e in enumerate(ev) if e == "generate")
 
 
 # --- finding 6: fp32 master weights under bf16 autocast ------------------------------------------------------

@@ -54,7 +54,8 @@ def main(work: Path, report_path: Path) -> int:
     cfg = RLConfig(output_dir=str(work / "out"), model="tiny", train_data=str(work / "train.jsonl"),
                    image_manifest=str(task / "images.jsonl"), num_generations=2, per_device_train_batch_size=4,
                    max_steps=1, max_turns=3, save_steps=0, plot=False, max_completion_length=2048,
-                   learning_rate=1e-5, use_vllm=True, vllm_mode="colocate", log_episodes=0)
+                   learning_rate=1e-5, use_vllm=True, vllm_mode="colocate", log_episodes=0,
+                   vllm_enable_sleep_mode=True)
     vllm_standin.POLICY["fn"] = policy
     run = build_run(cfg)
     trainer = run.trainer
@@ -104,7 +105,8 @@ def main(work: Path, report_path: Path) -> int:
     covered = [any(r["expanded"] + r["generated"] == s["ids"] for r in vllm_standin.REQUESTS) for s in scored]
     report = {"requests": checks, "scored_covered": covered, "n_scored": len(scored),
               "max_images": max((len(s["images"]) for s in scored), default=0),
-              "weight_loads": len(vllm_standin.WEIGHT_LOADS), "pad_id": pad,
+              "weight_loads": len(vllm_standin.WEIGHT_LOADS), "pad_id": pad, "events": vllm_standin.EVENTS,
+              "weight_dtypes": sorted({d for _, d in vllm_standin.WEIGHT_LOADS}),
               "merge_size": int(getattr(grid, "merge_size", 2)), "torch": torch.__version__}
     report_path.write_text(json.dumps(report, indent=1))
     return 0

@@ -33,6 +33,7 @@ from typing import Any
 VERSION = "0.31.0"
 REQUESTS: list[dict[str, Any]] = []
 WEIGHT_LOADS: list[tuple[str, str]] = []
+EVENTS: list[str] = []  # sleep / wake_up / generate, in order
 POLICY: dict[str, Any] = {"fn": None}
 
 
@@ -140,9 +141,11 @@ class LLM:
         self.sleeping = False
 
     def sleep(self, level: int = 1, mode: str = "abort") -> None:
+        EVENTS.append(f"sleep{level}")
         self.sleeping = True
 
     def wake_up(self, tags: list[str] | None = None) -> None:
+        EVENTS.append("wake:" + ",".join(tags or ["all"]))
         self.sleeping = False
 
     def reset_prefix_cache(self, *a: Any, **k: Any) -> bool:
@@ -157,6 +160,7 @@ class LLM:
     def generate(self, prompts: Any, sampling_params: Any = None, *, use_tqdm: Any = True,
                  **kwargs: Any) -> list[RequestOutput]:
         prompts = prompts if isinstance(prompts, list) else [prompts]
+        EVENTS.append("generate")
         outs = []
         for p in prompts:
             ids = list(p["prompt_token_ids"])
