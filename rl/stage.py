@@ -106,7 +106,8 @@ class RLConfig(StageConfig):
     vllm_server_port: int = hfield(8000, help="vLLM server port (server mode).")
     vllm_max_model_length: int = hfield(0, help="vLLM context length (0 = the model's).")
     vllm_enable_sleep_mode: bool = hfield(False, help="Colocate: vLLM releases its weights and KV cache while the "
-                                                      "trainer runs (TRL sleep level 2; weights re-pushed each step).")
+                                                      "trainer runs (TRL sleep level 2; weights re-pushed each step). "
+                                                      "Ignored without use_vllm colocate.")
     bf16: bool = hfield(False, help="bf16 autocast over fp32 master weights (the policy and its AdamW states stay "
                                     "fp32 so lr-5e-7 updates are not rounded away); the reference model is bf16.")
     gradient_checkpointing: bool = hfield(False, help="Gradient checkpointing (large models).")
@@ -172,8 +173,6 @@ class RLConfig(StageConfig):
                      f"set only num_processes")
         if self.fsdp and self.lora:
             p.append("fsdp and lora: pick one (LoRA needs no sharding at 7B; FSDP shards a full fine-tune)")
-        if self.vllm_enable_sleep_mode and not (self.use_vllm and self.vllm_mode == "colocate"):
-            p.append("vllm_enable_sleep_mode: only with use_vllm and vllm_mode colocate")
         if self.lora and self.lora_r <= 0:
             p.append("lora_r: must be > 0")
         if self.tool_threads < 1:
@@ -481,7 +480,10 @@ def _grpo_config(cfg: RLConfig, ckpt_dir: Path, ray_mode: bool) -> Any:
     if cfg.bf16 and cfg.beta and not cfg.lora:
         # TRL builds the reference model from the policy's folder; fp32 master weights need no fp32 reference
         kw["model_init_kwargs"] = {"dtype": "bfloat16"}
-    if cfg.fsdp:
+    ranks = cfg.world_size() if ray_mode else int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if cfg.fsdp and ranks == 1:
+        log.warning("rl: fsdp needs more than one rank (num_processes); this single-process run is not sharded")
+    if cfg.fsdp and ranks > 1:
         # FSDP2 (fully_shard) wrapping each decoder layer / vision block (the model's _no_split_modules); the
         # reference model is sharded the same way by TRL (prepare_fsdp). FULL_STATE_DICT: rank 0 writes
         # ordinary checkpoints that resume and `from_pretrained` read.
@@ -551,7 +553,8 @@ def build_run(cfg: RLConfig, ray_mode: bool = False, backend: Any = None) -> RLR
     device = "cuda" if (_cuda_available() and (cfg.ray_use_gpu or not ray_mode)) else "cpu"
     # fp32 master weights even with bf16: bf16 is autocast (accelerate / FSDP mixed precision). A bf16 policy
     # under AdamW at lr 5e-7 rounds ~99% of its updates away (tests/test_rl_gpu_path.py measures it).
-    model, processor = load_model(inputs["model"], dtype="float32", device="cpu" if cfg.fsdp else device)
+    sharded = cfg.fsdp and (cfg.world_size() if ray_mode else int(os.environ.get("WORLD_SIZE", "1") or 1)) > 1
+    model, processor = load_model(inputs["model"], dtype="float32", device="cpu" if sharded else device)
     set_pixel_bounds(processor, min_pixels=cfg.zoom_min_pixels, max_pixels=cfg.zoom_max_pixels)
     prepare_processor(processor, cfg.chat_template)
 
