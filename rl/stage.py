@@ -106,12 +106,33 @@ class RLConfig(StageConfig):
     vllm_server_host: str = hfield("0.0.0.0", help="vLLM server host (server mode).")
     vllm_server_port: int = hfield(8000, help="vLLM server port (server mode).")
     vllm_max_model_length: int = hfield(0, help="vLLM context length (0 = the model's).")
-    bf16: bool = hfield(False, help="bf16 training (GPU).")
+    vllm_enable_sleep_mode: bool = hfield(False, help="Colocate: vLLM releases its weights and KV cache while the "
+                                                      "trainer runs (TRL sleep level 2; weights re-pushed each step). "
+                                                      "Ignored without use_vllm colocate.")
+    bf16: bool = hfield(False, help="bf16 autocast over fp32 master weights (the policy and its AdamW states stay "
+                                    "fp32 so lr-5e-7 updates are not rounded away); the reference model is bf16.")
     gradient_checkpointing: bool = hfield(False, help="Gradient checkpointing (large models).")
+    # memory at scale
+    fsdp: bool = hfield(False, help="Shard policy, grads, AdamW states and the reference model over the ranks "
+                                    "(FSDP2 full shard through accelerate; gloo on CPU, nccl on GPU).")
+    fsdp_cpu_offload: bool = hfield(False, help="With fsdp: keep the sharded parameters and optimizer on CPU.")
+    lora: bool = hfield(False, help="Train LoRA adapters on the language model; the reference model is then the "
+                                    "base with adapters disabled (no second copy).")
+    lora_r: int = hfield(16, help="LoRA rank.")
+    lora_alpha: int = hfield(32, help="LoRA alpha.")
+    lora_dropout: float = hfield(0.0, help="LoRA dropout.")
+    lora_target_modules: list[str] = hfield(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                             "down_proj"], help="Language-model linear layers that get LoRA.")
+    tool_threads: int = hfield(1, help="Threads that run one turn's pending zoom calls of all rollouts at once "
+                                       "(TRL calls tools one at a time); 1 = sequential. Helps when calls wait "
+                                       "(Ray tool actors, remote storage), not on a few busy cores.")
     # Ray
     use_ray: bool = hfield(False, help="Run the trainer under Ray Train (TorchTrainer) and tools in Ray actors.")
     ray_address: str = hfield("", help="Ray cluster address; empty = start a local Ray.")
-    ray_num_workers: int = hfield(1, help="Trainer workers (DDP ranks).")
+    num_processes: int = hfield(1, help="Trainer ranks (one per GPU): Ray Train workers with use_ray, else ranks "
+                                        "started by the stage launcher. Same meaning as ray_num_workers; set one.")
+    ray_num_workers: int = hfield(1, help="Trainer workers under Ray (kept for old configs; num_processes wins when "
+                                          "it is > 1).")
     ray_use_gpu: bool = hfield(False, help="One GPU per trainer worker (nccl); False = CPU workers (gloo).")
     ray_cpus_per_worker: float = hfield(1.0, help="CPUs reserved per trainer worker.")
     ray_storage_path: str = hfield("", help="Ray Train storage (checkpoints); empty = OUTPUT_DIR/ray.")
@@ -123,7 +144,7 @@ class RLConfig(StageConfig):
         p = super().validate()
         if self.num_generations < 2:
             p.append("num_generations: GRPO needs >= 2 rollouts per prompt; set 2 or more")
-        world = max(self.ray_num_workers, 1) if self.use_ray else 1
+        world = max(self.world_size(), 1)
         gen_batch = self.per_device_train_batch_size * self.gradient_accumulation_steps * world
         if gen_batch % max(self.num_generations, 1):
             p.append(f"per_device_train_batch_size × gradient_accumulation_steps × workers = {gen_batch} must be "
@@ -146,6 +167,17 @@ class RLConfig(StageConfig):
             p.append("use_vllm: vLLM needs a GPU; set use_vllm false on CPU machines")
         if self.use_ray and self.ray_num_workers < 1:
             p.append("ray_num_workers: must be >= 1 with use_ray")
+        if self.num_processes < 1:
+            p.append("num_processes: must be >= 1")
+        if self.num_processes > 1 and self.ray_num_workers > 1 and self.num_processes != self.ray_num_workers:
+            p.append(f"num_processes={self.num_processes} and ray_num_workers={self.ray_num_workers} disagree; "
+                     f"set only num_processes")
+        if self.fsdp and self.lora:
+            p.append("fsdp and lora: pick one (LoRA needs no sharding at 7B; FSDP shards a full fine-tune)")
+        if self.lora and self.lora_r <= 0:
+            p.append("lora_r: must be > 0")
+        if self.tool_threads < 1:
+            p.append("tool_threads: must be >= 1")
         if self.loss_type not in ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo"):
             p.append(f"loss_type: {self.loss_type!r} is not a TRL GRPO loss type")
         if self.scale_rewards not in ("group", "batch", "none"):
@@ -158,6 +190,12 @@ class RLConfig(StageConfig):
         if self.log_episodes < 0:
             p.append("log_episodes: must be >= 0")
         return p
+
+    def world_size(self) -> int:
+        """Trainer ranks: `num_processes` (the launcher's generic field) or the older `ray_num_workers`."""
+        if self.num_processes > 1:
+            return self.num_processes
+        return self.ray_num_workers if self.use_ray else 1
 
     def reward_settings(self) -> RewardSettings:
         return RewardSettings(self.accuracy_weight, self.format_weight, self.tool_bonus_weight, self.region_weight,
@@ -336,16 +374,29 @@ def _callbacks(cfg: RLConfig, ckpt_dir: Path, ray_mode: bool, rewards: ZoomRewar
 
         def on_save(self, args, state, control, **kw):  # type: ignore[override]
             path = ckpt_dir / f"checkpoint-{state.global_step}"
+            # rank 0 may still be writing the folder when another rank gets here: wait for every rank
+            _barrier()
             if ray_mode:
                 import ray.train
 
                 metrics = {"step": state.global_step, **{k: float(v) for k, v in rewards.last_batch.items()}}
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(path)))
+                # every rank reports (Ray needs the same number of reports from each), the folder once: Ray
+                # merges reported folders into one, so N ranks reporting it would copy it N times
+                ckpt = ray.train.Checkpoint.from_directory(str(path)) if state.is_world_process_zero else None
+                ray.train.report(metrics, checkpoint=ckpt)
             if state.is_world_process_zero:
                 atomic_write_text(ckpt_dir / "latest.json",
                                   json.dumps({"step": state.global_step, "path": str(path.resolve())}))
 
     return [NonFiniteGradGuard(), RewardLog(), CheckpointMarker()]
+
+
+def _barrier() -> None:
+    """Wait for every rank of the default process group (no-op in a single process)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
 
 
 def latest_checkpoint(ckpt_dir: Path) -> Path | None:
@@ -375,17 +426,22 @@ def _trim_reward_log(path: Path, step: int) -> None:
 
 
 # --- training --------------------------------------------------------------------------------------------
+def generation_batch_size(cfg: RLConfig, ray_mode: bool) -> int:
+    """Rollouts per optimizer step over all ranks: Ray workers, or the ranks the launcher started."""
+    world = cfg.world_size() if ray_mode else int(os.environ.get("WORLD_SIZE", "1") or 1)
+    return cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world
+
+
 def _grpo_config(cfg: RLConfig, ckpt_dir: Path, ray_mode: bool) -> Any:
     from trl import GRPOConfig
 
-    world = cfg.ray_num_workers if ray_mode else 1
     kw: dict[str, Any] = dict(
         output_dir=str(ckpt_dir),
         seed=cfg.seed,
         num_generations=cfg.num_generations,
         per_device_train_batch_size=cfg.per_device_train_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        generation_batch_size=cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world,
+        generation_batch_size=generation_batch_size(cfg, ray_mode),
         max_steps=cfg.max_steps,
         learning_rate=cfg.learning_rate,
         lr_scheduler_type=cfg.lr_scheduler_type,
@@ -423,9 +479,37 @@ def _grpo_config(cfg: RLConfig, ckpt_dir: Path, ray_mode: bool) -> Any:
     )
     if cfg.vllm_max_model_length:
         kw["vllm_max_model_length"] = cfg.vllm_max_model_length
+    if cfg.use_vllm and cfg.vllm_mode == "colocate":
+        kw["vllm_enable_sleep_mode"] = cfg.vllm_enable_sleep_mode
+    if cfg.bf16 and cfg.beta and not cfg.lora:
+        # TRL builds the reference model from the policy's folder; fp32 master weights need no fp32 reference
+        kw["model_init_kwargs"] = {"dtype": "bfloat16"}
+    ranks = cfg.world_size() if ray_mode else int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if cfg.fsdp and ranks == 1:
+        log.warning("rl: fsdp needs more than one rank (num_processes); this single-process run is not sharded")
+    if cfg.fsdp and ranks > 1:
+        # FSDP2 (fully_shard) wrapping each decoder layer / vision block (the model's _no_split_modules); the
+        # reference model is sharded the same way by TRL (prepare_fsdp). FULL_STATE_DICT: rank 0 writes
+        # ordinary checkpoints that resume and `from_pretrained` read.
+        kw["fsdp"] = True
+        kw["fsdp_config"] = {"version": 2, "reshard_after_forward": True, "cpu_offload": cfg.fsdp_cpu_offload,
+                             "state_dict_type": "FULL_STATE_DICT", "cpu_ram_efficient_loading": False,
+                             # FSDP's own checkpointing of each wrapped layer: the Trainer's would all-gather
+                             # every layer once more in the backward pass (and the two cannot be combined)
+                             "activation_checkpointing": cfg.gradient_checkpointing}
+        kw["gradient_checkpointing"] = False
     if ray_mode:
         kw["ddp_backend"] = "nccl" if cfg.ray_use_gpu else "gloo"
     return GRPOConfig(**kw)
+
+
+def _lora_config(cfg: RLConfig) -> Any:
+    """LoRA on the language model's projections (the vision tower keeps its weights)."""
+    from peft import LoraConfig
+
+    pattern = rf"^(?!.*visual).*\.({'|'.join(cfg.lora_target_modules)})$"
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=pattern, task_type="CAUSAL_LM")
 
 
 class _MaskedRowFilter(logging.Filter):
@@ -471,7 +555,10 @@ def build_run(cfg: RLConfig, ray_mode: bool = False, backend: Any = None) -> RLR
     dataset = build_dataset(samples, cfg.frame)
 
     device = "cuda" if (_cuda_available() and (cfg.ray_use_gpu or not ray_mode)) else "cpu"
-    model, processor = load_model(inputs["model"], dtype="bfloat16" if cfg.bf16 else "float32", device=device)
+    # fp32 master weights even with bf16: bf16 is autocast (accelerate / FSDP mixed precision). A bf16 policy
+    # under AdamW at lr 5e-7 rounds ~99% of its updates away (tests/test_rl_gpu_path.py measures it).
+    sharded = cfg.fsdp and (cfg.world_size() if ray_mode else int(os.environ.get("WORLD_SIZE", "1") or 1)) > 1
+    model, processor = load_model(inputs["model"], dtype="float32", device="cpu" if sharded else device)
     set_pixel_bounds(processor, min_pixels=cfg.zoom_min_pixels, max_pixels=cfg.zoom_max_pixels)
     prepare_processor(processor, cfg.chat_template)
 
@@ -525,6 +612,8 @@ def build_run(cfg: RLConfig, ray_mode: bool = False, backend: Any = None) -> RLR
         processing_class=processor,
         environment_factory=env_factory,
         callbacks=_callbacks(cfg, ckpt_dir, ray_mode, rewards, counters),
+        peft_config=_lora_config(cfg) if cfg.lora else None,
+        tool_threads=cfg.tool_threads,
     )
     return RLRun(cfg, trainer, rewards, counters, backend, inputs, len(samples), resume_from, start_step,
                  ray_mode, t0)
@@ -537,7 +626,7 @@ def train_worker(cfg: RLConfig, ray_mode: bool = False, run: RLRun | None = None
     r = run or build_run(cfg, ray_mode)
     trainer, out = r.trainer, Path(cfg.output_dir)
     n_params = sum(p.numel() for p in trainer.model.parameters())
-    before = [p.detach().clone() for p in trainer.model.parameters()] if n_params <= 50_000_000 else None
+    before = [_full(p).detach().clone() for p in trainer.model.parameters()] if n_params <= 50_000_000 else None
     try:
         result = trainer.train(resume_from_checkpoint=r.resume_from)
     finally:
@@ -547,7 +636,8 @@ def train_worker(cfg: RLConfig, ray_mode: bool = False, run: RLRun | None = None
     delta = None
     if before is not None:
         with torch.no_grad():
-            delta = float(sum((p.detach().float() - b.float()).pow(2).sum() for p, b in
+            # FSDP parameters are shards (DTensor): gather each (a collective every rank runs in this order)
+            delta = float(sum((_full(p).detach().float() - b.float()).pow(2).sum() for p, b in
                               zip(trainer.model.parameters(), before, strict=True)) ** 0.5)
     summary: dict[str, Any] = {
         "model": r.inputs["model"], "train_data": r.inputs["train_data"], "fallbacks": r.inputs["fallbacks"],
@@ -558,9 +648,9 @@ def train_worker(cfg: RLConfig, ray_mode: bool = False, run: RLRun | None = None
         "nonfinite_skipped": r.counters.get("nonfinite_skipped", 0), "tool_pool": pool_counters,
         "ray": r.ray_mode, "train_seconds": round(time.time() - r.t0, 1),
     }
+    final = out / "model"
+    trainer.save_model(str(final))  # every rank: with FSDP the full state dict is gathered; rank 0 writes
     if trainer.is_world_process_zero():
-        final = out / "model"
-        trainer.save_model(str(final))
         processor = trainer.processing_class
         processor.save_pretrained(str(final))
         if getattr(processor, "chat_template", None):
@@ -572,6 +662,11 @@ def train_worker(cfg: RLConfig, ray_mode: bool = False, run: RLRun | None = None
             summary["plot"] = str(plot_reward_curve(rows, out / "reward_curve.png"))
         atomic_write_text(out / "train_summary.json", json.dumps(summary, indent=2))
     return summary
+
+
+def _full(p: Any) -> Any:
+    """A parameter's whole tensor (an FSDP2 shard is gathered)."""
+    return p.full_tensor() if hasattr(p, "full_tensor") else p
 
 
 def read_reward_log(path: Path) -> list[dict[str, Any]]:
@@ -656,7 +751,7 @@ def run_ray(cfg: RLConfig) -> dict[str, Any]:
         trainer = TorchTrainer(
             _ray_train_loop,
             train_loop_config={"cfg": cfg_dict},
-            scaling_config=ScalingConfig(num_workers=cfg.ray_num_workers, use_gpu=cfg.ray_use_gpu,
+            scaling_config=ScalingConfig(num_workers=cfg.world_size(), use_gpu=cfg.ray_use_gpu,
                                          resources_per_worker={"CPU": cfg.ray_cpus_per_worker,
                                                                **({"GPU": 1} if cfg.ray_use_gpu else {})}),
             torch_config=TorchConfig(backend="nccl" if cfg.ray_use_gpu else "gloo"),

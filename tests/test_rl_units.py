@@ -195,8 +195,8 @@ def test_config_validation_messages(tmp_path):
         assert cfg.reward_settings().weights() == [0.8, 0.2, 1.2]
     big = load_config(RLConfig, "configs/qwen2_5_vl_7b/rl.yaml")
     assert (big.num_generations, big.learning_rate, big.beta, big.entropy_coef, big.max_zooms) == (16, 5e-7, 0.001, 0.001, 4)
-    assert big.per_device_train_batch_size * big.gradient_accumulation_steps * big.ray_num_workers == 128 * 16
-    assert big.use_vllm and big.vllm_mode == "colocate" and big.ray_num_workers == 8 and big.ray_use_gpu
+    assert big.per_device_train_batch_size * big.gradient_accumulation_steps * big.world_size() == 128 * 16
+    assert big.use_vllm and big.vllm_mode == "colocate" and big.world_size() == 8 and big.ray_use_gpu
 
 
 def test_input_fallbacks(task, tmp_path):
