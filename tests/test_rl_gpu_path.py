@@ -56,7 +56,7 @@ def task(tmp_path_factory):
 def _cfg(task: Path, out: Path, **kw) -> RLConfig:
     base = dict(output_dir=str(out), model="tiny", train_data=str(task / "vqa.jsonl"),
                 image_manifest=str(task / "images.jsonl"), max_samples=2, num_generations=2,
-                per_device_train_batch_size=4, max_steps=1, max_turns=2, save_steps=0, plot=False,
+                per_device_train_batch_size=4, max_steps=1, max_zooms=2, save_steps=0, plot=False,
                 max_completion_length=256, log_episodes=0)
     base.update(kw)
     return RLConfig(**base)
@@ -273,7 +273,7 @@ class SlowBackend:
 
 
 def _tool_run(task: Path, out: Path, threads: int):
-    cfg = _cfg(task, out, num_generations=4, per_device_train_batch_size=8, max_turns=3, tool_threads=threads,
+    cfg = _cfg(task, out, num_generations=4, per_device_train_batch_size=8, max_zooms=3, tool_threads=threads,
                learning_rate=0.0)
     run = build_run(cfg)
     backend = SlowBackend(run.backend, delay=0.25)

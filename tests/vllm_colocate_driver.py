@@ -53,7 +53,7 @@ def main(work: Path, report_path: Path) -> int:
     write_jsonl(work / "train.jsonl", [one, two])
     cfg = RLConfig(output_dir=str(work / "out"), model="tiny", train_data=str(work / "train.jsonl"),
                    image_manifest=str(task / "images.jsonl"), num_generations=2, per_device_train_batch_size=4,
-                   max_steps=1, max_turns=3, save_steps=0, plot=False, max_completion_length=2048,
+                   max_steps=1, max_zooms=3, save_steps=0, plot=False, max_completion_length=2048,
                    learning_rate=1e-5, use_vllm=True, vllm_mode="colocate", log_episodes=0,
                    vllm_enable_sleep_mode=True)
     vllm_standin.POLICY["fn"] = policy
