@@ -319,15 +319,6 @@ def run_episodes(
     return [finished[i] for i in range(len(lives))]
 
 
-def __getattr__(name: str) -> Any:
-    """The backends live in rl/backends.py; `from rl.agent import TransformersBackend` works too."""
-    if name in ("TransformersBackend", "VLLMBackend", "OpenAIBackend", "make_backend"):
-        from rl import backends
-
-        return getattr(backends, name)
-    raise AttributeError(name)
-
-
 def agent_config_from(d: dict[str, Any]) -> AgentConfig:
     """AgentConfig from a flat dict (stage config fields); unknown keys are ignored, `zoom_*` go to zoom."""
     names = {f.name for f in dataclasses.fields(AgentConfig)} - {"zoom"}

@@ -1087,7 +1087,7 @@ def create_app(cfg: ServeConfig, store: Any | None = None) -> Any:
     return app
 
 
-# -- entry points -------------------------------------------------------------------------------------
+# -- entry points (the serve-tools stage itself, which also starts the MCP transports, is tools.serve) -----
 _CFG_ENV = "KNOWZOOM_SERVE_CONFIG"
 
 
@@ -1122,43 +1122,8 @@ def warn_exposure(cfg: ServeConfig) -> list[str]:
     return out
 
 
-def run(cfg: ServeConfig) -> dict[str, Any]:
-    """Serve until interrupted (blocks): REST on uvicorn, or MCP over streamable HTTP / stdio."""
-    import os
-
-    import uvicorn
-
-    from tools.security import apply_gdal_lockdown
-
-    logging.basicConfig(level=cfg.log_level.upper())
-    warn_exposure(cfg)
-    if cfg.gdal_lockdown:
-        rep = apply_gdal_lockdown(cfg.gdal_cache_mb)
-        log.info("GDAL drivers left: %s", rep.remaining)
-    if cfg.transport == "mcp-stdio":
-        from tools.mcp_server import run_stdio
-
-        run_stdio(cfg)
-        return {"transport": cfg.transport}
-    if cfg.transport == "mcp-http":
-        from tools.mcp_server import create_mcp_http_app
-
-        app: Any = create_mcp_http_app(cfg)
-        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level.lower(),
-                    limit_concurrency=cfg.max_connections)
-        return {"transport": cfg.transport, "host": cfg.host, "port": cfg.port}
-    if cfg.workers > 1:
-        os.environ[_CFG_ENV] = json.dumps(cfg.to_dict())
-        uvicorn.run("tools.server:app_from_env", factory=True, host=cfg.host, port=cfg.port,
-                    workers=cfg.workers, log_level=cfg.log_level.lower(), limit_concurrency=cfg.max_connections)
-    else:
-        uvicorn.run(create_app(cfg), host=cfg.host, port=cfg.port, log_level=cfg.log_level.lower(),
-                    limit_concurrency=cfg.max_connections)
-    return {"transport": cfg.transport, "host": cfg.host, "port": cfg.port, "workers": cfg.workers}
-
-
 __all__ = [
-    "ServeConfig", "ZoomService", "EpisodeRegistry", "create_app", "run", "build_store", "ERROR_STATUS",
+    "ServeConfig", "ZoomService", "EpisodeRegistry", "create_app", "build_store", "ERROR_STATUS",
     "error_status_table", "status_of", "public_error", "encode_image", "UnknownEpisodeError",
     "ServerBusyError", "RequestTooLargeError",
 ]
