@@ -120,9 +120,6 @@ class Trajectory:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-_TYPES: dict[str, type] = {"TextQA": TextQA, "VQASample": VQASample, "Trajectory": Trajectory}
-
-
 def to_dict(record: Any) -> dict[str, Any]:
     return dataclasses.asdict(record)
 

@@ -43,7 +43,7 @@ STAGES: dict[str, Stage] = {
         Stage("rl", "rl.stage", "RLConfig", summary="agentic GRPO with the zoom tool (TRL + Ray)"),
         Stage("eval", "pipeline.evaluate", "EvalConfig", summary="Pass@1/Pass@k on XLRS-Bench or our VQA JSONL"),
         Stage("import-data", "pipeline.importers", "ImportDataConfig", summary="local copies of TBV text / SuperRS / HighRS / DeepEyes-47K → records"),
-        Stage("serve-tools", "tools.server", "ServeConfig", summary="zoom tool as HTTP API / MCP server"),
+        Stage("serve-tools", "tools.serve", "ServeConfig", summary="zoom tool as HTTP API / MCP server"),
         Stage("run", "pipeline.runner", "PipelineConfig", summary="run the stages of a pipeline config in order"),
         Stage("ablate", "pipeline.ablate", "AblateConfig", summary="the paper's ablation: RL only / +pre-warm / +cold start"),
     ]

@@ -13,7 +13,6 @@ XLRS-Bench lmms-eval prompt: images + question + options, one turn, no tools).
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 import time
@@ -319,23 +318,6 @@ def run_episodes(
     return [finished[i] for i in range(len(lives))]
 
 
-def __getattr__(name: str) -> Any:
-    """The backends live in rl/backends.py; `from rl.agent import TransformersBackend` works too."""
-    if name in ("TransformersBackend", "VLLMBackend", "OpenAIBackend", "make_backend"):
-        from rl import backends
-
-        return getattr(backends, name)
-    raise AttributeError(name)
-
-
-def agent_config_from(d: dict[str, Any]) -> AgentConfig:
-    """AgentConfig from a flat dict (stage config fields); unknown keys are ignored, `zoom_*` go to zoom."""
-    names = {f.name for f in dataclasses.fields(AgentConfig)} - {"zoom"}
-    zoom_names = {f.name for f in dataclasses.fields(ZoomConfig)}
-    zoom = ZoomConfig(**{k[5:]: v for k, v in d.items() if k.startswith("zoom_") and k[5:] in zoom_names})
-    return AgentConfig(**{k: v for k, v in d.items() if k in names}, zoom=zoom)
-
-
 __all__ = [
     "AgentConfig",
     "Backend",
@@ -346,5 +328,4 @@ __all__ = [
     "rollout_seed",
     "trim_at_stop",
     "close_stopped",
-    "agent_config_from",
 ]

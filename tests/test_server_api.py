@@ -360,7 +360,7 @@ def test_stateless_only_disables_episodes(manifest: Path) -> None:
 
 @pytest.mark.parametrize("shape", [(1, 1, 3), (5, 7, 3), (224, 168, 3), (30, 2, 3), (9, 9)])
 @pytest.mark.parametrize("level", [0, 1, 6, 9])
-@pytest.mark.parametrize("encoder", ["zlib", "auto"])
+@pytest.mark.parametrize("encoder", ["zlib", "auto", "isal"])
 def test_png_encoder_is_lossless(shape, level, encoder) -> None:
     from tools.server import png_bytes
 
@@ -368,6 +368,20 @@ def test_png_encoder_is_lossless(shape, level, encoder) -> None:
     img = Image.open(io.BytesIO(png_bytes(a, level, encoder)))
     img.load()
     assert img.format == "PNG" and np.array_equal(np.asarray(img), a)
+
+
+def test_png_encoder_auto_is_isal_and_libdeflate_names_its_replacement(manifest: Path) -> None:
+    """auto deflates with ISA-L (the isal package), not a library loaded out of rasterio's wheel; the removed
+    `libdeflate` setting is refused with a message naming what to use instead."""
+    from tools.server import png_bytes
+
+    yy, xx = np.mgrid[0:96, 0:128]
+    a = np.stack([xx * 2, yy * 2, (xx + yy) % 256], axis=-1).astype("uint8")
+    assert png_bytes(a, 1, "auto") == png_bytes(a, 1, "isal") != png_bytes(a, 1, "zlib")
+    assert png_bytes(a, 0, "auto") == png_bytes(a, 0, "zlib")  # level 0 = stored, as zlib writes it
+    problems = ServeConfig(manifest=str(manifest), png_encoder="libdeflate").validate()
+    assert len(problems) == 1 and problems[0].startswith("png_encoder: libdeflate was removed")
+    assert "use isal" in problems[0] and "zlib" in problems[0]
 
 
 def test_tiny_serve_config_loads(manifest: Path) -> None:

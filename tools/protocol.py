@@ -28,7 +28,6 @@ from tools.store import ImageStore
 from tools.zoom import FRAMES, Observation, ZoomConfig, check_box, read_overview, read_region
 
 TOOL_NAME = "zoom_in"
-STOP = "</tool_call>"
 
 _FRAME_TEXT = {
     "shown_pixels": "absolute pixel coordinates of that image as you see it",
@@ -350,7 +349,6 @@ def build_prompt_messages(sample: Any, frame: str = "shown_pixels", *, instructi
 
 __all__ = [
     "TOOL_NAME",
-    "STOP",
     "DEFAULT_INSTRUCTION",
     "zoom_tool_schema",
     "system_prompt",

@@ -106,12 +106,6 @@ def auto_bands(colorinterp: Sequence[str], count: int) -> tuple[int, ...]:
     return (colour[0] if colour else 1,)
 
 
-def alpha_band(colorinterp: Sequence[str]) -> int | None:
-    """1-based number of the band marked alpha, if any."""
-    ci = [c.lower() for c in colorinterp]
-    return ci.index("alpha") + 1 if "alpha" in ci else None
-
-
 def palette_lut(colormap: Mapping[int, Sequence[int]], dtype: str) -> np.ndarray:
     """(n, 4) uint8 lookup table from a GDAL colour table; indices it lacks map to transparent black."""
     n = 256 if dtype in ("uint8", "int8") else 65536
@@ -170,5 +164,5 @@ def stretch(arr: np.ndarray, ranges: Sequence[tuple[float, float]] | None) -> np
     return data.astype("uint8")
 
 
-__all__ = ["RenderSpec", "STRETCHES", "RENDER_KEYS", "parse_render", "auto_bands", "alpha_band", "palette_lut",
+__all__ = ["RenderSpec", "STRETCHES", "RENDER_KEYS", "parse_render", "auto_bands", "palette_lut",
            "apply_palette", "band_ranges", "percentile_ranges", "stretch"]

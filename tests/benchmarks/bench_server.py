@@ -258,8 +258,8 @@ def main(argv: list[str] | None = None) -> dict:
     procs = []
     servers: dict[str, tuple[str, str]] = {}
     try:
-        # ours three ways: titiler's deflate level 6 (libdeflate, our default encoder), level 6 through zlib
-        # (the encoder GDAL's PNG driver uses), and our default config (level 1, libdeflate)
+        # ours three ways: titiler's deflate level 6 (ISA-L, our default encoder), level 6 through zlib
+        # (the encoder GDAL's PNG driver uses), and our default config (level 1, ISA-L)
         variants = [("knowzoom (png level 6)", 6, "auto"), ("knowzoom (png level 6, zlib)", 6, "zlib"),
                     ("knowzoom (default: level 1)", 1, "auto")]
         if args.format == "jpeg":
