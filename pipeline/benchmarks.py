@@ -325,14 +325,14 @@ def load_mme_rs(path: str | Path, work: Path, image_root: str | Path | None = No
 
 def load_benchmark(dataset: str, path: str | Path, work: Path, image_root: str | Path | None = None
                    ) -> tuple[list[VQASample], Path]:
-    """(samples, images manifest) of a benchmark; its images go through prepare-images once."""
+    """(samples, raw image folder) of a benchmark; the caller sends the folder through prepare-images once
+    (pipeline/evaluate.py), so this module does not import the evaluation above it."""
     from pipeline.datasets import save_vqa_jsonl
-    from pipeline.evaluate import prepare_images
 
     loader = {"lrs_vqa": load_lrs_vqa, "mme_rs": load_mme_rs}[dataset]
     samples, raw = loader(path, work, image_root)
     save_vqa_jsonl(work / f"{dataset}_questions.jsonl", samples)
-    return samples, prepare_images(raw, work / "prepared")
+    return samples, raw
 
 
 __all__ = ["BENCHMARKS", "load_benchmark", "load_lrs_vqa", "load_mme_rs", "mme_extract", "mme_prompt", "lrs_correct",

@@ -121,7 +121,8 @@ def load_eval_data(cfg: Any) -> tuple[list[VQASample], Any]:
         from pipeline.benchmarks import load_benchmark
 
         work = Path(cfg.xlrs_images_dir or Path(cfg.output_dir) / f"{cfg.dataset}_images")
-        samples, manifest = load_benchmark(cfg.dataset, cfg.dataset_path, work)
+        samples, raw = load_benchmark(cfg.dataset, cfg.dataset_path, work)
+        manifest = prepare_images(raw, work / "prepared")
         store = ImageStore.from_manifest(manifest)
     else:
         from pipeline.datasets import load_xlrs, save_vqa_jsonl
