@@ -405,6 +405,38 @@ def merge(kg: KnowledgeGraph, facts: list[dict[str, Any]]) -> KnowledgeGraph:
     return out.finalize()
 
 
+def write_curated(path: Path, kg: KnowledgeGraph, facts: list[dict[str, Any]]) -> dict[str, int]:
+    """The new facts as a curated YAML file (the format of kg_qa_builder/data/*.yaml), so build-qa can load
+    them through `curated_files`; each value carries its document span as a comment. An entity key naming
+    two types in one file cannot be written; such facts are counted, not written."""
+    rows: dict[str, dict[str, Any]] = {}
+    counts = Counter()
+    for f in facts:
+        key = f["head_id"].split(":", 1)[1]
+        row = rows.setdefault(key, {"type": f["head_type"], "rels": defaultdict(list)})
+        if row["type"] != f["head_type"]:
+            counts["skipped_key_clash"] += 1
+            continue
+        p = f["provenance"][0]
+        note = f"{p['doc']}" + (f" p.{p['page']}" if p["page"] is not None else "") + f" [{p['start']}:{p['end']}]"
+        row["rels"][f["relation"]].append((f["tail_id"].split(":", 1)[1], note))
+        counts["facts"] += 1
+    for f in facts:  # new tails that head no fact of their own still need a declaration
+        if f["tail_new"] and not kg.schema.is_literal(f["tail_type"]):
+            rows.setdefault(f["tail_id"].split(":", 1)[1], {"type": f["tail_type"], "rels": defaultdict(list)})
+    lines = ["# written by knowzoom build-kg-docs: facts extracted from documents and verified on the graph",
+             "source: documents", "entities:"]
+    for key, row in rows.items():
+        lines.append(f"  {json.dumps(key, ensure_ascii=False)}:")
+        lines.append(f"    type: {row['type']}")
+        for rel, vals in row["rels"].items():
+            lines.append(f"    {rel}:")
+            lines += [f"      - {json.dumps(v, ensure_ascii=False)}  # {note}" for v, note in vals]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    counts["entities"] = len(rows)
+    return dict(counts)
+
+
 # ---------------------------------------------------------------- the stage
 
 
@@ -547,11 +579,14 @@ def run(cfg: BuildKGDocsConfig) -> dict[str, Any]:
     merged = merge(kg, [f for f in facts if f["status"] == "new"])
     write_jsonl(out / "doc_triples.jsonl", facts)
     write_jsonl(out / "doc_rejections.jsonl", rejections)
+    curated = write_curated(out / "doc_facts.yaml", kg, [f for f in facts if f["status"] == "new"])
+    (out / "graph_stats.json").write_text(json.dumps(merged.stats(), indent=1), encoding="utf-8")
     summary: dict[str, Any] = {
         "documents": len({c.doc for c in chunks}), "chunks": len(chunks), "extract_calls": calls,
         "facts_accepted": len(facts), "facts_new": sum(f["status"] == "new" for f in facts),
-        "nodes_new": merged.n_nodes - kg.n_nodes, "rejections": dict(sorted(counts.items())),
-        "graph": {"nodes": merged.n_nodes, "edges": merged.n_edges},
+        "nodes_new": merged.n_nodes - kg.n_nodes, "triples_kept": counts.pop("accepted_items", 0),
+        "rejections": dict(sorted(counts.items())),
+        "graph": {"nodes": merged.n_nodes, "edges": merged.n_edges}, "curated_yaml": curated,
     }
     if cfg.qa_items_per_chunk > 0:
         summary["qa"] = passage_qa(cfg, merged, chunks, keys, facts)

@@ -243,6 +243,10 @@ def make_corpus(root: Path, n_objects: int = 51) -> Planter:
     txt = []
     for i in range(third):
         txt.append(" ".join(pl.object_sentences(i)))
+    known = "Ships are usually found in the harbour area."  # a graph fact restated, named in the plural
+    pl.add(known, True, "good_confirms_graph", head="Ships", head_type="object_type", relation="typically_found_in",
+           tail="harbour", tail_type="scene_context", span=known)
+    txt.append(known)
     (docs / "harbours.txt").write_text("Port structures seen from above\n\n" + "\n\n".join(txt) + "\n", encoding="utf-8")
     md = ["# Industrial objects", ""]
     for i in range(third, 2 * third):

@@ -86,6 +86,15 @@ def test_planted_triples_rejected_and_kept(tmp_path: Path) -> None:
     assert by[("floating pier", "typically_found_in")]["tail_id"] == "scene_context:harbour"
     assert not by[("floating pier", "typically_found_in")]["tail_new"]
     assert by[("floating pier", "typically_found_in")]["head_id"] == "object_type:floating pier"
+    assert by[("ship", "typically_found_in")]["status"] == "confirmed"  # "Ships" linked to the graph's ship
+    assert summary["facts_new"] == summary["facts_accepted"] - 1
+    # the curated-YAML export loads with the base graph into the same merged graph (build-qa's curated_files)
+    from kg_qa_builder.importers import build_graph
+
+    base = build_graph(["curated"], [tmp_path / "base.yaml"], tmp_path / "schema.yaml")
+    both = build_graph(["curated"], [tmp_path / "base.yaml", tmp_path / "out" / "doc_facts.yaml"], tmp_path / "schema.yaml")
+    assert both.n_edges == summary["graph"]["edges"] == base.n_edges + summary["facts_new"]
+    assert both.has("object_type:floating pier", "typically_found_in", "scene_context:harbour")
     # QA from the passages is verified on the merged graph: planted-true kept, planted-false all rejected
     qa = list(read_jsonl(tmp_path / "out" / "qa_docs.jsonl"))
     qids = [q["meta"]["teacher_item"]["_qid"] for q in qa]
