@@ -201,3 +201,12 @@ def test_prompt_lists_packaged_schema() -> None:
     p = extraction_prompt(schema)
     for r, spec in schema.relations.items():
         assert f"- {r}: {'/'.join(spec.domain)} -> {'/'.join(spec.range)}" in p
+
+
+def test_tiny_config_validates(tmp_path: Path) -> None:
+    from pipeline.config import load_config
+
+    cfg = load_config(BuildKGDocsConfig, ROOT / "configs/tiny/build_kg_docs.yaml",
+                      ["--docs_dir", str(tmp_path), "--teacher_url", "http://127.0.0.1:8000/v1",
+                       "--output_dir", str(tmp_path / "o")])
+    assert cfg.chunk_chars == 2000 and cfg.teacher_temperature == 0.0
