@@ -215,7 +215,7 @@ def identifier_like(text: str) -> bool:
     letters = sum(c.isalpha() for c in s)
     digits = sum(c.isdigit() for c in s)
     return (letters == 0 or bool(_NUMBER_RE.match(s) or _DOI_RE.match(s) or _HEX_RE.match(s)
-                                 or _URL_RE.match(s) or _ID_RE.match(s)) or (digits >= 3 and digits > letters))
+                                 or _URL_RE.match(s) or _ID_RE.match(s)) or (digits >= 4 and digits > 2 * letters))
 
 
 def _ws(text: str) -> tuple[str, list[int]]:
@@ -260,6 +260,21 @@ class TripleChecker:
         self.schema = kg.schema
         self.rel_alias = kg.schema.relation_by_alias()
         self.new_index: dict[tuple[str, str], str] = {}  # (type, norm name) -> new node id
+        self.type_names = {norm(k): k for k in self.schema.types}
+        self.type_names.update({norm(str(v.get("label", k))): k for k, v in self.schema.types.items()
+                                if norm(str(v.get("label", k))) not in self.type_names})
+
+    def node_type(self, given: str) -> str:
+        """A type as the teacher wrote it ('object type', 'Object_Type', a label) → schema type name."""
+        g = given.strip()
+        return g if g in self.schema.types else self.type_names.get(norm(g.replace("_", " ")), g)
+
+    def grounded(self, name: str, span_tokens: list[str]) -> bool:
+        """The name is in the span, or it links to a graph node one of whose names/aliases is in the span."""
+        if _named_in(name, span_tokens):
+            return True
+        return any(_named_in(a, span_tokens) for n in self._link(name)
+                   for a in {self.kg.name(n), *self.kg.g.nodes[n]["aliases"]})
 
     def relation(self, r: str) -> str:
         if r in self.schema.relations:
@@ -322,6 +337,7 @@ class TripleChecker:
         ht, tt = item.get("head_type") or "", item.get("tail_type") or ""
         if not isinstance(ht, str) or not isinstance(tt, str):
             return Rejection("malformed", "head_type/tail_type must be strings")
+        ht, tt = self.node_type(ht), self.node_type(tt)
         # 1. grounding
         span_n, _ = _ws(vals["span"])
         text_n, idx = _ws(chunk.text)
@@ -330,7 +346,7 @@ class TripleChecker:
             return Rejection("span_not_in_text", "the span is not a verbatim part of the passage")
         span_tokens = norm(span_n).split()
         for end in ("head", "tail"):
-            if not _named_in(vals[end], span_tokens):
+            if not self.grounded(vals[end], span_tokens):
                 return Rejection(f"{end}_not_in_span", f"{vals[end]!r} is not named in the span")
         # 2. schema
         rel = self.relation(vals["relation"])
@@ -453,6 +469,8 @@ class BuildKGDocsConfig(StageConfig):
     teacher_timeout_s: float = hfield(120.0, help="Timeout of one teacher call in seconds.")
     teacher_max_retries: int = hfield(3, help="Retries per teacher call (exponential backoff).")
     teacher_backoff_s: float = hfield(0.5, help="First retry delay in seconds (doubles per retry).")
+    teacher_retry_failed: bool = hfield(False, help="On a rerun, ask again the chunks whose reply failed after all retries "
+                                                    "(default: a failed chunk stays failed, like build-qa's teacher path).")
     teacher_temperature: float = hfield(0.0, help="Sampling temperature for extraction and QA.")
     teacher_max_tokens: int = hfield(2048, help="Teacher max new tokens per call.")
     chunk_chars: int = hfield(2000, help="Maximum characters per chunk (chunks end at sentence ends).")
@@ -497,6 +515,17 @@ def _client(cfg: BuildKGDocsConfig) -> Any:
                          temperature=cfg.teacher_temperature, max_tokens=cfg.teacher_max_tokens)
 
 
+def drop_failed(raw: Path) -> int:
+    """Remove failed replies from a raw reply file (atomically), so the next call asks those chunks again."""
+    if not raw.exists():
+        return 0
+    recs = list(read_jsonl(raw))
+    keep = [r for r in recs if not r.get("error")]
+    if len(keep) != len(recs):
+        write_jsonl(raw, keep)
+    return len(recs) - len(keep)
+
+
 def _replies(raw: Path, wanted: set[str]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     if raw.exists():
@@ -504,6 +533,16 @@ def _replies(raw: Path, wanted: set[str]) -> dict[str, dict[str, Any]]:
             if rec["id"] in wanted and rec["id"] not in out:
                 out[rec["id"]] = rec
     return out
+
+
+def reply_items(rec: dict[str, Any]) -> list[Any]:
+    """The triples of a raw reply; a single {"triples": [...]} / {"facts": [...]} object is unwrapped."""
+    items = rec.get("items") or []
+    if len(items) == 1 and isinstance(items[0], dict):
+        for k in ("triples", "facts", "relations"):
+            if isinstance(items[0].get(k), list):
+                return list(items[0][k])
+    return list(items)
 
 
 def extract_facts(kg: KnowledgeGraph, chunks: list[Chunk], replies: dict[str, dict[str, Any]], keys: list[str],
@@ -528,7 +567,7 @@ def extract_facts(kg: KnowledgeGraph, chunks: list[Chunk], replies: dict[str, di
         if rec.get("error"):
             reject(ci, None, None, "teacher_reply_invalid", str(rec["error"]))
             continue
-        for j, item in enumerate(rec["items"]):
+        for j, item in enumerate(reply_items(rec)):
             if j >= max_items:
                 reject(ci, j, item, "too_many_triples", f"more than {max_items} triples in one reply")
                 continue
@@ -541,7 +580,7 @@ def extract_facts(kg: KnowledgeGraph, chunks: list[Chunk], replies: dict[str, di
     kept, losers = resolve_functional(cands, kg.schema)
     for c, win in losers:
         ci, j = c.order
-        reject(ci, j, replies[keys[ci]]["items"][j], "functional_conflict",
+        reject(ci, j, reply_items(replies[keys[ci]])[j], "functional_conflict",
                f"{c.rel} is functional; the documents state {win!r} for this head more often or earlier")
     facts: dict[tuple[str, str, str], dict[str, Any]] = {}
     for c in kept:
@@ -573,7 +612,8 @@ def run(cfg: BuildKGDocsConfig) -> dict[str, Any]:
     reqs = list({k: ExtractRequest(k, system, c.text) for k, c in zip(keys, chunks, strict=True)}.values())
     client = _client(cfg)
     raw = out / "extract_raw.jsonl"
-    calls = client.run(reqs, raw)
+    retried = drop_failed(raw) if cfg.teacher_retry_failed else 0
+    calls = {**client.run(reqs, raw), "retried_failed": retried}
     replies = _replies(raw, set(keys))
     facts, rejections, counts = extract_facts(kg, chunks, replies, keys, cfg.max_triples_per_chunk)
     merged = merge(kg, [f for f in facts if f["status"] == "new"])
@@ -620,7 +660,8 @@ def passage_qa(cfg: BuildKGDocsConfig, merged: KnowledgeGraph, chunks: list[Chun
         where.setdefault(rid, c)
     out = Path(cfg.output_dir)
     raw = out / "qa_raw.jsonl"
-    calls = _client(cfg).run(list(reqs.values()), raw)
+    retried = drop_failed(raw) if cfg.teacher_retry_failed else 0
+    calls = {**_client(cfg).run(list(reqs.values()), raw), "retried_failed": retried}
     replies = _replies(raw, set(reqs))
     verifier = Verifier(merged)
     kept, rej, reasons = [], [], Counter()

@@ -23,6 +23,7 @@ from kg_qa_builder.documents import (
     run,
 )
 from kg_qa_builder.graph import load_schema
+from kg_qa_builder.importers import build_graph
 from pipeline.records import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,6 +108,7 @@ def test_checks_units() -> None:
     assert identifier_like("10.1016/j.rse.2020.111") and identifier_like("4521") and identifier_like("#1f77b4")
     assert identifier_like("12 m") and identifier_like("ID-88213") and identifier_like("https://x.org/a")
     assert not identifier_like("Sentinel-2") and not identifier_like("Landsat 8") and not identifier_like("F-16")
+    assert not identifier_like("A380") and identifier_like("XJ-20715")
     from kg_qa_builder.graph import KnowledgeGraph
 
     kg = KnowledgeGraph(load_schema()).finalize()
@@ -210,3 +212,32 @@ def test_tiny_config_validates(tmp_path: Path) -> None:
                       ["--docs_dir", str(tmp_path), "--teacher_url", "http://127.0.0.1:8000/v1",
                        "--output_dir", str(tmp_path / "o")])
     assert cfg.chunk_chars == 2000 and cfg.teacher_temperature == 0.0
+
+
+def test_linking_grounding_and_reply_shapes(tmp_path: Path) -> None:
+    """Grounding through a graph alias, teacher-written type labels, a {"triples": [...]} reply, and ids."""
+    from kg_qa_builder.documents import extract_facts
+
+    make_corpus(tmp_path)
+    kg = build_graph(["curated"], [tmp_path / "base.yaml"], tmp_path / "schema.yaml")
+    text = "Each vessel is usually found in the harbour area. The A380 is found in the airport area."
+    chunk = Chunk("a.md", None, 0, len(text), text)
+    items = [  # "ship" is not written in the span, but its graph alias "vessel" is
+        {"head": "ship", "head_type": "Object type", "relation": "typically found in", "tail": "harbour",
+         "tail_type": "scene context", "span": "Each vessel is usually found in the harbour area."},
+        {"head": "A380", "head_type": "object_type", "relation": "typically_found_in", "tail": "airport",
+         "tail_type": "scene_context", "span": "The A380 is found in the airport area."},
+    ]
+    facts, rej, _ = extract_facts(kg, [chunk], {"k": {"id": "k", "items": [{"triples": items}]}}, ["k"], 64)
+    assert not rej, rej
+    assert [(f["head_id"], f["status"]) for f in facts] == [("object_type:ship", "confirmed"), ("object_type:a380", "new")]
+
+
+def test_retry_failed_asks_only_failed_chunks(tmp_path: Path) -> None:
+    pl = make_corpus(tmp_path)
+    with FakeDocTeacher(pl) as fake:
+        run(_cfg(tmp_path, fake.url, qa_items_per_chunk=0))
+        n = len(fake.users)
+        run(_cfg(tmp_path, fake.url, qa_items_per_chunk=0, teacher_retry_failed=True))
+        again = extraction_users(fake.users[n:])
+    assert len(set(again)) == 1 and "MALFORMED" in again[0]  # only the chunk whose reply was broken JSON
