@@ -18,6 +18,7 @@ their accepted facts, and each item is verified on the merged graph by Verifier.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import os
@@ -113,7 +114,8 @@ def chunk_pages(pages: list[Page], chunk_chars: int) -> list[Chunk]:
         start = 0
         while start < len(text):
             limit = start + chunk_chars
-            cut = max((e for e in ends if start < e <= limit), default=0)
+            i = bisect.bisect_right(ends, limit) - 1
+            cut = ends[i] if i >= 0 and ends[i] > start else 0
             if cut == 0:  # one sentence longer than a chunk: cut at the last whitespace before the limit
                 ws = text.rfind(" ", start + 1, limit)
                 cut = ws if ws > start else min(limit, len(text))
@@ -260,6 +262,7 @@ class TripleChecker:
         self.schema = kg.schema
         self.rel_alias = kg.schema.relation_by_alias()
         self.new_index: dict[tuple[str, str], str] = {}  # (type, norm name) -> new node id
+        self.new_type: dict[str, str] = {}  # norm name -> the type of its first new node
         self.type_names = {norm(k): k for k in self.schema.types}
         self.type_names.update({norm(str(v.get("label", k))): k for k, v in self.schema.types.items()
                                 if norm(str(v.get("label", k))) not in self.type_names})
@@ -315,9 +318,9 @@ class TripleChecker:
         elif identifier_like(name):
             return Rejection("identifier_as_entity", f"{name!r} is a number or identifier, not a {typ}")
         key = (typ, norm(name))
-        clash = sorted(t for (t, k) in self.new_index if k == key[1] and t != typ)
-        if clash:
-            return Rejection("type_clash", f"{name!r} is already a new {clash[0]} in these documents, not a {typ}")
+        clash = typ if self.schema.is_literal(typ) else self.new_type.setdefault(key[1], typ)
+        if clash != typ:
+            return Rejection("type_clash", f"{name!r} is already a new {clash} in these documents, not a {typ}")
         for k in (key, (typ, norm(name)[:-1]) if norm(name).endswith("s") else key):
             if k in self.new_index:
                 return self.new_index[k], typ
