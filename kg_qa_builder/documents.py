@@ -263,6 +263,7 @@ class TripleChecker:
         self.rel_alias = kg.schema.relation_by_alias()
         self.new_index: dict[tuple[str, str], str] = {}  # (type, norm name) -> new node id
         self.new_type: dict[str, str] = {}  # norm name -> the type of its first new node
+        self._ws_cache: tuple[Any, str, list[int]] = (None, "", [])
         self.type_names = {norm(k): k for k in self.schema.types}
         self.type_names.update({norm(str(v.get("label", k))): k for k, v in self.schema.types.items()
                                 if norm(str(v.get("label", k))) not in self.type_names})
@@ -343,7 +344,9 @@ class TripleChecker:
         ht, tt = self.node_type(ht), self.node_type(tt)
         # 1. grounding
         span_n, _ = _ws(vals["span"])
-        text_n, idx = _ws(chunk.text)
+        if self._ws_cache[0] is not chunk:  # items of one chunk come together: normalise its text once
+            self._ws_cache = (chunk, *_ws(chunk.text))
+        _, text_n, idx = self._ws_cache
         pos = text_n.find(span_n)
         if len(span_n) < 8 or pos < 0:
             return Rejection("span_not_in_text", "the span is not a verbatim part of the passage")

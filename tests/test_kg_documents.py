@@ -141,7 +141,7 @@ def test_chunks_end_at_sentences(tmp_path: Path) -> None:
 def test_resume_after_kill(tmp_path: Path) -> None:
     """A run killed midway is resumed: answered chunks are not asked again, and the outputs equal a fresh run."""
     pl = make_corpus(tmp_path)
-    with FakeDocTeacher(pl, delay_s=0.15) as fake:
+    with FakeDocTeacher(pl, delay_s=0.3) as fake:
         cfg = _cfg(tmp_path, fake.url, out="killed", teacher_concurrency=2)
         args = [sys.executable, "-m", "pipeline", "build-kg-docs"] + [
             a for k, v in cfg.to_dict().items() for a in (f"--{k}", json.dumps(v) if isinstance(v, list) else str(v))]
