@@ -37,6 +37,7 @@ STAGES: dict[str, Stage] = {
         Stage("make-scenes", "tools.scenes", "MakeScenesConfig", summary="procedural UHR scenes (COGs) + VQA JSONL"),
         Stage("prepare-images", "tools.prepare", "PrepareImagesConfig", summary="rasters/JPEG/PNG → tiled COGs with overviews"),
         Stage("build-qa", "kg_qa_builder.stage", "BuildQAConfig", summary="knowledge graph → verified text QA JSONL"),
+        Stage("build-kg-docs", "kg_qa_builder.documents", "BuildKGDocsConfig", summary="documents + teacher → verified graph facts with provenance"),
         Stage("build-model", "pipeline.models", "BuildModelConfig", summary="build the embedded tiny Qwen2.5-VL offline"),
         Stage("sft", "sft.stage", "SFTConfig", summary="TRL SFT: text cold start and/or image pre-warm"),
         Stage("mine-hard", "sft.mining", "MineHardConfig", summary="pass-rate mining of hard VQA samples"),
