@@ -191,7 +191,7 @@ def activation_bytes(d: ModelDims, s: TrainSetup) -> dict[str, float]:
         decoder = tokens * (d.layers * a * h + per_layer_token)
     else:
         decoder = tokens * d.layers * per_layer_token
-    loss = s.micro_batch * s.loss_tokens * d.vocab * (a + 8)
+    loss = s.micro_batch * s.loss_tokens * d.vocab * (a + 12)
     patches = s.micro_batch * s.vision_patches
     vis_layer = patches * (a * (6 * d.vision_hidden + 3 * d.vision_intermediate) + 8 * d.vision_hidden)
     vision = vis_layer if (s.freeze_vision or s.grad_ckpt) else vis_layer * d.vision_layers
