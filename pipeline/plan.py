@@ -391,7 +391,8 @@ def format_rows(rows: list[dict[str, Any]], gpu_gb: float) -> str:
         flag = "fits" if r["fits"] else "DOES NOT FIT"
         lines.append(f"  {r['id']:<12} {r['total']:7.1f} GB  {flag}  on {r['gpus']} GPU(s); {r['note']}")
         lines.append(f"  {'':<12} model {r['model']}")
-        lines.append("  " + " " * 12 + " " + ", ".join(f"{k} {v:.1f}" for k, v in r["components"].items()))
+        lines.append("  " + " " * 12 + " " + ", ".join(f"{k} {v:.1f}" for k, v in r["components"].items()
+                                                       if v or k not in ("vllm", "buckets", "reference")))
         if r.get("hint"):
             lines.append(f"  {'':<12} to fit: {r['hint']}")
     return "\n".join(lines)
@@ -460,12 +461,18 @@ def fit_hint(row: dict[str, Any], gpu_gb: float) -> str:
     for text, alt in tries:
         if estimate_training(d, alt, gpu_gb)["total"] <= gpu_gb:
             return text
-    for text, alt in tries[1:]:  # two changes together
-        combo = replace(alt, grad_ckpt=True, vllm_sleep=alt.vllm_sleep or bool(s.vllm_share_gb),
-                        sharding="zero3" if s.sharding in ("ddp", "zero1", "zero2") else s.sharding)
-        if estimate_training(d, combo, gpu_gb)["total"] <= gpu_gb:
-            return f"gradient checkpointing + vLLM sleep + ZeRO-3/FSDP + {text}"
-    return "no single setting fits: more GPUs (ranks) or GPUs with more memory"
+    # no single change: apply them cumulatively, least disruptive first, and name the set that fits
+    texts, cur = [], s
+    for text, alt in tries:
+        changed = {k: getattr(alt, k) for k in ("grad_ckpt", "vllm_sleep", "sharding", "micro_batch", "lora_r",
+                                                  "lora_targets", "ref_model") if getattr(alt, k) != getattr(s, k)}
+        if "micro_batch" in changed and texts and texts[-1].startswith("per_device_train_batch_size"):
+            texts.pop()
+        cur = replace(cur, **changed)
+        texts.append(text)
+        if estimate_training(d, cur, gpu_gb)["total"] <= gpu_gb:
+            return " + ".join(texts)
+    return "no combination of these settings fits: more GPUs (ranks) or GPUs with more memory"
 
 
 def _load_stages(path: str, stage: str) -> list[tuple[str, str, Any]]:

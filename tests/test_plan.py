@@ -42,7 +42,7 @@ def test_7b_recipe_plan(capsys):
         assert not rows["rl"]["fits"]
         assert main([PIPE]) == 1
         err = capsys.readouterr().err
-        assert "stage rl does not fit" in err and "ZeRO-3/FSDP" in err
+        assert "stage rl does not fit" in err and "ZeRO-3 or FSDP" in err and "vllm_enable_sleep_mode" in err
     sharded = SimpleNamespace(**{**rl.__dict__, "fsdp": "full_shard auto_wrap", "vllm_enable_sleep_mode": True,
                                  "per_device_train_batch_size": 2, "gradient_accumulation_steps": 128})
     stages = [(sid, n, sharded if sid == "rl" else c) for sid, n, c in stages]
