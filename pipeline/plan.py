@@ -44,8 +44,8 @@ Assumptions of the memory plan (per GPU, decimal GB):
 - vLLM colocate takes vllm_gpu_memory_utilization x GPU memory while generating; with
   vllm_enable_sleep_mode it releases it while training, so the peak is max(generation, training) instead of
   their sum. Server mode puts vLLM on other GPUs (not counted here).
-- Inference stages (mine-hard, eval with vLLM): bf16 weights must fit in the vLLM share with >= 10% of it
-  left for the KV cache. transformers backend: bf16 weights + KV cache of the batch.
+- Inference stages (mine-hard, eval with vLLM): bf16 weights must fit in the vLLM share (the config's
+  vllm_gpu_memory_utilization, else vLLM's default 0.9) with >= 10% of it left for the KV cache. transformers backend: bf16 weights + KV cache of the batch.
 - Fixed overhead per GPU: 3 GB (CUDA context, NCCL buffers, allocator fragmentation).
 """
 

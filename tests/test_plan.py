@@ -26,6 +26,22 @@ def test_7b_preset_counts():
     assert (d.hidden, d.layers, d.vocab, d.kv_dim) == (3584, 28, 152064, 512)
 
 
+def test_dims_from_a_local_model_folder_and_unknown_models(tmp_path, monkeypatch):
+    """config.json of a local folder (here the tiny model's) gives the exact count of the loaded model."""
+    from pipeline.errors import ConfigError
+    from pipeline.models import load_model, resolve_model_path
+    from pipeline.plan import model_dims
+
+    monkeypatch.setenv("KNOWZOOM_CACHE", str(tmp_path.parent / "kz_model_cache"))
+    folder = resolve_model_path("tiny")
+    model, _ = load_model(str(folder))
+    d = model_dims(str(folder))
+    assert d.params == sum(p.numel() for p in model.parameters())
+    assert d.vision_params + d.projector_params == sum(p.numel() for p in model.model.visual.parameters())
+    with pytest.raises(ConfigError, match="no local config.json"):
+        model_dims(str(tmp_path / "nowhere" / "SomeOrg-Model-13B"))
+
+
 def test_7b_recipe_plan(capsys):
     """SFT (8 ranks, ZeRO-2), mining and eval fit 80 GB GPUs; the RL row fits once it is sharded with vLLM
     sleep mode and micro-batch 2 (fields of the sharded-RL work, read with defaults here)."""
