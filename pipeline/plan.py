@@ -37,9 +37,9 @@ Assumptions of the memory plan (per GPU, decimal GB):
 - Activations of one micro-batch of per_device_train_batch_size x the longest allowed sequence (SFT
   max_length; RL prompt image + text + max_completion_length). Per layer and token the decoder keeps
   a*(6h + 3kv + 4i) + 8h bytes (a = 2 in bf16, 4 in fp32; fp32 norm inputs); with gradient checkpointing
-  only each layer's input (a*h) is kept, plus one layer's full set during recomputation. The loss keeps
-  the logits (a B), their fp32 copy and log-softmax (4 + 4 B) per token and vocabulary entry; RL scores only
-  the completion tokens. A frozen vision tower keeps no activations; a trainable one keeps them per patch.
+  only each layer's input (a*h) is kept, plus one layer's full set during recomputation. The loss keeps,
+  per token and vocabulary entry, the logits (a B), their fp32 copy when a = 2 (4 B), the fp32 log-softmax
+  and its gradient (4 + 4 B): 14 B in bf16, 12 B in fp32; RL scores only the completion tokens. A frozen vision tower keeps no activations; a trainable one keeps them per patch.
 - Reference model (RL, beta > 0, no LoRA): a bf16 copy, sharded like the policy under ZeRO-3/FSDP.
 - vLLM colocate takes vllm_gpu_memory_utilization x GPU memory while generating; with
   vllm_enable_sleep_mode it releases it while training, so the peak is max(generation, training) instead of
@@ -191,7 +191,8 @@ def activation_bytes(d: ModelDims, s: TrainSetup) -> dict[str, float]:
         decoder = tokens * (d.layers * a * h + per_layer_token)
     else:
         decoder = tokens * d.layers * per_layer_token
-    loss = s.micro_batch * s.loss_tokens * d.vocab * (a + 12)
+    # logits in the activation dtype, their fp32 copy when that is 16-bit, fp32 log-softmax and its gradient
+    loss = s.micro_batch * s.loss_tokens * d.vocab * (a + (4 if a < 4 else 0) + 8)
     patches = s.micro_batch * s.vision_patches
     vis_layer = patches * (a * (6 * d.vision_hidden + 3 * d.vision_intermediate) + 8 * d.vision_hidden)
     vision = vis_layer if (s.freeze_vision or s.grad_ckpt) else vis_layer * d.vision_layers

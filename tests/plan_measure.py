@@ -4,7 +4,9 @@ tests/test_plan.py): `python tests/plan_measure.py CASE_JSON` prints {"measured_
 Peak = ru_maxrss after the steps minus the resident size just before the model is built (torch and the
 interpreter already loaded). Two optimizer steps of two micro-batches each: the second micro-batch of the
 second step runs with weights, gradients, AdamW states and activations all alive, as on a GPU rank with
-gradient accumulation."""
+gradient accumulation. Run it with MALLOC_MMAP_THRESHOLD_=131072 (tests/test_plan.py does): large blocks
+are then mmap'd and unmapped when freed, so the peak RSS follows live memory instead of glibc's retained
+heap (without it the same case varied by +-30 MB between runs)."""
 
 from __future__ import annotations
 
