@@ -135,7 +135,31 @@ class SFTConfig(LaunchConfig):
                      "copy, so use stage 0-2 (ZeRO-2 fits the 7B on 8 x 80 GB: see `knowzoom plan`)")
         if self.lora and self.lora_r <= 0:
             p.append("lora_r: must be > 0")
+        p += report_to_problems(self.report_to)
         return p
+
+
+# the loggers of transformers 5.17's `report_to` (integrations.INTEGRATION_TO_CALLBACK) and the module each needs
+REPORTERS = {"azure_ml": "azureml", "comet_ml": "comet_ml", "mlflow": "mlflow", "neptune": "neptune",
+             "tensorboard": "tensorboard", "trackio": "trackio", "wandb": "wandb", "codecarbon": "codecarbon",
+             "clearml": "clearml", "dagshub": "dagshub", "flyte": "flytekit", "dvclive": "dvclive",
+             "swanlab": "swanlab", "kubeflow": "kubeflow"}
+
+
+def report_to_problems(report_to: list[str]) -> list[str]:
+    """Unknown or uninstalled `report_to` loggers, as config problems (the Trainer would fail later)."""
+    import importlib.util
+
+    p = []
+    for name in report_to:
+        if name in ("none", "all"):
+            continue
+        if name not in REPORTERS:
+            p.append(f"report_to: unknown logger {name!r}; use some of {', '.join(REPORTERS)} (or [] for none)")
+        elif importlib.util.find_spec(REPORTERS[name]) is None and not (
+                name == "tensorboard" and importlib.util.find_spec("tensorboardX") is not None):
+            p.append(f"report_to: {name} is not installed (pip install {REPORTERS[name]})")
+    return p
 
 
 def _zero_stage(path: str) -> int:

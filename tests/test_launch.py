@@ -146,4 +146,6 @@ def test_bad_launcher_settings_are_config_errors(tmp_path):
         config_from_dict(SFTConfig, {"output_dir": str(tmp_path), "text_data": ["a"], "num_processes": 0,
                                      "launcher": "mpirun"})
     assert "num_processes" in str(e.value) and "launcher" in str(e.value)
+    with pytest.raises(ConfigError, match="unknown logger 'tensorbord'"):
+        config_from_dict(SFTConfig, {"output_dir": str(tmp_path), "text_data": ["a"], "report_to": "tensorbord"})
     assert os.environ.get("WORLD_SIZE") is None
