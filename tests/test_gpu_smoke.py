@@ -25,6 +25,7 @@ def test_smoke_tiny_on_cpu(tmp_path, monkeypatch):
     st = report["stages"]
     assert report["device"] == "cpu" and report["model"]["params"] > 0
     assert st["sft"]["steps"] == 1 and st["sft"]["tokens"] > 0 and st["sft"]["loss"] > 0
+    assert 0 < st["sft"]["plan_estimate_gb"] < 1  # the plan's figure for this step (tiny: a few MB)
     assert st["grpo"]["rollouts"] == 2 and st["grpo"]["zooms_per_rollout"] == 1
     assert st["grpo"]["generated_tokens"] > 0 and st["grpo"]["train_tokens"] > 0
     assert st["eval"]["items"] == 4 and st["eval"]["generated_tokens"] > 0

@@ -119,7 +119,8 @@ def data(work: Path, max_pixels: int) -> tuple[Any, list[Any], Any]:
 
 def sft_step(model: Any, processor: Any, store: Any, samples: list[Any], zoom_cfg: Any, work: Path,
              device: str) -> dict[str, Any]:
-    """One optimizer step of the project's SFT trainer on 2 oracle trajectories with one zoom each."""
+    """One optimizer step of the project's SFT trainer on 2 oracle trajectories with one zoom each
+    (micro-batch 1 x 2 accumulation: at 7B the logits of one 2k-token sequence are ~4 GB)."""
     from transformers.trainer_utils import SaveStrategy
 
     from pipeline.config import config_from_dict
@@ -133,12 +134,13 @@ def sft_step(model: Any, processor: Any, store: Any, samples: list[Any], zoom_cf
         items.append(ChatItem(messages=messages, image_files=[], kind="vqa", images=images))
     cfg = config_from_dict(SFTConfig, {
         "output_dir": str(work / "sft"), "vqa_data": ["smoke"], "images_manifest": "smoke", "max_steps": 1,
-        "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1, "bf16": True,
+        "per_device_train_batch_size": 1, "gradient_accumulation_steps": 2, "bf16": True,
         "gradient_checkpointing": True, "freeze_vision": True, "freeze_projector": True, "learning_rate": 2e-5,
         "warmup_steps": 0, "save_steps": 1000, "logging_steps": 1, "group_by_length": False}, check=False)
     prepare_model(model, cfg)
     collator = ZoomSFTCollator(processor)
-    tokens = int(collator([ChatDataset(items)[i] for i in range(len(items))])["attention_mask"].sum())
+    batch = collator([ChatDataset(items)[i] for i in range(len(items))])
+    tokens, seq_len = int(batch["attention_mask"].sum()), int(batch["input_ids"].shape[1])
     args = _training_args(cfg, work / "sft" / "checkpoints")
     args.save_strategy = SaveStrategy.NO  # no 50 GB checkpoint (weights + optimizer) at the end of the step
     trainer = _trainer_class()(model=model, args=args,
@@ -151,7 +153,19 @@ def sft_step(model: Any, processor: Any, store: Any, samples: list[Any], zoom_cf
     dt = time.time() - t
     del trainer
     return {"seconds": round(dt, 2), "tokens": tokens, "tokens_per_s": round(tokens / dt, 1),
-            "loss": result.training_loss, "steps": 1, **_memory(device)}
+            "loss": result.training_loss, "steps": 1, **_memory(device),
+            "plan_estimate_gb": round(_plan_estimate(model, 1, seq_len), 2)}
+
+
+def _plan_estimate(model: Any, micro_batch: int, seq_len: int) -> float:
+    """`knowzoom plan`'s estimate of this very step (one rank, pure bf16 AdamW, frozen vision, grad ckpt, no
+    fixed overhead), to set beside the measured peak: on a GPU this checks the estimator at 7B."""
+    from pipeline.plan import TrainSetup, _dims_from_config, estimate_training
+
+    s = TrainSetup(ranks=1, weight_bytes=2, grad_bytes=2, optim_bytes=4, act_bytes=2, sharding="ddp",
+                   micro_batch=micro_batch, seq_len=seq_len, loss_tokens=seq_len, vision_patches=0,
+                   grad_ckpt=True, freeze_vision=True, freeze_projector=True)
+    return estimate_training(_dims_from_config("smoke", model.config), s, 80, overhead_gb=0.0)["total"]
 
 
 def grpo_step(model: Any, processor: Any, store: Any, samples: list[Any], zoom_cfg: Any, device: str,
