@@ -14,6 +14,7 @@ from pipeline.stages import STAGES, run_stage
 USAGE = """usage: knowzoom <stage> [--config FILE.yaml] [--field value ...]
        knowzoom run [CONFIG.yaml]          (default: configs/tiny/pipeline.yaml)
        knowzoom <stage> --help             (fields, types, defaults)
+       knowzoom plan CONFIG.yaml [--gpu_memory_gb N]   (per-stage, per-GPU memory estimate; no launch)
 
 stages:
 """
@@ -32,6 +33,10 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0
     name, rest = argv[0], argv[1:]
+    if name == "plan":
+        from pipeline.plan import main as plan_main
+
+        return plan_main(rest)
     if name not in STAGES:
         print(f"knowzoom: unknown stage {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2

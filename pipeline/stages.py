@@ -52,7 +52,12 @@ STAGES: dict[str, Stage] = {
 
 
 def run_stage(name: str, cfg: StageConfig, *, skip_if_done: bool = False) -> dict[str, Any]:
-    """Run one stage with manifest + DONE bookkeeping; skip when its outputs for this config exist."""
+    """Run one stage with manifest + DONE bookkeeping; skip when its outputs for this config exist.
+
+    A stage with num_processes > 1 starts its ranks through `pipeline.launcher` (this process keeps the
+    bookkeeping); inside a job someone else launched (WORLD_SIZE set) only rank 0 writes it."""
+    from pipeline import launcher
+
     stage = STAGES[name]
     if skip_if_done and is_done(cfg):
         log.info("%s: outputs for this config exist in %s, skipping", name, cfg.output_dir)
@@ -60,8 +65,14 @@ def run_stage(name: str, cfg: StageConfig, *, skip_if_done: bool = False) -> dic
 
         return {"skipped": True, **((read_done(cfg.output_dir) or {}).get("summary") or {})}
     _, func = stage.load()
-    write_manifest(cfg, name)
-    seed_everything(cfg.seed)
-    summary = func(cfg) or {}
-    mark_done(cfg, name, summary)
+    main = launcher.is_main_rank()
+    if main:
+        write_manifest(cfg, name)
+    if launcher.needs_launch(name, cfg):
+        summary = launcher.launch(name, cfg)
+    else:
+        seed_everything(cfg.seed)
+        summary = func(cfg) or {}
+    if main:
+        mark_done(cfg, name, summary)
     return summary

@@ -95,6 +95,7 @@ class RLConfig(StageConfig):
     save_total_limit: int = hfield(2, help="Checkpoints kept.")
     resume: bool = hfield(True, help="Resume from the latest checkpoint in output_dir when there is one.")
     logging_steps: int = hfield(1, help="Log (and append to rewards.jsonl) every N steps.")
+    report_to: list[str] = hfield([], help="Trainer loggers (HF `report_to`): tensorboard, wandb, ... ([] = none).")
     plot: bool = hfield(True, help="Write reward_curve.png at the end.")
     log_episodes: int = hfield(2, help="Episodes per step written to episodes.jsonl (turns + reward components; 0 = none).")
     torch_threads: int = hfield(1, help="torch CPU threads per trainer process.")
@@ -462,7 +463,7 @@ def _grpo_config(cfg: RLConfig, ckpt_dir: Path, ray_mode: bool) -> Any:
         save_total_limit=cfg.save_total_limit,
         save_only_model=False,  # optimizer, scheduler, RNG and trainer state (data position) too
         logging_steps=cfg.logging_steps,
-        report_to="none",
+        report_to=list(cfg.report_to) or "none",
         use_cpu=not (_cuda_available() and (cfg.ray_use_gpu or not ray_mode)),
         bf16=cfg.bf16,
         gradient_checkpointing=cfg.gradient_checkpointing,

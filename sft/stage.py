@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import StageConfig, hfield
+from pipeline.config import hfield
+from pipeline.launcher import LaunchConfig
 from pipeline.records import TextQA
 from sft.errors import SFTDataError
 
@@ -31,8 +32,11 @@ LM_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"
 
 
 @dataclass
-class SFTConfig(StageConfig):
-    """Config of `knowzoom sft` (defaults: the tiny CPU model; see configs/ for the recipes)."""
+class SFTConfig(LaunchConfig):
+    """Config of `knowzoom sft` (defaults: the tiny CPU model; see configs/ for the recipes).
+
+    With num_processes > 1 the ranks start through pipeline.launcher (DDP, or DeepSpeed with `deepspeed`);
+    rank 0 materialises the trajectory data and writes every output, the other ranks wait and read."""
 
     output_dir: str = hfield("runs/tiny/sft_text", help="Stage folder: model/, checkpoints/, metrics, plot.")
     model: str = hfield("tiny", help="'tiny', a model folder (a previous stage's output_dir or its model/), "
@@ -72,7 +76,8 @@ class SFTConfig(StageConfig):
     gradient_accumulation_steps: int = hfield(1, help="Micro-batches per optimizer step.")
     bf16: bool = hfield(False, help="bfloat16 mixed precision (GPU).")
     gradient_checkpointing: bool = hfield(False, help="Recompute activations to save memory (large models).")
-    deepspeed: str = hfield("", help="DeepSpeed JSON config path ('' = none), e.g. ZeRO-2 for the 7B.")
+    deepspeed: str = hfield("", help="DeepSpeed JSON config path ('' = none), e.g. ZeRO-2 for the 7B; ZeRO "
+                                     "stage 0-2 (the model is saved from rank 0's full copy).")
     torch_threads: int = hfield(0, help="torch CPU threads (0 = leave torch's default).")
     dataloader_num_workers: int = hfield(0, help="DataLoader worker processes.")
     # --- what trains
@@ -86,6 +91,8 @@ class SFTConfig(StageConfig):
     lora_target_modules: list[str] = hfield(LM_PROJECTIONS, help="Language-model linear layers that get LoRA.")
     # --- bookkeeping
     logging_steps: int = hfield(10, help="Log the loss every this many steps.")
+    report_to: list[str] = hfield([], help="Trainer loggers (HF `report_to`): tensorboard, wandb, mlflow, ... "
+                                           "([] = none); tensorboard writes under <output_dir>/checkpoints/runs.")
     save_steps: int = hfield(100, help="Checkpoint every this many steps (resume point after a kill).")
     save_total_limit: int = hfield(2, help="Checkpoints kept.")
     resume: str = hfield("auto", help="'auto' = resume from the last checkpoint in output_dir/checkpoints if "
@@ -126,9 +133,44 @@ class SFTConfig(StageConfig):
             p.append(f"resume: {self.resume} is not 'auto', 'never' or an existing checkpoint folder")
         if self.deepspeed and not Path(self.deepspeed).exists():
             p.append(f"deepspeed: {self.deepspeed} does not exist; give a DeepSpeed JSON or ''")
+        elif self.deepspeed and _zero_stage(self.deepspeed) > 2:
+            p.append(f"deepspeed: {self.deepspeed} is ZeRO stage 3; SFT saves the model from rank 0's full "
+                     "copy, so use stage 0-2 (ZeRO-2 fits the 7B on 8 x 80 GB: see `knowzoom plan`)")
         if self.lora and self.lora_r <= 0:
             p.append("lora_r: must be > 0")
+        p += report_to_problems(self.report_to)
         return p
+
+
+# the loggers of transformers 5.17's `report_to` (integrations.INTEGRATION_TO_CALLBACK) and the module each needs
+REPORTERS = {"azure_ml": "azureml", "comet_ml": "comet_ml", "mlflow": "mlflow", "neptune": "neptune",
+             "tensorboard": "tensorboard", "trackio": "trackio", "wandb": "wandb", "codecarbon": "codecarbon",
+             "clearml": "clearml", "dagshub": "dagshub", "flyte": "flytekit", "dvclive": "dvclive",
+             "swanlab": "swanlab", "kubeflow": "kubeflow"}
+
+
+def report_to_problems(report_to: list[str]) -> list[str]:
+    """Unknown or uninstalled `report_to` loggers, as config problems (the Trainer would fail later)."""
+    import importlib.util
+
+    p = []
+    for name in report_to:
+        if name in ("none", "all"):
+            continue
+        if name not in REPORTERS:
+            p.append(f"report_to: unknown logger {name!r}; use some of {', '.join(REPORTERS)} (or [] for none)")
+        elif importlib.util.find_spec(REPORTERS[name]) is None and not (
+                name == "tensorboard" and importlib.util.find_spec("tensorboardX") is not None):
+            p.append(f"report_to: {name} is not installed (pip install {REPORTERS[name]})")
+    return p
+
+
+def _zero_stage(path: str) -> int:
+    """ZeRO stage of a DeepSpeed JSON (0 when unreadable; validate() reports a missing file)."""
+    try:
+        return int(json.loads(Path(path).read_text()).get("zero_optimization", {}).get("stage", 0))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 0
 
 
 def _cuda() -> bool:
@@ -141,8 +183,11 @@ def _cuda() -> bool:
 
 
 # ------------------------------------------------------------------------------------------- data build
-def build_items(cfg: SFTConfig, processor: Any) -> tuple[list[Any], dict[str, Any]]:
-    """Text items + materialized trajectories, mixed and length-filtered; returns (items, stats)."""
+def build_items(cfg: SFTConfig, processor: Any, *, materialize: bool = True) -> tuple[list[Any], dict[str, Any]]:
+    """Text items + materialized trajectories, mixed and length-filtered; returns (items, stats).
+
+    materialize=False reads the trajectories rank 0 wrote (`sft_data/trajectories.jsonl`) without writing:
+    the other ranks of a multi-process run call it after a barrier."""
     from sft.data import (
         filter_by_length,
         materialize_trajectories,
@@ -171,8 +216,13 @@ def build_items(cfg: SFTConfig, processor: Any) -> tuple[list[Any], dict[str, An
         zoom_cfg = ZoomConfig(max_pixels=cfg.max_pixels, min_pixels=cfg.min_pixels, frame=cfg.frame,
                               max_turns=cfg.max_zooms)
         samples = read_vqa(cfg.vqa_data, limit=cfg.max_vqa_samples)
-        path, tstats = materialize_trajectories(samples, store, zoom_cfg, Path(cfg.output_dir) / "sft_data",
-                                                think=cfg.think, max_zooms=cfg.max_zooms)
+        if materialize:
+            path, tstats = materialize_trajectories(samples, store, zoom_cfg, Path(cfg.output_dir) / "sft_data",
+                                                    think=cfg.think, max_zooms=cfg.max_zooms)
+        else:
+            path, tstats = Path(cfg.output_dir) / "sft_data" / "trajectories.jsonl", {}
+            if not path.exists():
+                raise SFTDataError(f"{path} missing after rank 0 built it (is output_dir on a shared disk?)")
         vqas = trajectory_items(path)
         stats.update({"vqa_records": len(samples), **{f"trajectories_{k}": v for k, v in tstats.items()}})
     items = mix(texts, vqas, cfg.text_mix_ratio, cfg.seed)
@@ -331,7 +381,6 @@ class _SeededLengthGroupedSampler:
 def run(cfg: SFTConfig, callbacks: list[Any] | None = None) -> dict[str, Any]:
     """Train and save `<output_dir>/model`; returns the metrics also written to metrics.json."""
     import torch
-    import trl
     from transformers.trainer_utils import get_last_checkpoint
 
     from pipeline.models import load_model, save_model, set_pixel_bounds
@@ -346,18 +395,21 @@ def run(cfg: SFTConfig, callbacks: list[Any] | None = None) -> dict[str, Any]:
     # loaded on CPU; the Trainer moves it to this rank's device (a device_map would pin every rank to cuda:0)
     model, processor = load_model(cfg.model, dtype=dtype, device="cpu")
     set_pixel_bounds(processor, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
-    items, data_stats = build_items(cfg, processor)
+    ckpt_dir = out / "checkpoints"
+    is_main = int(os.environ.get("RANK", "0")) == 0  # data, scoring and saving happen on rank 0 only
+    args = _training_args(cfg, ckpt_dir)
+    # rank 0 writes the trajectory JSONL and crops; the others wait at the barrier, then read them
+    with args.main_process_first(local=False, desc="SFT data"):
+        items, data_stats = build_items(cfg, processor, materialize=is_main)
     dataset = ChatDataset(items)
 
     metrics: dict[str, Any] = {"model": cfg.model, "data": data_stats}
     eval_records = read_text_qa(cfg.eval_text_data, limit=cfg.eval_max_samples) if cfg.eval_text_data else []
-    ckpt_dir = out / "checkpoints"
     resume_from: str | None = None
     if cfg.resume == "auto" and ckpt_dir.exists():
         resume_from = get_last_checkpoint(str(ckpt_dir))
     elif cfg.resume not in ("auto", "never"):
         resume_from = cfg.resume
-    is_main = int(os.environ.get("RANK", "0")) == 0  # scoring and saving happen on rank 0 only
     train_probe = (read_text_qa(cfg.text_data, split=cfg.text_split or None, limit=cfg.eval_train_samples)
                    if cfg.eval_train_samples > 0 and cfg.text_data else [])
     probes = {"eval": eval_records, "eval_train": train_probe}
@@ -382,28 +434,13 @@ def run(cfg: SFTConfig, callbacks: list[Any] | None = None) -> dict[str, Any]:
     prep = prepare_model(model, cfg)
     model = prep.pop("model")  # type: ignore[assignment]
     metrics["parameters"] = prep
-    args = trl.SFTConfig(
-        output_dir=str(ckpt_dir), seed=cfg.seed, data_seed=cfg.seed,
-        learning_rate=cfg.learning_rate, adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2,
-        weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, lr_scheduler_type=cfg.lr_scheduler_type,
-        warmup_steps=cfg.warmup_ratio if cfg.warmup_ratio > 0 else cfg.warmup_steps,
-        num_train_epochs=cfg.num_train_epochs, max_steps=cfg.max_steps if cfg.max_steps > 0 else -1,
-        per_device_train_batch_size=cfg.per_device_train_batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps, bf16=cfg.bf16,
-        gradient_checkpointing=cfg.gradient_checkpointing, deepspeed=cfg.deepspeed or None,
-        logging_steps=cfg.logging_steps, save_strategy="steps", save_steps=cfg.save_steps,
-        save_total_limit=cfg.save_total_limit, report_to="none", remove_unused_columns=False,
-        dataset_kwargs={"skip_prepare_dataset": True}, max_length=None, assistant_only_loss=False,
-        packing=False, dataloader_num_workers=cfg.dataloader_num_workers, use_cpu=not _cuda(),
-        disable_tqdm=False, logging_first_step=True, length_column_name="length",
-        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
-    )
     trainer = _trainer_class()(model=model, args=args, train_dataset=dataset.to_hf(), processing_class=processor,
                              data_collator=ZoomSFTCollator(processor), callbacks=callbacks or [])
     t0 = time.time()
     result = trainer.train(resume_from_checkpoint=resume_from)
     wall = time.time() - t0
     model = trainer.model
+    _write_rank_hash(model, trainer.state.global_step)
     if hasattr(model, "merge_and_unload"):  # LoRA: merge so every consumer loads a plain model folder
         model = model.merge_and_unload()
     if not trainer.is_world_process_zero():
@@ -431,6 +468,48 @@ def run(cfg: SFTConfig, callbacks: list[Any] | None = None) -> dict[str, Any]:
     if not all(math.isfinite(h["loss"]) for h in metrics["loss_history"]):
         log.warning("non-finite loss in the history of %s", out)
     return summary
+
+
+def _training_args(cfg: SFTConfig, ckpt_dir: Path) -> Any:
+    """TRL SFTConfig of this stage (creating it sets up the process group under a launcher)."""
+    import trl
+
+    return trl.SFTConfig(
+        output_dir=str(ckpt_dir), seed=cfg.seed, data_seed=cfg.seed,
+        learning_rate=cfg.learning_rate, adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2,
+        weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, lr_scheduler_type=cfg.lr_scheduler_type,
+        warmup_steps=cfg.warmup_ratio if cfg.warmup_ratio > 0 else cfg.warmup_steps,
+        num_train_epochs=cfg.num_train_epochs, max_steps=cfg.max_steps if cfg.max_steps > 0 else -1,
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps, bf16=cfg.bf16,
+        gradient_checkpointing=cfg.gradient_checkpointing, deepspeed=cfg.deepspeed or None,
+        logging_steps=cfg.logging_steps, save_strategy="steps", save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit, report_to=list(cfg.report_to) or "none", remove_unused_columns=False,
+        dataset_kwargs={"skip_prepare_dataset": True}, max_length=None, assistant_only_loss=False,
+        packing=False, dataloader_num_workers=cfg.dataloader_num_workers, use_cpu=not _cuda(),
+        disable_tqdm=False, logging_first_step=True, length_column_name="length",
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
+    )
+
+
+RANK_HASH_ENV = "KNOWZOOM_RANK_HASH_DIR"
+
+
+def _write_rank_hash(model: Any, step: int) -> None:
+    """Debug/test hook: with $KNOWZOOM_RANK_HASH_DIR set, every rank writes a SHA-256 of its trained weights
+    there (rank<N>.json), so a test can check that the DDP ranks ended with identical models."""
+    folder = os.environ.get(RANK_HASH_ENV)
+    if not folder:
+        return
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().float().cpu().contiguous().numpy().tobytes())
+    r = int(os.environ.get("RANK", "0"))
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    (Path(folder) / f"rank{r}.json").write_text(json.dumps({"rank": r, "sha256": h.hexdigest(), "step": step}))
 
 
 __all__ = ["SFTConfig", "run", "build_items", "prepare_model", "evaluate_text_qa", "plot_loss"]

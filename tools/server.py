@@ -490,7 +490,7 @@ class ZoomService:
         sem = self._semaphore()
         try:
             await asyncio.wait_for(sem.acquire(), timeout=self.cfg.queue_timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self.n_busy += 1
             raise ServerBusyError(detail=f"{self.cfg.max_concurrency} reads in flight") from None
         self.inflight += 1
@@ -508,7 +508,7 @@ class ZoomService:
         fut.add_done_callback(release)
         try:
             return await asyncio.wait_for(asyncio.shield(fut), timeout=self.cfg.request_timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self.n_timeouts += 1
             fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # swallow the late result/error
             raise E.ToolTimeoutError(detail=f"read exceeded {self.cfg.request_timeout_s}s") from None

@@ -1,0 +1,48 @@
+"""The GPU smoke check (tests/gpu/smoke.py) runs here with the tiny model on CPU: the same SFT step, GRPO
+step and eval code the GPU run uses with the 7B dimensions, and the JSON report it writes."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("trl")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_smoke_tiny_on_cpu(tmp_path, monkeypatch):
+    monkeypatch.setenv("KNOWZOOM_CACHE", str(tmp_path.parent / "kz_model_cache"))
+    spec = importlib.util.spec_from_file_location("kz_gpu_smoke", ROOT / "tests/gpu/smoke.py")
+    smoke = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(smoke)
+    assert smoke.main(["--out", str(tmp_path / "out"), "--tiny", "--device", "cpu"]) == 0
+    report = json.loads((tmp_path / "out" / "smoke.json").read_text())
+    st = report["stages"]
+    assert report["device"] == "cpu" and report["model"]["params"] > 0
+    assert st["sft"]["steps"] == 1 and st["sft"]["tokens"] > 0 and st["sft"]["loss"] > 0
+    assert 0 < st["sft"]["plan_estimate_gb"] < 1  # the plan's figure for this step (tiny: a few MB)
+    assert st["grpo"]["rollouts"] == 2 and st["grpo"]["zooms_per_rollout"] == 1
+    assert st["grpo"]["generated_tokens"] > 0 and st["grpo"]["train_tokens"] > 0
+    assert st["eval"]["items"] == 4 and st["eval"]["generated_tokens"] > 0
+    for name in ("sft", "grpo", "eval"):
+        assert st[name]["peak_rss_gb"] > 0
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_smoke_refuses_7b_on_cpu(tmp_path):
+    r = subprocess.run(["python", str(ROOT / "tests/gpu/smoke.py"), "--out", str(tmp_path), "--device", "cpu"],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 2 and "need a GPU" in r.stderr
+
+
+def test_build_wheels_script_lists_what_a_bare_cuda_machine_lacks():
+    text = (ROOT / "tests/gpu/build_wheels.sh").read_text()
+    for pkg in ("trl==1.16.0", "datasets==", "rasterio==1.4.4", "pandas==", "xxhash==", "multiprocess=="):
+        assert pkg in text
+    assert "vllm" not in text.lower().replace("no vllm", "")
+    assert 'LIMIT_MB="${LIMIT_MB:-60}"' in text
