@@ -265,6 +265,11 @@ def _sharding(cfg: Any) -> tuple[str, int]:
     return "ddp", 0
 
 
+def _zooms(cfg: Any) -> int:
+    """Zoom calls per episode (`max_zooms`, the one zoom-limit field of every stage)."""
+    return int(getattr(cfg, "max_zooms", 1))
+
+
 def image_patches(max_pixels: int, n_images: int) -> int:
     """Vision patches (14x14) of n images at the pixel cap."""
     return n_images * max_pixels // (14 * 14)
@@ -297,8 +302,11 @@ def rl_setup(cfg: Any, gpu_gb: float) -> TrainSetup:
     `vllm_enable_sleep_mode`, `lora`) are optional here."""
     sharding, buckets = _sharding(cfg)
     bf16 = bool(getattr(cfg, "bf16", False))
-    ranks = int(getattr(cfg, "ray_num_workers", 1)) if getattr(cfg, "use_ray", False) else int(
-        getattr(cfg, "num_processes", 1))
+    if callable(getattr(cfg, "world_size", None)):  # RLConfig: num_processes (or the older ray_num_workers)
+        ranks = int(cfg.world_size())
+    else:
+        ranks = int(getattr(cfg, "ray_num_workers", 1)) if getattr(cfg, "use_ray", False) else int(
+            getattr(cfg, "num_processes", 1))
     lora = bool(getattr(cfg, "lora", False) or getattr(cfg, "use_peft", False))
     colocate = bool(getattr(cfg, "use_vllm", False)) and getattr(cfg, "vllm_mode", "colocate") == "colocate"
     zoom = int(getattr(cfg, "zoom_max_pixels", 0))
@@ -308,7 +316,7 @@ def rl_setup(cfg: Any, gpu_gb: float) -> TrainSetup:
         ranks=ranks, weight_bytes=4, grad_bytes=4, optim_bytes=8,
         act_bytes=2 if bf16 else 4, sharding=sharding, micro_batch=int(cfg.per_device_train_batch_size),
         seq_len=prompt + completion, loss_tokens=completion,
-        vision_patches=image_patches(zoom, 1 + int(getattr(cfg, "max_turns", 1))),
+        vision_patches=image_patches(zoom, 1 + _zooms(cfg)),
         grad_ckpt=bool(getattr(cfg, "gradient_checkpointing", False)),
         freeze_vision=bool(getattr(cfg, "freeze_vision", True)),
         freeze_projector=bool(getattr(cfg, "freeze_projector", False)),
@@ -331,7 +339,7 @@ def estimate_inference(d: ModelDims, cfg: Any, gpu_gb: float) -> dict[str, float
                 "min_kv_fraction": 0.1 * share}
     batch = int(getattr(cfg, "batch_size", 1))
     seq = int(getattr(cfg, "max_new_tokens", 512)) + int(getattr(cfg, "zoom_max_pixels", 0)) // 784 * (
-        1 + int(getattr(cfg, "max_turns", 1)))
+        1 + _zooms(cfg))
     kv = 2 * d.layers * d.kv_dim * 2 * batch * seq / GB
     return {"weights": weights, "kv_cache": kv, "overhead": 3.0, "total": weights + kv + 3.0}
 
