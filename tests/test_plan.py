@@ -54,18 +54,17 @@ def test_7b_recipe_plan(capsys):
     assert 40 < rows["sft"]["total"] < 80
     assert rows["mine_hard"]["fits"] and rows["eval"]["fits"]
     assert rows["make-scenes"]["gpus"] == 0
-    rl = next(c for sid, _, c in stages if sid == "rl")
-    if not getattr(rl, "fsdp", "") and not getattr(rl, "deepspeed", ""):  # RL config not sharded (yet)
-        assert not rows["rl"]["fits"]
-        assert main([PIPE]) == 1
-        err = capsys.readouterr().err
-        assert "stage rl does not fit" in err and "ZeRO-3 or FSDP" in err and "vllm_enable_sleep_mode" in err
-    sharded = SimpleNamespace(**{**rl.__dict__, "fsdp": "full_shard auto_wrap", "vllm_enable_sleep_mode": True,
-                                 "per_device_train_batch_size": 2, "gradient_accumulation_steps": 128})
-    stages = [(sid, n, sharded if sid == "rl" else c) for sid, n, c in stages]
-    rows = {r["id"]: r for r in plan(stages, 80)}
+    # the shipped RL config is sharded (FSDP, vLLM sleep mode, micro-batch 2): every stage fits
     assert all(r["fits"] for r in rows.values()), {k: r["total"] for k, r in rows.items()}
-    assert rows["rl"]["gpus"] == 8 and "vllm" in rows["rl"]["components"]
+    assert main([PIPE]) == 0
+    assert rows["rl"]["gpus"] == 8 and "vllm" in rows["rl"]["components"] and "fsdp" in rows["rl"]["note"]
+    # the same RL stage unsharded, without sleep mode and at micro-batch 8 is refused, naming what would fit
+    rl = next(c for sid, _, c in stages if sid == "rl")
+    plain = SimpleNamespace(**{**rl.__dict__, "fsdp": False, "vllm_enable_sleep_mode": False,
+                               "per_device_train_batch_size": 8, "gradient_accumulation_steps": 32},
+                            world_size=rl.world_size)
+    rows_plain = {r["id"]: r for r in plan([(sid, n, plain if sid == "rl" else c) for sid, n, c in stages], 80)}
+    assert not rows_plain["rl"]["fits"] and rows_plain["sft"]["fits"]
     assert rows["rl"]["components"]["reference"] < 3  # the bf16 reference is sharded over 8 ranks
 
 
