@@ -27,6 +27,16 @@ def _usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The `knowzoom` command. A closed stdout (`knowzoom sft --help | head`) ends quietly, not in a traceback."""
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # Python flushes stdout at exit: let that write go nowhere
+        return 141  # what a shell reports for SIGPIPE
+
+
+def _main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=os.environ.get("KNOWZOOM_LOG", "INFO"), format="%(asctime)s %(name)s: %(message)s")
     if not argv or argv[0] in ("-h", "--help", "help"):
