@@ -129,7 +129,11 @@ def test_estimate_matches_measured_cpu_peak(case, tol):
 
     from pipeline.plan import TrainSetup, _dims_from_config, estimate_training
 
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}  # RSS follows live memory (see plan_measure)
+    # a clean environment: what earlier tests left in os.environ (threads, allocator, GDAL, launcher
+    # variables) must not change the measured process; RSS follows live memory with this threshold
+    keep = ("PATH", "HOME", "LANG", "PYTHONPATH", "TMPDIR", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    env = {k: os.environ[k] for k in keep if k in os.environ}
+    env.update({"MALLOC_MMAP_THRESHOLD_": "131072", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
     r = subprocess.run([sys.executable, str(ROOT / "tests/plan_measure.py"), json.dumps(case)],
                        capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
