@@ -130,3 +130,38 @@ def test_concise_progress_lines_replace_raw_log_dicts():
         assert hf_trainer.DEFAULT_PROGRESS_CALLBACK is ConciseProgressCallback
     finally:
         hf_trainer.DEFAULT_PROGRESS_CALLBACK = old
+
+
+def test_ablate_seeds_get_own_roots_seeded_training_stages_and_a_spread_table(tmp_path):
+    from pipeline.ablate import (
+        DEFAULT_VARIANTS,
+        AblateConfig,
+        _pipeline_for,
+        format_spread,
+        metrics_row,
+        spread_rows,
+    )
+    from pipeline.config import load_config
+
+    root = Path(__file__).resolve().parent.parent
+    cfg = load_config(AblateConfig, root / "configs/tiny/ablate.yaml",
+                      {"output_dir": str(tmp_path / "abl"), "seeds": [0, 1, 2]})
+    c = DEFAULT_VARIANTS["c_coldstart_prewarm_rl"]
+    main = _pipeline_for(cfg, "c_coldstart_prewarm_rl", c, 0)
+    assert main.output_dir == "runs/tiny" and "seed" not in (main.overrides.get("rl") or {})
+    other = _pipeline_for(cfg, "c_coldstart_prewarm_rl", c, 2)
+    assert other.output_dir == str(tmp_path / "abl/seed2/c_coldstart_prewarm_rl")
+    assert all(other.overrides[s]["seed"] == 2 for s in ("sft_text", "sft_prewarm", "rl", "eval"))
+    assert "make-scenes" not in other.overrides and other.data_root == cfg.data_root  # same data, same test set
+    a = _pipeline_for(cfg, "a_rl_only", DEFAULT_VARIANTS["a_rl_only"], 1)
+    assert a.overrides["rl"] == {"seed": 1, "model": "{data_root}/base/model"}  # the variant's own override kept
+
+    def result(p1: float, know: float) -> dict:
+        return {"metrics": {"metrics": ["pass@1"], "overall": {"pass@1_macro": p1, "pass@1_micro": p1, "n": 10},
+                            "tasks": {"Object operator (text only)": {"pass@1": know}}}}
+
+    rows = [dict(metrics_row("c", "full", result(v, k)), seed=s) for s, (v, k) in enumerate([(0.5, 0.2), (0.7, 0.4)])]
+    agg = spread_rows(rows)
+    assert agg[0]["pass@1_macro"]["mean"] == pytest.approx(0.6) and agg[0]["pass@1_macro"]["sd"] == pytest.approx(0.1414, abs=1e-3)
+    assert agg[0]["knowledge_text_only_pass@1"]["max"] == 0.4
+    assert "| c (full) | 2 | 60.0 ± 14.1 (50.0–70.0) |" in format_spread(agg)
