@@ -50,22 +50,30 @@ def _num(v: Any, fmt: str = "{:.3f}") -> str:
     return "–" if not isinstance(v, (int, float)) else fmt.format(v)
 
 
-def _eval_rows(o: dict[str, Any], label: str = "") -> list[tuple[str, str, str]]:
-    """(measure, before, after) rows of an eval results' `overall` block as the "after" column."""
-    rows = [(f"{label}Pass@1 macro", "", _pct(o.get("pass@1_macro"))),
-            (f"{label}Pass@1 micro", "", _pct(o.get("pass@1_micro")))]
+def _eval_overall(out: Path | None) -> dict[str, Any]:
+    return ((_json(out / "results.json").get("metrics") or {}).get("overall") or {}) if out else {}
+
+
+def _eval_rows(o: dict[str, Any], b: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(measure, before, after) rows of an eval's `overall` block; `b` (an earlier eval of another model on the
+    same items, or {}) fills the before column."""
+    rows = []
+    keys = [("pass@1_macro", "Pass@1 macro"), ("pass@1_micro", "Pass@1 micro")]
     ks = sorted(int(k.split("@")[1].split("_")[0]) for k in o if k.startswith("pass@") and k.endswith("_macro"))
     if ks and ks[-1] > 1:
-        rows.append((f"{label}Pass@{ks[-1]} macro", "", _pct(o.get(f"pass@{ks[-1]}_macro"))))
-    rows += [(f"{label}valid zoom calls", "", _pct(o.get("valid_zoom_rate"))),
-             (f"{label}zooms covering the target", "", _pct(o.get("target_hit_rate"))),
-             (f"{label}tool error rate (per call)", "", _pct(o.get("tool_error_rate"))),
-             (f"{label}parse failures", "", _pct(o.get("parse_failure_rate")))]
+        keys.append((f"pass@{ks[-1]}_macro", f"Pass@{ks[-1]} macro"))
+    keys += [("valid_zoom_rate", "valid zoom calls"), ("target_hit_rate", "zooms covering the target"),
+             ("tool_error_rate", "tool error rate (per call)"), ("parse_failure_rate", "parse failures")]
+    n = o.get("n")
+    for k, label in keys:
+        rows.append((f"{label}" + (f" (n={n})" if k == "pass@1_macro" and n else ""),
+                     _pct(b.get(k)) if b else "", _pct(o.get(k))))
     return rows
 
 
-def stage_measures(name: str, out: Path) -> list[tuple[str, str, str]]:
-    """What a stage measured, as (measure, before, after) rows, read from the files it wrote."""
+def stage_measures(name: str, out: Path, before: Path | None = None) -> list[tuple[str, str, str]]:
+    """What a stage measured, as (measure, before, after) rows, read from the files it wrote (for an eval,
+    `before` is the folder of an earlier eval of the same items)."""
     rows: list[tuple[str, str, str]] = []
     if name == "sft":
         m = _json(out / "metrics.json")
@@ -89,9 +97,9 @@ def stage_measures(name: str, out: Path) -> list[tuple[str, str, str]]:
     elif name == "rl":
         rows += _rl_rows(out)
     elif name == "eval":
-        o = (_json(out / "results.json").get("metrics") or {}).get("overall") or {}
+        o = _eval_overall(out)
         if o:
-            rows += _eval_rows(o)
+            rows += _eval_rows(o, _eval_overall(before))
     elif name == "mine-hard":
         s = _json(out / "stats.json")
         if s:
@@ -125,12 +133,28 @@ def _rl_rows(out: Path) -> list[tuple[str, str, str]]:
     return rows
 
 
+def eval_baselines(resolved: list[tuple[str, str, StageConfig]]) -> dict[str, Path]:
+    """stage id → output folder of the previous eval stage on the same items (same dataset, limit and
+    categories): its model is the "before" of this eval's model (e.g. the probe before and after pre-warm)."""
+    last: dict[tuple, Path] = {}
+    out = {}
+    for sid, name, scfg in resolved:
+        if name != "eval":
+            continue
+        key = tuple(str(getattr(scfg, k, "")) for k in ("dataset", "dataset_path", "limit", "categories"))
+        if key in last:
+            out[sid] = last[key]
+        last[key] = Path(scfg.output_dir)
+    return out
+
+
 def measures_markdown(resolved: list[tuple[str, str, StageConfig]]) -> list[str]:
     """The before → after table of every stage (empty when no stage measured anything)."""
     lines = ["| stage | measure | before | after |", "|---|---|---:|---:|"]
     n = 0
+    base = eval_baselines(resolved)
     for sid, name, scfg in resolved:
-        for measure, before, after in stage_measures(name, Path(scfg.output_dir)):
+        for measure, before, after in stage_measures(name, Path(scfg.output_dir), base.get(sid)):
             lines.append(f"| {sid} | {measure} | {before or '–'} | {after or '–'} |")
             n += 1
     return lines if n else []
@@ -156,6 +180,7 @@ def write_pipeline_report(
     if measures:
         md += ["", "## What each stage changed (before → after)", "", *measures]
     sections, md_sections, html_measures = [], [], []
+    base = eval_baselines(resolved)
     for sid, name, scfg in resolved:
         out = Path(scfg.output_dir)
         secs = timings.get(sid, "")
@@ -164,7 +189,7 @@ def write_pipeline_report(
         files = _outputs(out, root)
         pngs = [f for f in files if f.suffix == ".png"]
         links = [f for f in files if f.suffix in (".html", ".md")]
-        rows = stage_measures(name, out)
+        rows = stage_measures(name, out, base.get(sid))
         body = [f"<h2 id='{html.escape(sid)}'>{html.escape(sid)} <small>knowzoom {html.escape(name)}"
                 f" — {secs} s{' (cached)' if skipped else ''}</small></h2>",
                 f"<p>Outputs: <a href='{html.escape(_rel(out, root))}'>{html.escape(str(out))}</a></p>"]

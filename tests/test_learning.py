@@ -26,7 +26,8 @@ RGB = {"white": (240, 240, 236), "red": (200, 30, 30), "blue": (30, 60, 210), "y
 LETTERS = "ABCD"
 SIDE = 112  # 16 visual tokens after merging: fast steps, objects still >= 32 px
 CHANCE = 0.25
-MARGIN = 0.35  # held-out accuracy must reach chance + this
+MARGIN = 0.40  # held-out accuracy must reach chance + this (measured: 0.99 with these settings; 0.0 with an
+# all-zero loss mask; 0.70 with 480 training images, where blue is always read as red)
 
 
 def write_colour_task(out: Path, n_train: int, n_test: int, seed: int = 0) -> tuple[Path, Path, Path]:
@@ -105,8 +106,8 @@ def train_colour_task(tmp: Path, **over: object) -> tuple[dict, dict]:
     from pipeline.stages import run_stage
     from sft.stage import SFTConfig
 
-    manifest, train, test = write_colour_task(tmp / "data", n_train=int(over.pop("n_train", 480)),
-                                              n_test=int(over.pop("n_test", 120)))
+    manifest, train, test = write_colour_task(tmp / "data", n_train=int(over.pop("n_train", 1500)),
+                                              n_test=int(over.pop("n_test", 160)))
     settings = {"output_dir": str(tmp / "run"), "model": "tiny", "text_data": [], "vqa_data": [str(train)],
                 "images_manifest": str(manifest), "eval_text_data": [], "max_pixels": SIDE * SIDE,
                 "max_steps": 150, "per_device_train_batch_size": 16, "warmup_steps": 15, "logging_steps": 25,
