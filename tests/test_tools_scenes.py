@@ -160,3 +160,35 @@ def test_preview_is_an_image(scenes: Path) -> None:
     im = Image.open(scenes / "preview.png")
     assert im.width > 400
     assert json.loads((scenes / "summary.json").read_text())["vqa_test"] > 0
+
+
+def test_knowledge_family_needs_the_text_fact_and_the_probe_set_is_a_fixed_test_subset(scenes: Path) -> None:
+    """Operator questions never name the class; text-only classes are never asked in training; kg_facts.jsonl
+    states every operator; vqa_probe.jsonl is a per-task subset of the held-out set."""
+    from pipeline.records import TextQA
+    from tools.scenes import OPERATOR_OF, OPERATORS
+
+    train = list(read_jsonl(scenes / "vqa_train.jsonl", VQASample))
+    test = list(read_jsonl(scenes / "vqa_test.jsonl", VQASample))
+    scenes_truth = {json.loads(line)["id"]: json.loads(line) for line in (scenes / "scenes.jsonl").read_text().splitlines()}
+    ops = [s for s in train + test if s.meta["task"].startswith("operator")]
+    assert ops and all(s.targets for s in ops)
+    for s in ops:
+        site = next(x for x in scenes_truth[s.meta["scene"]]["sites"] if [x["row"], x["col"]] == s.meta["site"])
+        assert not any(c in s.question for c in ("ship", "plane", "tank", "building"))  # the class is seen, not told
+        assert s.choices == [f"({'ABCD'[i]}) {o}" for i, o in enumerate(OPERATORS)]
+        assert s.answer == "ABCD"[OPERATORS.index(OPERATOR_OF[site["cls"]])]
+        assert (site["cls"] in ("ship", "plane")) == (s.meta["task"] == "operator")
+    assert not [s for s in train if s.meta["task"] == "operator_text_only"]
+    assert {s.meta["task"] for s in test} & {"operator", "operator_text_only"}  # 16 sites: one kind at least
+    facts = list(read_jsonl(scenes / "kg_facts.jsonl", TextQA))
+    for cls, op in OPERATOR_OF.items():
+        assert any(cls.split()[-1] in f.question and f.answer == "ABCD"[OPERATORS.index(op)] for f in facts)
+    assert list(read_jsonl(scenes / "kg_facts_test.jsonl", TextQA))
+    probe = list(read_jsonl(scenes / "vqa_probe.jsonl", VQASample))
+    ids = {s.id for s in test}
+    assert probe and all(s.id in ids for s in probe)
+    per_task: dict[str, int] = {}
+    for s in probe:
+        per_task[s.category] = per_task.get(s.category, 0) + 1
+    assert max(per_task.values()) <= 24 and set(per_task) == {s.category for s in test}

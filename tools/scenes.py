@@ -106,6 +106,8 @@ class MakeScenesConfig(StageConfig):
     compress: str = hfield("JPEG", help="COG compression: JPEG (fast, small) | DEFLATE | LZW | WEBP.")
     quality: int = hfield(90, help="JPEG/WEBP quality.")
     blocksize: int = hfield(512, help="COG tile side.")
+    probe_per_task: int = hfield(24, help="vqa_probe.jsonl: a fixed, seeded held-out probe set with at most this "
+                                          "many test items per sub-task (stage-by-stage before/after checks).")
     preview: bool = hfield(True, help="Write preview.png: one scene's overview and a site with its targets drawn.")
     overwrite: bool = hfield(False, help="Rewrite COGs that already exist (otherwise kept: resumable).")
 
@@ -529,6 +531,18 @@ def pair_questions(scene: Scene, ids: tuple[str, str], split: str) -> list[VQASa
     return out
 
 
+def probe_subset(samples: list[VQASample], per_task: int, seed: int = 0) -> list[VQASample]:
+    """A seeded subset of at most `per_task` items per sub-task (category), in the samples' own order."""
+    rng = np.random.default_rng([seed, 11])
+    by: dict[str, list[int]] = {}
+    for i, s in enumerate(samples):
+        by.setdefault(s.category, []).append(i)
+    keep = set()
+    for idx in by.values():
+        keep.update(int(i) for i in (rng.choice(idx, per_task, replace=False) if len(idx) > per_task else idx))
+    return [s for i, s in enumerate(samples) if i in keep]
+
+
 def knowledge_facts(seed: int = 0) -> list[TextQA]:
     """Text QA stating the tiny world's operator facts (several phrasings per fact; every one is training
     data, the `test` split rephrases them for a held-out check of the text cold start)."""
@@ -661,6 +675,7 @@ def run(cfg: MakeScenesConfig) -> dict[str, Any]:
     write_jsonl(out / "scenes.jsonl", truth)
     n_train = write_jsonl(out / "vqa_train.jsonl", vqa["train"])
     n_test = write_jsonl(out / "vqa_test.jsonl", vqa["test"])
+    n_probe = write_jsonl(out / "vqa_probe.jsonl", probe_subset(vqa["test"], cfg.probe_per_task, cfg.seed))
     facts = knowledge_facts(cfg.seed) if cfg.knowledge_fraction > 0 else []
     write_jsonl(out / "kg_facts.jsonl", [dataclasses.replace(f, id=f"{f.id}-r{r}") for r in
                                           range(max(1, cfg.knowledge_fact_repeats)) for f in facts if f.split == "train"])
@@ -668,7 +683,8 @@ def run(cfg: MakeScenesConfig) -> dict[str, Any]:
     by_cat: dict[str, int] = {}
     for s in vqa["test"]:
         by_cat[s.category] = by_cat.get(s.category, 0) + 1
-    summary = {"images": len(images), "vqa_train": n_train, "vqa_test": n_test, "test_by_category": by_cat,
+    summary = {"images": len(images), "vqa_train": n_train, "vqa_test": n_test, "vqa_probe": n_probe,
+               "test_by_category": by_cat,
                "kg_facts": sum(f.split == "train" for f in facts),
                "seconds": round(time.time() - t0, 1)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
