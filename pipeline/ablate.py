@@ -23,12 +23,12 @@ from pipeline.manifest import atomic_write_text
 DEFAULT_VARIANTS: dict[str, dict[str, Any]] = {
     "a_rl_only": {
         "label": "RL only",
-        "skip": ["sft_text", "sft_prewarm"],
+        "skip": ["sft_text", "sft_prewarm", "probe_text", "probe_prewarm"],
         "overrides": {"mine_hard": {"model": "{data_root}/base/model"}, "rl": {"model": "{data_root}/base/model"}},
     },
     "b_prewarm_rl": {
         "label": "+ pre-warm",
-        "skip": ["sft_text"],
+        "skip": ["sft_text", "probe_text"],
         "overrides": {"mine_hard": {"model": "{data_root}/base/model"},
                       "sft_prewarm": {"model": "{data_root}/base/model"}},
     },
