@@ -76,6 +76,11 @@ def compute_metrics(
             t["parse_failure"].append(1.0 if row["parse_failure"] else 0.0)
             t["tool_calls"].append(float(g.tool_calls))
             t["tool_errors"].append(float(g.tool_errors))
+            # attempts: a malformed call is counted as an error but not as a call by the agent, so the rate's
+            # denominator is every attempt (successful views + errors), never below the calls counted
+            opened = sum(1 for o in g.observations if o.get("parent"))
+            row["attempts"] = max(g.tool_calls, opened + g.tool_errors)
+            t["attempts"].append(float(row["attempts"]))
             t["zoomed"].append(1.0 if g.tool_calls > 0 else 0.0)
             t["truncated"].append(1.0 if g.truncated else 0.0)
             if s.targets:
@@ -99,7 +104,7 @@ def compute_metrics(
     tasks = {}
     for task in sorted(per_task):
         t = per_task[task]
-        calls, errs = sum(t["tool_calls"]), sum(t["tool_errors"])
+        calls, errs = sum(t["attempts"]), sum(t["tool_errors"])
         tasks[task] = {
             "n": len(t["pass@1"]),
             **{m: _mean(t[m]) for m in metric_names},
@@ -112,7 +117,7 @@ def compute_metrics(
             "errors": int(sum(t["errors"])),
         }
     scored = [r for r in items if "correct" in r]
-    all_calls = sum(r["tool_calls"] for r in scored)
+    all_calls = sum(r["attempts"] for r in scored)
     zooms_ok = sum(r.get("zooms_ok", 0) for r in scored)
     zooms_all = sum(sum(1 for o in greedy[r["id"]].observations if o.get("parent")) for r in scored)
     errs_all = sum(r["tool_errors"] for r in scored)
@@ -165,7 +170,7 @@ def markdown_report(result: dict[str, Any]) -> str:
     lines += ["", "## Tool use", "",
               f"- zoom calls per question: {'–' if zq is None else f'{zq:.2f}'}",
               f"- questions with at least one zoom: {_pct(o['zoom_rate'])} %",
-              f"- tool error rate (per call): {_pct(o['tool_error_rate'])} %",
+              f"- tool error rate (errors per zoom attempt, malformed calls included): {_pct(o['tool_error_rate'])} %",
               f"- valid zoom calls (view opened / calls attempted): {_pct(o.get('valid_zoom_rate'))} %",
               f"- successful zooms covering the question's target region: {_pct(o.get('target_hit_rate'))} %",
               f"- parse failures: {o['parse_failures']} ({_pct(o['parse_failure_rate'])} %)",

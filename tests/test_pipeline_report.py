@@ -106,6 +106,12 @@ def test_zoom_hits_and_valid_zoom_rate():
     greedy = {"a": _traj("a", [[90, 90, 210, 210]], errors=1), "b": _traj("b", [[0, 0, 60, 60]])}
     o = compute_metrics(samples, greedy)["overall"]
     assert o["valid_zoom_rate"] == pytest.approx(2 / 3) and o["target_hit_rate"] == 1.0
+    assert o["tool_error_rate"] == pytest.approx(1 / 3)
+    # a malformed call: the agent counts an error but no call; the rate stays a share of attempts (<= 100 %)
+    bad = Trajectory(sample_id="b", messages=[], observations=[], tool_calls=0, tool_errors=1, correct=False,
+                     meta={"parse_failure": False})
+    o = compute_metrics(samples, {"a": greedy["a"], "b": bad})["overall"]
+    assert o["tool_error_rate"] == pytest.approx(2 / 3) and o["valid_zoom_rate"] == pytest.approx(1 / 3)
     assert "target hit %" in markdown_report({"metrics": compute_metrics(samples, greedy), "reportable": True})
 
 
