@@ -91,6 +91,9 @@ class MakeScenesConfig(StageConfig):
     n_test_pairs: int = hfield(1, help="Held-out bi-temporal pairs for testing.")
     pair_size: int = hfield(4096, help="Side of bi-temporal images (smaller: they cost two images each).")
     grid: int = hfield(8, help="Sites per side: a grid x grid array of question sites per scene.")
+    site_index_base: int = hfield(1, help="Rows and columns in questions count from this (0 or 1). With grid 10, "
+                                          "base 0 and the norm1000 frame, a site's zoom box is [c41, r41, c59, r59]: "
+                                          "its digits copy the column c and row r (docs/tiny_model.md).")
     site_box: int = hfield(144, help="Native side of a site's target box (objects 32-44 px fill it at >= 32 px in a 224 view).")
     overview_side: int = hfield(224, help="Overview side the questions are designed for: question objects stay < 2 px in it.")
     landuse_fraction: float = hfield(0.25, help="Share of sites that also get a regional land-use question.")
@@ -121,6 +124,8 @@ class MakeScenesConfig(StageConfig):
             p.append("n_*: scene counts must be >= 0")
         if self.n_train_scenes + self.n_test_scenes + self.n_train_pairs + self.n_test_pairs == 0:
             p.append("n_*: all scene counts are 0; ask for at least one scene")
+        if self.site_index_base not in (0, 1):
+            p.append("site_index_base: use 0 or 1")
         if not 1 <= self.grid <= 16:
             p.append("grid: use 1..16 sites per side")
         if self.site_box < 96:
@@ -447,8 +452,9 @@ def write_cog(arr: np.ndarray, path: Path, compress: str = "JPEG", quality: int 
 
 
 # -- questions ------------------------------------------------------------------------------------------
-def _where(site: dict[str, Any], grid: int) -> str:
-    return f"the site in row {site['row'] + 1}, column {site['col'] + 1} of a {grid}x{grid} grid over the image"
+def _where(site: dict[str, Any], grid: int, base: int = 1) -> str:
+    return (f"the site in row {site['row'] + base}, column {site['col'] + base} of a {grid}x{grid} grid over the "
+            "image")
 
 
 def _opts(values: tuple, fmt: Any = str) -> list[str]:
@@ -457,7 +463,7 @@ def _opts(values: tuple, fmt: Any = str) -> list[str]:
 
 def scene_questions(scene: Scene, image_id: str, split: str, rng: np.random.Generator,
                     landuse_fraction: float, knowledge_fraction: float = 0.0,
-                    knowledge_train_classes: tuple[str, ...] | list[str] = ()) -> list[VQASample]:
+                    knowledge_train_classes: tuple[str, ...] | list[str] = (), base: int = 1) -> list[VQASample]:
     """XLRS-style MCQs from a scene's truth; each with the site box as target region."""
     out: list[VQASample] = []
     g = scene.grid
@@ -472,7 +478,7 @@ def scene_questions(scene: Scene, image_id: str, split: str, rng: np.random.Gene
                              meta={"scene": scene.id, "task": kind, **meta}))
 
     for site in scene.sites:
-        where = _where(site, g)
+        where = _where(site, g, base)
         cls, cols, k = site["cls"], site["colours"], len(site["colours"])
         meta = {"site": [site["row"], site["col"]], "object_size": site.get("size"), "objects": site["objects"]}
         if site["kind"] == "group":
@@ -501,8 +507,8 @@ def scene_questions(scene: Scene, image_id: str, split: str, rng: np.random.Gene
             cell = scene.size / g
             cbox = [site["col"] * cell, site["row"] * cell, (site["col"] + 1) * cell, (site["row"] + 1) * cell]
             s = dict(site, box=[float(v) for v in cbox])
-            add("landuse", f"What is the main land cover of the grid cell in row {site['row'] + 1}, column "
-                f"{site['col'] + 1} of a {g}x{g} grid over the image (around its site)?", _opts(COVERS),
+            add("landuse", f"What is the main land cover of the grid cell in row {site['row'] + base}, column "
+                f"{site['col'] + base} of a {g}x{g} grid over the image (around its site)?", _opts(COVERS),
                 LETTERS[COVERS.index(cover)], s, site=[site["row"], site["col"]])
     letters = "".join(LETTERS[COVERS.index(c)] for c in scene.covers_present)
     add("overall", "Which land-cover types appear in this image? Select all that apply.", _opts(COVERS),
@@ -510,12 +516,12 @@ def scene_questions(scene: Scene, image_id: str, split: str, rng: np.random.Gene
     return out
 
 
-def pair_questions(scene: Scene, ids: tuple[str, str], split: str) -> list[VQASample]:
+def pair_questions(scene: Scene, ids: tuple[str, str], split: str, base: int = 1) -> list[VQASample]:
     """Change-detection counting: how many new objects appeared at a site between image_0 and image_1."""
     out = []
     for site in scene.sites:
         n_new = int(site.get("new", 0))
-        where = _where(site, scene.grid)
+        where = _where(site, scene.grid, base)
         cat, l2 = CAT["change"]
         box = [float(v) for v in site["box"]]
         out.append(VQASample(
@@ -584,7 +590,7 @@ def _make_single(cfg: MakeScenesConfig, idx: int, split: str, img_dir: Path, tex
     if cfg.overwrite or not path.exists():
         write_cog(arr, path, cfg.compress, cfg.quality, cfg.blocksize)
     qs = scene_questions(scene, sid, split, np.random.default_rng([cfg.seed, idx, 2]), cfg.landuse_fraction,
-                         cfg.knowledge_fraction, cfg.knowledge_train_classes)
+                         cfg.knowledge_fraction, cfg.knowledge_train_classes, cfg.site_index_base)
     return scene, qs, arr
 
 
@@ -612,7 +618,7 @@ def _make_pair(cfg: MakeScenesConfig, idx: int, split: str, img_dir: Path, tex: 
         path = img_dir / f"{iid}.tif"
         if cfg.overwrite or not path.exists():
             write_cog(arr, path, cfg.compress, cfg.quality, cfg.blocksize)
-    return scene, pair_questions(scene, ids, split), list(ids)
+    return scene, pair_questions(scene, ids, split, cfg.site_index_base), list(ids)
 
 
 def write_preview(arr: np.ndarray, scene: Scene, path: Path, overview_side: int = 448) -> None:
