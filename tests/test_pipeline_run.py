@@ -69,7 +69,8 @@ def test_rerun_skips_and_a_changed_stage_reruns_downstream(tiny_run):
                                                                           "probe_rl", "eval"]
     changed = _tiny(tmp, overrides={**FAST, "rl": {**FAST["rl"], "learning_rate": 5e-5}})
     out = run(changed)
-    assert [s for s, r in out["stages"].items() if not r.get("skipped")] == ["rl", "probe_rl", "eval"]
+    assert [s for s, r in out["stages"].items() if not r.get("skipped")] == ["probe_text", "probe_prewarm", "rl",
+                                                                          "probe_rl", "eval"]  # evals: back to FAST
 
 
 def test_7b_recipe_wiring_with_tiny_overrides(tiny_run, tmp_path):
