@@ -2,7 +2,13 @@
 
 (a) RL only, (b) pre-warm SFT + RL, (c) text cold start + pre-warm + RL — each a variant of the same
 pipeline config, from the same seeds, sharing the data stages (scenes, QA) and evaluated on the same
-held-out synthetic set; printed as one table with Pass@1 and Pass@k (micro and macro)."""
+held-out synthetic set; printed as one table with Pass@1 and Pass@k (micro and macro), and the knowledge
+family (operator questions whose answer needs a fact only the text QA states) in its own columns.
+
+With several `seeds`, the training stages (SFT, mining, RL, eval sampling) of every variant run once per seed
+on the same data and test set; a second table gives mean ± sample standard deviation (and min–max) over
+seeds, so a difference can be read against the seed spread. The main run is reused for the pipeline's seed.
+Three seeds × three variants are about 3 × (main run) of CPU time: `tests/benchmarks/bench_ablate.py` runs it."""
 
 from __future__ import annotations
 
@@ -17,12 +23,12 @@ from pipeline.manifest import atomic_write_text
 DEFAULT_VARIANTS: dict[str, dict[str, Any]] = {
     "a_rl_only": {
         "label": "RL only",
-        "skip": ["sft_text", "sft_prewarm"],
+        "skip": ["sft_text", "sft_prewarm", "probe_text", "probe_prewarm"],
         "overrides": {"mine_hard": {"model": "{data_root}/base/model"}, "rl": {"model": "{data_root}/base/model"}},
     },
     "b_prewarm_rl": {
         "label": "+ pre-warm",
-        "skip": ["sft_text"],
+        "skip": ["sft_text", "probe_text"],
         "overrides": {"mine_hard": {"model": "{data_root}/base/model"},
                       "sft_prewarm": {"model": "{data_root}/base/model"}},
     },
@@ -45,6 +51,10 @@ class AblateConfig(StageConfig):
     overrides: dict = hfield({}, help="stage id → {field: value} for every variant (under each variant's own "
                              "overrides), e.g. fewer steps for a quick look; the reused main run must match.")
     only: list[str] = hfield([], help="Run only these variants (the table still lists every variant already run).")
+    seeds: list[int] = hfield([], help="Training seeds (empty = [seed]); data stages keep the pipeline's own seed "
+                                       "so every seed sees the same data and test set.")
+    training_stages: list[str] = hfield(["sft_text", "mine_hard", "sft_prewarm", "rl", "eval"],
+                                        help="Stage ids whose seed follows the ablation seed.")
     eval_stage: str = hfield("eval", help="Stage id whose results.json is tabulated.")
     force: bool = hfield(False, help="Rerun stages even when their outputs exist.")
 
@@ -55,24 +65,31 @@ class AblateConfig(StageConfig):
         for k, v in self.variants.items():
             if not isinstance(v, dict) or set(v) - {"label", "skip", "overrides", "root"}:
                 problems.append(f"variants.{k}: must be a mapping with label, skip, overrides (and optional root)")
+        if len(set(self.seeds)) != len(self.seeds):
+            problems.append(f"seeds: {self.seeds} has duplicates")
         for name in self.only:
             if name not in self.variants:
                 problems.append(f"only: {name!r} is not a variant; use one of {', '.join(self.variants)}")
         return problems
 
 
-def _pipeline_for(cfg: AblateConfig, name: str, variant: dict[str, Any]):
+def _pipeline_for(cfg: AblateConfig, name: str, variant: dict[str, Any], seed: int | None = None):
     from pipeline.runner import PipelineConfig, _resolve_path
 
+    seed = cfg.seed if seed is None else seed
     data = load_yaml(_resolve_path(cfg.pipeline))
+    main_seed = int(data.get("seed", cfg.seed))
     root = variant.get("root") or str(Path(cfg.output_dir) / name)
+    if seed != cfg.seed or (root == "{main}" and seed != main_seed):  # other seeds: never the main run's folder
+        root = str(Path(cfg.output_dir) / f"seed{seed}" / name)
     data["output_dir"] = root.replace("{main}", str(data.get("output_dir", "runs/tiny")))
     data["data_root"] = cfg.data_root
     data["seed"] = cfg.seed
     data["force"] = cfg.force
     data["skip"] = list(data.get("skip", [])) + list(variant.get("skip", []))
     overrides = dict(data.get("overrides", {}) or {})
-    for sid, o in [*(cfg.overrides or {}).items(), *(variant.get("overrides") or {}).items()]:
+    seeded = {sid: {"seed": seed} for sid in cfg.training_stages} if seed != cfg.seed else {}
+    for sid, o in [*(cfg.overrides or {}).items(), *seeded.items(), *(variant.get("overrides") or {}).items()]:
         overrides[sid] = {**overrides.get(sid, {}), **o}
     data["overrides"] = overrides
     data["report"] = True
@@ -80,7 +97,13 @@ def _pipeline_for(cfg: AblateConfig, name: str, variant: dict[str, Any]):
 
 
 TABLE_KEYS = ["pass@1_macro", "pass@1_micro", "pass@k_macro", "pass@k_micro", "k", "n", "parse_failure_rate",
-              "tool_calls_per_question", "zoom_rate"]
+              "tool_calls_per_question", "zoom_rate", "knowledge_seen_pass@1", "knowledge_text_only_pass@1"]
+# sub-tasks of the knowledge family (tools/scenes.py): operator questions about classes whose operator is also
+# in the image training split, and about classes whose operator only the text QA states
+KNOWLEDGE_TASKS = {"knowledge_seen_pass@1": "Object operator",
+                   "knowledge_text_only_pass@1": "Object operator (text only)"}
+SPREAD_KEYS = ["pass@1_macro", "pass@1_micro", "pass@k_macro", "knowledge_seen_pass@1", "knowledge_text_only_pass@1",
+               "parse_failure_rate", "tool_error_rate"]
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -95,7 +118,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             if isinstance(v, float) and (k.startswith("pass@") or k.endswith("rate")):
                 v = f"{100 * v:.1f}"
             cells.append(f"{v:.2f}" if isinstance(v, float) else ("–" if v is None else str(v)))
-        lines.append(f"| {r['variant']} | " + " | ".join(cells) + " |")
+        label = r["variant"] + (f" seed {r['seed']}" if "seed" in r else "")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -111,8 +135,45 @@ def metrics_row(name: str, label: str, result: dict[str, Any]) -> dict[str, Any]
         "pass@k_macro": overall.get(f"pass@{k}_macro"), "pass@k_micro": overall.get(f"pass@{k}_micro"),
         "k": k, "n": overall.get("n"), "parse_failure_rate": overall.get("parse_failure_rate"),
         "tool_calls_per_question": overall.get("tool_calls_per_question"), "zoom_rate": overall.get("zoom_rate"),
+        "tool_error_rate": overall.get("tool_error_rate"),
     })
+    tasks = metrics.get("tasks", {})
+    for key, task in KNOWLEDGE_TASKS.items():
+        row[key] = (tasks.get(task) or {}).get("pass@1")
     return row
+
+
+def spread_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per variant over its seeds: mean, sample standard deviation, min and max of SPREAD_KEYS."""
+    import statistics
+
+    by: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        by.setdefault(r["variant"], []).append(r)
+    out = []
+    for variant, rs in by.items():
+        agg: dict[str, Any] = {"variant": variant, "seeds": [r.get("seed") for r in rs]}
+        for k in SPREAD_KEYS:
+            vals = [float(r[k]) for r in rs if isinstance(r.get(k), (int, float))]
+            if vals:
+                agg[k] = {"mean": statistics.fmean(vals), "sd": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+                          "min": min(vals), "max": max(vals), "n": len(vals)}
+        out.append(agg)
+    return out
+
+
+def format_spread(aggs: list[dict[str, Any]]) -> str:
+    """Markdown: mean ± sd (min–max) in percent per variant over seeds."""
+    head = "| variant | seeds | " + " | ".join(SPREAD_KEYS) + " |"
+    lines = [head, "|" + "---|" * (len(SPREAD_KEYS) + 2)]
+    for a in aggs:
+        cells = []
+        for k in SPREAD_KEYS:
+            v = a.get(k)
+            cells.append("–" if not v else f"{100 * v['mean']:.1f} ± {100 * v['sd']:.1f} "
+                         f"({100 * v['min']:.1f}–{100 * v['max']:.1f})")
+        lines.append(f"| {a['variant']} | {len(a['seeds'])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def run(cfg: AblateConfig) -> dict[str, Any]:
@@ -120,17 +181,30 @@ def run(cfg: AblateConfig) -> dict[str, Any]:
     from pipeline.runner import stage_configs
 
     rows = []
-    for name, variant in cfg.variants.items():
-        pcfg = _pipeline_for(cfg, name, variant)
-        if not cfg.only or name in cfg.only:
-            run_pipeline(pcfg)
-        eval_cfg = next(c for sid, _, c in stage_configs(pcfg) if sid == cfg.eval_stage)
-        mpath = Path(eval_cfg.output_dir) / "results.json"
-        metrics = json.loads(mpath.read_text()) if mpath.exists() else {}
-        rows.append(metrics_row(name, variant.get("label", name), metrics))
+    seeds = list(cfg.seeds) or [cfg.seed]
+    for seed in seeds:
+        for name, variant in cfg.variants.items():
+            pcfg = _pipeline_for(cfg, name, variant, seed)
+            if not cfg.only or name in cfg.only:
+                run_pipeline(pcfg)
+            eval_cfg = next(c for sid, _, c in stage_configs(pcfg) if sid == cfg.eval_stage)
+            mpath = Path(eval_cfg.output_dir) / "results.json"
+            metrics = json.loads(mpath.read_text()) if mpath.exists() else {}
+            row = metrics_row(name, variant.get("label", name), metrics)
+            if len(seeds) > 1:
+                row["seed"] = seed
+            rows.append(row)
     table = format_table(rows)
+    text = "# Ablation\n\n" + table + "\n"
+    result: dict[str, Any] = {"table": table, "rows": rows}
+    if len(seeds) > 1:
+        aggs = spread_rows(rows)
+        spread = format_spread(aggs)
+        text += f"\n## Mean ± sd (min–max) over seeds {seeds}, in %\n\n" + spread + "\n"
+        result.update(spread=spread, aggregates=aggs)
+        table = table + "\n\n" + spread
     print(table)
     out = Path(cfg.output_dir)
-    atomic_write_text(out / "ablation.md", "# Ablation\n\n" + table + "\n")
-    atomic_write_text(out / "ablation.json", json.dumps(rows, indent=2))
-    return {"table": table, "rows": rows}
+    atomic_write_text(out / "ablation.md", text)
+    atomic_write_text(out / "ablation.json", json.dumps(result if len(seeds) > 1 else rows, indent=2))
+    return result

@@ -25,6 +25,27 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
+def zoom_hits(trajectory: Trajectory, sample: VQASample, min_cover: float = 0.5) -> tuple[int, int]:
+    """(successful zooms, zooms whose native window covers >= min_cover of one of the sample's target boxes
+    on the same image). A sample without targets counts no zoom as a hit."""
+    zooms = hits = 0
+    for o in trajectory.observations:
+        if not o.get("parent"):  # the overviews the episode opened with
+            continue
+        zooms += 1
+        x0, y0, x1, y1 = (float(v) for v in o["window"])
+        for t in sample.targets or []:
+            if int(t.image) != int(o.get("image_index", 0)):
+                continue
+            tx0, ty0, tx1, ty1 = (float(v) for v in t.bbox)
+            area = max(tx1 - tx0, 0.0) * max(ty1 - ty0, 0.0)
+            w, h = min(x1, tx1) - max(x0, tx0), min(y1, ty1) - max(y0, ty0)
+            if area > 0 and w > 0 and h > 0 and w * h / area >= min_cover:
+                hits += 1
+                break
+    return zooms, hits
+
+
 def _mean(xs: Iterable[float]) -> float | None:
     xs = list(xs)
     return sum(xs) / len(xs) if xs else None
@@ -61,8 +82,18 @@ def compute_metrics(
             t["parse_failure"].append(1.0 if row["parse_failure"] else 0.0)
             t["tool_calls"].append(float(g.tool_calls))
             t["tool_errors"].append(float(g.tool_errors))
+            # attempts: a malformed call is counted as an error but not as a call by the agent, so the rate's
+            # denominator is every attempt (successful views + errors), never below the calls counted
+            opened = sum(1 for o in g.observations if o.get("parent"))
+            row["attempts"] = max(g.tool_calls, opened + g.tool_errors)
+            t["attempts"].append(float(row["attempts"]))
             t["zoomed"].append(1.0 if g.tool_calls > 0 else 0.0)
             t["truncated"].append(1.0 if g.truncated else 0.0)
+            if s.targets:
+                zooms, hits = zoom_hits(g, s)
+                row.update(zooms_ok=zooms, zoom_hits=hits)
+                t["zooms_ok"].append(float(zooms))
+                t["zoom_hits"].append(float(hits))
         elif g is not None:
             row["error"] = g.error
             per_task[task]["errors"].append(1.0)
@@ -85,7 +116,7 @@ def compute_metrics(
     tasks = {}
     for task in sorted(per_task):
         t = per_task[task]
-        calls, errs = sum(t["tool_calls"]), sum(t["tool_errors"])
+        calls, errs = sum(t["attempts"]), sum(t["tool_errors"])
         tasks[task] = {
             "n": len(t["pass@1"]),
             **{m: _mean(t[m]) for m in metric_names},
@@ -94,10 +125,14 @@ def compute_metrics(
             "zoom_rate": _mean(t["zoomed"]),
             "tool_error_rate": errs / calls if calls else 0.0,
             "truncated_rate": _mean(t["truncated"]),
+            "target_hit_rate": sum(t["zoom_hits"]) / sum(t["zooms_ok"]) if sum(t["zooms_ok"]) else None,
             "errors": int(sum(t["errors"])),
         }
     scored = [r for r in items if "correct" in r]
-    all_calls = sum(r["tool_calls"] for r in scored)
+    all_calls = sum(r["attempts"] for r in scored)
+    zooms_ok = sum(r.get("zooms_ok", 0) for r in scored)
+    zooms_all = sum(sum(1 for o in greedy[r["id"]].observations if o.get("parent")) for r in scored)
+    errs_all = sum(r["tool_errors"] for r in scored)
     overall: dict[str, Any] = {"n": len(scored), "n_total": len(samples),
                                "errors": sum(1 for r in items if "error" in r)}
     for m in metric_names:
@@ -116,6 +151,9 @@ def compute_metrics(
         zoom_rate=_mean(1.0 if r["tool_calls"] else 0.0 for r in scored),
         tool_error_rate=sum(r["tool_errors"] for r in scored) / all_calls if all_calls else 0.0,
         truncated_rate=_mean(1.0 if r["truncated"] else 0.0 for r in scored),
+        # a successful zoom opens a view; a malformed call or a rejected box counts an error (both attempts)
+        valid_zoom_rate=(zooms_all / (zooms_all + errs_all)) if zooms_all + errs_all else None,
+        target_hit_rate=(sum(r.get("zoom_hits", 0) for r in scored) / zooms_ok) if zooms_ok else None,
     )
     return {"overall": overall, "tasks": tasks, "metrics": metric_names, "items": items}
 
@@ -140,18 +178,21 @@ def markdown_report(result: dict[str, Any]) -> str:
         lines += ["", f"- sampled rollouts that errored: {o['sampled_errors']}; items missing rollouts: "
                       f"{o['items_missing_rollouts']}"]
     lines += ["", "## Per task", ""]
-    head = "| task | n | " + " | ".join(metrics) + " | parse fail % | zooms/q | tool err % |"
-    lines += [head, "|---|---:|" + "---:|" * (len(metrics) + 3)]
+    head = "| task | n | " + " | ".join(metrics) + " | parse fail % | zooms/q | tool err % | target hit % |"
+    lines += [head, "|---|---:|" + "---:|" * (len(metrics) + 4)]
     for task, t in result["metrics"]["tasks"].items():
         cells = " | ".join(_pct(t[m]) for m in metrics)
         zq = t["tool_calls_per_question"]
         lines.append(f"| {task} | {t['n']} | {cells} | {_pct(t['parse_failure_rate'])} | "
-                     f"{'–' if zq is None else f'{zq:.2f}'} | {_pct(t['tool_error_rate'])} |")
+                     f"{'–' if zq is None else f'{zq:.2f}'} | {_pct(t['tool_error_rate'])} | "
+                     f"{_pct(t.get('target_hit_rate'))} |")
     zq = o["tool_calls_per_question"]
     lines += ["", "## Tool use", "",
               f"- zoom calls per question: {'–' if zq is None else f'{zq:.2f}'}",
               f"- questions with at least one zoom: {_pct(o['zoom_rate'])} %",
-              f"- tool error rate (per call): {_pct(o['tool_error_rate'])} %",
+              f"- tool error rate (errors per zoom attempt, malformed calls included): {_pct(o['tool_error_rate'])} %",
+              f"- valid zoom calls (view opened / calls attempted): {_pct(o.get('valid_zoom_rate'))} %",
+              f"- successful zooms covering the question's target region: {_pct(o.get('target_hit_rate'))} %",
               f"- parse failures: {o['parse_failures']} ({_pct(o['parse_failure_rate'])} %)",
               f"- cut by the turn limit: {_pct(o['truncated_rate'])} %", ""]
     return "\n".join(lines)
@@ -202,4 +243,4 @@ def write_reports(result: dict[str, Any], out_dir: str | Path) -> dict[str, str]
     return {"json": str(out / "results.json"), "markdown": str(out / "results.md"), "plot": str(out / "per_task.png")}
 
 
-__all__ = ["pass_at_k", "compute_metrics", "markdown_report", "bar_plot", "write_reports"]
+__all__ = ["zoom_hits", "pass_at_k", "compute_metrics", "markdown_report", "bar_plot", "write_reports"]

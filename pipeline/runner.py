@@ -19,6 +19,9 @@ from pipeline.stages import STAGES, run_stage
 
 log = logging.getLogger(__name__)
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# stages whose outputs no later stage reads (an eval probe between training stages): rerunning one does not
+# make the stages after it rerun
+READ_ONLY_STAGES = ("eval",)
 
 
 @dataclass
@@ -129,7 +132,8 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
         scfg.check()  # inputs written by the stages before this one exist now
         # a stage whose inputs were just rewritten reruns even when its own config is unchanged
         results[sid] = run_stage(name, scfg, skip_if_done=not (cfg.force or upstream_ran))
-        upstream_ran = upstream_ran or not (isinstance(results[sid], dict) and results[sid].get("skipped"))
+        ran = not (isinstance(results[sid], dict) and results[sid].get("skipped"))
+        upstream_ran = upstream_ran or (ran and name not in READ_ONLY_STAGES)
         timings[sid] = round(time.time() - t0, 1)
         log.info("stage %s done in %.1fs", sid, timings[sid])
     summary = {"stages": results, "seconds": timings, "output_dir": cfg.output_dir}

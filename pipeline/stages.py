@@ -51,6 +51,9 @@ STAGES: dict[str, Stage] = {
 }
 
 
+TRAINER_STAGES = ("sft", "rl")
+
+
 def run_stage(name: str, cfg: StageConfig, *, skip_if_done: bool = False) -> dict[str, Any]:
     """Run one stage with manifest + DONE bookkeeping; skip when its outputs for this config exist.
 
@@ -65,6 +68,10 @@ def run_stage(name: str, cfg: StageConfig, *, skip_if_done: bool = False) -> dic
 
         return {"skipped": True, **((read_done(cfg.output_dir) or {}).get("summary") or {})}
     _, func = stage.load()
+    if name in TRAINER_STAGES:  # concise progress lines instead of the Trainer's raw log dicts
+        from pipeline.progress import install
+
+        install()
     main = launcher.is_main_rank()
     if main:
         write_manifest(cfg, name)

@@ -35,7 +35,7 @@ def main(work: Path) -> None:
     task = task / "ready"
     cfg = RLConfig(output_dir=str(work / "out"), model="tiny", train_data=str(task / "vqa.jsonl"),
                    image_manifest=str(task / "images.jsonl"), num_generations=2, per_device_train_batch_size=2,
-                   max_steps=2, max_turns=2, save_steps=2, plot=False, max_completion_length=256,
+                   max_steps=2, max_zooms=2, save_steps=2, plot=False, max_completion_length=256,
                    learning_rate=1e-4, bf16=True, beta=0.001, log_episodes=0, fsdp=True, num_processes=2,
                    gradient_checkpointing=True)
     run = build_run(cfg)

@@ -64,10 +64,13 @@ def test_rerun_skips_and_a_changed_stage_reruns_downstream(tiny_run):
     assert all(r.get("skipped") for r in again["stages"].values())
     changed = _tiny(tmp, overrides={**FAST, "eval": {**FAST["eval"], "max_new_tokens": 16}})
     out = run(changed)
-    assert [s for s, r in out["stages"].items() if not r.get("skipped")] == ["eval"]
+    # every eval stage (the probes too) reruns, and nothing else: no stage reads an eval's outputs
+    assert [s for s, r in out["stages"].items() if not r.get("skipped")] == ["probe_text", "probe_prewarm",
+                                                                          "probe_rl", "eval"]
     changed = _tiny(tmp, overrides={**FAST, "rl": {**FAST["rl"], "learning_rate": 5e-5}})
     out = run(changed)
-    assert [s for s, r in out["stages"].items() if not r.get("skipped")] == ["rl", "eval"]
+    assert [s for s, r in out["stages"].items() if not r.get("skipped")] == ["probe_text", "probe_prewarm", "rl",
+                                                                          "probe_rl", "eval"]  # evals: back to FAST
 
 
 def test_7b_recipe_wiring_with_tiny_overrides(tiny_run, tmp_path):

@@ -88,11 +88,10 @@ def test_answers_match_the_ground_truth_pixels(scenes: Path) -> None:
 def test_questions_need_zoom_and_oracle_view_shows_32px(scenes: Path) -> None:
     """Objects shrink below 2 px in the overview; the oracle zoom (overview frame, rounded) shows them >= 32 px."""
     store = ImageStore.from_manifest(scenes / "images.jsonl")
-    cfg = ZoomConfig()  # tiny default: 224x224 views
     samples = [s for s in read_jsonl(scenes / "vqa_test.jsonl", VQASample)
                if s.meta["task"] in ("count", "colour", "class", "relation", "change")]
     assert samples
-    for s in samples:
+    for cfg, s in [(ZoomConfig(frame=f), s) for f in ("shown_pixels", "norm1000") for s in samples]:  # 224 views
         ep = Episode(store, s.images, cfg)
         for t in s.targets:
             ov = ep.observations[f"image_{t.image}"]
@@ -107,6 +106,30 @@ def test_questions_need_zoom_and_oracle_view_shows_32px(scenes: Path) -> None:
                 assert obs.window[0] <= x0 and obs.window[1] <= y0 and x1 <= obs.window[2] and y1 <= obs.window[3]
     # the default 8192^2 scenes with the default 8x8 grid keep these numbers (sizes scale the same way)
     assert 8192 / 224 * 2 > 44
+
+
+def test_grid_10_base_0_norm1000_boxes_copy_the_grid_index(tmp_path: Path) -> None:
+    """The tiny default's quantised boxes: site (r, c) of a 10x10 grid on an 8192 scene zooms on [c41, r41, c59,
+    r59] in norm1000, and the question names the same 0-based row and column."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from tools.scenes import plan_scene, scene_questions, site_box
+    from tools.zoom import Observation
+
+    ov = Observation(name="image_0", image=Image.new("RGB", (224, 224)), image_id="s", image_index=0,
+                     window=(0.0, 0.0, 8192.0, 8192.0), frame="norm1000", native_size=(8192, 8192))
+    ep = SimpleNamespace(observations={"image_0": ov})
+    for r, c in [(0, 0), (3, 7), (9, 9)]:
+        box = Episode.oracle_bbox(ep, 0, [float(v) for v in site_box(8192, 10, 144, r, c)])  # type: ignore[arg-type]
+        assert box == [100 * c + 41, 100 * r + 41, 100 * c + 59, 100 * r + 59]
+    scene = plan_scene(np.random.default_rng(0), "s", 8192, 10, 144)
+    for site in scene.sites:
+        site.setdefault("first_is", "left of")
+    q = scene_questions(scene, "s", "test", np.random.default_rng(1), 0.0, base=0)
+    s = next(x for x in q if x.meta.get("site") == [3, 7])
+    assert "row 3, column 7 of a 10x10 grid" in s.question
 
 
 def test_default_config_counts_and_validation(tmp_path: Path) -> None:
@@ -160,3 +183,35 @@ def test_preview_is_an_image(scenes: Path) -> None:
     im = Image.open(scenes / "preview.png")
     assert im.width > 400
     assert json.loads((scenes / "summary.json").read_text())["vqa_test"] > 0
+
+
+def test_knowledge_family_needs_the_text_fact_and_the_probe_set_is_a_fixed_test_subset(scenes: Path) -> None:
+    """Operator questions never name the class; text-only classes are never asked in training; kg_facts.jsonl
+    states every operator; vqa_probe.jsonl is a per-task subset of the held-out set."""
+    from pipeline.records import TextQA
+    from tools.scenes import OPERATOR_OF, OPERATORS
+
+    train = list(read_jsonl(scenes / "vqa_train.jsonl", VQASample))
+    test = list(read_jsonl(scenes / "vqa_test.jsonl", VQASample))
+    scenes_truth = {json.loads(line)["id"]: json.loads(line) for line in (scenes / "scenes.jsonl").read_text().splitlines()}
+    ops = [s for s in train + test if s.meta["task"].startswith("operator")]
+    assert ops and all(s.targets for s in ops)
+    for s in ops:
+        site = next(x for x in scenes_truth[s.meta["scene"]]["sites"] if [x["row"], x["col"]] == s.meta["site"])
+        assert not any(c in s.question for c in ("ship", "plane", "tank", "building"))  # the class is seen, not told
+        assert s.choices == [f"({'ABCD'[i]}) {o}" for i, o in enumerate(OPERATORS)]
+        assert s.answer == "ABCD"[OPERATORS.index(OPERATOR_OF[site["cls"]])]
+        assert (site["cls"] in ("ship", "plane")) == (s.meta["task"] == "operator")
+    assert not [s for s in train if s.meta["task"] == "operator_text_only"]
+    assert {s.meta["task"] for s in test} & {"operator", "operator_text_only"}  # 16 sites: one kind at least
+    facts = list(read_jsonl(scenes / "kg_facts.jsonl", TextQA))
+    for cls, op in OPERATOR_OF.items():
+        assert any(cls.split()[-1] in f.question and f.answer == "ABCD"[OPERATORS.index(op)] for f in facts)
+    assert list(read_jsonl(scenes / "kg_facts_test.jsonl", TextQA))
+    probe = list(read_jsonl(scenes / "vqa_probe.jsonl", VQASample))
+    ids = {s.id for s in test}
+    assert probe and all(s.id in ids for s in probe)
+    per_task: dict[str, int] = {}
+    for s in probe:
+        per_task[s.category] = per_task.get(s.category, 0) + 1
+    assert max(per_task.values()) <= 24 and set(per_task) == {s.category for s in test}

@@ -13,6 +13,12 @@ counts always (A) 2 ... (D) 5, ...): a tiny model measured here stays at chance 
 question (it learns the letter format before it learns the mapping), and a fixed order makes the letter a
 function of what is seen. Answer balance comes from sampling the truth uniformly, not from shuffling.
 
+Knowledge family ("text before vision" in miniature): "Which company operates the objects at <site>?" The
+class is seen only after zooming; which company operates which class is a tiny-world fact stated only in
+`kg_facts.jsonl`, text QA that make-scenes writes for the text cold start. Operator questions about some
+classes (`knowledge_train_classes`) are in the training split; the held-out split asks about the others too,
+as a separate sub-task ("Object operator (text only)"), whose answer needs the text fact.
+
 Bi-temporal pairs: the same scene twice with objects added at some sites; the question counts new objects.
 Train and test splits use disjoint scenes. Layout of `output_dir`: images/*.tif (COG), images.jsonl,
 scenes.jsonl (ground truth), vqa_train.jsonl, vqa_test.jsonl, preview.png.
@@ -20,6 +26,7 @@ scenes.jsonl (ground truth), vqa_train.jsonl, vqa_test.jsonl, preview.png.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -33,7 +40,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.config import StageConfig, hfield
-from pipeline.records import TargetRegion, VQASample, write_jsonl
+from pipeline.records import TargetRegion, TextQA, VQASample, write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +60,9 @@ PLURAL = {"ship": "ships", "plane": "planes", "storage tank": "storage tanks", "
 COUNTS = (2, 3, 4, 5)
 RELATIONS = ("left of", "right of", "above", "below")
 CHANGE_COUNTS = (0, 1, 2, 3)
+OPERATORS = ("Alder Co", "Birch Co", "Cedar Co", "Dune Co")  # fixed option order of operator questions
+# the tiny world's facts, taught only by kg_facts.jsonl; never the class question's letter (A-D = CLASSES)
+OPERATOR_OF = {"ship": "Cedar Co", "plane": "Dune Co", "storage tank": "Alder Co", "building": "Birch Co"}
 PAD_RGB = {"ship": COVER_RGB["water"], "plane": (96, 96, 98), "storage tank": (168, 164, 156), "building": (134, 130, 124)}
 
 CAT = {
@@ -63,6 +73,8 @@ CAT = {
     "landuse": ("Land use classification/Regional Land use classification", "Perception"),
     "overall": ("Land use classification/Overall Land use classification", "Perception"),
     "change": ("Counting/Counting with changing detection", "Reasoning"),
+    "operator": ("Object properties/Object operator", "Reasoning"),
+    "operator_text_only": ("Object properties/Object operator (text only)", "Reasoning"),
 }
 LETTERS = "ABCDEFGH"
 
@@ -79,14 +91,26 @@ class MakeScenesConfig(StageConfig):
     n_test_pairs: int = hfield(1, help="Held-out bi-temporal pairs for testing.")
     pair_size: int = hfield(4096, help="Side of bi-temporal images (smaller: they cost two images each).")
     grid: int = hfield(8, help="Sites per side: a grid x grid array of question sites per scene.")
+    site_index_base: int = hfield(1, help="Rows and columns in questions count from this (0 or 1). With grid 10, "
+                                          "base 0 and the norm1000 frame, a site's zoom box is [c41, r41, c59, r59]: "
+                                          "its digits copy the column c and row r (docs/tiny_model.md).")
     site_box: int = hfield(144, help="Native side of a site's target box (objects 32-44 px fill it at >= 32 px in a 224 view).")
     overview_side: int = hfield(224, help="Overview side the questions are designed for: question objects stay < 2 px in it.")
     landuse_fraction: float = hfield(0.25, help="Share of sites that also get a regional land-use question.")
+    knowledge_fraction: float = hfield(0.5, help="Share of single/group sites that also get an operator question "
+                                                 "(the knowledge family; 0 = none).")
+    knowledge_fact_repeats: int = hfield(20, help="Copies of each fact item in kg_facts.jsonl, so the few facts "
+                                                  "weigh enough among thousands of KG QA in the text cold start.")
+    knowledge_train_classes: list[str] = hfield(["ship", "plane"], help="Classes whose operator questions are in "
+                                                "the training split; the others are asked only in the held-out "
+                                                "split, answerable only with kg_facts.jsonl.")
     n_vehicles: int = hfield(3000, help="Background vehicles (6-12 px) per 8192^2 scene, scaled by area.")
     n_houses: int = hfield(1500, help="Background houses (10-20 px) in urban areas per 8192^2 scene, scaled by area.")
     compress: str = hfield("JPEG", help="COG compression: JPEG (fast, small) | DEFLATE | LZW | WEBP.")
     quality: int = hfield(90, help="JPEG/WEBP quality.")
     blocksize: int = hfield(512, help="COG tile side.")
+    probe_per_task: int = hfield(24, help="vqa_probe.jsonl: a fixed, seeded held-out probe set with at most this "
+                                          "many test items per sub-task (stage-by-stage before/after checks).")
     preview: bool = hfield(True, help="Write preview.png: one scene's overview and a site with its targets drawn.")
     overwrite: bool = hfield(False, help="Rewrite COGs that already exist (otherwise kept: resumable).")
 
@@ -100,6 +124,8 @@ class MakeScenesConfig(StageConfig):
             p.append("n_*: scene counts must be >= 0")
         if self.n_train_scenes + self.n_test_scenes + self.n_train_pairs + self.n_test_pairs == 0:
             p.append("n_*: all scene counts are 0; ask for at least one scene")
+        if self.site_index_base not in (0, 1):
+            p.append("site_index_base: use 0 or 1")
         if not 1 <= self.grid <= 16:
             p.append("grid: use 1..16 sites per side")
         if self.site_box < 96:
@@ -111,6 +137,11 @@ class MakeScenesConfig(StageConfig):
                      "the overview; use sides >= 3700 for a 224 overview")
         if not 0 <= self.landuse_fraction <= 1:
             p.append("landuse_fraction: must be within 0..1")
+        if not 0 <= self.knowledge_fraction <= 1:
+            p.append("knowledge_fraction: must be within 0..1")
+        bad = [c for c in self.knowledge_train_classes if c not in CLASSES]
+        if bad:
+            p.append(f"knowledge_train_classes: {bad} are not classes; use some of {', '.join(CLASSES)}")
         if self.compress.upper() not in ("JPEG", "DEFLATE", "LZW", "WEBP", "ZSTD", "NONE"):
             p.append("compress: use JPEG, DEFLATE, LZW, WEBP, ZSTD or NONE")
         if self.blocksize % 16 or not 128 <= self.blocksize <= 2048:
@@ -421,8 +452,9 @@ def write_cog(arr: np.ndarray, path: Path, compress: str = "JPEG", quality: int 
 
 
 # -- questions ------------------------------------------------------------------------------------------
-def _where(site: dict[str, Any], grid: int) -> str:
-    return f"the site in row {site['row'] + 1}, column {site['col'] + 1} of a {grid}x{grid} grid over the image"
+def _where(site: dict[str, Any], grid: int, base: int = 1) -> str:
+    return (f"the site in row {site['row'] + base}, column {site['col'] + base} of a {grid}x{grid} grid over the "
+            "image")
 
 
 def _opts(values: tuple, fmt: Any = str) -> list[str]:
@@ -430,7 +462,8 @@ def _opts(values: tuple, fmt: Any = str) -> list[str]:
 
 
 def scene_questions(scene: Scene, image_id: str, split: str, rng: np.random.Generator,
-                    landuse_fraction: float) -> list[VQASample]:
+                    landuse_fraction: float, knowledge_fraction: float = 0.0,
+                    knowledge_train_classes: tuple[str, ...] | list[str] = (), base: int = 1) -> list[VQASample]:
     """XLRS-style MCQs from a scene's truth; each with the site box as target region."""
     out: list[VQASample] = []
     g = scene.grid
@@ -445,7 +478,7 @@ def scene_questions(scene: Scene, image_id: str, split: str, rng: np.random.Gene
                              meta={"scene": scene.id, "task": kind, **meta}))
 
     for site in scene.sites:
-        where = _where(site, g)
+        where = _where(site, g, base)
         cls, cols, k = site["cls"], site["colours"], len(site["colours"])
         meta = {"site": [site["row"], site["col"]], "object_size": site.get("size"), "objects": site["objects"]}
         if site["kind"] == "group":
@@ -463,13 +496,19 @@ def scene_questions(scene: Scene, image_id: str, split: str, rng: np.random.Gene
         else:
             add("relation", f"At {where}, where is the {cols[0]} {cls} relative to the {cols[1]} {cls}?",
                 _opts(RELATIONS), LETTERS[RELATIONS.index(site["first_is"])], site, **meta)
+        if site["kind"] != "pair" and rng.random() < knowledge_fraction:
+            seen = cls in knowledge_train_classes
+            if seen or split != "train":  # text-only classes are never asked in the training split
+                add("operator" if seen else "operator_text_only",
+                    f"Which company operates the object{'s' if k > 1 else ''} at {where}?", _opts(OPERATORS),
+                    LETTERS[OPERATORS.index(OPERATOR_OF[cls])], site, knowledge=True, **meta)
         if rng.random() < landuse_fraction:
             cover = _cell_cover(scene, site["row"], site["col"])
             cell = scene.size / g
             cbox = [site["col"] * cell, site["row"] * cell, (site["col"] + 1) * cell, (site["row"] + 1) * cell]
             s = dict(site, box=[float(v) for v in cbox])
-            add("landuse", f"What is the main land cover of the grid cell in row {site['row'] + 1}, column "
-                f"{site['col'] + 1} of a {g}x{g} grid over the image (around its site)?", _opts(COVERS),
+            add("landuse", f"What is the main land cover of the grid cell in row {site['row'] + base}, column "
+                f"{site['col'] + base} of a {g}x{g} grid over the image (around its site)?", _opts(COVERS),
                 LETTERS[COVERS.index(cover)], s, site=[site["row"], site["col"]])
     letters = "".join(LETTERS[COVERS.index(c)] for c in scene.covers_present)
     add("overall", "Which land-cover types appear in this image? Select all that apply.", _opts(COVERS),
@@ -477,12 +516,12 @@ def scene_questions(scene: Scene, image_id: str, split: str, rng: np.random.Gene
     return out
 
 
-def pair_questions(scene: Scene, ids: tuple[str, str], split: str) -> list[VQASample]:
+def pair_questions(scene: Scene, ids: tuple[str, str], split: str, base: int = 1) -> list[VQASample]:
     """Change-detection counting: how many new objects appeared at a site between image_0 and image_1."""
     out = []
     for site in scene.sites:
         n_new = int(site.get("new", 0))
-        where = _where(site, scene.grid)
+        where = _where(site, scene.grid, base)
         cat, l2 = CAT["change"]
         box = [float(v) for v in site["box"]]
         out.append(VQASample(
@@ -498,6 +537,47 @@ def pair_questions(scene: Scene, ids: tuple[str, str], split: str) -> list[VQASa
     return out
 
 
+def probe_subset(samples: list[VQASample], per_task: int, seed: int = 0) -> list[VQASample]:
+    """A seeded subset of at most `per_task` items per sub-task (category), in the samples' own order."""
+    rng = np.random.default_rng([seed, 11])
+    by: dict[str, list[int]] = {}
+    for i, s in enumerate(samples):
+        by.setdefault(s.category, []).append(i)
+    keep = set()
+    for idx in by.values():
+        keep.update(int(i) for i in (rng.choice(idx, per_task, replace=False) if len(idx) > per_task else idx))
+    return [s for i, s in enumerate(samples) if i in keep]
+
+
+def knowledge_facts(seed: int = 0) -> list[TextQA]:
+    """Text QA stating the tiny world's operator facts (several phrasings per fact; every one is training
+    data, the `test` split rephrases them for a held-out check of the text cold start)."""
+    out: list[TextQA] = []
+    rng = np.random.default_rng([seed, 7])
+    for cls, op in OPERATOR_OF.items():
+        pl = PLURAL[cls]
+        fact = f"In the KnowZoom scenes, {pl} are operated by {op}."
+        letter = LETTERS[OPERATORS.index(op)]
+        items = [
+            ("train", "mcq", f"Which company operates the {pl} in the KnowZoom scenes?", _opts(OPERATORS), letter),
+            ("train", "mcq", f"Which company operates objects that are {pl}?", _opts(OPERATORS), letter),
+            ("train", "mcq", f"Which objects does {op} operate?", _opts(CLASSES, lambda c: PLURAL[c]),
+             LETTERS[CLASSES.index(cls)]),
+            ("train", "tf", f"True or false: {op} operates the {pl}.", [], "true"),
+            ("train", "tf", f"True or false: {OPERATORS[(OPERATORS.index(op) + 1) % 4]} operates the {pl}.", [],
+             "false"),
+            ("train", "fill", f"In the KnowZoom scenes, {pl} are operated by ____.", [], op),
+            ("test", "mcq", f"The {pl} seen after zooming in: which company operates them?", _opts(OPERATORS),
+             letter),
+        ]
+        for j, (split, qtype, q, choices, ans) in enumerate(items):
+            out.append(TextQA(id=f"fact-{cls.replace(' ', '_')}-{j}", question=q, qtype=qtype, answer=ans,
+                              choices=choices, rationale=[fact], evidence=[[pl, "operated_by", op]], hops=1,
+                              source="kg-template", split=split, domain="knowzoom-scenes"))
+    order = rng.permutation(len(out))
+    return [out[int(i)] for i in order]
+
+
 # -- stage ----------------------------------------------------------------------------------------------
 def _make_single(cfg: MakeScenesConfig, idx: int, split: str, img_dir: Path, tex: np.ndarray,
                  ) -> tuple[Scene, list[VQASample], np.ndarray | None]:
@@ -509,7 +589,8 @@ def _make_single(cfg: MakeScenesConfig, idx: int, split: str, img_dir: Path, tex
                        overview_side=cfg.overview_side)
     if cfg.overwrite or not path.exists():
         write_cog(arr, path, cfg.compress, cfg.quality, cfg.blocksize)
-    qs = scene_questions(scene, sid, split, np.random.default_rng([cfg.seed, idx, 2]), cfg.landuse_fraction)
+    qs = scene_questions(scene, sid, split, np.random.default_rng([cfg.seed, idx, 2]), cfg.landuse_fraction,
+                         cfg.knowledge_fraction, cfg.knowledge_train_classes, cfg.site_index_base)
     return scene, qs, arr
 
 
@@ -537,7 +618,7 @@ def _make_pair(cfg: MakeScenesConfig, idx: int, split: str, img_dir: Path, tex: 
         path = img_dir / f"{iid}.tif"
         if cfg.overwrite or not path.exists():
             write_cog(arr, path, cfg.compress, cfg.quality, cfg.blocksize)
-    return scene, pair_questions(scene, ids, split), list(ids)
+    return scene, pair_questions(scene, ids, split, cfg.site_index_base), list(ids)
 
 
 def write_preview(arr: np.ndarray, scene: Scene, path: Path, overview_side: int = 448) -> None:
@@ -600,14 +681,22 @@ def run(cfg: MakeScenesConfig) -> dict[str, Any]:
     write_jsonl(out / "scenes.jsonl", truth)
     n_train = write_jsonl(out / "vqa_train.jsonl", vqa["train"])
     n_test = write_jsonl(out / "vqa_test.jsonl", vqa["test"])
+    n_probe = write_jsonl(out / "vqa_probe.jsonl", probe_subset(vqa["test"], cfg.probe_per_task, cfg.seed))
+    facts = knowledge_facts(cfg.seed) if cfg.knowledge_fraction > 0 else []
+    write_jsonl(out / "kg_facts.jsonl", [dataclasses.replace(f, id=f"{f.id}-r{r}") for r in
+                                          range(max(1, cfg.knowledge_fact_repeats)) for f in facts if f.split == "train"])
+    write_jsonl(out / "kg_facts_test.jsonl", [f for f in facts if f.split == "test"])
     by_cat: dict[str, int] = {}
     for s in vqa["test"]:
         by_cat[s.category] = by_cat.get(s.category, 0) + 1
-    summary = {"images": len(images), "vqa_train": n_train, "vqa_test": n_test, "test_by_category": by_cat,
+    summary = {"images": len(images), "vqa_train": n_train, "vqa_test": n_test, "vqa_probe": n_probe,
+               "test_by_category": by_cat,
+               "kg_facts": sum(f.split == "train" for f in facts),
                "seconds": round(time.time() - t0, 1)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return summary
 
 
 __all__ = ["MakeScenesConfig", "run", "plan_scene", "render_scene", "scene_questions", "site_box", "write_cog",
-           "COLOURS", "CLASSES", "COUNTS", "RELATIONS", "COVERS", "CHANGE_COUNTS"]
+           "COLOURS", "CLASSES", "COUNTS", "RELATIONS", "COVERS", "CHANGE_COUNTS", "OPERATORS", "OPERATOR_OF",
+           "knowledge_facts"]
