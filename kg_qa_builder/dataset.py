@@ -19,8 +19,14 @@ _WORD = re.compile(r"[a-z0-9]+")
 
 
 def fact_split(triple: tuple[str, str, str] | list[str], seed: int, val_fraction: float, test_fraction: float) -> str:
-    """Deterministic split of one fact (triple of node ids) by a seeded hash."""
-    h = hashlib.blake2b(f"{seed}\x1f{triple[0]}\x1f{triple[1]}\x1f{triple[2]}".encode(), digest_size=8).digest()
+    """Deterministic split of one fact (triple of node ids) by a seeded hash of its subject (head) entity, so
+    every fact about one entity lands in one split and no entity is asked about in both train and test."""
+    return entity_split(triple[0], seed, val_fraction, test_fraction)
+
+
+def entity_split(entity: str, seed: int, val_fraction: float, test_fraction: float) -> str:
+    """Deterministic split of one entity (node id) by a seeded hash."""
+    h = hashlib.blake2b(f"{seed}\x1f{entity}".encode(), digest_size=8).digest()
     u = int.from_bytes(h, "big") / 2**64
     return "test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"
 
@@ -34,7 +40,8 @@ def partition(triples: Iterable[tuple[str, str, str]], seed: int, val_fraction: 
 
 
 def norm_question(q: TextQA) -> str:
-    return norm(q.question) + " || " + " | ".join(norm(c) for c in q.choices)
+    """Dedup key: the normalised question string alone (the same stem with other options is a repeat)."""
+    return norm(q.question)
 
 
 class NearDupIndex:
@@ -77,12 +84,15 @@ def check_leakage(by_split: dict[str, list[TextQA]]) -> dict[str, int]:
     """Raise LeakageError when a val/test QA uses a fact (evidence triple) or a question seen in training."""
     train_facts = {tuple(t) for q in by_split.get("train", []) for t in q.meta.get("evidence_ids", q.evidence)}
     train_qs = {norm_question(q) for q in by_split.get("train", [])}
+    train_subjects = {q.meta["subject"] for q in by_split.get("train", []) if q.meta.get("subject")}
     problems = []
     for s in ("val", "test"):
         for q in by_split.get(s, []):
             shared = [t for t in q.meta.get("evidence_ids", q.evidence) if tuple(t) in train_facts]
             if shared:
                 problems.append(f"{s} QA {q.id} uses training fact(s) {shared[:2]}")
+            if q.meta.get("subject") in train_subjects:
+                problems.append(f"{s} QA {q.id} asks about the training entity {q.meta['subject']!r}")
             if norm_question(q) in train_qs:
                 problems.append(f"{s} QA {q.id} repeats a training question")
     if problems:

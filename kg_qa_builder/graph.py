@@ -41,8 +41,10 @@ class RelationSpec:
     domain: list[str]
     range: list[str]
     functional: bool = False
-    closed: bool = True
+    closed: bool = False
     qa: bool = True
+    trivia: bool = False
+    interp: bool = False
     aliases: list[str] = field(default_factory=list)
     statement: str = ""
     ask_tail: list[str] = field(default_factory=list)
@@ -50,6 +52,11 @@ class RelationSpec:
     tail_of: str = ""
     head_by: str = ""
     weight: float = 1.0
+
+    @property
+    def complete(self) -> bool:
+        """Closed world holds: declared complete, or functional (a head's one value excludes all others)."""
+        return self.closed or self.functional
 
 
 @dataclass
@@ -64,6 +71,10 @@ class Schema:
 
     def is_literal(self, t: str) -> bool:
         return bool(self.types.get(t, {}).get("literal", False))
+
+    def is_identifier(self, t: str) -> bool:
+        """Literal values and catalogue identifiers (band codes, spectrum ids): never chained through."""
+        return self.is_literal(t) or bool(self.types.get(t, {}).get("identifier", False))
 
     def relation_by_alias(self) -> dict[str, str]:
         """Map normalised relation names and aliases → relation name (ambiguous aliases map to '')."""
@@ -132,6 +143,7 @@ class KnowledgeGraph:
         self.alias: dict[str, list[str]] = defaultdict(list)
         self.triples: list[tuple[str, str, str]] = []
         self._prov: dict[tuple[str, str, str], str] = {}
+        self.refs: dict[tuple[str, str, str], str] = {}  # published reference of a curated fact
         self._final = False
 
     # ---- building ----

@@ -29,6 +29,7 @@ from kg_qa_builder.dataset import (
 from kg_qa_builder.errors import GenerationError
 from kg_qa_builder.generate import Generator
 from kg_qa_builder.importers import build_graph
+from kg_qa_builder.quality import answer_leak
 from kg_qa_builder.verify import Verifier
 from pipeline.config import StageConfig, hfield
 from pipeline.records import TextQA, read_jsonl, write_jsonl
@@ -97,22 +98,55 @@ class BuildQAConfig(StageConfig):
         return p
 
 
-def generate_split(gen: Generator, ver: Verifier, split: str, n: int, max_attempts: int, near: NearDupIndex,
-                   seen: set[str], rejections: Counter, rej_log: list[dict[str, Any]]) -> list[TextQA]:
-    """Sample, verify and dedup until n QA are kept or max_attempts samples were drawn."""
+class KeepRules:
+    """Per-split caps applied before an item is kept: at most `per_fact` items per (fact, question type),
+    catalogue trivia at most `trivia_cap` of the split's target, and no item that states its answer."""
+
+    def __init__(self, n: int, per_fact: int = 2, trivia_share: float = 0.08):
+        self.per_fact = per_fact
+        self.trivia_cap = int(trivia_share * n)
+        self.fact_count: Counter = Counter()
+        self.trivia = 0
+
+    def check(self, q: TextQA) -> str:
+        """'' when the item may be kept, else the rejection reason."""
+        if answer_leak(q):
+            return "answer_leak"
+        if q.meta.get("trivia") and self.trivia >= self.trivia_cap:
+            return "trivia_cap"
+        key = (tuple(q.meta.get("fact_key") or (q.meta.get("evidence_ids") or [[q.id]])[-1]), q.qtype)
+        if self.fact_count[key] >= self.per_fact:
+            return "fact_cap"
+        return ""
+
+    def keep(self, q: TextQA) -> None:
+        key = (tuple(q.meta.get("fact_key") or (q.meta.get("evidence_ids") or [[q.id]])[-1]), q.qtype)
+        self.fact_count[key] += 1
+        self.trivia += bool(q.meta.get("trivia"))
+
+
+def generate_split(gen: Any, ver: Verifier, split: str, n: int, max_attempts: int, near: NearDupIndex,
+                   seen: set[str], rejections: Counter, rej_log: list[dict[str, Any]],
+                   rules: KeepRules | None = None) -> list[TextQA]:
+    """Sample, verify, apply the keep rules and dedup until n QA are kept or max_attempts samples were drawn."""
     out: list[TextQA] = []
     attempts = 0
+    rules = rules or KeepRules(n)
     while len(out) < n and attempts < max_attempts:
         attempts += 1
         q = gen.sample()
         if q is None:
             rejections["no_valid_question"] += 1
             continue
-        v = ver.verify_template(q)
+        v = ver.verify(q)
         if not v.ok:
             rejections[v.reason] += 1
             if len(rej_log) < 10000:
                 rej_log.append({"id": q.id, "source": q.source, "reason": v.reason, "detail": v.detail, "question": q.question})
+            continue
+        why = rules.check(q)
+        if why:
+            rejections[why] += 1
             continue
         key = norm_question(q)
         if key in seen:
@@ -122,6 +156,7 @@ def generate_split(gen: Generator, ver: Verifier, split: str, n: int, max_attemp
             rejections["near_duplicate"] += 1
             continue
         seen.add(key)
+        rules.keep(q)
         q.split = split
         out.append(q)
     return out
