@@ -88,7 +88,8 @@ def check_leakage(by_split: dict[str, list[TextQA]]) -> dict[str, int]:
     problems = []
     for s in ("val", "test"):
         for q in by_split.get(s, []):
-            shared = [t for t in q.meta.get("evidence_ids", q.evidence) if tuple(t) in train_facts]
+            tools = {tuple(t) for t in q.meta.get("principle_ids", [])}
+            shared = [t for t in q.meta.get("evidence_ids", q.evidence) if tuple(t) in train_facts and tuple(t) not in tools]
             if shared:
                 problems.append(f"{s} QA {q.id} uses training fact(s) {shared[:2]}")
             if q.meta.get("subject") in train_subjects:

@@ -236,6 +236,11 @@ class Generator:
             steps.append("Follow the chain of facts: " + "; then ".join(facts) + ".")
         else:
             steps.append(f"The relevant fact: {facts[0]}.")
+        kind = ("single-valued (one value per subject)" if spec.functional else
+                "listed completely for each subject" if spec.closed else "open (the graph lists typical values, not all)")
+        steps.append(f"Check the evidence: the {spec.name.replace('_', ' ')} relation is {kind}, and the fact"
+                     f"{'s come' if len(plan.evidence) > 1 else ' comes'} from a cited source, so the answer rests on "
+                     "recorded knowledge rather than on a guess from the wording.")
         if others:
             why = ("is a single-valued relation, so one value excludes all others" if spec.functional else
                    "is listed completely in the graph, so a value not listed is wrong")

@@ -13,6 +13,7 @@ import unicodedata
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from kg_qa_builder.errors import KGLoadError, SchemaError
 _NORM_RE = re.compile(r"[^a-z0-9+\-.%/°#*()^=<>≥≤]+")
 
 
+@lru_cache(maxsize=1 << 18)
 def norm(text: str) -> str:
     """Normalise a surface form for linking and dedup: NFKD, ASCII-fold, lower case, collapse punctuation."""
     t = unicodedata.normalize("NFKD", str(text))

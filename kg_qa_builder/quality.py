@@ -76,6 +76,8 @@ def acceptable(answer: str, option: str, kind: str = "text") -> bool:
     a, o = norm(answer), norm(option)
     if a == o:
         return True
+    if kind == "exact":  # counts, directions, route labels: only the same value is right
+        return False
     if kind == "colour":
         fa, fo = colour_family(a), colour_family(o)
         return bool(fa & fo) if fa and fo else a in o or o in a

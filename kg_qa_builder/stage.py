@@ -20,6 +20,7 @@ from kg_qa_builder.dataset import (
     SPLITS,
     NearDupIndex,
     check_leakage,
+    entity_split,
     export_sharegpt,
     export_trl,
     norm_question,
@@ -30,6 +31,7 @@ from kg_qa_builder.errors import GenerationError
 from kg_qa_builder.generate import Generator
 from kg_qa_builder.importers import build_graph
 from kg_qa_builder.quality import answer_leak
+from kg_qa_builder.scenarios import ScenarioGenerator
 from kg_qa_builder.verify import Verifier
 from pipeline.config import StageConfig, hfield
 from pipeline.records import TextQA, read_jsonl, write_jsonl
@@ -59,6 +61,11 @@ class BuildQAConfig(StageConfig):
     n_distractors: int = hfield(3, help="MCQ distractors (options = 1 + this).")
     max_attempts_factor: int = hfield(30, help="Give up a split after this many samples per wanted QA.")
     near_dup_threshold: float = hfield(0.9, help="Word-3-shingle Jaccard at or above which a QA is a near-duplicate.")
+    scenario_share: float = hfield(0.7, help="Share of each split made of scenario QA (XLRS-Bench-lite sub-tasks in "
+                                   "words, solved on the graph); the rest are template QA about single facts.")
+    scenario_qtype_weights: dict = hfield({"free": 0.75, "mcq": 0.2, "tf": 0.05},
+                                          help="Question types of scenario QA (free, mcq, tf).")
+    scenario_kinds: dict = hfield({}, help="Per-scenario-kind weight overrides (0 disables), e.g. {occ-size: 2}.")
     teacher_url: str = hfield("", help="OpenAI-compatible base URL (e.g. http://host:8000/v1); empty = no teacher.")
     teacher_model: str = hfield("teacher", help="Model name sent to the teacher endpoint.")
     teacher_api_key_env: str = hfield("OPENAI_API_KEY", help="Environment variable holding the teacher API key (optional).")
@@ -87,6 +94,15 @@ class BuildQAConfig(StageConfig):
             p.append("hop_weights: give 3 non-negative weights (1, 2, 3 hops) with a positive sum")
         if set(self.qtype_weights) - set(QTYPES) or sum(float(v) for v in self.qtype_weights.values()) <= 0:
             p.append(f"qtype_weights: keys must be among {QTYPES} with a positive sum")
+        if not 0 <= self.scenario_share <= 1:
+            p.append("scenario_share: must be in [0, 1]")
+        if set(self.scenario_qtype_weights) - {"free", "mcq", "tf"} or sum(
+                float(v) for v in self.scenario_qtype_weights.values()) <= 0:
+            p.append("scenario_qtype_weights: keys among free, mcq, tf with a positive sum")
+        from kg_qa_builder.scenarios import KINDS
+
+        if set(self.scenario_kinds) - set(KINDS):
+            p.append(f"scenario_kinds: unknown {sorted(set(self.scenario_kinds) - set(KINDS))}; use {sorted(KINDS)}")
         if not 0 < self.near_dup_threshold <= 1:
             p.append("near_dup_threshold: must be in (0, 1]")
         if self.max_attempts_factor < 1:
@@ -180,12 +196,22 @@ def run(cfg: BuildQAConfig) -> dict[str, Any]:
     by_split: dict[str, list[TextQA]] = {}
     # test first, so its questions win any cross-split textual tie
     for i, (split, n) in enumerate([("test", cfg.n_test), ("val", cfg.n_val), ("train", cfg.n_train)]):
+        n_scen = round(n * cfg.scenario_share)
+        rules = KeepRules(n)
+        sgen = ScenarioGenerator(
+            kg, seed=cfg.seed * 1000 + 500 + i,
+            subjects=lambda s, sp=split: entity_split(s, cfg.seed, cfg.val_fraction, cfg.test_fraction) == sp,
+            qtype_weights={k: float(v) for k, v in cfg.scenario_qtype_weights.items()},
+            kinds={k: float(v) for k, v in cfg.scenario_kinds.items()} or None)
+        scen = generate_split(sgen, verifier, split, n_scen, max(1, n_scen) * cfg.max_attempts_factor, near, seen,
+                              rejections, rej_log, rules)
         gen = Generator(kg, parts[split], seed=cfg.seed * 1000 + i, hop_weights=tuple(cfg.hop_weights),
                         qtype_weights={k: float(v) for k, v in cfg.qtype_weights.items()},
                         relation_weights={k: float(v) for k, v in cfg.relation_weights.items()},
                         n_distractors=cfg.n_distractors)
-        by_split[split] = generate_split(gen, verifier, split, n, n * cfg.max_attempts_factor, near, seen,
-                                         rejections, rej_log)
+        tmpl = generate_split(gen, verifier, split, n - len(scen), (n - len(scen)) * cfg.max_attempts_factor, near,
+                              seen, rejections, rej_log, rules)
+        by_split[split] = sorted(scen + tmpl, key=lambda q: q.id)  # interleave the two kinds, deterministically
     teacher_summary: dict[str, Any] = {}
     if cfg.teacher_url and any(int(v) > 0 for v in cfg.teacher_requests.values()):
         teacher_summary = run_teacher(cfg, kg, parts, verifier, by_split, near, seen, rejections, rej_log)
