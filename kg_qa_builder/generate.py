@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -355,10 +356,10 @@ class Generator:
             q = (tpl.format(h=desc) if forward else tpl.format(t=desc)) + " Explain your reasoning briefly."
             answer = ans_name
             final = f"So the answer is {ans_name}."
-        q = _cap(q)
+        q = fix_articles(_cap(q))
         others = [kg.name(d) for d in meta.get("distractor_nodes", [])] or (
             [kg.name(meta["claimed_node"])] if qtype == "tf" and meta.get("claimed_node") != ans else [])
-        rationale = self.rationale(plan, final, qtype, others)
+        rationale = [fix_articles(x) for x in self.rationale(plan, final, qtype, others)]
         if qtype == "free":
             meta["explanation"] = " ".join(rationale)
         names = [[kg.name(h), r, kg.name(t)] for h, r, t in plan.evidence]
@@ -373,6 +374,14 @@ class Generator:
         qts = list(self.qtype_weights)
         qtype = self.rng.choices(qts, [self.qtype_weights[q] for q in qts])[0]
         return self.render(plan, qtype)
+
+
+_A_AN = re.compile(r"\b([Aa]) (?=[aeioAEIO]|[Uu]n(?!i))")
+
+
+def fix_articles(text: str) -> str:
+    """'a offshore wind turbine' → 'an offshore wind turbine' (templates say 'a {h}')."""
+    return _A_AN.sub(lambda m: m.group(1) + "n ", text)
 
 
 def _cap(s: str) -> str:
