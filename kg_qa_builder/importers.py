@@ -277,6 +277,7 @@ class LStr(str):
     """A YAML scalar string that remembers its line (1-based)."""
 
     line: int = 0
+    plain_in_flow: bool = False  # an unquoted item of a [a, b] list: a comma inside it would have split it
 
 
 def _located(node: yaml.Node) -> Any:
@@ -285,7 +286,12 @@ def _located(node: yaml.Node) -> Any:
         s.line = node.start_mark.line + 1
         return s
     if isinstance(node, yaml.SequenceNode):
-        return [_located(n) for n in node.value]
+        items = [_located(n) for n in node.value]
+        if node.flow_style:
+            for n, it in zip(node.value, items, strict=True):
+                if isinstance(it, LStr) and isinstance(n, yaml.ScalarNode) and n.style is None:
+                    it.plain_in_flow = True
+        return items
     if isinstance(node, yaml.MappingNode):
         out: dict[Any, Any] = {}
         for k, v in node.value:
@@ -436,6 +442,10 @@ def _resolve(kg: KnowledgeGraph, index: dict[tuple[str, str], set[str]], rel: st
         return None
     if isinstance(value, (dict, list)) or value is None:
         kg.problems.append(f"{where}: {rel}: value must be a name or a list of names, got {type(value).__name__}")
+        return None
+    if getattr(value, "plain_in_flow", False) and "visual_cue" in spec.range:
+        kg.problems.append(f"{where}: {rel}: quote the free-text cue {str(value)!r} inside [...] lists (a comma in "
+                           "an unquoted item splits it into two cues), or use a block list")
         return None
     value = str(value)
     for t in spec.range:
