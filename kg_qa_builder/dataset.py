@@ -167,6 +167,21 @@ def write_stats(out_dir: Path, by_split: dict[str, list[TextQA]], rejections: Co
              f"Sources: {', '.join(f'{k} ({v})' for k, v in graph_stats['sources'].items())}.", ""]
     for k, v in extra.items():
         lines.append(f"- {k}: {v}")
+    from kg_qa_builder.quality import markdown as quality_md
+    from kg_qa_builder.quality import measure
+
+    quality = {s: measure(by_split.get(s, [])) for s in SPLITS}
+    lines += ["", *quality_md(quality["train"], "quality targets (train split)")]
+    lines += ["", "Checked by kg_qa_builder/quality.py: two right options = an option the value-kind rule would also "
+              "accept (colour families, overlapping or close quantities, word containment); leak = the answer "
+              "text in the question; tokens = words and punctuation marks of the rationale; steps = rationale entries."]
+    lines += ["", "| split | items | interp % | min sub-task % | steps | tokens | repeats % | two-right % | leaks % |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for s, m in quality.items():
+        lines.append(f"| {s} | {m['items']} | {m['image-interpretation share %']} | {m['min sub-task share %']} | "
+                     f"{m['mean rationale steps']} | {m['mean rationale tokens']} | {m['repeated question strings %']} | "
+                     f"{m['MCQs with two right options %']} | {m['answer leaks %']} |")
+    tables["task"] = Counter(q.meta.get("task", "general") for q in allq)
     for name, c in [*tables.items(), ("rejection reason", rejections)]:
         lines += ["", f"## by {name}", "", f"| {name} | count |", "|---|---:|"]
         lines += [f"| {k} | {n} |" for k, n in c.most_common()]
@@ -185,4 +200,6 @@ def write_stats(out_dir: Path, by_split: dict[str, list[TextQA]], rejections: Co
     fig.tight_layout()
     fig.savefig(out_dir / "stats.png", dpi=90)
     plt.close(fig)
-    return {k: dict(v) for k, v in tables.items()}
+    out = {k: dict(v) for k, v in tables.items()}
+    out["quality"] = quality  # type: ignore[assignment]
+    return out

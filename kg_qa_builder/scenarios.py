@@ -347,7 +347,8 @@ def text_oms(F: Facts, p: dict[str, Any], sol: Solution) -> tuple[str, str, list
     steps = [f"Size first: {p['px_len']} px × {fmt(p['gsd'])} m = {fmt(length)} m, within the typical length of a "
              f"{kg.name(o)} ({kg.name(F.one(o, 'length_range') or '')}), so the cues of that type apply.",
              "A single image has no time axis, so motion must be read from side effects of motion (wakes, "
-             "blur, detached shadows, lane position) or from signs of rest (mooring, parking, stands).",
+             "blur, detached shadows, lane position) or from signs of rest (mooring, parking, stands); one clear "
+             "cue of either kind decides the state.",
              f"For {an(kg.name(o))}, {kg.name(p['cue'])} is a sign that it is "
              f"{'moving' if sol.answer == 'moving' else 'at rest'}; the opposite state would show "
              f"{kg.name(kg.tails(o, 'at_rest_cue' if sol.answer == 'moving' else 'motion_cue')[0])} instead."]
@@ -495,7 +496,9 @@ def text_rc(F: Facts, p: dict[str, Any], sol: Solution) -> tuple[str, str, list[
              f"each length is converted with the GSD. Keep only the objects in the {p['quad']} quadrant ({'y < 4000' if p['quad'].startswith('north') else 'y ≥ 4000'}"
              f", {'x ≥ 4000' if p['quad'].endswith('east') else 'x < 4000'}): {len(inside)} of {len(p['objs'])}.",
              f"Convert their lengths to metres: {conv}.",
-             f"{an_cap(kg.name(t))} is typically {rng_txt} long; {sol.answer} of the converted lengths fall in that range."]
+             f"{an_cap(kg.name(t))} is typically {rng_txt} long; {sol.answer} of the converted lengths fall in that range. "
+             "Objects outside the quadrant or outside the size range are not counted, even if they are of the "
+             "same category, because the question restricts both place and size."]
     return setting, ask, steps
 
 
@@ -539,7 +542,8 @@ def text_rccd(F: Facts, p: dict[str, Any], sol: Solution) -> tuple[str, str, lis
              "removed buildings.",
              f"Buildings in {p['year2']}: {p['before']} + {p['new']} = {fmt(c[0]['result'])}, minus {p['demolished']} "
              f"demolished = {fmt(c[1]['result'])}.",
-             f"Net change: {fmt(c[1]['result'])} − {p['before']} = {fmt(c[2]['result'])}."]
+             f"Net change: {fmt(c[1]['result'])} − {p['before']} = {fmt(c[2]['result'])}; a positive value means the "
+             "district gained buildings, a negative value that demolition outpaced construction."]
     return setting, ask, steps
 
 
@@ -650,7 +654,8 @@ def text_rluc(F: Facts, p: dict[str, Any], sol: Solution) -> tuple[str, str, lis
     extra = f" Several {plural(kg.name(p['obj']))} are visible there." if p.get("obj") else ""
     setting = (f"The image mixes several land uses. In its {p['quad']} part the interpreter sees {cue}.{extra}")
     ask = f"What is the land use of the {p['quad']} part of the image?"
-    steps = [f"Regional land use is judged only from the evidence inside the region ({p['quad']} part), "
+    steps = [f"Regional land use is judged only from the evidence inside the region ({p['quad']} part) at the "
+             "scale of blocks and parcels, "
              "ignoring the uses of the rest of the scene; land use is what the land is used for, read from objects "
              "and their arrangement rather than from cover alone.",
              f"'{cue}' is a recognised cue of the land use '{sol.answer}' and of no other use in the catalogue."]
@@ -817,8 +822,9 @@ def text_ecr(F: Facts, p: dict[str, Any], sol: Solution) -> tuple[str, str, list
     kind = "condition of the image" if p["mode"] == "condition" else "event"
     setting = f"A very-high-resolution optical image shows {cue}."
     ask = f"Which {kind} does this indicate?"
-    steps = ["Environmental conditions are read from their signatures in the image, then their effect on what can "
-             "be interpreted is taken into account.",
+    steps = ["Environmental conditions are read from their signatures in the image (tone, texture, shape and "
+             "position relative to other features), then their effect on what can be interpreted is taken into "
+             "account.",
              f"'{cue}' is the recognised signature of {sol.answer}."]
     if len(sol.evidence) > 1:
         steps.append(f"Its effect on interpretation: {kg.name(sol.evidence[-1][2])}.")

@@ -227,10 +227,17 @@ def run(cfg: BuildQAConfig) -> dict[str, Any]:
     write_jsonl(out / "rejections.jsonl", rej_log)
     tables = write_stats(out, by_split, rejections, gstats, {
         "seconds": round(time.time() - t0, 1), "facts per split": {s: len(v) for s, v in parts.items()},
+        "curated facts": sum(v for k, v in gstats["sources"].items() if k.startswith("curated")),
+        "curated facts with a published reference (row/table citation)": len(kg.refs),
+        "image-interpretation facts (relations flagged interp)": sum(
+            1 for _, r, _ in kg.triples if kg.schema.relations[r].interp),
+        "verified QA per minute (whole build)": round(sum(len(v) for v in by_split.values()) / max(
+            1e-9, time.time() - t0) * 60),
         "teacher": teacher_summary or "not used"})
     return {"graph_nodes": gstats["nodes"], "graph_edges": gstats["edges"], "counts": files,
             "rejections": dict(rejections), "leakage_check": leak, "teacher": teacher_summary,
-            "by_qtype": tables["qtype"], "by_hops": tables["hops"], "seconds": round(time.time() - t0, 2)}
+            "by_qtype": tables["qtype"], "by_hops": tables["hops"], "quality": tables["quality"],
+            "seconds": round(time.time() - t0, 2)}
 
 
 def run_teacher(cfg: BuildQAConfig, kg: Any, parts: dict[str, set], verifier: Verifier,
