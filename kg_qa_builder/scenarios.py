@@ -21,8 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from kg_qa_builder.generate import fix_articles
 from kg_qa_builder.graph import KnowledgeGraph, norm
-from kg_qa_builder.quality import acceptable
+from kg_qa_builder.quality import acceptable, answer_leak
 from pipeline.records import TextQA
 
 LETTERS = "ABCDEFGH"
@@ -340,7 +341,7 @@ def solve_oms(F: Facts, p: dict[str, Any]) -> Solution:
 def text_oms(F: Facts, p: dict[str, Any], sol: Solution) -> tuple[str, str, list[str]]:
     kg, o = F.kg, p["obj"]
     cat = kg.name(F.one(o, "object_category") or o)
-    setting = (f"In a {fmt(p['gsd'])} m GSD image, {an(cat)} {p['px_len']} px long is seen; the image shows "
+    setting = (f"In a {fmt(p['gsd'])} m GSD image, {an(cat)} {p['px_len']} px long is seen. Observed cue: "
                f"{kg.name(p['cue'])}.")
     ask = f"What is the motion state of this {cat}: in motion or at rest?"
     length = sol.calcs[0]["result"]
@@ -1026,13 +1027,17 @@ def render(kg: KnowledgeGraph, F: Facts, name: str, params: dict[str, Any], qtyp
     while len(steps) > 5:  # 2-5 steps: merge the two shortest neighbours
         i = min(range(len(steps) - 1), key=lambda j: len(steps[j]) + len(steps[j + 1]))
         steps[i:i + 2] = [steps[i] + " " + steps[i + 1]]
-    rationale = [f"Step {i}: {s}" for i, s in enumerate(steps, 1)] + [final]
+    rationale = [fix_articles(f"Step {i}: {s}") for i, s in enumerate(steps, 1)] + [fix_articles(final)]
+    q = fix_articles(q)
     if qtype == "free":
         meta["explanation"] = " ".join(rationale)
     ev = [[kg.name(h), r, kg.name(t)] for h, r, t in sol.evidence]
-    return TextQA(id=sid(qtype, q, answer, *choices), question=q, qtype=qtype, answer=answer, choices=choices,
+    qa = TextQA(id=sid(qtype, q, answer, *choices), question=q, qtype=qtype, answer=answer, choices=choices,
                   rationale=rationale, evidence=ev, hops=min(3, max(1, len(sol.evidence))), source="kg-scenario",
                   domain="image interpretation", meta=meta)
+    if answer_leak(qa):
+        raise ScenarioError("the question states its answer")
+    return qa
 
 
 def why_not(F: Facts, name: str, p: dict[str, Any], sol: Solution, wrong: list[str]) -> str:
