@@ -146,6 +146,7 @@ class KnowledgeGraph:
         self.triples: list[tuple[str, str, str]] = []
         self._prov: dict[tuple[str, str, str], str] = {}
         self.refs: dict[tuple[str, str, str], str] = {}  # published reference of a curated fact
+        self._names: dict[str, str] = {}  # node id → display name, filled by finalize (hot in rendering)
         self._final = False
 
     # ---- building ----
@@ -187,6 +188,9 @@ class KnowledgeGraph:
 
     # ---- queries ----
     def name(self, nid: str) -> str:
+        n = self._names.get(nid)
+        if n is not None:
+            return n
         return self.g.nodes[nid]["name"] if nid in self.g else nid
 
     def type(self, nid: str) -> str:
@@ -245,6 +249,7 @@ class KnowledgeGraph:
         self.triples = sorted(triples)
         self.by_type = defaultdict(list)
         self.alias = defaultdict(list)
+        self._names = {n: d["name"] for n, d in self.g.nodes(data=True)}
         for n, d in sorted(self.g.nodes(data=True)):
             self.by_type[d["type"]].append(n)
             for a in {d["name"], *d["aliases"]}:

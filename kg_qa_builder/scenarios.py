@@ -19,6 +19,7 @@ import re
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from kg_qa_builder.generate import fix_articles
@@ -63,6 +64,7 @@ def fmt(x: float) -> str:
     return s if s != "-0" else "0"
 
 
+@lru_cache(maxsize=1 << 14)
 def qrange(text: str) -> tuple[float, float] | None:
     """'34.1-35.8 m' → (34.1, 35.8); '155 m' → (155, 155); other quantities → None."""
     m = _RANGE.match(text)
