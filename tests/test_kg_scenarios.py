@@ -16,7 +16,7 @@ from kg_qa_builder.generate import Generator, fix_articles
 from kg_qa_builder.graph import KnowledgeGraph, load_schema
 from kg_qa_builder.importers import build_graph, import_curated
 from kg_qa_builder.quality import TASKS, acceptable, answer_leak, check_targets, measure, two_right_options
-from kg_qa_builder.scenarios import KINDS, ScenarioGenerator, _months, crop_state, verify_scenario
+from kg_qa_builder.scenarios import KINDS, ScenarioGenerator, _months, crop_state
 from kg_qa_builder.stage import BuildQAConfig, run
 from kg_qa_builder.verify import Verifier
 from pipeline.config import load_config
