@@ -133,8 +133,10 @@ class Facts:
         self.tall = [o for o in kg.by_type["object_type"] if one(o, "height_range")]
         self.by_name = {norm(kg.name(n)): n for n in sorted(kg.g.nodes) if kg.type(n) in (
             "object_type", "land_use", "anomaly", "condition", "hazard", "roof_material")}
+        grouped = {"storage tank", "grain silo", "settling basin"}  # round objects that stand in regular groups
         self.circles = [o for o in kg.by_type["object_type"] if one(o, "diameter_range") and one(o, "has_shape")
-                        and kg.name(one(o, "has_shape") or "") == "circle"]
+                        and kg.name(one(o, "has_shape") or "") == "circle"
+                        and kg.name(one(o, "kind_of") or "") in grouped]
 
     def restricted(self, keep: Callable[[str], bool]) -> Facts:
         """A view whose entity lists hold only entities `keep` accepts (what a split may draw scenarios from);
@@ -347,8 +349,8 @@ def text_oms(F: Facts, p: dict[str, Any], sol: Solution) -> tuple[str, str, list
                f"{kg.name(p['cue'])}.")
     ask = f"What is the motion state of this {cat}: in motion or at rest?"
     length = sol.calcs[0]["result"]
-    steps = [f"Size first: {p['px_len']} px × {fmt(p['gsd'])} m = {fmt(length)} m, within the typical length of a "
-             f"{kg.name(o)} ({kg.name(F.one(o, 'length_range') or '')}), so the cues of that type apply.",
+    steps = [f"Size first: {p['px_len']} px × {fmt(p['gsd'])} m = {fmt(length)} m, consistent with a "
+             f"{kg.name(o)} ({kg.name(F.one(o, 'length_range') or '')} long), so the cues of that type apply.",
              "A single image has no time axis, so motion must be read from side effects of motion (wakes, "
              "blur, detached shadows, lane position) or from signs of rest (mooring, parking, stands); one clear "
              "cue of either kind decides the state.",
@@ -685,9 +687,9 @@ def solve_ad(F: Facts, p: dict[str, Any]) -> Solution:
     dpx = sol.calc("hypot", p["at"][0] - p["ref"][0], p["at"][1] - p["ref"][1], digits=1)
     d = fmt(sol.calc("mul", dpx, p["gsd"], digits=0))
     name = F.kg.name(p["head"])
-    sol.answer = f"{name}, about {d} m from the entrance"
+    sol.answer = f"{name}, about {d} m from the reference point"
     sol.right = lambda text: norm(text.split(",")[0]) == norm(name)
-    sol.pool = [f"{x}, about {d} m from the entrance" for x in sol.pool]  # type: ignore[attr-defined]
+    sol.pool = [f"{x}, about {d} m from the reference point" for x in sol.pool]  # type: ignore[attr-defined]
     sol.kind = "exact"
     return sol
 
@@ -697,16 +699,17 @@ def text_ad(F: Facts, p: dict[str, Any], sol: Solution) -> tuple[str, str, list[
     ctx = kg.name(p["ctx"]) if p.get("ctx") else "scene"
     cue = kg.name(p["cues"][0])
     setting = (f"A {fmt(p['gsd'])} m GSD image of {an(ctx)} is checked for anything unusual. The spot at pixel "
-               f"(x={p['at'][0]}, y={p['at'][1]}) shows {cue}. The site entrance is at (x={p['ref'][0]}, y={p['ref'][1]}).")
-    ask = "What anomaly does this observation indicate, and how far from the entrance is it?"
+               f"(x={p['at'][0]}, y={p['at'][1]}) shows {cue}. The reference point of the site is at (x={p['ref'][0]}, "
+               f"y={p['ref'][1]}).")
+    ask = "What anomaly does this observation indicate, and how far from the reference point is it?"
     c = sol.calcs
     steps = [f"Anomaly detection compares what is seen with the normal layout of {an(ctx)}: objects in their usual "
              "places, usual states and usual patterns.",
              f"'{cue}' departs from that normal pattern and is the recognised sign of: {kg.name(p['head'])}."]
     if p.get("ctx"):
         steps.append(f"{an_cap(ctx)} is one of the settings where {kg.name(p['head'])} is a known anomaly to look for.")
-    steps.append(f"Locate it for the report: √({p['at'][0] - p['ref'][0]}² + {p['at'][1] - p['ref'][1]}²) = "
-                 f"{fmt(c[0]['result'])} px × {fmt(p['gsd'])} m = about {fmt(c[1]['result'])} m from the entrance. To "
+    steps.append(f"Locate it for the report: √({abs(p['at'][0] - p['ref'][0])}² + {abs(p['at'][1] - p['ref'][1])}²) = "
+                 f"{fmt(c[0]['result'])} px × {fmt(p['gsd'])} m = about {fmt(c[1]['result'])} m from the reference point. To "
                  "confirm, compare with an earlier image: a feature that persists for years is part of the normal "
                  "layout, while a new one is the anomaly.")
     return setting, ask, steps
