@@ -67,7 +67,9 @@ class NearDupIndex:
     def add(self, text: str, answer: str) -> bool:
         sh = self.shingles(text)
         sig = [min((x ^ s) & 0xFFFFFFFFFFFF for x in sh) for s in self.seeds]
-        keys = [(b, hash(tuple(sig[b * self.rows:(b + 1) * self.rows]))) for b in range(self.bands)]
+        # only items with the same answer can be near-duplicates, so the answer is part of the bucket key: scenario
+        # questions of one template share most shingles, and without it every add would scan thousands of them
+        keys = [(b, hash((answer, *sig[b * self.rows:(b + 1) * self.rows]))) for b in range(self.bands)]
         cands = {i for k in keys for i in self.buckets.get(k, ())}
         for i in cands:
             osh, oans = self.items[i]
