@@ -79,6 +79,37 @@ def fits(x: float, rng: tuple[float, float], tol: float = 0.03) -> bool:
     return rng[0] * (1 - tol) <= x <= rng[1] * (1 + tol)
 
 
+def pick_gsd(rng: random.Random, F: Facts, p: dict[str, Any], choices: tuple[float, ...] = GSDS) -> None:
+    """Half of the time the GSD is given by naming the platform (its finest resolution is a graph fact)."""
+    if F.vhr and rng.random() < 0.5:
+        pl = rng.choice(F.vhr)
+        p["platform"], p["gsd"] = pl, F.rng(pl, "finest_resolution")[0]  # type: ignore[index]
+    else:
+        p["gsd"] = rng.choice(choices)
+
+
+def gsd_evidence(F: Facts, p: dict[str, Any], sol: Solution) -> None:
+    """Check a platform-given GSD against the graph and cite it."""
+    if p.get("platform"):
+        r = F.rng(p["platform"], "finest_resolution")
+        if not r or abs(r[0] - p["gsd"]) > 1e-9:
+            raise ScenarioError("platform GSD differs from the graph")
+        sol.evidence.append(F.tr(p["platform"], "finest_resolution"))
+
+
+def gsd_phrase(F: Facts, p: dict[str, Any]) -> str:
+    if p.get("platform"):
+        return f"a {F.kg.name(p['platform'])} image at the platform's finest resolution"
+    return f"an image with a ground sample distance (GSD) of {fmt(p['gsd'])} m"
+
+
+def gsd_step(F: Facts, p: dict[str, Any]) -> str:
+    if p.get("platform"):
+        return (f"The finest resolution of {F.kg.name(p['platform'])} is {fmt(p['gsd'])} m, so one pixel spans "
+                f"{fmt(p['gsd'])} m on the ground. ")
+    return ""
+
+
 OPS: dict[str, Callable[..., float]] = {
     "mul": lambda a, b: a * b, "div": lambda a, b: a / b, "add": lambda *a: sum(a), "sub": lambda a, b: a - b,
     "hypot": lambda a, b: math.hypot(a, b), "atan_deg": lambda a, b: math.degrees(math.atan2(a, b)),
@@ -133,6 +164,12 @@ class Facts:
         self.tall = [o for o in kg.by_type["object_type"] if one(o, "height_range")]
         self.by_name = {norm(kg.name(n)): n for n in sorted(kg.g.nodes) if kg.type(n) in (
             "object_type", "land_use", "anomaly", "condition", "hazard", "roof_material")}
+        self.vhr = []  # optical platforms whose finest resolution is a plain value under 1 m (the GSD of a scene)
+        for pl in kg.by_type["platform"]:
+            r = self.rng(pl, "finest_resolution")
+            mod = [kg.name(m) for m in kg.tails(pl, "has_modality")]
+            if r and r[0] == r[1] and r[0] < 1 and not any("radar" in m for m in mod):
+                self.vhr.append(pl)
         grouped = {"storage tank", "grain silo", "settling basin"}  # round objects that stand in regular groups
         self.circles = [o for o in kg.by_type["object_type"] if one(o, "diameter_range") and one(o, "has_shape")
                         and kg.name(one(o, "has_shape") or "") == "circle"
@@ -181,8 +218,10 @@ def _px_pair(rng: random.Random, r: tuple[float, float], gsd: float) -> int:
 def make_occ(rng: random.Random, F: Facts) -> dict[str, Any]:
     cat = rng.choice(sorted(c for c in F.sized if len(F.sized[c]) >= 4))
     obj = rng.choice(F.sized[cat])
-    gsd = rng.choice(GSDS)
-    p: dict[str, Any] = {"obj": obj, "gsd": gsd, "px_len": _px_pair(rng, F.rng(obj, "length_range"), gsd)}  # type: ignore[arg-type]
+    p: dict[str, Any] = {"obj": obj}
+    pick_gsd(rng, F, p)
+    gsd = p["gsd"]
+    p["px_len"] = _px_pair(rng, F.rng(obj, "length_range"), gsd)  # type: ignore[arg-type]
     for rel in ("wingspan", "width_range"):
         r2 = F.rng(obj, rel)
         if r2:
@@ -222,6 +261,7 @@ def solve_occ(F: Facts, p: dict[str, Any]) -> Solution:
         sol.evidence.append((obj, "has_visual_cue", p["cue"]))
     if p.get("ctx"):
         sol.evidence.append((obj, "typically_found_in", p["ctx"]))
+    gsd_evidence(F, p, sol)
     names = {norm(kg.name(o)): o for o in F.sized[cat]}  # type: ignore[index]
     sol.right = lambda text: names.get(norm(text)) == obj
     sol.pool = [kg.name(o) for o in F.sized[cat] if o != obj and not ok(o)]  # type: ignore[attr-defined, index]
@@ -233,13 +273,14 @@ def text_occ(F: Facts, p: dict[str, Any], sol: Solution) -> tuple[str, str, list
     cat = kg.name(F.one(obj, "object_category") or "")
     length = sol.calcs[0]["result"]
     d2 = {"wingspan": "wingspan", "width_range": "width"}.get(p.get("dim2", ""), "")
-    where = f" in {an(kg.name(p['ctx']))}" if p.get("ctx") else ""
-    setting = (f"An image with a ground sample distance (GSD) of {fmt(p['gsd'])} m shows {an(cat)}{where}. It is "
+    where = f" (setting: {kg.name(p['ctx'])})" if p.get("ctx") else ""
+    g = gsd_phrase(F, p)
+    setting = (f"{g[0].upper() + g[1:]} shows {an(cat)}{where}. It is "
                f"{p['px_len']} px long" + (f" and its {d2} spans {p['px_2']} px" if d2 else "") +
                (f"; it shows {kg.name(p['cue'])}" if p.get("cue") else "") + ".")
     ask = f"Which type of {cat} is it most likely?"
-    steps = [f"Scale principle: a ground length equals the pixel count times the GSD, so measure before naming "
-             f"the object. Length: {p['px_len']} px × {fmt(p['gsd'])} m = {fmt(length)} m" +
+    steps = [f"{gsd_step(F, p)}Scale principle: a ground length equals the pixel count times the GSD, so measure "
+             f"before naming the object. Length: {p['px_len']} px × {fmt(p['gsd'])} m = {fmt(length)} m" +
              (f"; {d2}: {p['px_2']} px × {fmt(p['gsd'])} m = {fmt(sol.calcs[1]['result'])} m." if d2 else ".")]
     lr = kg.name(F.one(obj, "length_range") or "")
     s2 = f"{an_cap(kg.name(obj))} is typically {lr} long"
@@ -414,14 +455,17 @@ def text_osr(F: Facts, p: dict[str, Any], sol: Solution) -> tuple[str, str, list
 # ---- counting kinds (OC, RC, RCCD, CCR)
 def make_oc(rng: random.Random, F: Facts) -> dict[str, Any]:
     o = rng.choice(F.circles)
-    gsd = rng.choice(GSDS)
-    groups = [[rng.randint(2, 6), rng.randint(2, 8), rng.randint(0, 3)] for _ in range(rng.randint(2, 3))]
-    return {"obj": o, "gsd": gsd, "px_d": _px_pair(rng, F.rng(o, "diameter_range"), gsd), "groups": groups}  # type: ignore[arg-type]
+    p: dict[str, Any] = {"obj": o}
+    pick_gsd(rng, F, p)
+    p["px_d"] = _px_pair(rng, F.rng(o, "diameter_range"), p["gsd"])  # type: ignore[arg-type]
+    p["groups"] = [[rng.randint(2, 6), rng.randint(2, 8), rng.randint(0, 3)] for _ in range(rng.randint(2, 3))]
+    return p
 
 
 def solve_oc(F: Facts, p: dict[str, Any]) -> Solution:
     o = p["obj"]
     sol = Solution("", [F.tr(o, "diameter_range"), F.tr(o, "has_shape")], kind="exact")
+    gsd_evidence(F, p, sol)
     d = sol.calc("mul", p["px_d"], p["gsd"], digits=1)
     if not fits(d, F.rng(o, "diameter_range")):  # type: ignore[arg-type]
         raise ScenarioError("size")
@@ -438,13 +482,14 @@ def solve_oc(F: Facts, p: dict[str, Any]) -> Solution:
 def text_oc(F: Facts, p: dict[str, Any], sol: Solution) -> tuple[str, str, list[str]]:
     kg, o = F.kg, p["obj"]
     g = "; ".join(f"group {i + 1}: {r} rows of {c} positions with {k} empty" for i, (r, c, k) in enumerate(p["groups"]))
-    setting = (f"A {fmt(p['gsd'])} m GSD image of {an(kg.name(F.one(o, 'typically_found_in') or 'site'))} shows "
+    gp = gsd_phrase(F, p)
+    setting = (f"{gp[0].upper() + gp[1:]} of {an(kg.name(F.one(o, 'typically_found_in') or 'site'))} shows "
                f"circular objects about {p['px_d']} px across, laid out in groups ({g}).")
     ask = f"How many {plural(kg.name(o))} are in the image in total?"
     cs = sol.calcs
     per = ", ".join(f"{r} × {c} = {fmt(cs[1 + 2 * i]['result'])}, minus {k} = {fmt(cs[2 + 2 * i]['result'])}"
                     for i, (r, c, k) in enumerate(p["groups"]))
-    steps = [f"Identify the objects: {p['px_d']} px × {fmt(p['gsd'])} m = {fmt(cs[0]['result'])} m across; a "
+    steps = [f"{gsd_step(F, p)}Identify the objects: {p['px_d']} px × {fmt(p['gsd'])} m = {fmt(cs[0]['result'])} m across; a "
              f"{kg.name(o)} is typically {kg.name(F.one(o, 'diameter_range') or '')} across and circular from above, "
              "so every circle counts.",
              f"Count each regular group as rows × positions minus empty positions: {per}.",
