@@ -445,7 +445,7 @@ def text_osr(F: Facts, p: dict[str, Any], sol: Solution) -> tuple[str, str, list
     steps = [f"In a north-up image up is north and right is east, so bearings follow from pixel offsets and "
              f"distances from the offsets times the GSD. Offsets in pixels: east = {p['pb'][0]} − {p['pa'][0]} = {fmt(dx)} px; north = {p['pa'][1]} − "
              f"{p['pb'][1]} = {fmt(dy)} px (rows count downwards, so north is minus y).",
-             f"Distance: √({fmt(dx)}² + {fmt(dy)}²) = {fmt(c['hypot'])} px, times the GSD {fmt(p['gsd'])} m = "
+             f"Distance: √({fmt(abs(dx))}² + {fmt(abs(dy))}²) = {fmt(c['hypot'])} px, times the GSD {fmt(p['gsd'])} m = "
              f"about {fmt(c['mul'])} m on the ground.",
              f"Bearing: the angle atan2(north, east) = {fmt(c['atan_deg'])}° from east (counter-clockwise) falls in "
              f"the {sol.direction} sector of the 8-point compass (45° sectors centred on each direction)."]  # type: ignore[attr-defined]
@@ -666,7 +666,10 @@ def make_oluc(rng: random.Random, F: Facts) -> dict[str, Any]:
 
 
 def solve_oluc(F: Facts, p: dict[str, Any]) -> Solution:
-    return _solve_cues(F, p, {"land_use"}, F.land_uses)
+    sol = _solve_cues(F, p, {"land_use"}, F.land_uses)
+    side = sol.calc("div", sol.calc("mul", 8000, p["gsd"], digits=0), 1000, digits=2)
+    sol.calc("mul", side, side, digits=2)
+    return sol
 
 
 def text_oluc(F: Facts, p: dict[str, Any], sol: Solution) -> tuple[str, str, list[str]]:
@@ -677,6 +680,9 @@ def text_oluc(F: Facts, p: dict[str, Any], sol: Solution) -> tuple[str, str, lis
     steps = ["Land use is what people use the land for, so it is read from the arrangement of objects and "
              "activities, not only from the cover (grass, roofs or water).",
              *[f"'{c}' is a recognised cue of the land use '{sol.answer}'." for c in cues[:2]],
+             f"Scale of the judgement: 8000 px × {fmt(p['gsd'])} m = {fmt(sol.calcs[0]['result'])} m = "
+             f"{fmt(sol.calcs[1]['result'])} km per side, {fmt(sol.calcs[1]['result'])}² = "
+             f"{fmt(sol.calcs[2]['result'])} km², large enough for the dominant use to show in many blocks.",
              f"The cues agree and none of them is a cue of another land use in the catalogue, so the image is mainly "
              f"{sol.answer}" + (f"; typical objects such as {', '.join(plural(kg.name(o)) for o in kg.tails(p['head'], 'typical_object')[:3])}"
                                 " would further support it." if kg.tails(p["head"], "typical_object") else ".")]
@@ -686,6 +692,8 @@ def text_oluc(F: Facts, p: dict[str, Any], sol: Solution) -> tuple[str, str, lis
 def make_rluc(rng: random.Random, F: Facts) -> dict[str, Any]:
     p = _make_cues(rng, F, F.land_uses, "indicated_by_cue", 1)
     p["quad"] = rng.choice(["north-west", "north-east", "south-west", "south-east", "central"])
+    p["gsd"] = rng.choice(GSDS)
+    p["box"] = [rng.randrange(800, 4000, 50), rng.randrange(800, 4000, 50)]
     objs = F.kg.tails(p["head"], "typical_object")
     p["obj"] = rng.choice(objs) if objs else None
     return p
@@ -695,6 +703,14 @@ def solve_rluc(F: Facts, p: dict[str, Any]) -> Solution:
     sol = _solve_cues(F, p, {"land_use"}, F.land_uses)
     if p.get("obj"):
         sol.evidence.append((p["head"], "typical_object", p["obj"]))
+    w = sol.calc("mul", p["box"][0], p["gsd"], digits=0)
+    h = sol.calc("mul", p["box"][1], p["gsd"], digits=0)
+    ha = fmt(sol.calc("div", sol.calc("mul", w, h, digits=0), 10000, digits=1))
+    name = F.kg.name(p["head"])
+    sol.answer = f"{name}, about {ha} ha"
+    sol.right = lambda text: norm(text.split(",")[0]) == norm(name)
+    sol.pool = [f"{x}, about {ha} ha" for x in sol.pool]  # type: ignore[attr-defined]
+    sol.kind = "exact"
     return sol
 
 
@@ -702,16 +718,22 @@ def text_rluc(F: Facts, p: dict[str, Any], sol: Solution) -> tuple[str, str, lis
     kg = F.kg
     cue = kg.name(p["cues"][0])
     extra = f" Several {plural(kg.name(p['obj']))} are visible there." if p.get("obj") else ""
-    setting = (f"The image mixes several land uses. In its {p['quad']} part the interpreter sees {cue}.{extra}")
-    ask = f"What is the land use of the {p['quad']} part of the image?"
+    setting = (f"A {fmt(p['gsd'])} m GSD image mixes several land uses. Its {p['quad']} part, a block of "
+               f"{p['box'][0]} × {p['box'][1]} px, shows {cue}.{extra}")
+    ask = f"What is the land use of the {p['quad']} block, and about how large is it?"
+    c = sol.calcs
+    use = kg.name(p["head"])
     steps = [f"Regional land use is judged only from the evidence inside the region ({p['quad']} part) at the "
              "scale of blocks and parcels, "
              "ignoring the uses of the rest of the scene; land use is what the land is used for, read from objects "
              "and their arrangement rather than from cover alone.",
-             f"'{cue}' is a recognised cue of the land use '{sol.answer}' and of no other use in the catalogue."]
+             f"'{cue}' is a recognised cue of the land use '{use}' and of no other use in the catalogue."]
     if p.get("obj"):
-        steps.append(f"{plural(kg.name(p['obj'])).capitalize()} are typical objects of the land use '{sol.answer}', "
+        steps.append(f"{plural(kg.name(p['obj'])).capitalize()} are typical objects of the land use '{use}', "
                      "which agrees.")
+    steps.append(f"Size of the block: {p['box'][0]} px × {fmt(p['gsd'])} m = {fmt(c[0]['result'])} m by {p['box'][1]} px × "
+                 f"{fmt(p['gsd'])} m = {fmt(c[1]['result'])} m, so {fmt(c[2]['result'])} m² = {fmt(c[3]['result'])} ha "
+                 "(1 ha = 10,000 m²).")
     return setting, ask, steps
 
 
