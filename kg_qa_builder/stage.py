@@ -31,7 +31,7 @@ from kg_qa_builder.errors import GenerationError
 from kg_qa_builder.generate import Generator
 from kg_qa_builder.importers import build_graph
 from kg_qa_builder.quality import answer_leak
-from kg_qa_builder.scenarios import ScenarioGenerator
+from kg_qa_builder.scenarios import PRINCIPLE_HEADS, ScenarioGenerator
 from kg_qa_builder.verify import Verifier
 from pipeline.config import StageConfig, hfield
 from pipeline.records import TextQA, read_jsonl, write_jsonl
@@ -188,6 +188,12 @@ def run(cfg: BuildQAConfig) -> dict[str, Any]:
     gstats = kg.stats()
     (out / "graph_stats.json").write_text(json.dumps(gstats, indent=1), encoding="utf-8")
     parts = partition(kg.triples, cfg.seed, cfg.val_fraction, cfg.test_fraction)
+    # facts about the general tools every split's scenarios reason with (lane width, construction signatures,
+    # sun-elevation cues) are training knowledge: never asked about in val/test
+    for s in ("val", "test"):
+        tools = {t for t in parts[s] if kg.name(t[0]) in PRINCIPLE_HEADS}
+        parts[s] -= tools
+        parts["train"] |= tools
     rejections: Counter = Counter()
     rej_log: list[dict[str, Any]] = []
     seen: set[str] = set()
