@@ -178,6 +178,24 @@ def generate_split(gen: Any, ver: Verifier, split: str, n: int, max_attempts: in
     return out
 
 
+def split_of(kg: Any, entity: str, cfg: BuildQAConfig) -> str:
+    """The split an entity belongs to: the seeded hash, except the general tools every split's scenarios
+    reason with (lane width, construction signatures, sun-elevation cues), which are training knowledge."""
+    if kg.name(entity) in PRINCIPLE_HEADS:
+        return "train"
+    return entity_split(entity, cfg.seed, cfg.val_fraction, cfg.test_fraction)
+
+
+def split_facts(kg: Any, cfg: BuildQAConfig) -> dict[str, set]:
+    """Facts (triples) per split, by their subject entity (see `split_of`)."""
+    parts = partition(kg.triples, cfg.seed, cfg.val_fraction, cfg.test_fraction)
+    for s in ("val", "test"):
+        tools = {t for t in parts[s] if kg.name(t[0]) in PRINCIPLE_HEADS}
+        parts[s] -= tools
+        parts["train"] |= tools
+    return parts
+
+
 def run(cfg: BuildQAConfig) -> dict[str, Any]:
     """Build the graph, generate + verify + dedup + split QA, write JSONL, exports, stats, rejections."""
     t0 = time.time()
@@ -187,13 +205,7 @@ def run(cfg: BuildQAConfig) -> dict[str, Any]:
                      max_spectra=None if cfg.max_spectra < 0 else cfg.max_spectra)
     gstats = kg.stats()
     (out / "graph_stats.json").write_text(json.dumps(gstats, indent=1), encoding="utf-8")
-    parts = partition(kg.triples, cfg.seed, cfg.val_fraction, cfg.test_fraction)
-    # facts about the general tools every split's scenarios reason with (lane width, construction signatures,
-    # sun-elevation cues) are training knowledge: never asked about in val/test
-    for s in ("val", "test"):
-        tools = {t for t in parts[s] if kg.name(t[0]) in PRINCIPLE_HEADS}
-        parts[s] -= tools
-        parts["train"] |= tools
+    parts = split_facts(kg, cfg)
     rejections: Counter = Counter()
     rej_log: list[dict[str, Any]] = []
     seen: set[str] = set()
@@ -206,7 +218,7 @@ def run(cfg: BuildQAConfig) -> dict[str, Any]:
         rules = KeepRules(n)
         sgen = ScenarioGenerator(
             kg, seed=cfg.seed * 1000 + 500 + i,
-            subjects=lambda s, sp=split: entity_split(s, cfg.seed, cfg.val_fraction, cfg.test_fraction) == sp,
+            subjects=lambda s, sp=split: split_of(kg, s, cfg) == sp,
             qtype_weights={k: float(v) for k, v in cfg.scenario_qtype_weights.items()},
             kinds={k: float(v) for k, v in cfg.scenario_kinds.items()} or None)
         scen = generate_split(sgen, verifier, split, n_scen, max(1, n_scen) * cfg.max_attempts_factor, near, seen,

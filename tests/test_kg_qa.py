@@ -15,7 +15,7 @@ from kg_qa_builder.errors import KGLoadError, LeakageError
 from kg_qa_builder.generate import Generator
 from kg_qa_builder.graph import KnowledgeGraph, load_schema, norm
 from kg_qa_builder.importers import build_graph, import_curated, nid
-from kg_qa_builder.stage import BuildQAConfig, run
+from kg_qa_builder.stage import BuildQAConfig, run, split_facts
 from kg_qa_builder.teacher import TeacherClient, build_requests, parse_items
 from kg_qa_builder.verify import Verifier
 from pipeline.config import load_config
@@ -300,7 +300,7 @@ def test_teacher_stage_resume_without_duplicates_and_retries(tmp_path, kg):
     with FakeTeacher(kg, seed=2, fail_first=1) as fake:  # every request fails once, then succeeds (retry)
         cfg = load_config(BuildQAConfig, None, {**base, "teacher_url": fake.url})
         # simulate a killed run: only the first 5 requests were answered, and a partial line was left behind
-        reqs = build_requests(kg, partition(kg.triples, cfg.seed, cfg.val_fraction, cfg.test_fraction),
+        reqs = build_requests(kg, split_facts(kg, cfg),
                               {"train": 12, "test": 6}, n_items=4, context_triples=12, seed=0,
                               skip_relations={"instance_of_surface", "from_library"})
         raw = tmp_path / "t" / "teacher_raw.jsonl"

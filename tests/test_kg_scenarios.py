@@ -16,7 +16,7 @@ from kg_qa_builder.generate import Generator, fix_articles
 from kg_qa_builder.graph import KnowledgeGraph, load_schema
 from kg_qa_builder.importers import build_graph, import_curated
 from kg_qa_builder.quality import TASKS, acceptable, answer_leak, check_targets, measure, two_right_options
-from kg_qa_builder.scenarios import KINDS, ScenarioGenerator, _months, crop_state
+from kg_qa_builder.scenarios import KINDS, PRINCIPLE_HEADS, ScenarioGenerator, _months, crop_state
 from kg_qa_builder.stage import BuildQAConfig, run
 from kg_qa_builder.verify import Verifier
 from pipeline.config import load_config
@@ -210,9 +210,12 @@ def test_quality_targets_on_default_build(tmp_path):
     # split by entity: no subject asked about in train and test
     subj = {s: {q.meta["subject"] for q in v} for s, v in by.items()}
     assert not (subj["train"] & subj["test"]) and not (subj["train"] & subj["val"])
-    for q in by["test"]:
+    for q in by["test"] + by["val"]:
         if q.source == "kg-template":
-            assert entity_split(q.meta["subject"], cfg.seed, cfg.val_fraction, cfg.test_fraction) == "test"
+            assert entity_split(q.meta["subject"], cfg.seed, cfg.val_fraction, cfg.test_fraction) == q.split
+            # facts about the scenarios' general tools are training knowledge (found by the paper-scale build)
+            assert not any(t[0].split(":", 1)[1] in {n.lower() for n in PRINCIPLE_HEADS}
+                           for t in q.meta["evidence_ids"])
     # at most 2 items per fact and question type
     per = Counter((tuple(q.meta["evidence_ids"][-1]), q.qtype) for q in by["train"] if q.source == "kg-template")
     assert max(per.values()) <= 2
