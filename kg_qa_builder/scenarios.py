@@ -110,6 +110,27 @@ def gsd_step(F: Facts, p: dict[str, Any]) -> str:
     return ""
 
 
+def add_area(rng: random.Random, p: dict[str, Any], lo: int, hi: int) -> None:
+    """An extent in pixels (w × h) whose ground area the rationale works out (more distinct scenes, and the
+    GSD arithmetic that area estimates need)."""
+    p["area_px"] = [rng.randrange(lo, hi), rng.randrange(lo, hi)]
+    p.setdefault("gsd", rng.choice(GSDS))
+
+
+def area_calcs(sol: Solution, p: dict[str, Any]) -> None:
+    if p.get("area_px"):
+        w = sol.calc("mul", p["area_px"][0], p["gsd"], digits=1)
+        h = sol.calc("mul", p["area_px"][1], p["gsd"], digits=1)
+        m2 = sol.calc("mul", w, h, digits=0)
+        sol.calc("div", m2, 10000, digits=2)
+
+
+def area_step(p: dict[str, Any], sol: Solution, what: str) -> str:
+    w, h, m2, ha = (c["result"] for c in sol.calcs[-4:])
+    return (f"Extent of the {what}: {p['area_px'][0]} px × {fmt(p['gsd'])} m = {fmt(w)} m by {p['area_px'][1]} px × "
+            f"{fmt(p['gsd'])} m = {fmt(h)} m, so {fmt(m2)} m² = {fmt(ha)} ha (1 ha = 10,000 m²).")
+
+
 OPS: dict[str, Callable[..., float]] = {
     "mul": lambda a, b: a * b, "div": lambda a, b: a / b, "add": lambda *a: sum(a), "sub": lambda a, b: a - b,
     "hypot": lambda a, b: math.hypot(a, b), "atan_deg": lambda a, b: math.degrees(math.atan2(a, b)),
@@ -304,6 +325,8 @@ def make_ocl(rng: random.Random, F: Facts) -> dict[str, Any]:
             p["px_2"] = _px_pair(rng, F.rng(h, "width_range"), p["gsd"])  # type: ignore[arg-type]
     cues = F.kg.tails(h, "roof_cue") or F.kg.tails(h, "has_visual_cue")
     p["cue"] = rng.choice(cues) if cues else None
+    if not p.get("px_len"):
+        add_area(rng, p, 20, 240)
     return p
 
 
@@ -326,6 +349,7 @@ def solve_ocl(F: Facts, p: dict[str, Any]) -> Solution:
         sol.evidence.append((h, rel, p["cue"]))
     sol.right = lambda text: acceptable(kg.name(colour), text, "colour")
     sol.pool = [kg.name(c) for c in kg.by_type["colour"]]  # type: ignore[attr-defined]
+    area_calcs(sol, p)
     return sol
 
 
@@ -345,12 +369,15 @@ def text_ocl(F: Facts, p: dict[str, Any], sol: Solution) -> tuple[str, str, list
                  + (f" and {kg.name(F.one(h, 'width_range') or '')} wide" if len(c) > 1 else "")
                  + ", which matches the measurement" + (f", and it shows {kg.name(p['cue'])}" if p.get("cue") else "") + "."]
     else:
-        setting = (f"In a {fmt(p['gsd'])} m GSD natural-colour image of a built-up area, one roof shows "
-                   f"{kg.name(p['cue'])}." if p.get("cue") else "A roof is seen in a natural-colour image.")
+        size = f" measuring {p['area_px'][0]} × {p['area_px'][1]} px" if p.get("area_px") else ""
+        setting = (f"In a {fmt(p['gsd'])} m GSD natural-colour image of a built-up area, one roof{size} shows "
+                   f"{kg.name(p['cue'])}." if p.get("cue") else f"A roof{size} is seen in a natural-colour image.")
         ask = "What colour does this roof most likely appear in the image?"
         steps = [f"Colour in a natural-colour image depends on the surface material, so first identify the "
                  f"material from texture and form: {kg.name(p['cue'])} points to {an(kg.name(h))}."
                  if p.get("cue") else f"The roof is {an(kg.name(h))}."]
+        if p.get("area_px"):
+            steps.append(area_step(p, sol, "roof"))
     steps.append("Judge the colour on the sunlit part of the surface: shadowed faces look darker and haze adds a "
                  "blue-grey cast, so neither should change the reading.")
     steps.append(f"Tone and colour are interpretation elements tied to the material: {an(kg.name(h))} usually "
@@ -783,7 +810,7 @@ def text_ad(F: Facts, p: dict[str, Any], sol: Solution) -> tuple[str, str, list[
 
 
 def make_ecr(rng: random.Random, F: Facts) -> dict[str, Any]:
-    mode = rng.choice(["sun", "sun", "crop", "crop", "condition", "hazard"])
+    mode = rng.choice(["sun", "sun", "sun", "crop", "crop", "condition", "hazard"])
     if mode == "sun":
         o = rng.choice(F.tall)
         gsd = rng.choice(GSDS)
@@ -792,10 +819,15 @@ def make_ecr(rng: random.Random, F: Facts) -> dict[str, Any]:
         return {"mode": mode, "obj": o, "gsd": gsd, "height": round(h), "shadow_px": max(2, round(h / math.tan(math.radians(elev)) / gsd))}
     if mode == "crop":
         c = rng.choice(F.calendars)
-        return {"mode": mode, "cal": c, "month": rng.randrange(12)}
+        p = {"mode": mode, "cal": c, "month": rng.randrange(12)}
+        add_area(rng, p, 300, 2500)
+        return p
     if mode == "condition":
-        return {"mode": mode, **_make_cues(rng, F, F.conditions, "indicated_by_cue", 1)}
-    return {"mode": mode, **_make_cues(rng, F, F.hazards, "optical_signature", 1)}
+        p = {"mode": mode, **_make_cues(rng, F, F.conditions, "indicated_by_cue", 1)}
+    else:
+        p = {"mode": mode, **_make_cues(rng, F, F.hazards, "optical_signature", 1)}
+    add_area(rng, p, 500, 6000)
+    return p
 
 
 def _months(text: str) -> list[int]:
@@ -846,6 +878,7 @@ def solve_ecr(F: Facts, p: dict[str, Any]) -> Solution:
                         F.tr(c, "calendar_region")])  # type: ignore[list-item]
         sol.pool = [s for s in ("ripe crop or harvest under way", "freshly tilled or sown soil with little green cover",
                                 "fallow: stubble or bare soil between seasons", "crop growing in the field") if s != sol.answer]  # type: ignore[attr-defined]
+        area_calcs(sol, p)
         return sol
     types = {"condition"} if p["mode"] == "condition" else {"hazard"}
     pool = F.conditions if p["mode"] == "condition" else F.hazards
@@ -853,6 +886,7 @@ def solve_ecr(F: Facts, p: dict[str, Any]) -> Solution:
     effs = kg.tails(p["head"], "interpretation_effect")
     if effs:
         sol.evidence.append((p["head"], "interpretation_effect", effs[0]))
+    area_calcs(sol, p)
     return sol
 
 
@@ -876,7 +910,9 @@ def text_ecr(F: Facts, p: dict[str, Any], sol: Solution) -> tuple[str, str, list
         c = p["cal"]
         crop, region = kg.name(F.one(c, "calendar_crop") or ""), kg.name(F.one(c, "calendar_region") or "")
         sow, har = kg.name(F.one(c, "sowing_period") or ""), kg.name(F.one(c, "harvest_period") or "")
-        setting = f"A field of {crop} in {region} is imaged in {MONTHS[p['month']]}."
+        setting = (f"A field of {crop} in {region}, {p['area_px'][0]} × {p['area_px'][1]} px in a {fmt(p['gsd'])} m "
+                   f"GSD image, is imaged in {MONTHS[p['month']]}.") if p.get("area_px") else \
+            f"A field of {crop} in {region} is imaged in {MONTHS[p['month']]}."
         ask = "What state is the field most likely in?"
         steps = ["Crop appearance follows the crop calendar of the region, so place the date in the calendar.",
                  f"In {region}, {crop} is sown or planted in {sow} and harvested in {har}.",
@@ -890,10 +926,13 @@ def text_ecr(F: Facts, p: dict[str, Any], sol: Solution) -> tuple[str, str, list
         if cues:
             steps.append(f"Cross-check with how {crop} fields look: {kg.name(cues[0])}; the seasonal state decides which "
                          "of these cues can be seen on the date of the image.")
+        if p.get("area_px"):
+            steps.append(area_step(p, sol, "field"))
         return setting, ask, steps
     cue = kg.name(p["cues"][0])
     kind = "condition of the image" if p["mode"] == "condition" else "event"
-    setting = f"A very-high-resolution optical image shows {cue}."
+    setting = (f"A {fmt(p['gsd'])} m GSD optical image shows {cue} over an area of {p['area_px'][0]} × "
+               f"{p['area_px'][1]} px." if p.get("area_px") else f"A very-high-resolution optical image shows {cue}.")
     ask = f"Which {kind} does this indicate?"
     steps = ["Environmental conditions are read from their signatures in the image (tone, texture, shape and "
              "position relative to other features), then their effect on what can be interpreted is taken into "
@@ -901,6 +940,8 @@ def text_ecr(F: Facts, p: dict[str, Any], sol: Solution) -> tuple[str, str, list
              f"'{cue}' is the recognised signature of {sol.answer}."]
     if len(sol.evidence) > 1:
         steps.append(f"Its effect on interpretation: {kg.name(sol.evidence[-1][2])}.")
+    if p.get("area_px"):
+        steps.append(area_step(p, sol, "affected area"))
     best = kg.tails(p["head"], "best_observed_with")
     if best:
         steps.append(f"For this reason {sol.answer} is best observed with {' or '.join(kg.name(b) for b in best)} "
