@@ -19,8 +19,14 @@ _WORD = re.compile(r"[a-z0-9]+")
 
 
 def fact_split(triple: tuple[str, str, str] | list[str], seed: int, val_fraction: float, test_fraction: float) -> str:
-    """Deterministic split of one fact (triple of node ids) by a seeded hash."""
-    h = hashlib.blake2b(f"{seed}\x1f{triple[0]}\x1f{triple[1]}\x1f{triple[2]}".encode(), digest_size=8).digest()
+    """Deterministic split of one fact (triple of node ids) by a seeded hash of its subject (head) entity, so
+    every fact about one entity lands in one split and no entity is asked about in both train and test."""
+    return entity_split(triple[0], seed, val_fraction, test_fraction)
+
+
+def entity_split(entity: str, seed: int, val_fraction: float, test_fraction: float) -> str:
+    """Deterministic split of one entity (node id) by a seeded hash."""
+    h = hashlib.blake2b(f"{seed}\x1f{entity}".encode(), digest_size=8).digest()
     u = int.from_bytes(h, "big") / 2**64
     return "test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"
 
@@ -34,7 +40,8 @@ def partition(triples: Iterable[tuple[str, str, str]], seed: int, val_fraction: 
 
 
 def norm_question(q: TextQA) -> str:
-    return norm(q.question) + " || " + " | ".join(norm(c) for c in q.choices)
+    """Dedup key: the normalised question string alone (the same stem with other options is a repeat)."""
+    return norm(q.question)
 
 
 class NearDupIndex:
@@ -60,7 +67,9 @@ class NearDupIndex:
     def add(self, text: str, answer: str) -> bool:
         sh = self.shingles(text)
         sig = [min((x ^ s) & 0xFFFFFFFFFFFF for x in sh) for s in self.seeds]
-        keys = [(b, hash(tuple(sig[b * self.rows:(b + 1) * self.rows]))) for b in range(self.bands)]
+        # only items with the same answer can be near-duplicates, so the answer is part of the bucket key: scenario
+        # questions of one template share most shingles, and without it every add would scan thousands of them
+        keys = [(b, hash((answer, *sig[b * self.rows:(b + 1) * self.rows]))) for b in range(self.bands)]
         cands = {i for k in keys for i in self.buckets.get(k, ())}
         for i in cands:
             osh, oans = self.items[i]
@@ -77,12 +86,16 @@ def check_leakage(by_split: dict[str, list[TextQA]]) -> dict[str, int]:
     """Raise LeakageError when a val/test QA uses a fact (evidence triple) or a question seen in training."""
     train_facts = {tuple(t) for q in by_split.get("train", []) for t in q.meta.get("evidence_ids", q.evidence)}
     train_qs = {norm_question(q) for q in by_split.get("train", [])}
+    train_subjects = {q.meta["subject"] for q in by_split.get("train", []) if q.meta.get("subject")}
     problems = []
     for s in ("val", "test"):
         for q in by_split.get(s, []):
-            shared = [t for t in q.meta.get("evidence_ids", q.evidence) if tuple(t) in train_facts]
+            tools = {tuple(t) for t in q.meta.get("principle_ids", [])}
+            shared = [t for t in q.meta.get("evidence_ids", q.evidence) if tuple(t) in train_facts and tuple(t) not in tools]
             if shared:
                 problems.append(f"{s} QA {q.id} uses training fact(s) {shared[:2]}")
+            if q.meta.get("subject") in train_subjects:
+                problems.append(f"{s} QA {q.id} asks about the training entity {q.meta['subject']!r}")
             if norm_question(q) in train_qs:
                 problems.append(f"{s} QA {q.id} repeats a training question")
     if problems:
@@ -156,6 +169,21 @@ def write_stats(out_dir: Path, by_split: dict[str, list[TextQA]], rejections: Co
              f"Sources: {', '.join(f'{k} ({v})' for k, v in graph_stats['sources'].items())}.", ""]
     for k, v in extra.items():
         lines.append(f"- {k}: {v}")
+    from kg_qa_builder.quality import markdown as quality_md
+    from kg_qa_builder.quality import measure
+
+    quality = {s: measure(by_split.get(s, [])) for s in SPLITS}
+    lines += ["", *quality_md(quality["train"], "quality targets (train split)")]
+    lines += ["", "Checked by kg_qa_builder/quality.py: two right options = an option the value-kind rule would also "
+              "accept (colour families, overlapping or close quantities, word containment); leak = the answer "
+              "text in the question; tokens = words and punctuation marks of the rationale; steps = rationale entries."]
+    lines += ["", "| split | items | interp % | min sub-task % | steps | tokens | repeats % | two-right % | leaks % |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for s, m in quality.items():
+        lines.append(f"| {s} | {m['items']} | {m['image-interpretation share %']} | {m['min sub-task share %']} | "
+                     f"{m['mean rationale steps']} | {m['mean rationale tokens']} | {m['repeated question strings %']} | "
+                     f"{m['MCQs with two right options %']} | {m['answer leaks %']} |")
+    tables["task"] = Counter(q.meta.get("task", "general") for q in allq)
     for name, c in [*tables.items(), ("rejection reason", rejections)]:
         lines += ["", f"## by {name}", "", f"| {name} | count |", "|---|---:|"]
         lines += [f"| {k} | {n} |" for k, n in c.most_common()]
@@ -174,4 +202,6 @@ def write_stats(out_dir: Path, by_split: dict[str, list[TextQA]], rejections: Co
     fig.tight_layout()
     fig.savefig(out_dir / "stats.png", dpi=90)
     plt.close(fig)
-    return {k: dict(v) for k, v in tables.items()}
+    out = {k: dict(v) for k, v in tables.items()}
+    out["quality"] = quality  # type: ignore[assignment]
+    return out

@@ -5,18 +5,21 @@ entity (the anchor) is named directly (1 hop) or described through further tripl
 spectral index whose full name is X": 2-3 hops). Every description must pick out exactly one node in the
 whole graph, counting nodes that share the anchor's surface name (so "BAI" and "BaI" are ambiguous).
 Answers of fill-in/free-form questions must be unique; MCQ distractors and false statements come from
-nodes of the answer's type that the graph says are wrong (closed-world relations only).
+values the relation takes elsewhere that the graph says are wrong (relations declared complete only) and
+that a knowledgeable reader would not accept beside the answer.
 """
 
 from __future__ import annotations
 
 import hashlib
 import random
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
 from kg_qa_builder.graph import KnowledgeGraph, RelationSpec, norm
+from kg_qa_builder.quality import acceptable
 from pipeline.records import TextQA
 
 LETTERS = "ABCDEFGH"
@@ -169,15 +172,22 @@ class Generator:
         return plan
 
     def _describe(self, node: str, used: set[Triple]) -> Step | None:
-        """A triple that identifies `node` uniquely from a neighbour (the neighbour becomes the anchor)."""
-        if self.kg.schema.is_literal(self.kg.type(node)):
+        """A triple that identifies `node` uniquely from a neighbour (the neighbour becomes the anchor).
+
+        Never through numbers, codes or identifiers: neither the node, the neighbour nor the relation may be
+        a literal value, a catalogue identifier or catalogue trivia ("the platform with the band 10 nm wide")."""
+        schema = self.kg.schema
+        if schema.is_identifier(self.kg.type(node)):
             return None  # never chain through a shared literal ("21" as a Koppen number and a CORINE code)
         cands = [tr for tr in self.by_node.get(node, ()) if tr not in used]
         self.rng.shuffle(cands)
         for tr in cands[:6]:
             h, r, t = tr
-            spec = self.kg.schema.relations[r]
-            if not spec.qa:
+            spec = schema.relations[r]
+            if not spec.qa or spec.trivia:
+                continue
+            other = h if t == node else t
+            if schema.is_identifier(self.kg.type(other)):
                 continue
             if t == node:  # node = tail of (h r t): "the <tail_of> of h"; h is the new anchor
                 if _plural_unsafe(spec.tail_of, "{h}"):
@@ -201,38 +211,77 @@ class Generator:
         spec = self.kg.schema.relations[tr[1]]
         return spec.statement.format(h=h_text or self.kg.name(tr[0]), t=t_text or self.kg.name(tr[2]))
 
-    def rationale(self, plan: Plan, final: str) -> list[str]:
-        steps = []
-        for i, s in enumerate(plan.evidence, 1):
-            steps.append(f"Step {i}: {_cap(self.statement(s))}.")
+    def source_of(self, tr: Triple) -> str:
+        """The reference behind a fact: the curated row's citation, else the catalogue it came from."""
+        ref = self.kg.refs.get(tr)
+        if ref:
+            return ref
+        src = self.kg.provenance(*tr).split("@")[0]
+        return src.replace("curated:", "curated table ")
+
+    def rationale(self, plan: Plan, final: str, qtype: str = "free", others: list[str] | None = None) -> list[str]:
+        """2-5 steps: what is asked, each fact used (with its source), why wrong options fail, the answer."""
+        kg = self.kg
+        spec = kg.schema.relations[plan.main.triple[1]]
+        asked = kg.schema.type_label(kg.type(plan.answer))
+        given = kg.name(plan.anchor)
+        pattern = self.statement(("{h}", spec.name, "{t}"), "X", "Y")
+        if qtype == "tf":
+            steps = [f"The statement is a claim of the form \"{pattern}\"; check it against what is known "
+                     f"about {given}."]
+        else:
+            steps = [f"The question starts from {given} and asks for the {asked} that fits the pattern "
+                     f"\"{pattern}\"."]
+        facts = [f"{_cap(self.statement(s))} (source: {self.source_of(s)})" for s in plan.evidence]
+        if len(facts) > 1:
+            steps.append("Follow the chain of facts: " + "; then ".join(facts) + ".")
+        else:
+            steps.append(f"The relevant fact: {facts[0]}.")
+        kind = ("single-valued (one value per subject)" if spec.functional else
+                "listed completely for each subject" if spec.closed else "open (the graph lists typical values, not all)")
+        steps.append(f"Check the evidence: the {spec.name.replace('_', ' ')} relation is {kind}, and the fact"
+                     f"{'s come' if len(plan.evidence) > 1 else ' comes'} from a cited source, so the answer rests on "
+                     "recorded knowledge rather than on a guess from the wording.")
+        if others:
+            why = ("is a single-valued relation, so one value excludes all others" if spec.functional else
+                   "is listed completely in the graph, so a value not listed is wrong")
+            steps.append(f"{spec.name.replace('_', ' ').capitalize()} {why}: {_join(others)} "
+                         f"{'does' if len(others) == 1 else 'do'} not fit.")
         steps.append(final)
         return steps
 
+    def value_kind(self, node: str) -> str:
+        """How options of this node's type compare (see quality.acceptable): colour, quantity or text."""
+        t = self.kg.type(node)
+        return "colour" if t == "colour" else "quantity" if t == "quantity" else "text"
+
     def distractors(self, plan: Plan, k: int) -> list[str] | None:
+        """k wrong options of the answer's type, drawn only from values the relation takes elsewhere in the
+        graph (so a band code is never offered as a radar band), that the graph says are wrong (the relation
+        is complete) and that no knowledgeable reader would accept beside the answer (quality.acceptable)."""
         rel = plan.main.triple[1]
         ans = plan.answer
         pool = self.kg.range_pool.get(rel, []) if plan.main.forward else self.head_pool.get(rel, [])
         bad = set(plan.answers)
-        bad_names = {norm(self.kg.name(a)) for a in plan.answers}
+        right_names = [self.kg.name(a) for a in plan.answers]
+        kind = self.value_kind(ans)
         out: list[str] = []
-        seen = set(bad_names)
-        for src in (pool, self.kg.by_type[self.kg.type(ans)]):
-            if len(src) == 0:
+        seen = {norm(n) for n in right_names}
+        tries = 0
+        while pool and len(out) < k and tries < 16 * k:
+            tries += 1
+            c = pool[self.rng.randrange(len(pool))]
+            nm = self.kg.name(c)
+            if c in bad or norm(nm) in seen or self.kg.type(c) != self.kg.type(ans):
                 continue
-            tries = 0
-            while len(out) < k and tries < 12 * k:
-                tries += 1
-                c = src[self.rng.randrange(len(src))]
-                nm = norm(self.kg.name(c))
-                if c in bad or nm in seen or self.kg.type(c) != self.kg.type(ans):
-                    continue
-                # a same-named node that is a correct answer would make the option ambiguous
-                if any(x in bad for x in self.surface_set(c)):
-                    continue
-                seen.add(nm)
-                out.append(c)
-            if len(out) >= k:
-                break
+            # a same-named node that is a correct answer would make the option ambiguous
+            if any(x in bad for x in self.surface_set(c)):
+                continue
+            if any(acceptable(r, nm, kind) for r in right_names) or any(
+                    acceptable(self.kg.name(o), nm, kind) for o in out):
+                continue
+            seen.add(norm(nm))
+            out.append(c)
         return out if len(out) == k else None
 
     def _pick(self, templates: list[str], slot: str, multi: bool) -> str | None:
@@ -250,7 +299,9 @@ class Generator:
         ans_name = kg.name(ans)
         ev = [list(t) for t in plan.evidence]
         meta: dict[str, Any] = {"relation": spec.name, "forward": forward, "anchor": plan.anchor, "answer_node": ans,
-                                "evidence_ids": ev}
+                                "evidence_ids": ev, "task": "general", "subject": plan.main.triple[0],
+                                "value_kind": self.value_kind(ans), "trivia": spec.trivia,
+                                "interp": spec.interp}
         choices: list[str] = []
         slot = "{h}" if forward else "{t}"
         multi = bool(plan.desc)
@@ -258,7 +309,7 @@ class Generator:
             return None
         if qtype in ("fill", "free") and not unique:
             return None
-        if qtype in ("mcq", "tf") and not spec.closed:
+        if qtype in ("mcq", "tf") and not spec.complete:
             return None  # open-world relation: a node missing from the graph is not known to be wrong
         if qtype == "mcq":
             ds = self.distractors(plan, self.n_distractors)
@@ -305,8 +356,10 @@ class Generator:
             q = (tpl.format(h=desc) if forward else tpl.format(t=desc)) + " Explain your reasoning briefly."
             answer = ans_name
             final = f"So the answer is {ans_name}."
-        q = _cap(q)
-        rationale = self.rationale(plan, final)
+        q = fix_articles(_cap(q))
+        others = [kg.name(d) for d in meta.get("distractor_nodes", [])] or (
+            [kg.name(meta["claimed_node"])] if qtype == "tf" and meta.get("claimed_node") != ans else [])
+        rationale = [fix_articles(x) for x in self.rationale(plan, final, qtype, others)]
         if qtype == "free":
             meta["explanation"] = " ".join(rationale)
         names = [[kg.name(h), r, kg.name(t)] for h, r, t in plan.evidence]
@@ -323,8 +376,20 @@ class Generator:
         return self.render(plan, qtype)
 
 
+_A_AN = re.compile(r"\b([Aa]) (?=[aeioAEIO]|[Uu]n(?!i))")
+
+
+def fix_articles(text: str) -> str:
+    """'a offshore wind turbine' → 'an offshore wind turbine' (templates say 'a {h}')."""
+    return _A_AN.sub(lambda m: m.group(1) + "n ", text)
+
+
 def _cap(s: str) -> str:
     return s[:1].upper() + s[1:] if s else s
+
+
+def _join(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
 def _which_of(q: str) -> str:

@@ -13,6 +13,7 @@ import unicodedata
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from kg_qa_builder.errors import KGLoadError, SchemaError
 _NORM_RE = re.compile(r"[^a-z0-9+\-.%/°#*()^=<>≥≤]+")
 
 
+@lru_cache(maxsize=1 << 18)
 def norm(text: str) -> str:
     """Normalise a surface form for linking and dedup: NFKD, ASCII-fold, lower case, collapse punctuation."""
     t = unicodedata.normalize("NFKD", str(text))
@@ -41,8 +43,10 @@ class RelationSpec:
     domain: list[str]
     range: list[str]
     functional: bool = False
-    closed: bool = True
+    closed: bool = False
     qa: bool = True
+    trivia: bool = False
+    interp: bool = False
     aliases: list[str] = field(default_factory=list)
     statement: str = ""
     ask_tail: list[str] = field(default_factory=list)
@@ -50,6 +54,11 @@ class RelationSpec:
     tail_of: str = ""
     head_by: str = ""
     weight: float = 1.0
+
+    @property
+    def complete(self) -> bool:
+        """Closed world holds: declared complete, or functional (a head's one value excludes all others)."""
+        return self.closed or self.functional
 
 
 @dataclass
@@ -64,6 +73,10 @@ class Schema:
 
     def is_literal(self, t: str) -> bool:
         return bool(self.types.get(t, {}).get("literal", False))
+
+    def is_identifier(self, t: str) -> bool:
+        """Literal values and catalogue identifiers (band codes, spectrum ids): never chained through."""
+        return self.is_literal(t) or bool(self.types.get(t, {}).get("identifier", False))
 
     def relation_by_alias(self) -> dict[str, str]:
         """Map normalised relation names and aliases → relation name (ambiguous aliases map to '')."""
@@ -132,6 +145,8 @@ class KnowledgeGraph:
         self.alias: dict[str, list[str]] = defaultdict(list)
         self.triples: list[tuple[str, str, str]] = []
         self._prov: dict[tuple[str, str, str], str] = {}
+        self.refs: dict[tuple[str, str, str], str] = {}  # published reference of a curated fact
+        self._names: dict[str, str] = {}  # node id → display name, filled by finalize (hot in rendering)
         self._final = False
 
     # ---- building ----
@@ -173,6 +188,9 @@ class KnowledgeGraph:
 
     # ---- queries ----
     def name(self, nid: str) -> str:
+        n = self._names.get(nid)
+        if n is not None:
+            return n
         return self.g.nodes[nid]["name"] if nid in self.g else nid
 
     def type(self, nid: str) -> str:
@@ -231,6 +249,7 @@ class KnowledgeGraph:
         self.triples = sorted(triples)
         self.by_type = defaultdict(list)
         self.alias = defaultdict(list)
+        self._names = {n: d["name"] for n, d in self.g.nodes(data=True)}
         for n, d in sorted(self.g.nodes(data=True)):
             self.by_type[d["type"]].append(n)
             for a in {d["name"], *d["aliases"]}:

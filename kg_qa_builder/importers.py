@@ -18,7 +18,7 @@ import yaml
 from kg_qa_builder.errors import KGLoadError
 from kg_qa_builder.graph import KnowledgeGraph, norm
 
-LITERAL_TYPES = {"formula", "label", "quantity", "code", "reference", "visual_cue"}
+LITERAL_TYPES = {"formula", "label", "quantity", "code", "reference", "visual_cue", "period"}
 CASED_TYPES = {"spectral_index", "koppen_zone", "constant", "spectrum"}
 
 
@@ -277,6 +277,7 @@ class LStr(str):
     """A YAML scalar string that remembers its line (1-based)."""
 
     line: int = 0
+    plain_in_flow: bool = False  # an unquoted item of a [a, b] list: a comma inside it would have split it
 
 
 def _located(node: yaml.Node) -> Any:
@@ -285,7 +286,12 @@ def _located(node: yaml.Node) -> Any:
         s.line = node.start_mark.line + 1
         return s
     if isinstance(node, yaml.SequenceNode):
-        return [_located(n) for n in node.value]
+        items = [_located(n) for n in node.value]
+        if node.flow_style:
+            for n, it in zip(node.value, items, strict=True):
+                if isinstance(it, LStr) and isinstance(n, yaml.ScalarNode) and n.style is None:
+                    it.plain_in_flow = True
+        return items
     if isinstance(node, yaml.MappingNode):
         out: dict[Any, Any] = {}
         for k, v in node.value:
@@ -299,9 +305,9 @@ def _line(x: Any, default: int = 0) -> int:
 
 
 def curated_files() -> list[Path]:
-    """The packaged curated fact files (kg_qa_builder/data/*.yaml except the schema)."""
+    """The packaged curated fact files (kg_qa_builder/data/*.yaml except the schema, and data/interp/*.yaml)."""
     base = _pkg_file("kg_qa_builder", "data")
-    return sorted(p for p in base.glob("*.yaml") if p.name != "schema.yaml")
+    return sorted(p for p in base.glob("*.yaml") if p.name != "schema.yaml") + sorted(base.glob("interp/*.yaml"))
 
 
 def import_curated(kg: KnowledgeGraph, paths: Iterable[str | Path]) -> None:
@@ -342,8 +348,9 @@ def import_curated(kg: KnowledgeGraph, paths: Iterable[str | Path]) -> None:
         if not isinstance(doc, dict):
             kg.problems.append(f"{path}:1: top level must be a mapping with source/declare/entities")
             continue
-        for k in set(doc) - {"source", "version", "declare", "entities", "description"}:
+        for k in set(doc) - {"source", "version", "declare", "entities", "description", "reference", "tables"}:
             kg.problems.append(f"{path}:{_line(k)}: unknown top-level key {k!r}")
+        _expand_tables(kg, path, doc)
         docs.append((path, doc))
     # pass 1: declare every entity of every file, so facts may reference entities defined anywhere
     for path, doc in docs:
@@ -372,17 +379,61 @@ def import_curated(kg: KnowledgeGraph, paths: Iterable[str | Path]) -> None:
             if not isinstance(body, dict) or "type" not in body:
                 continue
             h = nid(body["type"], key)
+            ref = body.get("__ref") or doc.get("reference") or ""
             for rel, vals in body.items():
-                if rel in ("type", "aliases", "name"):
+                if rel in ("type", "aliases", "name") or str(rel).startswith("__"):
                     continue
                 for v in vals if isinstance(vals, list) else [vals]:
                     where = f"{path.name}:{_line(v, _line(rel))}"
-                    t = _resolve(kg, index, str(rel), v, where)
+                    t = _resolve(kg, index, str(rel), v, where, body.get("__new", ()))
                     if t is not None:
                         kg.add_edge(h, str(rel), t, src, where)
+                        if ref and (h, str(rel), t) not in kg.refs:
+                            kg.refs[(h, str(rel), t)] = str(ref)
 
 
-def _resolve(kg: KnowledgeGraph, index: dict[tuple[str, str], set[str]], rel: str, value: Any, where: str) -> str | None:
+def _expand_tables(kg: KnowledgeGraph, path: Path, doc: dict[Any, Any]) -> None:
+    """Expand compact tables into entity bodies (entity x attribute, one fact per value).
+
+    tables: [{type, reference?, columns: {short: relation}, defaults?: {short: value}, new_values?: [types], rows: {key: {short: value(s),
+    ref?: citation, aliases?: [..]}}}]. A row's `ref` (else the table's, else the file's `reference`) is kept
+    as the published reference of each of its facts; `new_values` lists the non-literal tail types whose
+    unseen values are created (free-text cues, shapes), all other values must be declared entities."""
+    tables = doc.get("tables") or []
+    if not isinstance(tables, list):
+        kg.problems.append(f"{path}:{_line(tables)}: 'tables' must be a list of tables")
+        return
+    ents = doc.setdefault("entities", {})
+    if not isinstance(ents, dict):
+        return
+    for tab in tables:
+        if not isinstance(tab, dict) or "type" not in tab or not isinstance(tab.get("rows"), dict):
+            kg.problems.append(f"{path}:{_line(tab)}: a table needs 'type', 'columns' and 'rows'")
+            continue
+        cols = tab.get("columns") or {}
+        for key, row in tab["rows"].items():
+            if not isinstance(row, dict):
+                kg.problems.append(f"{path}:{_line(key)}: row {key!r} must be a mapping")
+                continue
+            body: dict[Any, Any] = {"type": tab["type"], "__ref": row.get("ref") or tab.get("reference") or "",
+                                    "__new": tuple(tab.get("new_values") or ())}
+            merged = {**(tab.get("defaults") or {}), **row}
+            for k, v in merged.items():
+                if k in ("ref",):
+                    continue
+                if k in ("aliases", "name"):
+                    body[k] = v
+                    continue
+                rel = cols.get(k, k)
+                body[LStr(rel) if not isinstance(rel, LStr) else rel] = v
+            if key in ents:
+                kg.problems.append(f"{path}:{_line(key)}: row {key!r} is defined twice")
+                continue
+            ents[key] = body
+
+
+def _resolve(kg: KnowledgeGraph, index: dict[tuple[str, str], set[str]], rel: str, value: Any, where: str,
+             new_types: Iterable[str] = ()) -> str | None:
     spec = kg.schema.relations.get(rel)
     if spec is None:
         close = [r for r in kg.schema.relations if r.split("_")[0] == rel.split("_")[0]][:3]
@@ -391,6 +442,10 @@ def _resolve(kg: KnowledgeGraph, index: dict[tuple[str, str], set[str]], rel: st
         return None
     if isinstance(value, (dict, list)) or value is None:
         kg.problems.append(f"{where}: {rel}: value must be a name or a list of names, got {type(value).__name__}")
+        return None
+    if getattr(value, "plain_in_flow", False) and "visual_cue" in spec.range:
+        kg.problems.append(f"{where}: {rel}: quote the free-text cue {str(value)!r} inside [...] lists (a comma in "
+                           "an unquoted item splits it into two cues), or use a block list")
         return None
     value = str(value)
     for t in spec.range:
@@ -402,7 +457,7 @@ def _resolve(kg: KnowledgeGraph, index: dict[tuple[str, str], set[str]], rel: st
     if len(found) > 1:
         kg.problems.append(f"{where}: {rel}: {value!r} is ambiguous ({found}); use the entity key")
         return None
-    lit = [t for t in spec.range if kg.schema.is_literal(t)]
+    lit = [t for t in spec.range if kg.schema.is_literal(t) or t in new_types]
     if lit:
         return kg.add_node(nid(lit[0], value), lit[0], value, (), where)
     other = sorted(t for t in kg.schema.types if index.get((t, norm(value))))

@@ -20,6 +20,7 @@ from kg_qa_builder.dataset import (
     SPLITS,
     NearDupIndex,
     check_leakage,
+    entity_split,
     export_sharegpt,
     export_trl,
     norm_question,
@@ -29,6 +30,8 @@ from kg_qa_builder.dataset import (
 from kg_qa_builder.errors import GenerationError
 from kg_qa_builder.generate import Generator
 from kg_qa_builder.importers import build_graph
+from kg_qa_builder.quality import answer_leak
+from kg_qa_builder.scenarios import PRINCIPLE_HEADS, ScenarioGenerator
 from kg_qa_builder.verify import Verifier
 from pipeline.config import StageConfig, hfield
 from pipeline.records import TextQA, read_jsonl, write_jsonl
@@ -58,6 +61,11 @@ class BuildQAConfig(StageConfig):
     n_distractors: int = hfield(3, help="MCQ distractors (options = 1 + this).")
     max_attempts_factor: int = hfield(30, help="Give up a split after this many samples per wanted QA.")
     near_dup_threshold: float = hfield(0.9, help="Word-3-shingle Jaccard at or above which a QA is a near-duplicate.")
+    scenario_share: float = hfield(0.7, help="Share of each split made of scenario QA (XLRS-Bench-lite sub-tasks in "
+                                   "words, solved on the graph); the rest are template QA about single facts.")
+    scenario_qtype_weights: dict = hfield({"free": 0.75, "mcq": 0.2, "tf": 0.05},
+                                          help="Question types of scenario QA (free, mcq, tf).")
+    scenario_kinds: dict = hfield({}, help="Per-scenario-kind weight overrides (0 disables), e.g. {occ-size: 2}.")
     teacher_url: str = hfield("", help="OpenAI-compatible base URL (e.g. http://host:8000/v1); empty = no teacher.")
     teacher_model: str = hfield("teacher", help="Model name sent to the teacher endpoint.")
     teacher_api_key_env: str = hfield("OPENAI_API_KEY", help="Environment variable holding the teacher API key (optional).")
@@ -86,6 +94,15 @@ class BuildQAConfig(StageConfig):
             p.append("hop_weights: give 3 non-negative weights (1, 2, 3 hops) with a positive sum")
         if set(self.qtype_weights) - set(QTYPES) or sum(float(v) for v in self.qtype_weights.values()) <= 0:
             p.append(f"qtype_weights: keys must be among {QTYPES} with a positive sum")
+        if not 0 <= self.scenario_share <= 1:
+            p.append("scenario_share: must be in [0, 1]")
+        if set(self.scenario_qtype_weights) - {"free", "mcq", "tf"} or sum(
+                float(v) for v in self.scenario_qtype_weights.values()) <= 0:
+            p.append("scenario_qtype_weights: keys among free, mcq, tf with a positive sum")
+        from kg_qa_builder.scenarios import KINDS
+
+        if set(self.scenario_kinds) - set(KINDS):
+            p.append(f"scenario_kinds: unknown {sorted(set(self.scenario_kinds) - set(KINDS))}; use {sorted(KINDS)}")
         if not 0 < self.near_dup_threshold <= 1:
             p.append("near_dup_threshold: must be in (0, 1]")
         if self.max_attempts_factor < 1:
@@ -97,22 +114,55 @@ class BuildQAConfig(StageConfig):
         return p
 
 
-def generate_split(gen: Generator, ver: Verifier, split: str, n: int, max_attempts: int, near: NearDupIndex,
-                   seen: set[str], rejections: Counter, rej_log: list[dict[str, Any]]) -> list[TextQA]:
-    """Sample, verify and dedup until n QA are kept or max_attempts samples were drawn."""
+class KeepRules:
+    """Per-split caps applied before an item is kept: at most `per_fact` items per (fact, question type),
+    catalogue trivia at most `trivia_cap` of the split's target, and no item that states its answer."""
+
+    def __init__(self, n: int, per_fact: int = 2, trivia_share: float = 0.08):
+        self.per_fact = per_fact
+        self.trivia_cap = int(trivia_share * n)
+        self.fact_count: Counter = Counter()
+        self.trivia = 0
+
+    def check(self, q: TextQA) -> str:
+        """'' when the item may be kept, else the rejection reason."""
+        if answer_leak(q):
+            return "answer_leak"
+        if q.meta.get("trivia") and self.trivia >= self.trivia_cap:
+            return "trivia_cap"
+        key = (tuple(q.meta.get("fact_key") or (q.meta.get("evidence_ids") or [[q.id]])[-1]), q.qtype)
+        if self.fact_count[key] >= self.per_fact:
+            return "fact_cap"
+        return ""
+
+    def keep(self, q: TextQA) -> None:
+        key = (tuple(q.meta.get("fact_key") or (q.meta.get("evidence_ids") or [[q.id]])[-1]), q.qtype)
+        self.fact_count[key] += 1
+        self.trivia += bool(q.meta.get("trivia"))
+
+
+def generate_split(gen: Any, ver: Verifier, split: str, n: int, max_attempts: int, near: NearDupIndex,
+                   seen: set[str], rejections: Counter, rej_log: list[dict[str, Any]],
+                   rules: KeepRules | None = None) -> list[TextQA]:
+    """Sample, verify, apply the keep rules and dedup until n QA are kept or max_attempts samples were drawn."""
     out: list[TextQA] = []
     attempts = 0
+    rules = rules or KeepRules(n)
     while len(out) < n and attempts < max_attempts:
         attempts += 1
         q = gen.sample()
         if q is None:
             rejections["no_valid_question"] += 1
             continue
-        v = ver.verify_template(q)
+        v = ver.verify(q)
         if not v.ok:
             rejections[v.reason] += 1
             if len(rej_log) < 10000:
                 rej_log.append({"id": q.id, "source": q.source, "reason": v.reason, "detail": v.detail, "question": q.question})
+            continue
+        why = rules.check(q)
+        if why:
+            rejections[why] += 1
             continue
         key = norm_question(q)
         if key in seen:
@@ -122,9 +172,28 @@ def generate_split(gen: Generator, ver: Verifier, split: str, n: int, max_attemp
             rejections["near_duplicate"] += 1
             continue
         seen.add(key)
+        rules.keep(q)
         q.split = split
         out.append(q)
     return out
+
+
+def split_of(kg: Any, entity: str, cfg: BuildQAConfig) -> str:
+    """The split an entity belongs to: the seeded hash, except the general tools every split's scenarios
+    reason with (lane width, construction signatures, sun-elevation cues), which are training knowledge."""
+    if kg.name(entity) in PRINCIPLE_HEADS:
+        return "train"
+    return entity_split(entity, cfg.seed, cfg.val_fraction, cfg.test_fraction)
+
+
+def split_facts(kg: Any, cfg: BuildQAConfig) -> dict[str, set]:
+    """Facts (triples) per split, by their subject entity (see `split_of`)."""
+    parts = partition(kg.triples, cfg.seed, cfg.val_fraction, cfg.test_fraction)
+    for s in ("val", "test"):
+        tools = {t for t in parts[s] if kg.name(t[0]) in PRINCIPLE_HEADS}
+        parts[s] -= tools
+        parts["train"] |= tools
+    return parts
 
 
 def run(cfg: BuildQAConfig) -> dict[str, Any]:
@@ -136,7 +205,7 @@ def run(cfg: BuildQAConfig) -> dict[str, Any]:
                      max_spectra=None if cfg.max_spectra < 0 else cfg.max_spectra)
     gstats = kg.stats()
     (out / "graph_stats.json").write_text(json.dumps(gstats, indent=1), encoding="utf-8")
-    parts = partition(kg.triples, cfg.seed, cfg.val_fraction, cfg.test_fraction)
+    parts = split_facts(kg, cfg)
     rejections: Counter = Counter()
     rej_log: list[dict[str, Any]] = []
     seen: set[str] = set()
@@ -145,12 +214,22 @@ def run(cfg: BuildQAConfig) -> dict[str, Any]:
     by_split: dict[str, list[TextQA]] = {}
     # test first, so its questions win any cross-split textual tie
     for i, (split, n) in enumerate([("test", cfg.n_test), ("val", cfg.n_val), ("train", cfg.n_train)]):
+        n_scen = round(n * cfg.scenario_share)
+        rules = KeepRules(n)
+        sgen = ScenarioGenerator(
+            kg, seed=cfg.seed * 1000 + 500 + i,
+            subjects=lambda s, sp=split: split_of(kg, s, cfg) == sp,
+            qtype_weights={k: float(v) for k, v in cfg.scenario_qtype_weights.items()},
+            kinds={k: float(v) for k, v in cfg.scenario_kinds.items()} or None)
+        scen = generate_split(sgen, verifier, split, n_scen, max(1, n_scen) * cfg.max_attempts_factor, near, seen,
+                              rejections, rej_log, rules)
         gen = Generator(kg, parts[split], seed=cfg.seed * 1000 + i, hop_weights=tuple(cfg.hop_weights),
                         qtype_weights={k: float(v) for k, v in cfg.qtype_weights.items()},
                         relation_weights={k: float(v) for k, v in cfg.relation_weights.items()},
                         n_distractors=cfg.n_distractors)
-        by_split[split] = generate_split(gen, verifier, split, n, n * cfg.max_attempts_factor, near, seen,
-                                         rejections, rej_log)
+        tmpl = generate_split(gen, verifier, split, n - len(scen), (n - len(scen)) * cfg.max_attempts_factor, near,
+                              seen, rejections, rej_log, rules)
+        by_split[split] = sorted(scen + tmpl, key=lambda q: q.id)  # interleave the two kinds, deterministically
     teacher_summary: dict[str, Any] = {}
     if cfg.teacher_url and any(int(v) > 0 for v in cfg.teacher_requests.values()):
         teacher_summary = run_teacher(cfg, kg, parts, verifier, by_split, near, seen, rejections, rej_log)
@@ -166,10 +245,17 @@ def run(cfg: BuildQAConfig) -> dict[str, Any]:
     write_jsonl(out / "rejections.jsonl", rej_log)
     tables = write_stats(out, by_split, rejections, gstats, {
         "seconds": round(time.time() - t0, 1), "facts per split": {s: len(v) for s, v in parts.items()},
+        "curated facts": sum(v for k, v in gstats["sources"].items() if k.startswith("curated")),
+        "curated facts with a published reference (row/table citation)": len(kg.refs),
+        "image-interpretation facts (relations flagged interp)": sum(
+            1 for _, r, _ in kg.triples if kg.schema.relations[r].interp),
+        "verified QA per minute (whole build)": round(sum(len(v) for v in by_split.values()) / max(
+            1e-9, time.time() - t0) * 60),
         "teacher": teacher_summary or "not used"})
     return {"graph_nodes": gstats["nodes"], "graph_edges": gstats["edges"], "counts": files,
             "rejections": dict(rejections), "leakage_check": leak, "teacher": teacher_summary,
-            "by_qtype": tables["qtype"], "by_hops": tables["hops"], "seconds": round(time.time() - t0, 2)}
+            "by_qtype": tables["qtype"], "by_hops": tables["hops"], "quality": tables["quality"],
+            "seconds": round(time.time() - t0, 2)}
 
 
 def run_teacher(cfg: BuildQAConfig, kg: Any, parts: dict[str, set], verifier: Verifier,

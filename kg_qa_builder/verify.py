@@ -14,6 +14,7 @@ from typing import Any
 
 from kg_qa_builder.generate import LETTERS, Generator, Plan, Step, qa_id
 from kg_qa_builder.graph import KnowledgeGraph, norm
+from kg_qa_builder.quality import acceptable
 from pipeline.records import TEXT_QTYPES, TextQA
 
 _OPT_RE = re.compile(r"^\s*\(?([A-H])[).:]\s*(.+)$")
@@ -40,6 +41,14 @@ class Verifier:
         self.gen = gen or Generator(kg, allowed=set(), seed=0)
         self.rel_alias = kg.schema.relation_by_alias()
         self.max_ngram = max_ngram
+
+    def verify(self, qa: TextQA) -> Verdict:
+        """Verify a generated item: template QA by its graph path, scenario QA by facts and arithmetic."""
+        if qa.source == "kg-scenario":
+            from kg_qa_builder.scenarios import verify_scenario
+
+            return verify_scenario(self.kg, qa)
+        return self.verify_template(qa)
 
     # ---------------- template QA ----------------
     def verify_template(self, qa: TextQA) -> Verdict:
@@ -73,7 +82,7 @@ class Verifier:
             if norm(qa.answer) != norm(ans_name):
                 return _reject("answer_mismatch", f"answer {qa.answer!r} != graph {ans_name!r}")
         elif qa.qtype == "mcq":
-            if not spec.closed:
+            if not spec.complete:
                 return _reject("open_relation", f"{spec.name} is open-world; distractors cannot be verified")
             opts = _parse_choices(qa.choices)
             if opts is None or qa.answer not in opts:
@@ -86,6 +95,11 @@ class Verifier:
             for letter, text in opts.items():
                 if letter != qa.answer and norm(text) in bad:
                     return _reject("distractor_is_correct", f"option {letter} {text!r} also satisfies the question")
+            kind = str(m.get("value_kind") or ("colour" if kg.type(plan.answer) == "colour" else
+                                               "quantity" if kg.type(plan.answer) == "quantity" else "text"))
+            for letter, text in opts.items():
+                if letter != qa.answer and acceptable(opts[qa.answer], text, kind):
+                    return _reject("distractor_acceptable", f"option {letter} {text!r} would also be accepted")
             if len({norm(t) for t in opts.values()}) != len(opts):
                 return _reject("duplicate_options", "two options have the same text")
         elif qa.qtype == "tf":
@@ -97,7 +111,7 @@ class Verifier:
             truth = claim in answers
             if truth != (qa.answer == "true"):
                 return _reject("wrong_label", f"statement is {truth} on the graph, labelled {qa.answer}")
-            if not truth and not spec.closed:
+            if not truth and not spec.complete:
                 return _reject("open_relation", f"{spec.name} is open-world; a false statement cannot be verified")
         else:
             return _reject("bad_qtype", f"qtype {qa.qtype!r}")
