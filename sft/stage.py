@@ -53,6 +53,9 @@ class SFTConfig(LaunchConfig):
     max_text_samples: int | None = hfield(None, help="Use at most this many TextQA records (None = all).")
     max_vqa_samples: int | None = hfield(None, help="Use at most this many VQA samples (None = all).")
     think: bool = hfield(True, help="Targets carry a <think> rationale before <answer>.")
+    text_think: bool = hfield(True, help="Text QA targets carry the graph rationale in <think> (with think). The "
+                              "tiny default turns it off: a 0.7M model in a CPU-minutes budget cannot learn "
+                              "~170-token rationales, and its held-out answers would be cut off before <answer>.")
     frame: str = hfield("shown_pixels", help="Coordinate frame of zoom boxes: shown_pixels or norm1000.")
     max_pixels: int = hfield(50176, help="Image pixel cap for overviews and crops (tiny 224*224; 7B "
                                          "1003520); the processor uses the same bound so it never resizes.")
@@ -203,7 +206,7 @@ def build_items(cfg: SFTConfig, processor: Any, *, materialize: bool = True) -> 
     vqas: list[Any] = []
     if cfg.text_data:
         records = read_text_qa(cfg.text_data, split=cfg.text_split or None, limit=cfg.max_text_samples)
-        texts = text_items(records, think=cfg.think)
+        texts = text_items(records, think=cfg.think and cfg.text_think)
         stats["text_records"] = len(records)
     if cfg.vqa_data:
         from tools.store import ImageStore

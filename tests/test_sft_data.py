@@ -4,6 +4,7 @@ direct answers without a region, resumable materialization, mixing, length filte
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -190,3 +191,22 @@ def test_build_items_with_an_empty_hard_set_trains_on_text_and_reports_it(scenes
                                         "images_manifest": str(tmp_path / "missing.jsonl")})
     with pytest.raises(SFTDataError, match="make-scenes"):
         build_items(cfg, proc)
+
+
+def test_text_think_off_trains_text_answers_without_the_rationale(tmp_path: Path) -> None:
+    """`text_think: false` (the tiny default) drops the graph rationale from text QA targets only."""
+    from pipeline.config import load_config
+    from sft.data import text_target
+    from sft.stage import SFTConfig
+    from sft.toy import write_text_qa
+
+    train, _ = write_text_qa(tmp_path / "qa")
+    cfg = load_config(SFTConfig, None, {"output_dir": str(tmp_path / "o"), "text_data": [str(train)],
+                                        "text_think": False})
+    assert cfg.think and not cfg.text_think
+    from pipeline.records import TextQA, from_dict
+
+    qa = from_dict(TextQA, json.loads(train.read_text().splitlines()[0]))
+    assert text_target(qa, cfg.think and cfg.text_think).startswith("<answer>")
+    assert text_target(qa, cfg.think).startswith("<think>")
+    assert load_config(SFTConfig, "configs/tiny/sft_text.yaml", []).text_think is False
