@@ -22,8 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import StageConfig, hfield
+from pipeline.config import hfield
 from pipeline.errors import DatasetNotFoundError, ModelNotFoundError
+from pipeline.launcher import LaunchConfig
 from pipeline.manifest import atomic_write_text
 from rl.errors import ChatTemplateError
 from rl.rewards import RewardSettings, ZoomRewards
@@ -44,7 +45,7 @@ LOG_KEYS = [
 
 
 @dataclass
-class RLConfig(StageConfig):
+class RLConfig(LaunchConfig):
     """Agentic GRPO (TRL) with the zoom environment; defaults are the tiny CPU run."""
 
     output_dir: str = hfield("runs/tiny/rl", help="Folder for the model, checkpoints, reward log and plot.")

@@ -57,6 +57,26 @@ def test_two_rank_sft_through_the_launcher(data, tmp_path, monkeypatch, capsys):
     assert len(events) == 1 and events[0].stat().st_size > 0
 
 
+def test_two_rank_rl_through_the_launcher(tmp_path, monkeypatch, capsys):
+    """`knowzoom rl --num_processes 2` without Ray: the same launcher starts two gloo ranks of GRPO; one
+    DONE.json, one reward line per step (rank 0 writes), a saved model."""
+    from pipeline.cli import main
+    from rl.synthetic import make_zoom_task
+
+    task = tmp_path / "task"
+    make_zoom_task(task, n=4, size=512, square=32, seed=1)
+    out = tmp_path / "rl"
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    rc = main(["rl", "--config", str(ROOT / "configs/tiny/rl.yaml"), "--output_dir", str(out), "--model", "tiny",
+               "--model_fallback", "", "--train_data", str(task / "vqa.jsonl"), "--train_data_fallback", "",
+               "--image_manifest", str(task / "images.jsonl"), "--num_processes", "2", "--max_steps", "2",
+               "--num_generations", "2", "--per_device_train_batch_size", "2", "--save_steps", "0"])
+    assert rc == 0, capsys.readouterr().err[-3000:]
+    assert json.loads((out / "DONE.json").read_text())["summary"]
+    assert len((out / "rewards.jsonl").read_text().splitlines()) == 2  # two steps, written once
+    assert (out / "model" / "config.json").exists() and not (out / ".launch_result.json").exists()
+
+
 def test_launch_command_accelerate_and_torchrun(tmp_path):
     from pipeline.launcher import launch_command, needs_launch
     from sft.stage import SFTConfig
