@@ -98,7 +98,8 @@ def test_7b_recipe_wiring_with_tiny_overrides(tiny_run, tmp_path):
                 "max_length": 2048, "dataloader_num_workers": 0, "torch_threads": 1, "save_steps": 1,
                 "num_processes": 2},
         "rl": {**FAST["rl"], "use_vllm": False, "use_ray": False, "bf16": False, "gradient_checkpointing": False,
-               "gradient_accumulation_steps": 1, "zoom_max_pixels": 50176, "beta": 0.0},
+               "gradient_accumulation_steps": 1, "zoom_max_pixels": 50176, "beta": 0.0,
+               "num_processes": 1, "fsdp": False},  # 8 FSDP ranks on GPUs; one CPU process here
         "eval": {"backend": "transformers", "dtype": "auto", "dataset_path": str(xlrs), "limit": 4,
                  "n_samples": 0, "pass_k": [1], "max_new_tokens": 16, "max_zooms": 1, "batch_size": 4,
                  "zoom_max_pixels": 50176, "xlrs_images_dir": str(tmp_path / "xlrs_prepared")},
