@@ -875,9 +875,9 @@ def solve_ecr(F: Facts, p: dict[str, Any]) -> Solution:
         sow, har = F.one(c, "sowing_period"), F.one(c, "harvest_period")
         sol = Solution(crop_state(_months(kg.name(sow)), _months(kg.name(har)), p["month"]),  # type: ignore[arg-type]
                        [(c, "sowing_period", sow), (c, "harvest_period", har), F.tr(c, "calendar_crop"),
-                        F.tr(c, "calendar_region")])  # type: ignore[list-item]
+                        F.tr(c, "calendar_region")])
         sol.pool = [s for s in ("ripe crop or harvest under way", "freshly tilled or sown soil with little green cover",
-                                "fallow: stubble or bare soil between seasons", "crop growing in the field") if s != sol.answer]  # type: ignore[attr-defined]
+                                "fallow: stubble or bare soil between seasons", "crop growing in the field") if s != sol.answer]
         area_calcs(sol, p)
         return sol
     types = {"condition"} if p["mode"] == "condition" else {"hazard"}

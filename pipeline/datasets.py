@@ -332,7 +332,7 @@ def load_vqa_jsonl(path: str | Path, *, limit: int | None = None) -> list[VQASam
     """Our VQA JSONL (`VQASample` per line, e.g. make-scenes' vqa_test.jsonl or mine-hard's hard.jsonl)."""
     out: list[VQASample] = []
     for s in read_jsonl(path, VQASample):
-        out.append(s)  # type: ignore[arg-type]
+        out.append(s)
         if limit is not None and len(out) >= limit:
             break
     if not out:

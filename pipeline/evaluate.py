@@ -189,7 +189,7 @@ def run_cached(backend: Any, samples: list[VQASample], store: Any, agent: Any, n
     app = JsonlAppender(cache, key="key")
     done: dict[str, dict[str, Any]] = {}
     for d in read_jsonl(cache) if cache.exists() else []:
-        done[d["key"]] = d  # type: ignore[index]
+        done[d["key"]] = d
     wanted = {s.id for s in samples}
     # sample-major, so the rollouts of one item sit in the same batches
     pending = [(s, k) for s in samples for k in range(n) if f"{s.id}#{k}" not in done]

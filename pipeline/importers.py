@@ -564,7 +564,7 @@ def run(cfg: ImportDataConfig) -> dict[str, Any]:
         prepared = {json.loads(x)["id"] for x in manifest.read_text(encoding="utf-8").splitlines() if x.strip()}
         from pipeline.records import read_jsonl
 
-        wanted = {i for r in read_jsonl(rec_path) for i in r["images"]}  # type: ignore[index]
+        wanted = {i for r in read_jsonl(rec_path) for i in r["images"]}
         summary["images_missing"] = sorted(wanted - prepared)[:20]
         if wanted - prepared:
             log.warning("import-data: %d image ids were not prepared (e.g. %s)", len(wanted - prepared),

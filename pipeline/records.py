@@ -13,7 +13,7 @@ import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 from pipeline.errors import RecordError
 
@@ -139,6 +139,10 @@ def from_dict(cls: type[T], d: dict[str, Any]) -> T:
     return rec
 
 
+@overload
+def read_jsonl(path: str | os.PathLike, cls: None = None) -> Iterator[dict[str, Any]]: ...
+@overload
+def read_jsonl(path: str | os.PathLike, cls: type[T]) -> Iterator[T]: ...
 def read_jsonl(path: str | os.PathLike, cls: type[T] | None = None) -> Iterator[T | dict[str, Any]]:
     """Yield records (or dicts when cls is None); a truncated last line (killed writer) is skipped."""
     path = Path(path)
@@ -205,8 +209,8 @@ class JsonlAppender:
         out: set[str] = set()
         if self.path.exists():
             for d in read_jsonl(self.path):
-                if self.key in d:  # type: ignore[operator]
-                    out.add(str(d[self.key]))  # type: ignore[index]
+                if self.key in d:
+                    out.add(str(d[self.key]))
         return out
 
     def append(self, record: Any) -> None:

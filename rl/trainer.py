@@ -111,7 +111,7 @@ class ZoomGRPOTrainer(GRPOTrainer):
 
     # --- 4. a turn's tool calls in parallel ---------------------------------------------------------------
     def _tool_call_loop(self, prompts, prompt_ids, completion_ids, completions, logprobs, images,
-                        multimodal_fields):  # type: ignore[no-untyped-def]
+                        multimodal_fields):
         if self.tool_threads <= 1 or not getattr(self, "_sync_tool_dicts", None):
             return super()._tool_call_loop(prompts, prompt_ids, completion_ids, completions, logprobs, images,
                                            multimodal_fields)

@@ -69,9 +69,9 @@ def read_text_qa(paths: Sequence[str | Path], split: str | None = None, limit: i
     out: list[TextQA] = []
     for p in paths:
         for qa in read_jsonl(p, TextQA):
-            if split and qa.split != split:  # type: ignore[union-attr]
+            if split and qa.split != split:
                 continue
-            out.append(qa)  # type: ignore[arg-type]
+            out.append(qa)
             if limit is not None and len(out) >= limit:
                 return out
     return out
@@ -81,7 +81,7 @@ def read_vqa(paths: Sequence[str | Path], limit: int | None = None) -> list[VQAS
     out: list[VQASample] = []
     for p in paths:
         for s in read_jsonl(p, VQASample):
-            out.append(s)  # type: ignore[arg-type]
+            out.append(s)
             if limit is not None and len(out) >= limit:
                 return out
     return out
@@ -196,10 +196,10 @@ def trajectory_items(path: str | Path, merge_pixels: int = 28 * 28) -> list[Chat
     base = Path(path).parent
     items = []
     for t in read_jsonl(path, Trajectory):
-        files = [str(base / o["file"]) for o in t.observations]  # type: ignore[union-attr]
+        files = [str(base / o["file"]) for o in t.observations]
         n_tok = sum(int(o["shown_size"][0]) * int(o["shown_size"][1]) // merge_pixels
-                    for o in t.observations)  # type: ignore[union-attr]
-        items.append(ChatItem(messages=t.messages, image_files=files, kind="vqa",  # type: ignore[union-attr]
+                    for o in t.observations)
+        items.append(ChatItem(messages=t.messages, image_files=files, kind="vqa",
                               n_image_tokens=n_tok))
     return items
 

@@ -257,7 +257,7 @@ def prepare_model(model: Any, cfg: SFTConfig) -> dict[str, int]:
                                                  task_type="CAUSAL_LM"))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    return {"trainable": trainable, "total": total, "model": model}  # type: ignore[dict-item]
+    return {"trainable": trainable, "total": total, "model": model}
 
 
 # ------------------------------------------------------------------------------------------- text eval
