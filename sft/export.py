@@ -47,7 +47,7 @@ def trajectory_to_sharegpt(t: Trajectory, image_paths: list[str]) -> dict[str, A
     msgs = []
     n_images = 0
     for m in t.messages:
-        role = ROLE_MAP.get(m.get("role"))
+        role = ROLE_MAP.get(m.get("role", ""))
         if role is None:
             raise TrajectoryError(f"{t.sample_id}: message role {m.get('role')!r} has no sharegpt tag")
         text, n = _content_text(m.get("content"))
