@@ -148,6 +148,8 @@ class Solution:
     right: Callable[[str], bool] | None = None  # is an option text right? (default: equals the answer)
     kind: str = "text"  # value kind of the options (quality.acceptable)
     unique: bool = True  # free-form/fill allowed only when the answer is the only one
+    pool: list[str] = field(default_factory=list)  # wrong options the scenario proposes (filtered later)
+    direction: str = ""  # compass sector of a bearing answer (osr), quoted by its rationale
 
     def calc(self, op: str, *args: float, digits: int = 2) -> float:
         r = round(OPS[op](*args), digits)
@@ -285,7 +287,7 @@ def solve_occ(F: Facts, p: dict[str, Any]) -> Solution:
     gsd_evidence(F, p, sol)
     names = {norm(kg.name(o)): o for o in F.sized[cat]}  # type: ignore[index]
     sol.right = lambda text: names.get(norm(text)) == obj
-    sol.pool = [kg.name(o) for o in F.sized[cat] if o != obj and not ok(o)]  # type: ignore[attr-defined, index]
+    sol.pool = [kg.name(o) for o in F.sized[cat] if o != obj and not ok(o)]  # type: ignore[index]
     return sol
 
 
@@ -348,7 +350,7 @@ def solve_ocl(F: Facts, p: dict[str, Any]) -> Solution:
         rel = "roof_cue" if kg.has(h, "roof_cue", p["cue"]) else "has_visual_cue"
         sol.evidence.append((h, rel, p["cue"]))
     sol.right = lambda text: acceptable(kg.name(colour), text, "colour")
-    sol.pool = [kg.name(c) for c in kg.by_type["colour"]]  # type: ignore[attr-defined]
+    sol.pool = [kg.name(c) for c in kg.by_type["colour"]]
     area_calcs(sol, p)
     return sol
 
@@ -406,7 +408,7 @@ def solve_oms(F: Facts, p: dict[str, Any]) -> Solution:
     if not fits(length, F.rng(o, "length_range")):  # type: ignore[arg-type]
         raise ScenarioError("size")
     sol.evidence.append(F.tr(o, "length_range"))
-    sol.pool = ["moving" if not mv else "stationary"]  # type: ignore[attr-defined]
+    sol.pool = ["moving" if not mv else "stationary"]
     return sol
 
 
@@ -441,7 +443,6 @@ def make_osr(rng: random.Random, F: Facts) -> dict[str, Any]:
 
 
 def solve_osr(F: Facts, p: dict[str, Any]) -> Solution:
-    kg = F.kg
     (ax, ay), (bx, by) = p["pa"], p["pb"]
     sol = Solution("", [F.tr(p["a"], "object_category"), F.tr(p["b"], "object_category")], kind="exact")
     dx = sol.calc("sub", bx, ax, digits=0)
@@ -453,11 +454,10 @@ def solve_osr(F: Facts, p: dict[str, Any]) -> Solution:
     if abs(((ang % 45) + 22.5) % 45 - 22.5) < 4 or dpx < 100:  # too close to a sector edge / too near
         raise ScenarioError("ambiguous direction")
     sol.answer = f"{_COMPASS[sector]}, about {fmt(dist)} m"
-    sol.direction = _COMPASS[sector]  # type: ignore[attr-defined]
+    sol.direction = _COMPASS[sector]
     sol.right = lambda text: norm(text.split(",")[0]) == norm(_COMPASS[sector])
-    sol.pool = [f"{c}, about {fmt(dist)} m" for c in _COMPASS if c != _COMPASS[sector]]  # type: ignore[attr-defined]
+    sol.pool = [f"{c}, about {fmt(dist)} m" for c in _COMPASS if c != _COMPASS[sector]]
     sol.unique = True
-    sol.kg_names = (kg.name(p["a"]), kg.name(p["b"]))  # type: ignore[attr-defined]
     return sol
 
 
@@ -475,7 +475,7 @@ def text_osr(F: Facts, p: dict[str, Any], sol: Solution) -> tuple[str, str, list
              f"Distance: √({fmt(abs(dx))}² + {fmt(abs(dy))}²) = {fmt(c['hypot'])} px, times the GSD {fmt(p['gsd'])} m = "
              f"about {fmt(c['mul'])} m on the ground.",
              f"Bearing: the angle atan2(north, east) = {fmt(c['atan_deg'])}° from east (counter-clockwise) falls in "
-             f"the {sol.direction} sector of the 8-point compass (45° sectors centred on each direction)."]  # type: ignore[attr-defined]
+             f"the {sol.direction} sector of the 8-point compass (45° sectors centred on each direction)."]
     return setting, ask, steps
 
 
@@ -502,7 +502,7 @@ def solve_oc(F: Facts, p: dict[str, Any]) -> Solution:
         subs.append(sol.calc("sub", full, k, digits=0))
     total = sol.calc("add", *subs, digits=0)
     sol.answer = fmt(total)
-    sol.pool = [fmt(total + x) for x in (-2, -1, 1, 2, 3, -3) if total + x > 0]  # type: ignore[attr-defined]
+    sol.pool = [fmt(total + x) for x in (-2, -1, 1, 2, 3, -3) if total + x > 0]
     return sol
 
 
@@ -554,7 +554,7 @@ def solve_rc(F: Facts, p: dict[str, Any]) -> Solution:
     if not any(_in_quad(x, y, p["quad"]) for x, y, _ in p["objs"]):
         raise ScenarioError("empty region")
     sol.answer = str(n)
-    sol.pool = [str(n + d) for d in (-2, -1, 1, 2, 3) if n + d >= 0]  # type: ignore[attr-defined]
+    sol.pool = [str(n + d) for d in (-2, -1, 1, 2, 3) if n + d >= 0]
     return sol
 
 
@@ -596,7 +596,7 @@ def solve_rccd(F: Facts, p: dict[str, Any]) -> Solution:
     net = sol.calc("sub", after, p["before"], digits=0)
     sol.answer = fmt({"new": p["new"], "after": after, "net": net}[p["ask"]])
     v = float(sol.answer)
-    sol.pool = [fmt(v + d) for d in (-3, -2, -1, 1, 2, 4)]  # type: ignore[attr-defined]
+    sol.pool = [fmt(v + d) for d in (-3, -2, -1, 1, 2, 4)]
     return sol
 
 
@@ -643,7 +643,7 @@ def solve_ccr(F: Facts, p: dict[str, Any]) -> Solution:
     if n < 1:
         raise ScenarioError("quay too short")
     sol.answer = fmt(n)
-    sol.pool = [fmt(n + d) for d in (-2, -1, 1, 2, 3) if n + d >= 0]  # type: ignore[attr-defined]
+    sol.pool = [fmt(n + d) for d in (-2, -1, 1, 2, 3) if n + d >= 0]
     return sol
 
 
@@ -682,7 +682,7 @@ def _solve_cues(F: Facts, p: dict[str, Any], types: set[str], pool: list[str]) -
         raise ScenarioError("cue shared")
     names = {norm(kg.name(x)): x for x in pool}
     sol.right = lambda text: names.get(norm(text)) == h or norm(text) == norm(kg.name(h))
-    sol.pool = [kg.name(x) for x in pool if x != h]  # type: ignore[attr-defined]
+    sol.pool = [kg.name(x) for x in pool if x != h]
     return sol
 
 
@@ -736,7 +736,7 @@ def solve_rluc(F: Facts, p: dict[str, Any]) -> Solution:
     name = F.kg.name(p["head"])
     sol.answer = f"{name}, about {ha} ha"
     sol.right = lambda text: norm(text.split(",")[0]) == norm(name)
-    sol.pool = [f"{x}, about {ha} ha" for x in sol.pool]  # type: ignore[attr-defined]
+    sol.pool = [f"{x}, about {ha} ha" for x in sol.pool]
     sol.kind = "exact"
     return sol
 
@@ -783,7 +783,7 @@ def solve_ad(F: Facts, p: dict[str, Any]) -> Solution:
     name = F.kg.name(p["head"])
     sol.answer = f"{name}, about {d} m from the reference point"
     sol.right = lambda text: norm(text.split(",")[0]) == norm(name)
-    sol.pool = [f"{x}, about {d} m from the reference point" for x in sol.pool]  # type: ignore[attr-defined]
+    sol.pool = [f"{x}, about {d} m from the reference point" for x in sol.pool]
     sol.kind = "exact"
     return sol
 
@@ -868,14 +868,13 @@ def solve_ecr(F: Facts, p: dict[str, Any]) -> Solution:
         cond = next(c for c in kg.by_type["condition"] if kg.name(c) == ("low sun elevation" if elev < 30 else "high sun elevation"))
         sol.evidence.append((cond, "indicated_by_cue", kg.tails(cond, "indicated_by_cue")[0]))
         sol.answer = kg.name(cond)
-        sol.pool = ["high sun elevation" if elev < 30 else "low sun elevation"]  # type: ignore[attr-defined]
+        sol.pool = ["high sun elevation" if elev < 30 else "low sun elevation"]
         return sol
     if p["mode"] == "crop":
         c = p["cal"]
-        sow, har = F.one(c, "sowing_period"), F.one(c, "harvest_period")
-        sol = Solution(crop_state(_months(kg.name(sow)), _months(kg.name(har)), p["month"]),  # type: ignore[arg-type]
-                       [(c, "sowing_period", sow), (c, "harvest_period", har), F.tr(c, "calendar_crop"),
-                        F.tr(c, "calendar_region")])
+        t_sow, t_har = F.tr(c, "sowing_period"), F.tr(c, "harvest_period")
+        sol = Solution(crop_state(_months(kg.name(t_sow[2])), _months(kg.name(t_har[2])), p["month"]),
+                       [t_sow, t_har, F.tr(c, "calendar_crop"), F.tr(c, "calendar_region")])
         sol.pool = [s for s in ("ripe crop or harvest under way", "freshly tilled or sown soil with little green cover",
                                 "fallow: stubble or bare soil between seasons", "crop growing in the field") if s != sol.answer]
         area_calcs(sol, p)
@@ -981,9 +980,7 @@ def solve_rp(F: Facts, p: dict[str, Any]) -> Solution:
         raise ScenarioError("tie")
     sol.answer = f"route {LETTERS[best]}, about {fmt(times[best])} min"
     sol.right = lambda text: norm(text).startswith(norm(f"route {LETTERS[best]}"))
-    sol.times = times  # type: ignore[attr-defined]
-    sol.lw = lw  # type: ignore[attr-defined]
-    sol.pool = [f"route {LETTERS[i]}, about {fmt(times[i])} min" for i in range(3) if i != best]  # type: ignore[attr-defined]
+    sol.pool = [f"route {LETTERS[i]}, about {fmt(times[i])} min" for i in range(3) if i != best]
     return sol
 
 

@@ -265,7 +265,7 @@ class ImageStore:
         with self.open(image_id) as ds:
             crs, transform, georef = _georeference(ds)
             bounds = geo = None
-            if georef != "none":
+            if transform is not None:  # georef != "none"
                 from rasterio.warp import transform_bounds
 
                 bounds = _pixel_bounds(transform, ds.width, ds.height)
@@ -331,7 +331,7 @@ class ImageStore:
         shape = (len(bands), max(1, info.height // scale), max(1, info.width // scale))
         with self.open(image_id) as ds:
             arr = ds.read(indexes=list(bands), out_shape=shape, masked=True, resampling=Resampling.nearest)
-        rng = percentile_ranges(np.ma.getdata(arr), np.ma.getmaskarray(arr), tuple(percentiles))
+        rng = percentile_ranges(np.ma.getdata(arr), np.ma.getmaskarray(arr), (percentiles[0], percentiles[1]))
         with self._lock:
             self._stats[key] = rng
         return rng
