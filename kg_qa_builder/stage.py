@@ -216,14 +216,18 @@ def run(cfg: BuildQAConfig) -> dict[str, Any]:
     for i, (split, n) in enumerate([("test", cfg.n_test), ("val", cfg.n_val), ("train", cfg.n_train)]):
         n_scen = round(n * cfg.scenario_share)
         rules = KeepRules(n)
+
+        def in_split(s: str, sp: str = split) -> bool:  # sp bound now (the generator keeps the predicate)
+            return split_of(kg, s, cfg) == sp
+
         sgen = ScenarioGenerator(
             kg, seed=cfg.seed * 1000 + 500 + i,
-            subjects=lambda s, sp=split: split_of(kg, s, cfg) == sp,
+            subjects=in_split,
             qtype_weights={k: float(v) for k, v in cfg.scenario_qtype_weights.items()},
             kinds={k: float(v) for k, v in cfg.scenario_kinds.items()} or None)
         scen = generate_split(sgen, verifier, split, n_scen, max(1, n_scen) * cfg.max_attempts_factor, near, seen,
                               rejections, rej_log, rules)
-        gen = Generator(kg, parts[split], seed=cfg.seed * 1000 + i, hop_weights=tuple(cfg.hop_weights),
+        gen = Generator(kg, parts[split], seed=cfg.seed * 1000 + i, hop_weights=(cfg.hop_weights[0], cfg.hop_weights[1], cfg.hop_weights[2]),
                         qtype_weights={k: float(v) for k, v in cfg.qtype_weights.items()},
                         relation_weights={k: float(v) for k, v in cfg.relation_weights.items()},
                         n_distractors=cfg.n_distractors)
@@ -273,7 +277,7 @@ def run_teacher(cfg: BuildQAConfig, kg: Any, parts: dict[str, set], verifier: Ve
     raw = Path(cfg.output_dir) / "teacher_raw.jsonl"
     calls = client.run(reqs, raw)
     wanted = {r.id for r in reqs}
-    kept = Counter()
+    kept: Counter[str] = Counter()
     seen_req: set[str] = set()
     for rec in read_jsonl(raw):
         if rec["id"] not in wanted or rec["id"] in seen_req:

@@ -302,7 +302,7 @@ def run(cfg: EvalConfig, backend: Any = None) -> dict[str, Any]:
     viewer = write_viewer(out / "viewer.html", _viewer_items(samples, greedy, store, greedy_agent,
                                                              cfg.viewer_max_items),
                           title=f"{cfg.model} · {cfg.dataset} · {cfg.protocol}",
-                          note="" if result["reportable"] else "NOT REPORTABLE: " + result["not_reportable_reason"])
+                          note="" if result["reportable"] else f"NOT REPORTABLE: {result['not_reportable_reason']}")
     o = metrics["overall"]
     if o["n"] == 0:
         from pipeline.errors import EvalError

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -122,7 +123,7 @@ def load_observation_images(traj: Trajectory, store: Any, zoom_cfg: Any) -> dict
     return out
 
 
-def write_viewer(path: str | Path, items: list[tuple[Trajectory, VQASample | None, dict[str, Image.Image]]],
+def write_viewer(path: str | Path, items: Sequence[tuple[Trajectory, VQASample | None, dict[str, Image.Image]]],
                  title: str = "KnowZoom trajectories", note: str = "") -> Path:
     """Write the viewer HTML for (trajectory, sample, observation images) triples."""
     body = "".join(render_item(t, s, ims) for t, s, ims in items)

@@ -156,7 +156,8 @@ class ZoomEnv:
         self.score = None
         self.key = uuid.uuid4().hex
         if isinstance(sample, str):
-            sample = json.loads(sample)
+            loaded: dict[str, Any] = json.loads(sample)
+            sample = loaded
         self.sample = sample if isinstance(sample, VQASample) else VQASample.from_dict(sample or {})
         observations = None
         try:
@@ -205,7 +206,8 @@ class ZoomEnv:
             self.stats.n_errors += 1
             return msg["content"] if isinstance(msg["content"], str) else [dict(p) for p in msg["content"]]
         obs = result.observation
-        self.stats.zooms.append((int(obs.image_index), tuple(float(v) for v in obs.window)))
+        wx0, wy0, wx1, wy1 = (float(v) for v in obs.window)
+        self.stats.zooms.append((int(obs.image_index), (wx0, wy0, wx1, wy1)))
         content = msg["content"]
         if isinstance(content, str):
             content = [{"type": "text", "text": content}]

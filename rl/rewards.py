@@ -218,7 +218,7 @@ class ZoomRewards:
         if len(environments) != len(completion_ids):
             raise ValueError(f"{len(environments)} environments for {len(completion_ids)} completions")
         fresh = [env for env in environments if getattr(env, "score", None) is None]
-        logged = []
+        logged: list[dict[str, Any]] = []
         for env, ids in zip(environments, completion_ids, strict=True):
             if getattr(env, "score", None) is None:
                 turns: list[str] = []

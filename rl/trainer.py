@@ -196,7 +196,8 @@ class _TurnPrefetch:
             for call in msg["tool_calls"]:
                 fn = call.get("function") or {}
                 name, args = fn.get("name"), fn.get("arguments")
-                if call.get("type") != "function" or name not in self.tools[i] or not isinstance(args, dict):
+                if (call.get("type") != "function" or not isinstance(name, str) or name not in self.tools[i]
+                        or not isinstance(args, dict)):
                     continue  # TRL reports these itself without calling anything
                 fut: Future = Future()
                 self.futures.setdefault(i, {}).setdefault(_call_key(name, args), []).append(fut)

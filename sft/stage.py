@@ -275,7 +275,7 @@ def evaluate_text_qa(model: Any, processor: Any, records: list[TextQA], *, max_n
     old_side = tok.padding_side
     tok.padding_side = "left"
     correct = parse_fail = 0
-    examples = []
+    examples: list[dict[str, Any]] = []
     was_training = model.training
     model.eval()
     try:
@@ -351,6 +351,9 @@ def _trainer_class() -> type:
             sampler = super()._get_train_sampler(train_dataset)
             if self.args.train_sampling_strategy != "group_by_length" or sampler is None:
                 return sampler
+            from transformers.trainer_pt_utils import LengthGroupedSampler
+
+            assert isinstance(sampler, LengthGroupedSampler)  # what HF builds for group_by_length
             return _SeededLengthGroupedSampler(sampler.batch_size, sampler.lengths,
                                                seed=self.args.data_seed if self.args.data_seed is not None
                                                else self.args.seed)
