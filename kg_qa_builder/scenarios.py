@@ -83,7 +83,7 @@ def pick_gsd(rng: random.Random, F: Facts, p: dict[str, Any], choices: tuple[flo
     """Half of the time the GSD is given by naming the platform (its finest resolution is a graph fact)."""
     if F.vhr and rng.random() < 0.5:
         pl = rng.choice(F.vhr)
-        p["platform"], p["gsd"] = pl, F.rng(pl, "finest_resolution")[0]  # type: ignore[index]
+        p["platform"], p["gsd"] = pl, F.rng_of(pl, "finest_resolution")[0]
     else:
         p["gsd"] = rng.choice(choices)
 
@@ -217,6 +217,13 @@ class Facts:
         t = self.one(h, rel)
         return qrange(self.kg.name(t)) if t else None
 
+    def rng_of(self, h: str, rel: str) -> tuple[float, float]:
+        """`rng` of a fact the scenario chose `h` for having; its absence is a ScenarioError (no question)."""
+        r = self.rng(h, rel)
+        if r is None:
+            raise ScenarioError(f"{h} has no {rel}")
+        return r
+
     def tr(self, h: str, rel: str, t: str | None = None) -> Triple:
         t = t or self.one(h, rel)
         assert t is not None
@@ -244,7 +251,7 @@ def make_occ(rng: random.Random, F: Facts) -> dict[str, Any]:
     p: dict[str, Any] = {"obj": obj}
     pick_gsd(rng, F, p)
     gsd = p["gsd"]
-    p["px_len"] = _px_pair(rng, F.rng(obj, "length_range"), gsd)  # type: ignore[arg-type]
+    p["px_len"] = _px_pair(rng, F.rng_of(obj, "length_range"), gsd)
     for rel in ("wingspan", "width_range"):
         r2 = F.rng(obj, rel)
         if r2:
@@ -259,7 +266,7 @@ def make_occ(rng: random.Random, F: Facts) -> dict[str, Any]:
 
 def solve_occ(F: Facts, p: dict[str, Any]) -> Solution:
     kg, obj = F.kg, p["obj"]
-    cat = F.one(obj, "object_category")
+    cat = F.one(obj, "object_category") or ""  # F.sized is a defaultdict: no category, no candidates
     sol = Solution(kg.name(obj), [F.tr(obj, "object_category")])
     length = sol.calc("mul", p["px_len"], p["gsd"])
     dim2 = sol.calc("mul", p["px_2"], p["gsd"]) if p.get("dim2") else None
@@ -268,13 +275,13 @@ def solve_occ(F: Facts, p: dict[str, Any]) -> Solution:
         r = F.rng(o, "length_range")
         if not r or not fits(length, r):
             return False
-        if p.get("dim2"):
+        if dim2 is not None:  # p["dim2"] is set
             r2 = F.rng(o, p["dim2"])
-            if not r2 or not fits(dim2, r2):  # type: ignore[arg-type]
+            if not r2 or not fits(dim2, r2):
                 return False
         return not p.get("cue") or kg.has(o, "has_visual_cue", p["cue"])
 
-    fitting = [o for o in F.sized[cat] if ok(o)]  # type: ignore[index]
+    fitting = [o for o in F.sized[cat] if ok(o)]
     if fitting != [obj]:
         raise ScenarioError("size and cue do not single out the object")
     sol.evidence.append(F.tr(obj, "length_range"))
@@ -285,9 +292,9 @@ def solve_occ(F: Facts, p: dict[str, Any]) -> Solution:
     if p.get("ctx"):
         sol.evidence.append((obj, "typically_found_in", p["ctx"]))
     gsd_evidence(F, p, sol)
-    names = {norm(kg.name(o)): o for o in F.sized[cat]}  # type: ignore[index]
+    names = {norm(kg.name(o)): o for o in F.sized[cat]}
     sol.right = lambda text: names.get(norm(text)) == obj
-    sol.pool = [kg.name(o) for o in F.sized[cat] if o != obj and not ok(o)]  # type: ignore[index]
+    sol.pool = [kg.name(o) for o in F.sized[cat] if o != obj and not ok(o)]
     return sol
 
 
@@ -322,9 +329,9 @@ def make_ocl(rng: random.Random, F: Facts) -> dict[str, Any]:
     h = rng.choice(F.roofs)
     p: dict[str, Any] = {"obj": h, "gsd": rng.choice(GSDS)}
     if F.kg.type(h) == "object_type" and F.rng(h, "length_range"):
-        p["px_len"] = _px_pair(rng, F.rng(h, "length_range"), p["gsd"])  # type: ignore[arg-type]
+        p["px_len"] = _px_pair(rng, F.rng_of(h, "length_range"), p["gsd"])
         if F.rng(h, "width_range"):
-            p["px_2"] = _px_pair(rng, F.rng(h, "width_range"), p["gsd"])  # type: ignore[arg-type]
+            p["px_2"] = _px_pair(rng, F.rng_of(h, "width_range"), p["gsd"])
     cues = F.kg.tails(h, "roof_cue") or F.kg.tails(h, "has_visual_cue")
     p["cue"] = rng.choice(cues) if cues else None
     if not p.get("px_len"):
@@ -340,7 +347,7 @@ def solve_ocl(F: Facts, p: dict[str, Any]) -> Solution:
     sol = Solution(kg.name(colour), [F.tr(h, "roof_colour")], kind="colour")
     if p.get("px_len"):
         length = sol.calc("mul", p["px_len"], p["gsd"])
-        if not fits(length, F.rng(h, "length_range")):  # type: ignore[arg-type]
+        if not fits(length, F.rng_of(h, "length_range")):
             raise ScenarioError("size")
         sol.evidence.append(F.tr(h, "length_range"))
         if p.get("px_2"):
@@ -393,7 +400,7 @@ def make_oms(rng: random.Random, F: Facts) -> dict[str, Any]:
     moving = rng.random() < 0.5
     cue = rng.choice(F.kg.tails(o, "motion_cue" if moving else "at_rest_cue"))
     gsd = rng.choice(GSDS)
-    return {"obj": o, "cue": cue, "gsd": gsd, "px_len": _px_pair(rng, F.rng(o, "length_range"), gsd),  # type: ignore[arg-type]
+    return {"obj": o, "cue": cue, "gsd": gsd, "px_len": _px_pair(rng, F.rng_of(o, "length_range"), gsd),
             "moving": moving}
 
 
@@ -405,7 +412,7 @@ def solve_oms(F: Facts, p: dict[str, Any]) -> Solution:
         raise ScenarioError("cue is not decisive")
     sol = Solution("moving" if mv else "stationary", [(o, "motion_cue" if mv else "at_rest_cue", p["cue"])], kind="exact")
     length = sol.calc("mul", p["px_len"], p["gsd"])
-    if not fits(length, F.rng(o, "length_range")):  # type: ignore[arg-type]
+    if not fits(length, F.rng_of(o, "length_range")):
         raise ScenarioError("size")
     sol.evidence.append(F.tr(o, "length_range"))
     sol.pool = ["moving" if not mv else "stationary"]
@@ -484,7 +491,7 @@ def make_oc(rng: random.Random, F: Facts) -> dict[str, Any]:
     o = rng.choice(F.circles)
     p: dict[str, Any] = {"obj": o}
     pick_gsd(rng, F, p)
-    p["px_d"] = _px_pair(rng, F.rng(o, "diameter_range"), p["gsd"])  # type: ignore[arg-type]
+    p["px_d"] = _px_pair(rng, F.rng_of(o, "diameter_range"), p["gsd"])
     p["groups"] = [[rng.randint(2, 6), rng.randint(2, 8), rng.randint(0, 3)] for _ in range(rng.randint(2, 3))]
     return p
 
@@ -494,7 +501,7 @@ def solve_oc(F: Facts, p: dict[str, Any]) -> Solution:
     sol = Solution("", [F.tr(o, "diameter_range"), F.tr(o, "has_shape")], kind="exact")
     gsd_evidence(F, p, sol)
     d = sol.calc("mul", p["px_d"], p["gsd"], digits=1)
-    if not fits(d, F.rng(o, "diameter_range")):  # type: ignore[arg-type]
+    if not fits(d, F.rng_of(o, "diameter_range")):
         raise ScenarioError("size")
     subs = []
     for r, c, k in p["groups"]:
@@ -534,7 +541,7 @@ def make_rc(rng: random.Random, F: Facts) -> dict[str, Any]:
     objs = []
     for _ in range(rng.randint(6, 10)):
         o = target if rng.random() < 0.4 else rng.choice(F.sized[cat])
-        objs.append([rng.randrange(100, 8000), rng.randrange(100, 8000), _px_pair(rng, F.rng(o, "length_range"), gsd)])  # type: ignore[arg-type]
+        objs.append([rng.randrange(100, 8000), rng.randrange(100, 8000), _px_pair(rng, F.rng_of(o, "length_range"), gsd)])
     return {"target": target, "gsd": gsd, "objs": objs, "quad": rng.choice(["north-west", "north-east", "south-west", "south-east"])}
 
 
@@ -544,13 +551,13 @@ def _in_quad(x: int, y: int, quad: str) -> bool:
 
 def solve_rc(F: Facts, p: dict[str, Any]) -> Solution:
     t = p["target"]
-    r = F.rng(t, "length_range")
+    r = F.rng_of(t, "length_range")
     sol = Solution("", [F.tr(t, "length_range"), F.tr(t, "object_category")], kind="exact")
     n = 0
     for x, y, px in p["objs"]:
         if _in_quad(x, y, p["quad"]):
             m = sol.calc("mul", px, p["gsd"], digits=1)
-            n += fits(m, r, 0.0)  # type: ignore[arg-type]
+            n += fits(m, r, 0.0)
     if not any(_in_quad(x, y, p["quad"]) for x, y, _ in p["objs"]):
         raise ScenarioError("empty region")
     sol.answer = str(n)
@@ -634,11 +641,11 @@ def make_ccr(rng: random.Random, F: Facts) -> dict[str, Any]:
 
 def solve_ccr(F: Facts, p: dict[str, Any]) -> Solution:
     o = p["obj"]
-    r = F.rng(o, "length_range")
+    r = F.rng_of(o, "length_range")
     sol = Solution("", [F.tr(o, "length_range"), (o, "typically_found_in", F.kg.tails(o, "typically_found_in")[0])],
                    kind="exact")
     quay = sol.calc("mul", p["quay_px"], p["gsd"], digits=1)
-    per = sol.calc("add", r[1], p["gap"], digits=1)  # type: ignore[index]
+    per = sol.calc("add", r[1], p["gap"], digits=1)
     n = sol.calc("floor_div", sol.calc("add", quay, p["gap"], digits=1), per, digits=0)
     if n < 1:
         raise ScenarioError("quay too short")
@@ -650,7 +657,7 @@ def solve_ccr(F: Facts, p: dict[str, Any]) -> Solution:
 def text_ccr(F: Facts, p: dict[str, Any], sol: Solution) -> tuple[str, str, list[str]]:
     kg, o = F.kg, p["obj"]
     r = kg.name(F.one(o, "length_range") or "")
-    hi = fmt(F.rng(o, "length_range")[1])  # type: ignore[index]
+    hi = fmt(F.rng_of(o, "length_range")[1])
     c = sol.calcs
     setting = (f"A straight quay measures {p['quay_px']} px in a {fmt(p['gsd'])} m GSD image. Ships moor end to "
                f"end along it with a clear gap of {p['gap']} m between neighbours.")
@@ -814,7 +821,7 @@ def make_ecr(rng: random.Random, F: Facts) -> dict[str, Any]:
     if mode == "sun":
         o = rng.choice(F.tall)
         gsd = rng.choice(GSDS)
-        h = rng.uniform(*F.rng(o, "height_range"))  # type: ignore[misc]
+        h = rng.uniform(*F.rng_of(o, "height_range"))
         elev = rng.choice([rng.uniform(12, 26), rng.uniform(64, 80)])
         return {"mode": mode, "obj": o, "gsd": gsd, "height": round(h), "shadow_px": max(2, round(h / math.tan(math.radians(elev)) / gsd))}
     if mode == "crop":
@@ -858,7 +865,7 @@ def solve_ecr(F: Facts, p: dict[str, Any]) -> Solution:
     kg = F.kg
     if p["mode"] == "sun":
         o = p["obj"]
-        if not fits(p["height"], F.rng(o, "height_range"), 0.0):  # type: ignore[arg-type]
+        if not fits(p["height"], F.rng_of(o, "height_range"), 0.0):
             raise ScenarioError("height")
         sol = Solution("", [F.tr(o, "height_range")])
         L = sol.calc("mul", p["shadow_px"], p["gsd"], digits=1)
@@ -990,7 +997,7 @@ def text_rp(F: Facts, p: dict[str, Any], sol: Solution) -> tuple[str, str, list[
                f"{p['v']['2']} km/h on 2-lane roads, {p['v']['4']} km/h on 4-lane roads and {p['v']['6']} km/h on 6-lane roads.")
     ask = "Which route is fastest?"
     c = sol.calcs
-    lw = F.kg.name(F.one(F.lane, "width_range") or "")  # type: ignore[arg-type]
+    lw = F.kg.name(F.one(F.lane, "width_range") or "")  # type: ignore[arg-type]  # F.lane is set: rp params need it
     per = []
     for i, (lp, wp) in enumerate(p["routes"]):
         k = i * 6

@@ -126,12 +126,12 @@ def to_dict(record: Any) -> dict[str, Any]:
 
 def from_dict(cls: type[T], d: dict[str, Any]) -> T:
     """Build a record, with an error that names unknown or missing fields."""
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]  # T is a record dataclass
     unknown = set(d) - names
     if unknown:
         raise RecordError(f"{cls.__name__}: unknown fields {sorted(unknown)}")
     try:
-        rec = cls.from_dict(d) if hasattr(cls, "from_dict") else cls(**d)  # type: ignore[attr-defined]
+        rec = cls.from_dict(d) if hasattr(cls, "from_dict") else cls(**d)  # type: ignore[attr-defined]  # hasattr does not narrow type[T]
     except TypeError as e:
         raise RecordError(f"{cls.__name__}: {e}") from e
     if hasattr(rec, "validate"):

@@ -75,7 +75,7 @@ def protocol_tool_calls(text: str) -> list[dict] | None:
         return None
     err = turn_error_result(parsed)
     turn = {"error": err.text} if err is not None else {
-        "name": parsed.tool_call.name, "arguments": dict(parsed.tool_call.arguments)}  # type: ignore[union-attr]
+        "name": parsed.tool_call.name, "arguments": dict(parsed.tool_call.arguments)}  # type: ignore[union-attr]  # no error: a call
     return [{"type": "function", "function": {"name": TOOL_NAME, "arguments": {"bbox": {TURN_KEY: turn}}}}]
 
 
@@ -221,7 +221,7 @@ class ZoomEnv:
 
     def _close(self) -> None:
         try:
-            self.backend.close(self.key)  # type: ignore[arg-type]
+            self.backend.close(self.key)  # type: ignore[arg-type]  # only called while an episode is open
         except Exception as e:  # closing is best effort
             log.debug("close %s: %s", self.key, e)
 

@@ -238,8 +238,8 @@ def build_items(cfg: SFTConfig, processor: Any, *, materialize: bool = True) -> 
 
 
 # --------------------------------------------------------------------------------------------- model prep
-def prepare_model(model: Any, cfg: SFTConfig) -> dict[str, int]:
-    """Apply freezing and LoRA; returns trainable/total parameter counts."""
+def prepare_model(model: Any, cfg: SFTConfig) -> dict[str, Any]:
+    """Apply freezing and LoRA; returns trainable/total parameter counts and the (possibly wrapped) model."""
     visual = getattr(getattr(model, "model", model), "visual", None)
     if visual is not None:
         merger = getattr(visual, "merger", None)
@@ -438,7 +438,7 @@ def run(cfg: SFTConfig, callbacks: list[Any] | None = None) -> dict[str, Any]:
     score("eval_train", "before")
 
     prep = prepare_model(model, cfg)
-    model = prep.pop("model")  # type: ignore[assignment]
+    model = prep.pop("model")
     metrics["parameters"] = prep
     trainer = _trainer_class()(model=model, args=args, train_dataset=dataset.to_hf(), processing_class=processor,
                              data_collator=ZoomSFTCollator(processor), callbacks=callbacks or [])
