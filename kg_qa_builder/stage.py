@@ -14,7 +14,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kg_qa_builder.dataset import (
     SPLITS,
@@ -35,6 +35,9 @@ from kg_qa_builder.scenarios import PRINCIPLE_HEADS, ScenarioGenerator
 from kg_qa_builder.verify import Verifier
 from pipeline.config import StageConfig, hfield
 from pipeline.records import TextQA, read_jsonl, write_jsonl
+
+if TYPE_CHECKING:
+    from kg_qa_builder.graph import KnowledgeGraph
 
 QTYPES = ("mcq", "tf", "fill", "free")
 
@@ -178,7 +181,7 @@ def generate_split(gen: Any, ver: Verifier, split: str, n: int, max_attempts: in
     return out
 
 
-def split_of(kg: Any, entity: str, cfg: BuildQAConfig) -> str:
+def split_of(kg: KnowledgeGraph, entity: str, cfg: BuildQAConfig) -> str:
     """The split an entity belongs to: the seeded hash, except the general tools every split's scenarios
     reason with (lane width, construction signatures, sun-elevation cues), which are training knowledge."""
     if kg.name(entity) in PRINCIPLE_HEADS:
@@ -186,7 +189,7 @@ def split_of(kg: Any, entity: str, cfg: BuildQAConfig) -> str:
     return entity_split(entity, cfg.seed, cfg.val_fraction, cfg.test_fraction)
 
 
-def split_facts(kg: Any, cfg: BuildQAConfig) -> dict[str, set]:
+def split_facts(kg: KnowledgeGraph, cfg: BuildQAConfig) -> dict[str, set]:
     """Facts (triples) per split, by their subject entity (see `split_of`)."""
     parts = partition(kg.triples, cfg.seed, cfg.val_fraction, cfg.test_fraction)
     for s in ("val", "test"):
@@ -262,7 +265,7 @@ def run(cfg: BuildQAConfig) -> dict[str, Any]:
             "seconds": round(time.time() - t0, 2)}
 
 
-def run_teacher(cfg: BuildQAConfig, kg: Any, parts: dict[str, set], verifier: Verifier,
+def run_teacher(cfg: BuildQAConfig, kg: KnowledgeGraph, parts: dict[str, set], verifier: Verifier,
                 by_split: dict[str, list[TextQA]], near: NearDupIndex, seen: set[str], rejections: Counter,
                 rej_log: list[dict[str, Any]]) -> dict[str, Any]:
     """Call the teacher (resumable), verify its items and add the accepted ones to their split."""

@@ -15,13 +15,17 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.config import hfield
 from pipeline.datasets import DatasetFormatError
 from pipeline.errors import ConfigError, DatasetNotFoundError
 from pipeline.records import JsonlAppender, Trajectory, VQASample, from_dict, read_jsonl
 from pipeline.rollout_config import RolloutStageConfig
+
+if TYPE_CHECKING:
+    from rl.agent import AgentConfig, Backend
+    from tools.store import ImageStore
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +97,7 @@ def prompt_fingerprint(protocol: str, frame: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def cache_key(cfg: Any, agent: Any, mode: str) -> str:
+def cache_key(cfg: RolloutStageConfig, agent: AgentConfig, mode: str) -> str:
     d = {"model": model_fingerprint(cfg.model, cfg.backend), "backend": cfg.backend,
          "prompt": prompt_fingerprint(agent.protocol, agent.zoom.frame), "mode": mode,
          "gen": {k: getattr(agent, k) for k in ("max_turns", "max_new_tokens", "temperature", "top_p",
@@ -104,7 +108,7 @@ def cache_key(cfg: Any, agent: Any, mode: str) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def load_eval_data(cfg: Any) -> tuple[list[VQASample], Any]:
+def load_eval_data(cfg: RolloutStageConfig) -> tuple[list[VQASample], ImageStore]:
     """(samples, image store) for the configured dataset; XLRS images go through prepare-images once."""
     from tools.store import ImageStore
 
@@ -177,7 +181,7 @@ def _traj_from(d: dict[str, Any]) -> Trajectory:
     return from_dict(Trajectory, d)
 
 
-def run_cached(backend: Any, samples: list[VQASample], store: Any, agent: Any, n: int, cache: Path,
+def run_cached(backend: Backend, samples: list[VQASample], store: ImageStore, agent: AgentConfig, n: int, cache: Path,
                chunk_size: int, desc: str) -> dict[str, list[Trajectory]]:
     """Run the rollouts not yet in `cache` and return all of them per sample id (rollout order).
     Each finished, error-free episode is appended durably as it finishes."""
@@ -223,7 +227,7 @@ def run_cached(backend: Any, samples: list[VQASample], store: Any, agent: Any, n
     return out
 
 
-def _viewer_items(samples: list[VQASample], greedy: dict[str, Trajectory], store: Any, agent: Any,
+def _viewer_items(samples: list[VQASample], greedy: dict[str, Trajectory], store: ImageStore, agent: AgentConfig,
                   max_items: int) -> list[tuple[Trajectory, VQASample, dict]]:
     from pipeline.viewer import load_observation_images
 
@@ -241,7 +245,7 @@ def _viewer_items(samples: list[VQASample], greedy: dict[str, Trajectory], store
     return items
 
 
-def run(cfg: EvalConfig, backend: Any = None) -> dict[str, Any]:
+def run(cfg: EvalConfig, backend: Backend | None = None) -> dict[str, Any]:
     """Evaluate and write results.json / results.md / per_task.png / viewer.html; returns the headline."""
     from pipeline.report import compute_metrics, write_reports
     from pipeline.viewer import write_viewer

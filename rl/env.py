@@ -20,10 +20,14 @@ import json
 import logging
 import uuid
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pipeline.records import VQASample
 from rl.rewards import EpisodeScore, EpisodeStats
+
+if TYPE_CHECKING:
+    from tools.store import ImageStore
+    from tools.zoom import ZoomConfig
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +43,7 @@ class EpisodeBackend(Protocol):
 class LocalEpisodes:
     """In-process episodes over one shared `ImageStore` (its readers are cached across rollouts)."""
 
-    def __init__(self, store: Any, zoom_cfg: Any):
+    def __init__(self, store: ImageStore, zoom_cfg: ZoomConfig):
         self.store = store
         self.zoom_cfg = zoom_cfg
         self._episodes: dict[str, Any] = {}

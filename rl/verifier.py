@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 MAX_ANSWER_CHARS = 1000  # the reference reward gives no accuracy credit to answers this long or longer
 MAX_BARE_CHARS = 200  # a reply with no tag and no marker is only read as an answer when this short
@@ -72,6 +72,9 @@ _CLAIM = re.compile(
     r"(?:[.:]?\s+([^\n.]{1,40}?))?\s+(?:is|are|would\s+be|seems\s+to\s+be)\s+(?:the\s+)?"
     r"(?:correct|best|right|most\s+likely|answer)\b",
 )
+
+if TYPE_CHECKING:
+    from pipeline.records import TextQA, VQASample
 _LABEL = re.compile(r"^\s*\(?([A-Za-z])\)\s*(.*)$|^\s*([A-Z])[.:]\s+(.*)$", re.S)
 _OPTION_WORD = re.compile(r"^(?:option|choice)s?\s*[:\-]?\s*(?=\(?[A-Za-z](?![A-Za-z]))", re.I)
 _PAREN_LABEL = re.compile(r"^\(([A-Za-z])\)\s*(.*)$", re.S)
@@ -493,7 +496,7 @@ def verify(
     return VerifyResult(ok, norm, False, "normalised text")
 
 
-def verify_sample(text: str | None, sample: Any, **kw: Any) -> VerifyResult:
+def verify_sample(text: str | None, sample: TextQA | VQASample, **kw: Any) -> VerifyResult:
     """`verify` with the truth, type, choices and tolerance of a `VQASample` or `TextQA`."""
     return verify(
         text,

@@ -17,10 +17,14 @@ import random
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.records import JsonlAppender, TextQA, Trajectory, VQASample, read_jsonl
 from sft.errors import SFTDataError, TrajectoryError
+
+if TYPE_CHECKING:
+    from tools.store import ImageStore
+    from tools.zoom import ZoomConfig
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +97,7 @@ ANSWER_THINK = "<think>The zoomed view shows the evidence.</think>"
 DIRECT_THINK = "<think>The overview shows the evidence.</think>"
 
 
-def oracle_trajectory(sample: VQASample, store: Any, zoom_cfg: Any, *, think: bool = True,
+def oracle_trajectory(sample: VQASample, store: ImageStore, zoom_cfg: ZoomConfig, *, think: bool = True,
                       max_zooms: int | None = None) -> tuple[list[dict], list[Any], list[Any]]:
     """(messages, images, observations) of the oracle episode of a sample: overview → zoom_in on each
     target region (at most `max_zooms`, default zoom_cfg.max_turns) → answer. Crops come from the real
@@ -131,7 +135,7 @@ def oracle_trajectory(sample: VQASample, store: Any, zoom_cfg: Any, *, think: bo
     return messages, images, observations
 
 
-def materialize_trajectories(samples: Iterable[VQASample], store: Any, zoom_cfg: Any, out_dir: str | Path, *,
+def materialize_trajectories(samples: Iterable[VQASample], store: ImageStore, zoom_cfg: ZoomConfig, out_dir: str | Path, *,
                              think: bool = True, max_zooms: int | None = None,
                              progress: bool = True) -> tuple[Path, dict[str, int]]:
     """Write oracle trajectories as `Trajectory` JSONL (`trajectories.jsonl`) + PNG observations under
