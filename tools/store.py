@@ -93,6 +93,7 @@ class ImageStore:
         self._stats: dict[tuple, list[tuple[float, float]]] = {}
         self._render: dict[str, RenderSpec] = {}
         self._luts: dict[str, np.ndarray] = {}
+        self.manifest_problems: list[str] = []  # manifest entries a server skipped (manifest_errors: skip)
 
     # -- registration -------------------------------------------------------------------------------
     def _check_path(self, path: str | Path) -> Path:
