@@ -997,7 +997,8 @@ def text_rp(F: Facts, p: dict[str, Any], sol: Solution) -> tuple[str, str, list[
                f"{p['v']['2']} km/h on 2-lane roads, {p['v']['4']} km/h on 4-lane roads and {p['v']['6']} km/h on 6-lane roads.")
     ask = "Which route is fastest?"
     c = sol.calcs
-    lw = F.kg.name(F.one(F.lane, "width_range") or "")  # type: ignore[arg-type]  # F.lane is set: rp params need it
+    # F.lane is set whenever an rp scenario exists (its params are made from the lane)
+    lw = F.kg.name(F.one(F.lane, "width_range") or "")  # type: ignore[arg-type]
     per = []
     for i, (lp, wp) in enumerate(p["routes"]):
         k = i * 6

@@ -144,8 +144,8 @@ class KeepRules:
         self.trivia += bool(q.meta.get("trivia"))
 
 
-def generate_split(gen: Any, ver: Verifier, split: str, n: int, max_attempts: int, near: NearDupIndex,
-                   seen: set[str], rejections: Counter, rej_log: list[dict[str, Any]],
+def generate_split(gen: Generator | ScenarioGenerator, ver: Verifier, split: str, n: int, max_attempts: int,
+                   near: NearDupIndex, seen: set[str], rejections: Counter, rej_log: list[dict[str, Any]],
                    rules: KeepRules | None = None) -> list[TextQA]:
     """Sample, verify, apply the keep rules and dedup until n QA are kept or max_attempts samples were drawn."""
     out: list[TextQA] = []
@@ -230,7 +230,8 @@ def run(cfg: BuildQAConfig) -> dict[str, Any]:
             kinds={k: float(v) for k, v in cfg.scenario_kinds.items()} or None)
         scen = generate_split(sgen, verifier, split, n_scen, max(1, n_scen) * cfg.max_attempts_factor, near, seen,
                               rejections, rej_log, rules)
-        gen = Generator(kg, parts[split], seed=cfg.seed * 1000 + i, hop_weights=(cfg.hop_weights[0], cfg.hop_weights[1], cfg.hop_weights[2]),
+        h1, h2, h3 = cfg.hop_weights  # three, checked by BuildQAConfig
+        gen = Generator(kg, parts[split], seed=cfg.seed * 1000 + i, hop_weights=(h1, h2, h3),
                         qtype_weights={k: float(v) for k, v in cfg.qtype_weights.items()},
                         relation_weights={k: float(v) for k, v in cfg.relation_weights.items()},
                         n_distractors=cfg.n_distractors)

@@ -140,7 +140,8 @@ class _RawWriter:
         file_key = f"file:{ref.file.resolve()}" if ref.file is not None else None
         if file_key and file_key in self._by_key:
             return self._by_key[file_key]
-        data = ref.data if ref.data is not None else ref.file.read_bytes()  # type: ignore[union-attr]  # one of the two is set (checked above)
+        # one of the two is set (checked above)
+        data = ref.data if ref.data is not None else ref.file.read_bytes()  # type: ignore[union-attr]
         digest = hashlib.sha1(data).hexdigest()
         if digest in self._by_key:
             return self._by_key[digest]

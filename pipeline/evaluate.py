@@ -181,8 +181,8 @@ def _traj_from(d: dict[str, Any]) -> Trajectory:
     return from_dict(Trajectory, d)
 
 
-def run_cached(backend: Backend, samples: list[VQASample], store: ImageStore, agent: AgentConfig, n: int, cache: Path,
-               chunk_size: int, desc: str) -> dict[str, list[Trajectory]]:
+def run_cached(backend: Backend, samples: list[VQASample], store: ImageStore, agent: AgentConfig, n: int,
+               cache: Path, chunk_size: int, desc: str) -> dict[str, list[Trajectory]]:
     """Run the rollouts not yet in `cache` and return all of them per sample id (rollout order).
     Each finished, error-free episode is appended durably as it finishes."""
     from tqdm import tqdm
@@ -227,8 +227,8 @@ def run_cached(backend: Backend, samples: list[VQASample], store: ImageStore, ag
     return out
 
 
-def _viewer_items(samples: list[VQASample], greedy: dict[str, Trajectory], store: ImageStore, agent: AgentConfig,
-                  max_items: int) -> list[tuple[Trajectory, VQASample, dict]]:
+def _viewer_items(samples: list[VQASample], greedy: dict[str, Trajectory], store: ImageStore,
+                  agent: AgentConfig, max_items: int) -> list[tuple[Trajectory, VQASample, dict]]:
     from pipeline.viewer import load_observation_images
 
     ordered = [s for s in samples if s.id in greedy and not greedy[s.id].correct]

@@ -131,7 +131,8 @@ def from_dict(cls: type[T], d: dict[str, Any]) -> T:
     if unknown:
         raise RecordError(f"{cls.__name__}: unknown fields {sorted(unknown)}")
     try:
-        rec = cls.from_dict(d) if hasattr(cls, "from_dict") else cls(**d)  # type: ignore[attr-defined]  # hasattr does not narrow type[T]
+        # hasattr does not narrow type[T] for mypy
+        rec = cls.from_dict(d) if hasattr(cls, "from_dict") else cls(**d)  # type: ignore[attr-defined]
     except TypeError as e:
         raise RecordError(f"{cls.__name__}: {e}") from e
     if hasattr(rec, "validate"):

@@ -112,7 +112,8 @@ def render_item(traj: Trajectory, sample: VQASample | None, images: dict[str, Im
             f'<div class="text"><div><b>{q}</b></div><div class="meta">{meta}</div>{"".join(turns)}</div></div>')
 
 
-def load_observation_images(traj: Trajectory, store: ImageStore, zoom_cfg: ZoomConfig) -> dict[str, Image.Image]:
+def load_observation_images(traj: Trajectory, store: ImageStore,
+                            zoom_cfg: ZoomConfig) -> dict[str, Image.Image]:
     """Re-read what the model saw (overviews and crops) from the store, exactly as the tool produced it."""
     from tools.zoom import read_overview, read_region
 
@@ -127,7 +128,8 @@ def load_observation_images(traj: Trajectory, store: ImageStore, zoom_cfg: ZoomC
     return out
 
 
-def write_viewer(path: str | Path, items: Sequence[tuple[Trajectory, VQASample | None, dict[str, Image.Image]]],
+def write_viewer(path: str | Path,
+                 items: Sequence[tuple[Trajectory, VQASample | None, dict[str, Image.Image]]],
                  title: str = "KnowZoom trajectories", note: str = "") -> Path:
     """Write the viewer HTML for (trajectory, sample, observation images) triples."""
     body = "".join(render_item(t, s, ims) for t, s, ims in items)

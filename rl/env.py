@@ -78,8 +78,8 @@ def protocol_tool_calls(text: str) -> list[dict] | None:
     if parsed.error is None and parsed.tool_call is None:
         return None
     err = turn_error_result(parsed)
-    turn = {"error": err.text} if err is not None else {
-        "name": parsed.tool_call.name, "arguments": dict(parsed.tool_call.arguments)}  # type: ignore[union-attr]  # no error: a call
+    turn = {"error": err.text} if err is not None else {  # no error and not None above: a tool call
+        "name": parsed.tool_call.name, "arguments": dict(parsed.tool_call.arguments)}  # type: ignore[union-attr]
     return [{"type": "function", "function": {"name": TOOL_NAME, "arguments": {"bbox": {TURN_KEY: turn}}}}]
 
 

@@ -157,7 +157,8 @@ def region_coverage(zooms: Sequence[tuple[int, Sequence[float]]], targets: Seque
     return min(best, 1.0)
 
 
-def score_episode(turns: Sequence[str], sample: VQASample, stats: EpisodeStats, settings: RewardSettings) -> EpisodeScore:
+def score_episode(turns: Sequence[str], sample: VQASample, stats: EpisodeStats,
+                  settings: RewardSettings) -> EpisodeScore:
     """Every reward component of one episode, from its raw assistant turns and the environment's stats."""
     from rl.verifier import verify_sample
 

@@ -32,6 +32,9 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+if TYPE_CHECKING:
+    from pipeline.records import TextQA, VQASample
+
 MAX_ANSWER_CHARS = 1000  # the reference reward gives no accuracy credit to answers this long or longer
 MAX_BARE_CHARS = 200  # a reply with no tag and no marker is only read as an answer when this short
 MAX_CONTAINS_CHARS = 160  # an answer is searched for option texts only when this short
@@ -72,9 +75,6 @@ _CLAIM = re.compile(
     r"(?:[.:]?\s+([^\n.]{1,40}?))?\s+(?:is|are|would\s+be|seems\s+to\s+be)\s+(?:the\s+)?"
     r"(?:correct|best|right|most\s+likely|answer)\b",
 )
-
-if TYPE_CHECKING:
-    from pipeline.records import TextQA, VQASample
 _LABEL = re.compile(r"^\s*\(?([A-Za-z])\)\s*(.*)$|^\s*([A-Z])[.:]\s+(.*)$", re.S)
 _OPTION_WORD = re.compile(r"^(?:option|choice)s?\s*[:\-]?\s*(?=\(?[A-Za-z](?![A-Za-z]))", re.I)
 _PAREN_LABEL = re.compile(r"^\(([A-Za-z])\)\s*(.*)$", re.S)

@@ -135,8 +135,8 @@ def oracle_trajectory(sample: VQASample, store: ImageStore, zoom_cfg: ZoomConfig
     return messages, images, observations
 
 
-def materialize_trajectories(samples: Iterable[VQASample], store: ImageStore, zoom_cfg: ZoomConfig, out_dir: str | Path, *,
-                             think: bool = True, max_zooms: int | None = None,
+def materialize_trajectories(samples: Iterable[VQASample], store: ImageStore, zoom_cfg: ZoomConfig,
+                             out_dir: str | Path, *, think: bool = True, max_zooms: int | None = None,
                              progress: bool = True) -> tuple[Path, dict[str, int]]:
     """Write oracle trajectories as `Trajectory` JSONL (`trajectories.jsonl`) + PNG observations under
     `out_dir/images/`, and their LLaMA-Factory sharegpt copy + `dataset_info.json` (sft/export.py). Resumable: samples already in the JSONL are skipped; a sample whose box the tool
