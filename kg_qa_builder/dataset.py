@@ -203,5 +203,5 @@ def write_stats(out_dir: Path, by_split: dict[str, list[TextQA]], rejections: Co
     fig.savefig(out_dir / "stats.png", dpi=90)
     plt.close(fig)
     out = {k: dict(v) for k, v in tables.items()}
-    out["quality"] = quality  # type: ignore[assignment]
+    out["quality"] = quality
     return out

@@ -432,7 +432,7 @@ def write_curated(path: Path, kg: KnowledgeGraph, facts: list[dict[str, Any]]) -
     them through `curated_files`; each value carries its document span as a comment. An entity key naming
     two types in one file cannot be written; such facts are counted, not written."""
     rows: dict[str, dict[str, Any]] = {}
-    counts = Counter()
+    counts: Counter[str] = Counter()
     for f in facts:
         key = f["head_id"].split(":", 1)[1]
         row = rows.setdefault(key, {"type": f["head_type"], "rels": defaultdict(list)})
@@ -670,7 +670,7 @@ def passage_qa(cfg: BuildKGDocsConfig, merged: KnowledgeGraph, chunks: list[Chun
     calls = {**_client(cfg).run(list(reqs.values()), raw), "retried_failed": retried}
     replies = _replies(raw, set(reqs))
     verifier = Verifier(merged)
-    kept, rej, reasons = [], [], Counter()
+    kept, rej, reasons = [], [], Counter[str]()
     for rid in reqs:
         rec = replies.get(rid)
         c = where[rid]

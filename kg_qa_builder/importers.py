@@ -361,6 +361,9 @@ def import_curated(kg: KnowledgeGraph, paths: Iterable[str | Path]) -> None:
         for type_, items in declare.items():
             for it in items or []:
                 name, aliases = (it.get("name"), it.get("aliases", [])) if isinstance(it, dict) else (it, [])
+                if not isinstance(name, str):  # a mapping without `name`, or a nested list
+                    kg.problems.append(f"{path}:{_line(type_)}: a declared {type_} needs a name, got {it!r}")
+                    continue
                 add(nid(type_, name), type_, name, aliases, f"{path.name}:{_line(name, _line(type_))}")
         ents = doc.get("entities") or {}
         if not isinstance(ents, dict):
@@ -371,7 +374,7 @@ def import_curated(kg: KnowledgeGraph, paths: Iterable[str | Path]) -> None:
             if not isinstance(body, dict) or "type" not in body:
                 kg.problems.append(f"{path}:{_line(key)}: entity {key!r} needs a mapping with a 'type'")
                 continue
-            add(nid(body["type"], key), body["type"], body.get("name", key), body.get("aliases") or [], f"{path.name}:{_line(key)}")
+            add(nid(body["type"], key), body["type"], body.get("name") or key, body.get("aliases") or [], f"{path.name}:{_line(key)}")
     # pass 2: facts
     for path, doc in docs:
         src = f"curated:{doc.get('source', path.stem)}"

@@ -154,7 +154,7 @@ def measure(items: Iterable[TextQA]) -> dict[str, Any]:
     }
 
 
-TARGETS = {
+TARGETS: dict[str, tuple[str, Any]] = {  # (">=" | "<=", bound) or ("in", (low, high))
     "image-interpretation share %": (">=", 60.0), "min sub-task share %": (">=", 3.0),
     "mean rationale steps": (">=", 2.5), "mean rationale tokens": ("in", (150.0, 300.0)),
     "repeated question strings %": ("<=", 1.0), "MCQs with two right options %": ("<=", 0.0),
@@ -167,7 +167,7 @@ def check_targets(m: dict[str, Any]) -> dict[str, bool]:
     out = {}
     for k, (op, v) in TARGETS.items():
         x = m[k]
-        out[k] = (x >= v if op == ">=" else x <= v if op == "<=" else v[0] <= x <= v[1])  # type: ignore[index]
+        out[k] = (x >= v if op == ">=" else x <= v if op == "<=" else v[0] <= x <= v[1])
     return out
 
 
@@ -179,7 +179,7 @@ def markdown(m: dict[str, Any], title: str) -> list[str]:
         if k == "sub-task shares %":
             continue
         tgt = TARGETS.get(k)
-        t = "" if tgt is None else (f"{tgt[0]} {tgt[1]}" if tgt[0] != "in" else f"{tgt[1][0]:g}–{tgt[1][1]:g}")  # type: ignore[index]
+        t = "" if tgt is None else (f"{tgt[0]} {tgt[1]}" if tgt[0] != "in" else f"{tgt[1][0]:g}–{tgt[1][1]:g}")
         lines.append(f"| {k} | {v} | {t} | {'' if k not in ok else ('yes' if ok[k] else 'NO')} |")
     lines += ["", "| sub-task | share % |", "|---|---:|"]
     lines += [f"| {t} | {s} |" for t, s in m["sub-task shares %"].items()]

@@ -83,7 +83,7 @@ def pick_gsd(rng: random.Random, F: Facts, p: dict[str, Any], choices: tuple[flo
     """Half of the time the GSD is given by naming the platform (its finest resolution is a graph fact)."""
     if F.vhr and rng.random() < 0.5:
         pl = rng.choice(F.vhr)
-        p["platform"], p["gsd"] = pl, F.rng(pl, "finest_resolution")[0]  # type: ignore[index]
+        p["platform"], p["gsd"] = pl, F.rng_of(pl, "finest_resolution")[0]
     else:
         p["gsd"] = rng.choice(choices)
 
@@ -148,6 +148,8 @@ class Solution:
     right: Callable[[str], bool] | None = None  # is an option text right? (default: equals the answer)
     kind: str = "text"  # value kind of the options (quality.acceptable)
     unique: bool = True  # free-form/fill allowed only when the answer is the only one
+    pool: list[str] = field(default_factory=list)  # wrong options the scenario proposes (filtered later)
+    direction: str = ""  # compass sector of a bearing answer (osr), quoted by its rationale
 
     def calc(self, op: str, *args: float, digits: int = 2) -> float:
         r = round(OPS[op](*args), digits)
@@ -215,6 +217,13 @@ class Facts:
         t = self.one(h, rel)
         return qrange(self.kg.name(t)) if t else None
 
+    def rng_of(self, h: str, rel: str) -> tuple[float, float]:
+        """`rng` of a fact the scenario chose `h` for having; its absence is a ScenarioError (no question)."""
+        r = self.rng(h, rel)
+        if r is None:
+            raise ScenarioError(f"{h} has no {rel}")
+        return r
+
     def tr(self, h: str, rel: str, t: str | None = None) -> Triple:
         t = t or self.one(h, rel)
         assert t is not None
@@ -242,7 +251,7 @@ def make_occ(rng: random.Random, F: Facts) -> dict[str, Any]:
     p: dict[str, Any] = {"obj": obj}
     pick_gsd(rng, F, p)
     gsd = p["gsd"]
-    p["px_len"] = _px_pair(rng, F.rng(obj, "length_range"), gsd)  # type: ignore[arg-type]
+    p["px_len"] = _px_pair(rng, F.rng_of(obj, "length_range"), gsd)
     for rel in ("wingspan", "width_range"):
         r2 = F.rng(obj, rel)
         if r2:
@@ -257,7 +266,7 @@ def make_occ(rng: random.Random, F: Facts) -> dict[str, Any]:
 
 def solve_occ(F: Facts, p: dict[str, Any]) -> Solution:
     kg, obj = F.kg, p["obj"]
-    cat = F.one(obj, "object_category")
+    cat = F.one(obj, "object_category") or ""  # F.sized is a defaultdict: no category, no candidates
     sol = Solution(kg.name(obj), [F.tr(obj, "object_category")])
     length = sol.calc("mul", p["px_len"], p["gsd"])
     dim2 = sol.calc("mul", p["px_2"], p["gsd"]) if p.get("dim2") else None
@@ -266,13 +275,13 @@ def solve_occ(F: Facts, p: dict[str, Any]) -> Solution:
         r = F.rng(o, "length_range")
         if not r or not fits(length, r):
             return False
-        if p.get("dim2"):
+        if dim2 is not None:  # p["dim2"] is set
             r2 = F.rng(o, p["dim2"])
-            if not r2 or not fits(dim2, r2):  # type: ignore[arg-type]
+            if not r2 or not fits(dim2, r2):
                 return False
         return not p.get("cue") or kg.has(o, "has_visual_cue", p["cue"])
 
-    fitting = [o for o in F.sized[cat] if ok(o)]  # type: ignore[index]
+    fitting = [o for o in F.sized[cat] if ok(o)]
     if fitting != [obj]:
         raise ScenarioError("size and cue do not single out the object")
     sol.evidence.append(F.tr(obj, "length_range"))
@@ -283,9 +292,9 @@ def solve_occ(F: Facts, p: dict[str, Any]) -> Solution:
     if p.get("ctx"):
         sol.evidence.append((obj, "typically_found_in", p["ctx"]))
     gsd_evidence(F, p, sol)
-    names = {norm(kg.name(o)): o for o in F.sized[cat]}  # type: ignore[index]
+    names = {norm(kg.name(o)): o for o in F.sized[cat]}
     sol.right = lambda text: names.get(norm(text)) == obj
-    sol.pool = [kg.name(o) for o in F.sized[cat] if o != obj and not ok(o)]  # type: ignore[attr-defined, index]
+    sol.pool = [kg.name(o) for o in F.sized[cat] if o != obj and not ok(o)]
     return sol
 
 
@@ -320,9 +329,9 @@ def make_ocl(rng: random.Random, F: Facts) -> dict[str, Any]:
     h = rng.choice(F.roofs)
     p: dict[str, Any] = {"obj": h, "gsd": rng.choice(GSDS)}
     if F.kg.type(h) == "object_type" and F.rng(h, "length_range"):
-        p["px_len"] = _px_pair(rng, F.rng(h, "length_range"), p["gsd"])  # type: ignore[arg-type]
+        p["px_len"] = _px_pair(rng, F.rng_of(h, "length_range"), p["gsd"])
         if F.rng(h, "width_range"):
-            p["px_2"] = _px_pair(rng, F.rng(h, "width_range"), p["gsd"])  # type: ignore[arg-type]
+            p["px_2"] = _px_pair(rng, F.rng_of(h, "width_range"), p["gsd"])
     cues = F.kg.tails(h, "roof_cue") or F.kg.tails(h, "has_visual_cue")
     p["cue"] = rng.choice(cues) if cues else None
     if not p.get("px_len"):
@@ -338,7 +347,7 @@ def solve_ocl(F: Facts, p: dict[str, Any]) -> Solution:
     sol = Solution(kg.name(colour), [F.tr(h, "roof_colour")], kind="colour")
     if p.get("px_len"):
         length = sol.calc("mul", p["px_len"], p["gsd"])
-        if not fits(length, F.rng(h, "length_range")):  # type: ignore[arg-type]
+        if not fits(length, F.rng_of(h, "length_range")):
             raise ScenarioError("size")
         sol.evidence.append(F.tr(h, "length_range"))
         if p.get("px_2"):
@@ -348,7 +357,7 @@ def solve_ocl(F: Facts, p: dict[str, Any]) -> Solution:
         rel = "roof_cue" if kg.has(h, "roof_cue", p["cue"]) else "has_visual_cue"
         sol.evidence.append((h, rel, p["cue"]))
     sol.right = lambda text: acceptable(kg.name(colour), text, "colour")
-    sol.pool = [kg.name(c) for c in kg.by_type["colour"]]  # type: ignore[attr-defined]
+    sol.pool = [kg.name(c) for c in kg.by_type["colour"]]
     area_calcs(sol, p)
     return sol
 
@@ -391,7 +400,7 @@ def make_oms(rng: random.Random, F: Facts) -> dict[str, Any]:
     moving = rng.random() < 0.5
     cue = rng.choice(F.kg.tails(o, "motion_cue" if moving else "at_rest_cue"))
     gsd = rng.choice(GSDS)
-    return {"obj": o, "cue": cue, "gsd": gsd, "px_len": _px_pair(rng, F.rng(o, "length_range"), gsd),  # type: ignore[arg-type]
+    return {"obj": o, "cue": cue, "gsd": gsd, "px_len": _px_pair(rng, F.rng_of(o, "length_range"), gsd),
             "moving": moving}
 
 
@@ -403,10 +412,10 @@ def solve_oms(F: Facts, p: dict[str, Any]) -> Solution:
         raise ScenarioError("cue is not decisive")
     sol = Solution("moving" if mv else "stationary", [(o, "motion_cue" if mv else "at_rest_cue", p["cue"])], kind="exact")
     length = sol.calc("mul", p["px_len"], p["gsd"])
-    if not fits(length, F.rng(o, "length_range")):  # type: ignore[arg-type]
+    if not fits(length, F.rng_of(o, "length_range")):
         raise ScenarioError("size")
     sol.evidence.append(F.tr(o, "length_range"))
-    sol.pool = ["moving" if not mv else "stationary"]  # type: ignore[attr-defined]
+    sol.pool = ["moving" if not mv else "stationary"]
     return sol
 
 
@@ -441,7 +450,6 @@ def make_osr(rng: random.Random, F: Facts) -> dict[str, Any]:
 
 
 def solve_osr(F: Facts, p: dict[str, Any]) -> Solution:
-    kg = F.kg
     (ax, ay), (bx, by) = p["pa"], p["pb"]
     sol = Solution("", [F.tr(p["a"], "object_category"), F.tr(p["b"], "object_category")], kind="exact")
     dx = sol.calc("sub", bx, ax, digits=0)
@@ -453,11 +461,10 @@ def solve_osr(F: Facts, p: dict[str, Any]) -> Solution:
     if abs(((ang % 45) + 22.5) % 45 - 22.5) < 4 or dpx < 100:  # too close to a sector edge / too near
         raise ScenarioError("ambiguous direction")
     sol.answer = f"{_COMPASS[sector]}, about {fmt(dist)} m"
-    sol.direction = _COMPASS[sector]  # type: ignore[attr-defined]
+    sol.direction = _COMPASS[sector]
     sol.right = lambda text: norm(text.split(",")[0]) == norm(_COMPASS[sector])
-    sol.pool = [f"{c}, about {fmt(dist)} m" for c in _COMPASS if c != _COMPASS[sector]]  # type: ignore[attr-defined]
+    sol.pool = [f"{c}, about {fmt(dist)} m" for c in _COMPASS if c != _COMPASS[sector]]
     sol.unique = True
-    sol.kg_names = (kg.name(p["a"]), kg.name(p["b"]))  # type: ignore[attr-defined]
     return sol
 
 
@@ -475,7 +482,7 @@ def text_osr(F: Facts, p: dict[str, Any], sol: Solution) -> tuple[str, str, list
              f"Distance: √({fmt(abs(dx))}² + {fmt(abs(dy))}²) = {fmt(c['hypot'])} px, times the GSD {fmt(p['gsd'])} m = "
              f"about {fmt(c['mul'])} m on the ground.",
              f"Bearing: the angle atan2(north, east) = {fmt(c['atan_deg'])}° from east (counter-clockwise) falls in "
-             f"the {sol.direction} sector of the 8-point compass (45° sectors centred on each direction)."]  # type: ignore[attr-defined]
+             f"the {sol.direction} sector of the 8-point compass (45° sectors centred on each direction)."]
     return setting, ask, steps
 
 
@@ -484,7 +491,7 @@ def make_oc(rng: random.Random, F: Facts) -> dict[str, Any]:
     o = rng.choice(F.circles)
     p: dict[str, Any] = {"obj": o}
     pick_gsd(rng, F, p)
-    p["px_d"] = _px_pair(rng, F.rng(o, "diameter_range"), p["gsd"])  # type: ignore[arg-type]
+    p["px_d"] = _px_pair(rng, F.rng_of(o, "diameter_range"), p["gsd"])
     p["groups"] = [[rng.randint(2, 6), rng.randint(2, 8), rng.randint(0, 3)] for _ in range(rng.randint(2, 3))]
     return p
 
@@ -494,7 +501,7 @@ def solve_oc(F: Facts, p: dict[str, Any]) -> Solution:
     sol = Solution("", [F.tr(o, "diameter_range"), F.tr(o, "has_shape")], kind="exact")
     gsd_evidence(F, p, sol)
     d = sol.calc("mul", p["px_d"], p["gsd"], digits=1)
-    if not fits(d, F.rng(o, "diameter_range")):  # type: ignore[arg-type]
+    if not fits(d, F.rng_of(o, "diameter_range")):
         raise ScenarioError("size")
     subs = []
     for r, c, k in p["groups"]:
@@ -502,7 +509,7 @@ def solve_oc(F: Facts, p: dict[str, Any]) -> Solution:
         subs.append(sol.calc("sub", full, k, digits=0))
     total = sol.calc("add", *subs, digits=0)
     sol.answer = fmt(total)
-    sol.pool = [fmt(total + x) for x in (-2, -1, 1, 2, 3, -3) if total + x > 0]  # type: ignore[attr-defined]
+    sol.pool = [fmt(total + x) for x in (-2, -1, 1, 2, 3, -3) if total + x > 0]
     return sol
 
 
@@ -534,7 +541,7 @@ def make_rc(rng: random.Random, F: Facts) -> dict[str, Any]:
     objs = []
     for _ in range(rng.randint(6, 10)):
         o = target if rng.random() < 0.4 else rng.choice(F.sized[cat])
-        objs.append([rng.randrange(100, 8000), rng.randrange(100, 8000), _px_pair(rng, F.rng(o, "length_range"), gsd)])  # type: ignore[arg-type]
+        objs.append([rng.randrange(100, 8000), rng.randrange(100, 8000), _px_pair(rng, F.rng_of(o, "length_range"), gsd)])
     return {"target": target, "gsd": gsd, "objs": objs, "quad": rng.choice(["north-west", "north-east", "south-west", "south-east"])}
 
 
@@ -544,17 +551,17 @@ def _in_quad(x: int, y: int, quad: str) -> bool:
 
 def solve_rc(F: Facts, p: dict[str, Any]) -> Solution:
     t = p["target"]
-    r = F.rng(t, "length_range")
+    r = F.rng_of(t, "length_range")
     sol = Solution("", [F.tr(t, "length_range"), F.tr(t, "object_category")], kind="exact")
     n = 0
     for x, y, px in p["objs"]:
         if _in_quad(x, y, p["quad"]):
             m = sol.calc("mul", px, p["gsd"], digits=1)
-            n += fits(m, r, 0.0)  # type: ignore[arg-type]
+            n += fits(m, r, 0.0)
     if not any(_in_quad(x, y, p["quad"]) for x, y, _ in p["objs"]):
         raise ScenarioError("empty region")
     sol.answer = str(n)
-    sol.pool = [str(n + d) for d in (-2, -1, 1, 2, 3) if n + d >= 0]  # type: ignore[attr-defined]
+    sol.pool = [str(n + d) for d in (-2, -1, 1, 2, 3) if n + d >= 0]
     return sol
 
 
@@ -596,7 +603,7 @@ def solve_rccd(F: Facts, p: dict[str, Any]) -> Solution:
     net = sol.calc("sub", after, p["before"], digits=0)
     sol.answer = fmt({"new": p["new"], "after": after, "net": net}[p["ask"]])
     v = float(sol.answer)
-    sol.pool = [fmt(v + d) for d in (-3, -2, -1, 1, 2, 4)]  # type: ignore[attr-defined]
+    sol.pool = [fmt(v + d) for d in (-3, -2, -1, 1, 2, 4)]
     return sol
 
 
@@ -634,23 +641,23 @@ def make_ccr(rng: random.Random, F: Facts) -> dict[str, Any]:
 
 def solve_ccr(F: Facts, p: dict[str, Any]) -> Solution:
     o = p["obj"]
-    r = F.rng(o, "length_range")
+    r = F.rng_of(o, "length_range")
     sol = Solution("", [F.tr(o, "length_range"), (o, "typically_found_in", F.kg.tails(o, "typically_found_in")[0])],
                    kind="exact")
     quay = sol.calc("mul", p["quay_px"], p["gsd"], digits=1)
-    per = sol.calc("add", r[1], p["gap"], digits=1)  # type: ignore[index]
+    per = sol.calc("add", r[1], p["gap"], digits=1)
     n = sol.calc("floor_div", sol.calc("add", quay, p["gap"], digits=1), per, digits=0)
     if n < 1:
         raise ScenarioError("quay too short")
     sol.answer = fmt(n)
-    sol.pool = [fmt(n + d) for d in (-2, -1, 1, 2, 3) if n + d >= 0]  # type: ignore[attr-defined]
+    sol.pool = [fmt(n + d) for d in (-2, -1, 1, 2, 3) if n + d >= 0]
     return sol
 
 
 def text_ccr(F: Facts, p: dict[str, Any], sol: Solution) -> tuple[str, str, list[str]]:
     kg, o = F.kg, p["obj"]
     r = kg.name(F.one(o, "length_range") or "")
-    hi = fmt(F.rng(o, "length_range")[1])  # type: ignore[index]
+    hi = fmt(F.rng_of(o, "length_range")[1])
     c = sol.calcs
     setting = (f"A straight quay measures {p['quay_px']} px in a {fmt(p['gsd'])} m GSD image. Ships moor end to "
                f"end along it with a clear gap of {p['gap']} m between neighbours.")
@@ -682,7 +689,7 @@ def _solve_cues(F: Facts, p: dict[str, Any], types: set[str], pool: list[str]) -
         raise ScenarioError("cue shared")
     names = {norm(kg.name(x)): x for x in pool}
     sol.right = lambda text: names.get(norm(text)) == h or norm(text) == norm(kg.name(h))
-    sol.pool = [kg.name(x) for x in pool if x != h]  # type: ignore[attr-defined]
+    sol.pool = [kg.name(x) for x in pool if x != h]
     return sol
 
 
@@ -736,7 +743,7 @@ def solve_rluc(F: Facts, p: dict[str, Any]) -> Solution:
     name = F.kg.name(p["head"])
     sol.answer = f"{name}, about {ha} ha"
     sol.right = lambda text: norm(text.split(",")[0]) == norm(name)
-    sol.pool = [f"{x}, about {ha} ha" for x in sol.pool]  # type: ignore[attr-defined]
+    sol.pool = [f"{x}, about {ha} ha" for x in sol.pool]
     sol.kind = "exact"
     return sol
 
@@ -783,7 +790,7 @@ def solve_ad(F: Facts, p: dict[str, Any]) -> Solution:
     name = F.kg.name(p["head"])
     sol.answer = f"{name}, about {d} m from the reference point"
     sol.right = lambda text: norm(text.split(",")[0]) == norm(name)
-    sol.pool = [f"{x}, about {d} m from the reference point" for x in sol.pool]  # type: ignore[attr-defined]
+    sol.pool = [f"{x}, about {d} m from the reference point" for x in sol.pool]
     sol.kind = "exact"
     return sol
 
@@ -814,7 +821,7 @@ def make_ecr(rng: random.Random, F: Facts) -> dict[str, Any]:
     if mode == "sun":
         o = rng.choice(F.tall)
         gsd = rng.choice(GSDS)
-        h = rng.uniform(*F.rng(o, "height_range"))  # type: ignore[misc]
+        h = rng.uniform(*F.rng_of(o, "height_range"))
         elev = rng.choice([rng.uniform(12, 26), rng.uniform(64, 80)])
         return {"mode": mode, "obj": o, "gsd": gsd, "height": round(h), "shadow_px": max(2, round(h / math.tan(math.radians(elev)) / gsd))}
     if mode == "crop":
@@ -858,7 +865,7 @@ def solve_ecr(F: Facts, p: dict[str, Any]) -> Solution:
     kg = F.kg
     if p["mode"] == "sun":
         o = p["obj"]
-        if not fits(p["height"], F.rng(o, "height_range"), 0.0):  # type: ignore[arg-type]
+        if not fits(p["height"], F.rng_of(o, "height_range"), 0.0):
             raise ScenarioError("height")
         sol = Solution("", [F.tr(o, "height_range")])
         L = sol.calc("mul", p["shadow_px"], p["gsd"], digits=1)
@@ -868,16 +875,15 @@ def solve_ecr(F: Facts, p: dict[str, Any]) -> Solution:
         cond = next(c for c in kg.by_type["condition"] if kg.name(c) == ("low sun elevation" if elev < 30 else "high sun elevation"))
         sol.evidence.append((cond, "indicated_by_cue", kg.tails(cond, "indicated_by_cue")[0]))
         sol.answer = kg.name(cond)
-        sol.pool = ["high sun elevation" if elev < 30 else "low sun elevation"]  # type: ignore[attr-defined]
+        sol.pool = ["high sun elevation" if elev < 30 else "low sun elevation"]
         return sol
     if p["mode"] == "crop":
         c = p["cal"]
-        sow, har = F.one(c, "sowing_period"), F.one(c, "harvest_period")
-        sol = Solution(crop_state(_months(kg.name(sow)), _months(kg.name(har)), p["month"]),  # type: ignore[arg-type]
-                       [(c, "sowing_period", sow), (c, "harvest_period", har), F.tr(c, "calendar_crop"),
-                        F.tr(c, "calendar_region")])  # type: ignore[list-item]
+        t_sow, t_har = F.tr(c, "sowing_period"), F.tr(c, "harvest_period")
+        sol = Solution(crop_state(_months(kg.name(t_sow[2])), _months(kg.name(t_har[2])), p["month"]),
+                       [t_sow, t_har, F.tr(c, "calendar_crop"), F.tr(c, "calendar_region")])
         sol.pool = [s for s in ("ripe crop or harvest under way", "freshly tilled or sown soil with little green cover",
-                                "fallow: stubble or bare soil between seasons", "crop growing in the field") if s != sol.answer]  # type: ignore[attr-defined]
+                                "fallow: stubble or bare soil between seasons", "crop growing in the field") if s != sol.answer]
         area_calcs(sol, p)
         return sol
     types = {"condition"} if p["mode"] == "condition" else {"hazard"}
@@ -981,9 +987,7 @@ def solve_rp(F: Facts, p: dict[str, Any]) -> Solution:
         raise ScenarioError("tie")
     sol.answer = f"route {LETTERS[best]}, about {fmt(times[best])} min"
     sol.right = lambda text: norm(text).startswith(norm(f"route {LETTERS[best]}"))
-    sol.times = times  # type: ignore[attr-defined]
-    sol.lw = lw  # type: ignore[attr-defined]
-    sol.pool = [f"route {LETTERS[i]}, about {fmt(times[i])} min" for i in range(3) if i != best]  # type: ignore[attr-defined]
+    sol.pool = [f"route {LETTERS[i]}, about {fmt(times[i])} min" for i in range(3) if i != best]
     return sol
 
 
@@ -993,6 +997,7 @@ def text_rp(F: Facts, p: dict[str, Any], sol: Solution) -> tuple[str, str, list[
                f"{p['v']['2']} km/h on 2-lane roads, {p['v']['4']} km/h on 4-lane roads and {p['v']['6']} km/h on 6-lane roads.")
     ask = "Which route is fastest?"
     c = sol.calcs
+    # F.lane is set whenever an rp scenario exists (its params are made from the lane)
     lw = F.kg.name(F.one(F.lane, "width_range") or "")  # type: ignore[arg-type]
     per = []
     for i, (lp, wp) in enumerate(p["routes"]):

@@ -14,7 +14,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kg_qa_builder.dataset import (
     SPLITS,
@@ -35,6 +35,9 @@ from kg_qa_builder.scenarios import PRINCIPLE_HEADS, ScenarioGenerator
 from kg_qa_builder.verify import Verifier
 from pipeline.config import StageConfig, hfield
 from pipeline.records import TextQA, read_jsonl, write_jsonl
+
+if TYPE_CHECKING:
+    from kg_qa_builder.graph import KnowledgeGraph
 
 QTYPES = ("mcq", "tf", "fill", "free")
 
@@ -141,8 +144,8 @@ class KeepRules:
         self.trivia += bool(q.meta.get("trivia"))
 
 
-def generate_split(gen: Any, ver: Verifier, split: str, n: int, max_attempts: int, near: NearDupIndex,
-                   seen: set[str], rejections: Counter, rej_log: list[dict[str, Any]],
+def generate_split(gen: Generator | ScenarioGenerator, ver: Verifier, split: str, n: int, max_attempts: int,
+                   near: NearDupIndex, seen: set[str], rejections: Counter, rej_log: list[dict[str, Any]],
                    rules: KeepRules | None = None) -> list[TextQA]:
     """Sample, verify, apply the keep rules and dedup until n QA are kept or max_attempts samples were drawn."""
     out: list[TextQA] = []
@@ -178,7 +181,7 @@ def generate_split(gen: Any, ver: Verifier, split: str, n: int, max_attempts: in
     return out
 
 
-def split_of(kg: Any, entity: str, cfg: BuildQAConfig) -> str:
+def split_of(kg: KnowledgeGraph, entity: str, cfg: BuildQAConfig) -> str:
     """The split an entity belongs to: the seeded hash, except the general tools every split's scenarios
     reason with (lane width, construction signatures, sun-elevation cues), which are training knowledge."""
     if kg.name(entity) in PRINCIPLE_HEADS:
@@ -186,7 +189,7 @@ def split_of(kg: Any, entity: str, cfg: BuildQAConfig) -> str:
     return entity_split(entity, cfg.seed, cfg.val_fraction, cfg.test_fraction)
 
 
-def split_facts(kg: Any, cfg: BuildQAConfig) -> dict[str, set]:
+def split_facts(kg: KnowledgeGraph, cfg: BuildQAConfig) -> dict[str, set]:
     """Facts (triples) per split, by their subject entity (see `split_of`)."""
     parts = partition(kg.triples, cfg.seed, cfg.val_fraction, cfg.test_fraction)
     for s in ("val", "test"):
@@ -216,14 +219,19 @@ def run(cfg: BuildQAConfig) -> dict[str, Any]:
     for i, (split, n) in enumerate([("test", cfg.n_test), ("val", cfg.n_val), ("train", cfg.n_train)]):
         n_scen = round(n * cfg.scenario_share)
         rules = KeepRules(n)
+
+        def in_split(s: str, sp: str = split) -> bool:  # sp bound now (the generator keeps the predicate)
+            return split_of(kg, s, cfg) == sp
+
         sgen = ScenarioGenerator(
             kg, seed=cfg.seed * 1000 + 500 + i,
-            subjects=lambda s, sp=split: split_of(kg, s, cfg) == sp,
+            subjects=in_split,
             qtype_weights={k: float(v) for k, v in cfg.scenario_qtype_weights.items()},
             kinds={k: float(v) for k, v in cfg.scenario_kinds.items()} or None)
         scen = generate_split(sgen, verifier, split, n_scen, max(1, n_scen) * cfg.max_attempts_factor, near, seen,
                               rejections, rej_log, rules)
-        gen = Generator(kg, parts[split], seed=cfg.seed * 1000 + i, hop_weights=tuple(cfg.hop_weights),
+        h1, h2, h3 = cfg.hop_weights  # three, checked by BuildQAConfig
+        gen = Generator(kg, parts[split], seed=cfg.seed * 1000 + i, hop_weights=(h1, h2, h3),
                         qtype_weights={k: float(v) for k, v in cfg.qtype_weights.items()},
                         relation_weights={k: float(v) for k, v in cfg.relation_weights.items()},
                         n_distractors=cfg.n_distractors)
@@ -258,7 +266,7 @@ def run(cfg: BuildQAConfig) -> dict[str, Any]:
             "seconds": round(time.time() - t0, 2)}
 
 
-def run_teacher(cfg: BuildQAConfig, kg: Any, parts: dict[str, set], verifier: Verifier,
+def run_teacher(cfg: BuildQAConfig, kg: KnowledgeGraph, parts: dict[str, set], verifier: Verifier,
                 by_split: dict[str, list[TextQA]], near: NearDupIndex, seen: set[str], rejections: Counter,
                 rej_log: list[dict[str, Any]]) -> dict[str, Any]:
     """Call the teacher (resumable), verify its items and add the accepted ones to their split."""
@@ -273,7 +281,7 @@ def run_teacher(cfg: BuildQAConfig, kg: Any, parts: dict[str, set], verifier: Ve
     raw = Path(cfg.output_dir) / "teacher_raw.jsonl"
     calls = client.run(reqs, raw)
     wanted = {r.id for r in reqs}
-    kept = Counter()
+    kept: Counter[str] = Counter()
     seen_req: set[str] = set()
     for rec in read_jsonl(raw):
         if rec["id"] not in wanted or rec["id"] in seen_req:

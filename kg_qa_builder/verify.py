@@ -65,6 +65,8 @@ class Verifier:
             steps.append(Step((h, r, t), forward=t in (nxt[0], nxt[2])))
         main = Step(ev[-1], bool(m.get("forward", True)))
         anchor = m.get("anchor")
+        if not isinstance(anchor, str):
+            return _reject("no_evidence", "template QA without an anchor node id")
         plan = Plan(anchor=anchor, desc=steps, main=main)
         if plan.answer != m.get("answer_node"):
             return _reject("answer_not_supported", "answer node is not the end of the evidence chain")

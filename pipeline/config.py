@@ -260,7 +260,7 @@ def config_help(cls: type) -> str:
     lines = []
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else "REQUIRED"  # type: ignore[misc]
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else "REQUIRED"
         )
         tp = getattr(hints[f.name], "__name__", str(hints[f.name]))
         lines.append(f"  --{f.name} ({tp}, default {default!r})\n      {f.metadata.get('help', '')}")

@@ -140,6 +140,7 @@ class _RawWriter:
         file_key = f"file:{ref.file.resolve()}" if ref.file is not None else None
         if file_key and file_key in self._by_key:
             return self._by_key[file_key]
+        # one of the two is set (checked above)
         data = ref.data if ref.data is not None else ref.file.read_bytes()  # type: ignore[union-attr]
         digest = hashlib.sha1(data).hexdigest()
         if digest in self._by_key:
@@ -332,7 +333,7 @@ def load_vqa_jsonl(path: str | Path, *, limit: int | None = None) -> list[VQASam
     """Our VQA JSONL (`VQASample` per line, e.g. make-scenes' vqa_test.jsonl or mine-hard's hard.jsonl)."""
     out: list[VQASample] = []
     for s in read_jsonl(path, VQASample):
-        out.append(s)  # type: ignore[arg-type]
+        out.append(s)
         if limit is not None and len(out) >= limit:
             break
     if not out:

@@ -15,13 +15,17 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.config import hfield
 from pipeline.datasets import DatasetFormatError
 from pipeline.errors import ConfigError, DatasetNotFoundError
 from pipeline.records import JsonlAppender, Trajectory, VQASample, from_dict, read_jsonl
 from pipeline.rollout_config import RolloutStageConfig
+
+if TYPE_CHECKING:
+    from rl.agent import AgentConfig, Backend
+    from tools.store import ImageStore
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +97,7 @@ def prompt_fingerprint(protocol: str, frame: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def cache_key(cfg: Any, agent: Any, mode: str) -> str:
+def cache_key(cfg: RolloutStageConfig, agent: AgentConfig, mode: str) -> str:
     d = {"model": model_fingerprint(cfg.model, cfg.backend), "backend": cfg.backend,
          "prompt": prompt_fingerprint(agent.protocol, agent.zoom.frame), "mode": mode,
          "gen": {k: getattr(agent, k) for k in ("max_turns", "max_new_tokens", "temperature", "top_p",
@@ -104,7 +108,7 @@ def cache_key(cfg: Any, agent: Any, mode: str) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def load_eval_data(cfg: Any) -> tuple[list[VQASample], Any]:
+def load_eval_data(cfg: RolloutStageConfig) -> tuple[list[VQASample], ImageStore]:
     """(samples, image store) for the configured dataset; XLRS images go through prepare-images once."""
     from tools.store import ImageStore
 
@@ -177,8 +181,8 @@ def _traj_from(d: dict[str, Any]) -> Trajectory:
     return from_dict(Trajectory, d)
 
 
-def run_cached(backend: Any, samples: list[VQASample], store: Any, agent: Any, n: int, cache: Path,
-               chunk_size: int, desc: str) -> dict[str, list[Trajectory]]:
+def run_cached(backend: Backend, samples: list[VQASample], store: ImageStore, agent: AgentConfig, n: int,
+               cache: Path, chunk_size: int, desc: str) -> dict[str, list[Trajectory]]:
     """Run the rollouts not yet in `cache` and return all of them per sample id (rollout order).
     Each finished, error-free episode is appended durably as it finishes."""
     from tqdm import tqdm
@@ -189,7 +193,7 @@ def run_cached(backend: Any, samples: list[VQASample], store: Any, agent: Any, n
     app = JsonlAppender(cache, key="key")
     done: dict[str, dict[str, Any]] = {}
     for d in read_jsonl(cache) if cache.exists() else []:
-        done[d["key"]] = d  # type: ignore[index]
+        done[d["key"]] = d
     wanted = {s.id for s in samples}
     # sample-major, so the rollouts of one item sit in the same batches
     pending = [(s, k) for s in samples for k in range(n) if f"{s.id}#{k}" not in done]
@@ -223,8 +227,8 @@ def run_cached(backend: Any, samples: list[VQASample], store: Any, agent: Any, n
     return out
 
 
-def _viewer_items(samples: list[VQASample], greedy: dict[str, Trajectory], store: Any, agent: Any,
-                  max_items: int) -> list[tuple[Trajectory, VQASample, dict]]:
+def _viewer_items(samples: list[VQASample], greedy: dict[str, Trajectory], store: ImageStore,
+                  agent: AgentConfig, max_items: int) -> list[tuple[Trajectory, VQASample, dict]]:
     from pipeline.viewer import load_observation_images
 
     ordered = [s for s in samples if s.id in greedy and not greedy[s.id].correct]
@@ -241,7 +245,7 @@ def _viewer_items(samples: list[VQASample], greedy: dict[str, Trajectory], store
     return items
 
 
-def run(cfg: EvalConfig, backend: Any = None) -> dict[str, Any]:
+def run(cfg: EvalConfig, backend: Backend | None = None) -> dict[str, Any]:
     """Evaluate and write results.json / results.md / per_task.png / viewer.html; returns the headline."""
     from pipeline.report import compute_metrics, write_reports
     from pipeline.viewer import write_viewer
@@ -302,7 +306,7 @@ def run(cfg: EvalConfig, backend: Any = None) -> dict[str, Any]:
     viewer = write_viewer(out / "viewer.html", _viewer_items(samples, greedy, store, greedy_agent,
                                                              cfg.viewer_max_items),
                           title=f"{cfg.model} · {cfg.dataset} · {cfg.protocol}",
-                          note="" if result["reportable"] else "NOT REPORTABLE: " + result["not_reportable_reason"])
+                          note="" if result["reportable"] else f"NOT REPORTABLE: {result['not_reportable_reason']}")
     o = metrics["overall"]
     if o["n"] == 0:
         from pipeline.errors import EvalError

@@ -44,9 +44,9 @@ def trajectory_figure(scenes_dir: str | Path, out: str | Path, *, category: str 
     box = overview.native_to_frame(crop.window)
 
     fig = plt.figure(figsize=(13, 5.2))
-    ax0 = fig.add_axes([0.01, 0.05, 0.3, 0.85])
-    ax1 = fig.add_axes([0.33, 0.05, 0.3, 0.85])
-    ax2 = fig.add_axes([0.65, 0.05, 0.34, 0.85])
+    ax0 = fig.add_axes((0.01, 0.05, 0.3, 0.85))
+    ax1 = fig.add_axes((0.33, 0.05, 0.3, 0.85))
+    ax2 = fig.add_axes((0.65, 0.05, 0.34, 0.85))
     ax0.imshow(overview.image)
     ax0.add_patch(patches.Rectangle((box[0], box[1]), box[2] - box[0], box[3] - box[1], fill=False,
                                     ec="red", lw=2))

@@ -124,7 +124,8 @@ class Parsed:
 
 def split_options(question: str) -> tuple[str, list[str]]:
     """(stem, ["(A) …", …]) of a question whose options are lines "(A) …" / "A. …" / "A) …" (A, B, … in order)."""
-    stem, opts = [], []
+    stem: list[str] = []
+    opts: list[str] = []
     for line in question.replace("<image>", "").splitlines():
         m = _OPTION.match(line)
         if m and m.group(1) == "ABCDEFGH"[len(opts)]:
@@ -390,6 +391,7 @@ class _Converter:
             meta = {**meta, "unscorable": reason}
         if not image_ids:
             return None, "no image"
+        assert isinstance(parsed, Parsed)  # a str (reject reason) returned above or was replaced by a Parsed
         s = VQASample(id=rid, images=image_ids, question=parsed.question, answer=parsed.answer, qtype=parsed.qtype,
                       choices=parsed.choices, category=source, split=self.cfg.split,
                       meta={"source": source, "row": where, **meta})
@@ -564,7 +566,7 @@ def run(cfg: ImportDataConfig) -> dict[str, Any]:
         prepared = {json.loads(x)["id"] for x in manifest.read_text(encoding="utf-8").splitlines() if x.strip()}
         from pipeline.records import read_jsonl
 
-        wanted = {i for r in read_jsonl(rec_path) for i in r["images"]}  # type: ignore[index]
+        wanted = {i for r in read_jsonl(rec_path) for i in r["images"]}
         summary["images_missing"] = sorted(wanted - prepared)[:20]
         if wanted - prepared:
             log.warning("import-data: %d image ids were not prepared (e.g. %s)", len(wanted - prepared),

@@ -284,8 +284,9 @@ def _processor_class() -> type:
             self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
             ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
 
-        def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> list[str]:
-            out = super().save_pretrained(save_directory, **kwargs)
+        def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False,
+                            **kwargs: Any) -> list[str]:
+            out = super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
             cfg = Path(save_directory) / "processor_config.json"
             data = json.loads(cfg.read_text()) if cfg.exists() else {}
             data["processor_class"] = "Qwen2_5_VLProcessor"
@@ -303,7 +304,9 @@ def make_processor(tokenizer: Any, image_processor: Any, template: str | None = 
     """A Qwen2.5-VL processor from parts (without a video processor when torchvision is absent)."""
     template = template if template is not None else (getattr(tokenizer, "chat_template", None) or chat_template())
     if torchvision_available():
-        from transformers import Qwen2_5_VLProcessor, Qwen2VLVideoProcessor
+        from transformers import Qwen2_5_VLProcessor
+        from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor  # not in the
+        # type-checking names of transformers.models.qwen2_vl, though exported at run time
 
         return Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
                                    video_processor=Qwen2VLVideoProcessor(), chat_template=template)

@@ -203,9 +203,9 @@ def estimate_training(d: ModelDims, s: TrainSetup, gpu_gb: float, overhead_gb: f
     """Per-GPU memory (GB) of one training rank, by component, with 'total'."""
     n = max(s.ranks, 1)
     t = trainable_params(d, s)
-    weights = d.params * s.weight_bytes + (t * s.weight_bytes if s.lora_r else 0)
-    grads = t * s.grad_bytes
-    optim = t * s.optim_bytes
+    weights: float = d.params * s.weight_bytes + (t * s.weight_bytes if s.lora_r else 0)
+    grads: float = t * s.grad_bytes
+    optim: float = t * s.optim_bytes
     extra = 0.0
     if s.sharding in ("zero1", "zero2", "zero3", "fsdp"):
         optim /= n
@@ -358,7 +358,9 @@ def _model_spec(name: str, cfg: Any, outputs: dict[str, str]) -> str:
 
 def plan(stages: list[tuple[str, str, Any]], gpu_gb: float) -> list[dict[str, Any]]:
     """Rows: one per stage: {id, stage, gpus, components (GB), total, fits, note}."""
-    rows, outputs, cache = [], {}, {}
+    rows: list[dict[str, Any]] = []
+    outputs: dict[str, str] = {}
+    cache: dict[str, ModelDims] = {}
     for sid, name, cfg in stages:
         row: dict[str, Any] = {"id": sid, "stage": name, "gpus": 0, "components": {}, "total": 0.0,
                                "fits": True, "note": "no GPU"}
@@ -471,7 +473,8 @@ def fit_hint(row: dict[str, Any], gpu_gb: float) -> str:
         if estimate_training(d, alt, gpu_gb)["total"] <= gpu_gb:
             return text
     # no single change: apply them cumulatively, least disruptive first, and name the set that fits
-    texts, cur = [], s
+    texts: list[str] = []
+    cur = s
     for text, alt in tries:
         changed = {k: getattr(alt, k) for k in ("grad_ckpt", "vllm_sleep", "sharding", "micro_batch", "lora_r",
                                                   "lora_targets", "ref_model") if getattr(alt, k) != getattr(s, k)}

@@ -13,7 +13,7 @@ import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 from pipeline.errors import RecordError
 
@@ -126,11 +126,12 @@ def to_dict(record: Any) -> dict[str, Any]:
 
 def from_dict(cls: type[T], d: dict[str, Any]) -> T:
     """Build a record, with an error that names unknown or missing fields."""
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]  # T is a record dataclass
     unknown = set(d) - names
     if unknown:
         raise RecordError(f"{cls.__name__}: unknown fields {sorted(unknown)}")
     try:
+        # hasattr does not narrow type[T] for mypy
         rec = cls.from_dict(d) if hasattr(cls, "from_dict") else cls(**d)  # type: ignore[attr-defined]
     except TypeError as e:
         raise RecordError(f"{cls.__name__}: {e}") from e
@@ -139,6 +140,10 @@ def from_dict(cls: type[T], d: dict[str, Any]) -> T:
     return rec
 
 
+@overload
+def read_jsonl(path: str | os.PathLike, cls: None = None) -> Iterator[dict[str, Any]]: ...
+@overload
+def read_jsonl(path: str | os.PathLike, cls: type[T]) -> Iterator[T]: ...
 def read_jsonl(path: str | os.PathLike, cls: type[T] | None = None) -> Iterator[T | dict[str, Any]]:
     """Yield records (or dicts when cls is None); a truncated last line (killed writer) is skipped."""
     path = Path(path)
@@ -205,8 +210,8 @@ class JsonlAppender:
         out: set[str] = set()
         if self.path.exists():
             for d in read_jsonl(self.path):
-                if self.key in d:  # type: ignore[operator]
-                    out.add(str(d[self.key]))  # type: ignore[index]
+                if self.key in d:
+                    out.add(str(d[self.key]))
         return out
 
     def append(self, record: Any) -> None:

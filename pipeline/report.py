@@ -138,7 +138,7 @@ def compute_metrics(
     for m in metric_names:
         vals = [v for task in per_task.values() for v in task[m]]
         overall[f"{m}_micro"] = _mean(vals)
-        task_means = [tasks[t][m] for t in tasks if tasks[t][m] is not None]
+        task_means = [v for t in tasks if (v := tasks[t][m]) is not None]
         overall[f"{m}_macro"] = _mean(task_means)
     for k, cnt in k_items.items():
         overall[f"pass@{k}_items"] = cnt

@@ -7,12 +7,17 @@ from __future__ import annotations
 import base64
 import html
 import io
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
 from pipeline.records import Trajectory, VQASample
+
+if TYPE_CHECKING:
+    from tools.store import ImageStore
+    from tools.zoom import ZoomConfig
 
 _COLORS = ["#ff3b30", "#ffcc00", "#34c759", "#0a84ff", "#bf5af2", "#ff9f0a"]
 
@@ -107,7 +112,8 @@ def render_item(traj: Trajectory, sample: VQASample | None, images: dict[str, Im
             f'<div class="text"><div><b>{q}</b></div><div class="meta">{meta}</div>{"".join(turns)}</div></div>')
 
 
-def load_observation_images(traj: Trajectory, store: Any, zoom_cfg: Any) -> dict[str, Image.Image]:
+def load_observation_images(traj: Trajectory, store: ImageStore,
+                            zoom_cfg: ZoomConfig) -> dict[str, Image.Image]:
     """Re-read what the model saw (overviews and crops) from the store, exactly as the tool produced it."""
     from tools.zoom import read_overview, read_region
 
@@ -122,7 +128,8 @@ def load_observation_images(traj: Trajectory, store: Any, zoom_cfg: Any) -> dict
     return out
 
 
-def write_viewer(path: str | Path, items: list[tuple[Trajectory, VQASample | None, dict[str, Image.Image]]],
+def write_viewer(path: str | Path,
+                 items: Sequence[tuple[Trajectory, VQASample | None, dict[str, Image.Image]]],
                  title: str = "KnowZoom trajectories", note: str = "") -> Path:
     """Write the viewer HTML for (trajectory, sample, observation images) triples."""
     body = "".join(render_item(t, s, ims) for t, s, ims in items)

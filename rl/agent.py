@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from PIL import Image
 
@@ -26,6 +26,9 @@ from pipeline.errors import KnowZoomError
 from pipeline.records import Trajectory, VQASample
 from rl.verifier import MAX_ANSWER_CHARS, verify_sample
 from tools.zoom import ZoomConfig
+
+if TYPE_CHECKING:
+    from tools.store import ImageStore
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +147,7 @@ class _Live:
     started: float = field(default_factory=time.perf_counter)
 
 
-def _start(sample: VQASample, rollout: int, store: Any, cfg: AgentConfig) -> _Live:
+def _start(sample: VQASample, rollout: int, store: ImageStore, cfg: AgentConfig) -> _Live:
     from tools import protocol
 
     if cfg.protocol == "direct":
@@ -234,7 +237,7 @@ def _finish(live: _Live, cfg: AgentConfig) -> Trajectory:
 def run_episodes(
     backend: Backend,
     samples: list[VQASample],
-    store: Any,
+    store: ImageStore,
     cfg: AgentConfig,
     n: int = 1,
     *,

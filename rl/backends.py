@@ -267,7 +267,7 @@ def to_openai_messages(conversation: list[dict], images: list[Image.Image]) -> l
     it = iter(images)
     out = []
     for m in conversation:
-        role, parts = m.get("role"), _parts(m.get("content"), it)
+        role, parts = m["role"], _parts(m.get("content"), it)
         if role == "tool":
             parts = [{"type": "text", "text": "<tool_response>\n"}] + parts + [{"type": "text", "text": "\n</tool_response>"}]
             role = "user"

@@ -20,10 +20,14 @@ import json
 import logging
 import uuid
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pipeline.records import VQASample
 from rl.rewards import EpisodeScore, EpisodeStats
+
+if TYPE_CHECKING:
+    from tools.store import ImageStore
+    from tools.zoom import ZoomConfig
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +43,7 @@ class EpisodeBackend(Protocol):
 class LocalEpisodes:
     """In-process episodes over one shared `ImageStore` (its readers are cached across rollouts)."""
 
-    def __init__(self, store: Any, zoom_cfg: Any):
+    def __init__(self, store: ImageStore, zoom_cfg: ZoomConfig):
         self.store = store
         self.zoom_cfg = zoom_cfg
         self._episodes: dict[str, Any] = {}
@@ -74,7 +78,7 @@ def protocol_tool_calls(text: str) -> list[dict] | None:
     if parsed.error is None and parsed.tool_call is None:
         return None
     err = turn_error_result(parsed)
-    turn = {"error": err.text} if err is not None else {
+    turn = {"error": err.text} if err is not None else {  # no error and not None above: a tool call
         "name": parsed.tool_call.name, "arguments": dict(parsed.tool_call.arguments)}  # type: ignore[union-attr]
     return [{"type": "function", "function": {"name": TOOL_NAME, "arguments": {"bbox": {TURN_KEY: turn}}}}]
 
@@ -156,7 +160,8 @@ class ZoomEnv:
         self.score = None
         self.key = uuid.uuid4().hex
         if isinstance(sample, str):
-            sample = json.loads(sample)
+            loaded: dict[str, Any] = json.loads(sample)
+            sample = loaded
         self.sample = sample if isinstance(sample, VQASample) else VQASample.from_dict(sample or {})
         observations = None
         try:
@@ -205,7 +210,8 @@ class ZoomEnv:
             self.stats.n_errors += 1
             return msg["content"] if isinstance(msg["content"], str) else [dict(p) for p in msg["content"]]
         obs = result.observation
-        self.stats.zooms.append((int(obs.image_index), tuple(float(v) for v in obs.window)))
+        wx0, wy0, wx1, wy1 = (float(v) for v in obs.window)
+        self.stats.zooms.append((int(obs.image_index), (wx0, wy0, wx1, wy1)))
         content = msg["content"]
         if isinstance(content, str):
             content = [{"type": "text", "text": content}]
@@ -219,7 +225,7 @@ class ZoomEnv:
 
     def _close(self) -> None:
         try:
-            self.backend.close(self.key)  # type: ignore[arg-type]
+            self.backend.close(self.key)  # type: ignore[arg-type]  # only called while an episode is open
         except Exception as e:  # closing is best effort
             log.debug("close %s: %s", self.key, e)
 

@@ -106,8 +106,9 @@ class RayEpisodePool:
             runtime_env={"env_vars": {"GDAL_CACHEMAX": str(int(gdal_cachemax_mb)),
                                       "OMP_NUM_THREADS": "1"}},
         )(EpisodeWorker)
-        opts = {}
-        self.actors = []
+        opts: dict[str, Any] = {}
+        # Any: Ray types a handle's methods as the plain methods of EpisodeWorker, without `.remote`
+        self.actors: list[Any] = []
         for i in range(int(n_actors)):
             if name_prefix:
                 opts = {"name": f"{name_prefix}-{i}", "lifetime": None}

@@ -23,9 +23,12 @@ import json
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rl.errors import RolloutFailureError
+
+if TYPE_CHECKING:
+    from pipeline.records import VQASample
 
 TURN_END = "<|im_end|>"
 ASSISTANT_START = "<|im_start|>assistant\n"
@@ -154,7 +157,8 @@ def region_coverage(zooms: Sequence[tuple[int, Sequence[float]]], targets: Seque
     return min(best, 1.0)
 
 
-def score_episode(turns: Sequence[str], sample: Any, stats: EpisodeStats, settings: RewardSettings) -> EpisodeScore:
+def score_episode(turns: Sequence[str], sample: VQASample, stats: EpisodeStats,
+                  settings: RewardSettings) -> EpisodeScore:
     """Every reward component of one episode, from its raw assistant turns and the environment's stats."""
     from rl.verifier import verify_sample
 
@@ -218,7 +222,7 @@ class ZoomRewards:
         if len(environments) != len(completion_ids):
             raise ValueError(f"{len(environments)} environments for {len(completion_ids)} completions")
         fresh = [env for env in environments if getattr(env, "score", None) is None]
-        logged = []
+        logged: list[dict[str, Any]] = []
         for env, ids in zip(environments, completion_ids, strict=True):
             if getattr(env, "score", None) is None:
                 turns: list[str] = []

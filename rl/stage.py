@@ -346,7 +346,7 @@ def _callbacks(cfg: RLConfig, ckpt_dir: Path, ray_mode: bool, rewards: ZoomRewar
     class NonFiniteGradGuard(TrainerCallback):
         """Skip the optimizer update when any gradient is NaN/inf (grads dropped; AdamW skips params without grad)."""
 
-        def on_pre_optimizer_step(self, args, state, control, model=None, **kw):  # type: ignore[override]
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
             import torch
 
             if model is None:
@@ -361,7 +361,7 @@ def _callbacks(cfg: RLConfig, ckpt_dir: Path, ray_mode: bool, rewards: ZoomRewar
     class RewardLog(TrainerCallback):
         """Append the step's logged metrics to rewards.jsonl (rank 0)."""
 
-        def on_log(self, args, state, control, logs=None, **kw):  # type: ignore[override]
+        def on_log(self, args, state, control, logs=None, **kw):
             if not state.is_world_process_zero or not logs or "reward" not in logs:
                 return
             row = {"step": state.global_step}
@@ -374,7 +374,7 @@ def _callbacks(cfg: RLConfig, ckpt_dir: Path, ray_mode: bool, rewards: ZoomRewar
     class CheckpointMarker(TrainerCallback):
         """After a checkpoint is complete: latest.json (atomic, written last); under Ray, report it on every rank."""
 
-        def on_save(self, args, state, control, **kw):  # type: ignore[override]
+        def on_save(self, args, state, control, **kw):
             path = ckpt_dir / f"checkpoint-{state.global_step}"
             # rank 0 may still be writing the folder when another rank gets here: wait for every rank
             _barrier()

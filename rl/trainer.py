@@ -111,7 +111,7 @@ class ZoomGRPOTrainer(GRPOTrainer):
 
     # --- 4. a turn's tool calls in parallel ---------------------------------------------------------------
     def _tool_call_loop(self, prompts, prompt_ids, completion_ids, completions, logprobs, images,
-                        multimodal_fields):  # type: ignore[no-untyped-def]
+                        multimodal_fields):
         if self.tool_threads <= 1 or not getattr(self, "_sync_tool_dicts", None):
             return super()._tool_call_loop(prompts, prompt_ids, completion_ids, completions, logprobs, images,
                                            multimodal_fields)
@@ -196,7 +196,8 @@ class _TurnPrefetch:
             for call in msg["tool_calls"]:
                 fn = call.get("function") or {}
                 name, args = fn.get("name"), fn.get("arguments")
-                if call.get("type") != "function" or name not in self.tools[i] or not isinstance(args, dict):
+                if (call.get("type") != "function" or not isinstance(name, str) or name not in self.tools[i]
+                        or not isinstance(args, dict)):
                     continue  # TRL reports these itself without calling anything
                 fut: Future = Future()
                 self.futures.setdefault(i, {}).setdefault(_call_key(name, args), []).append(fut)

@@ -30,7 +30,10 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipeline.records import TextQA, VQASample
 
 MAX_ANSWER_CHARS = 1000  # the reference reward gives no accuracy credit to answers this long or longer
 MAX_BARE_CHARS = 200  # a reply with no tag and no marker is only read as an answer when this short
@@ -493,7 +496,7 @@ def verify(
     return VerifyResult(ok, norm, False, "normalised text")
 
 
-def verify_sample(text: str | None, sample: Any, **kw: Any) -> VerifyResult:
+def verify_sample(text: str | None, sample: TextQA | VQASample, **kw: Any) -> VerifyResult:
     """`verify` with the truth, type, choices and tolerance of a `VQASample` or `TextQA`."""
     return verify(
         text,

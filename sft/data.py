@@ -17,10 +17,14 @@ import random
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.records import JsonlAppender, TextQA, Trajectory, VQASample, read_jsonl
 from sft.errors import SFTDataError, TrajectoryError
+
+if TYPE_CHECKING:
+    from tools.store import ImageStore
+    from tools.zoom import ZoomConfig
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +73,9 @@ def read_text_qa(paths: Sequence[str | Path], split: str | None = None, limit: i
     out: list[TextQA] = []
     for p in paths:
         for qa in read_jsonl(p, TextQA):
-            if split and qa.split != split:  # type: ignore[union-attr]
+            if split and qa.split != split:
                 continue
-            out.append(qa)  # type: ignore[arg-type]
+            out.append(qa)
             if limit is not None and len(out) >= limit:
                 return out
     return out
@@ -81,7 +85,7 @@ def read_vqa(paths: Sequence[str | Path], limit: int | None = None) -> list[VQAS
     out: list[VQASample] = []
     for p in paths:
         for s in read_jsonl(p, VQASample):
-            out.append(s)  # type: ignore[arg-type]
+            out.append(s)
             if limit is not None and len(out) >= limit:
                 return out
     return out
@@ -93,7 +97,7 @@ ANSWER_THINK = "<think>The zoomed view shows the evidence.</think>"
 DIRECT_THINK = "<think>The overview shows the evidence.</think>"
 
 
-def oracle_trajectory(sample: VQASample, store: Any, zoom_cfg: Any, *, think: bool = True,
+def oracle_trajectory(sample: VQASample, store: ImageStore, zoom_cfg: ZoomConfig, *, think: bool = True,
                       max_zooms: int | None = None) -> tuple[list[dict], list[Any], list[Any]]:
     """(messages, images, observations) of the oracle episode of a sample: overview → zoom_in on each
     target region (at most `max_zooms`, default zoom_cfg.max_turns) → answer. Crops come from the real
@@ -131,8 +135,8 @@ def oracle_trajectory(sample: VQASample, store: Any, zoom_cfg: Any, *, think: bo
     return messages, images, observations
 
 
-def materialize_trajectories(samples: Iterable[VQASample], store: Any, zoom_cfg: Any, out_dir: str | Path, *,
-                             think: bool = True, max_zooms: int | None = None,
+def materialize_trajectories(samples: Iterable[VQASample], store: ImageStore, zoom_cfg: ZoomConfig,
+                             out_dir: str | Path, *, think: bool = True, max_zooms: int | None = None,
                              progress: bool = True) -> tuple[Path, dict[str, int]]:
     """Write oracle trajectories as `Trajectory` JSONL (`trajectories.jsonl`) + PNG observations under
     `out_dir/images/`, and their LLaMA-Factory sharegpt copy + `dataset_info.json` (sft/export.py). Resumable: samples already in the JSONL are skipped; a sample whose box the tool
@@ -196,10 +200,10 @@ def trajectory_items(path: str | Path, merge_pixels: int = 28 * 28) -> list[Chat
     base = Path(path).parent
     items = []
     for t in read_jsonl(path, Trajectory):
-        files = [str(base / o["file"]) for o in t.observations]  # type: ignore[union-attr]
+        files = [str(base / o["file"]) for o in t.observations]
         n_tok = sum(int(o["shown_size"][0]) * int(o["shown_size"][1]) // merge_pixels
-                    for o in t.observations)  # type: ignore[union-attr]
-        items.append(ChatItem(messages=t.messages, image_files=files, kind="vqa",  # type: ignore[union-attr]
+                    for o in t.observations)
+        items.append(ChatItem(messages=t.messages, image_files=files, kind="vqa",
                               n_image_tokens=n_tok))
     return items
 

@@ -47,7 +47,7 @@ def trajectory_to_sharegpt(t: Trajectory, image_paths: list[str]) -> dict[str, A
     msgs = []
     n_images = 0
     for m in t.messages:
-        role = ROLE_MAP.get(m.get("role"))
+        role = ROLE_MAP.get(m.get("role", ""))
         if role is None:
             raise TrajectoryError(f"{t.sample_id}: message role {m.get('role')!r} has no sharegpt tag")
         text, n = _content_text(m.get("content"))
@@ -76,11 +76,11 @@ def export_llamafactory(traj_path: str | Path, out_dir: str | Path | None = None
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for t in read_jsonl(traj_path, Trajectory):
-        files = [base / o["file"] for o in t.observations]  # type: ignore[union-attr]
+        files = [base / o["file"] for o in t.observations]
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
-            raise TrajectoryError(f"{t.sample_id}: observation images missing: {missing[:2]}")  # type: ignore[union-attr]
-        rows.append(trajectory_to_sharegpt(t, [os.path.relpath(f, out) for f in files]))  # type: ignore[arg-type]
+            raise TrajectoryError(f"{t.sample_id}: observation images missing: {missing[:2]}")
+        rows.append(trajectory_to_sharegpt(t, [os.path.relpath(f, out) for f in files]))
     fname = f"{name}.json"
     tmp = out / (fname + ".tmp")
     tmp.write_text(json.dumps(rows, ensure_ascii=False, indent=1), encoding="utf-8")

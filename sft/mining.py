@@ -11,11 +11,14 @@ import logging
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.config import hfield
 from pipeline.records import write_jsonl
 from pipeline.rollout_config import RolloutStageConfig
+
+if TYPE_CHECKING:
+    from rl.agent import Backend
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +49,7 @@ class MineHardConfig(RolloutStageConfig):
         return p
 
 
-def run(cfg: MineHardConfig, backend: Any = None) -> dict[str, Any]:
+def run(cfg: MineHardConfig, backend: Backend | None = None) -> dict[str, Any]:
     """Mine and write hard.jsonl (VQASample, meta.pass_rate set) and stats.json; returns the stats."""
     from pipeline.evaluate import cache_key, load_eval_data, run_cached
 

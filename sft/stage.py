@@ -238,8 +238,8 @@ def build_items(cfg: SFTConfig, processor: Any, *, materialize: bool = True) -> 
 
 
 # --------------------------------------------------------------------------------------------- model prep
-def prepare_model(model: Any, cfg: SFTConfig) -> dict[str, int]:
-    """Apply freezing and LoRA; returns trainable/total parameter counts."""
+def prepare_model(model: Any, cfg: SFTConfig) -> dict[str, Any]:
+    """Apply freezing and LoRA; returns trainable/total parameter counts and the (possibly wrapped) model."""
     visual = getattr(getattr(model, "model", model), "visual", None)
     if visual is not None:
         merger = getattr(visual, "merger", None)
@@ -257,7 +257,7 @@ def prepare_model(model: Any, cfg: SFTConfig) -> dict[str, int]:
                                                  task_type="CAUSAL_LM"))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    return {"trainable": trainable, "total": total, "model": model}  # type: ignore[dict-item]
+    return {"trainable": trainable, "total": total, "model": model}
 
 
 # ------------------------------------------------------------------------------------------- text eval
@@ -275,7 +275,7 @@ def evaluate_text_qa(model: Any, processor: Any, records: list[TextQA], *, max_n
     old_side = tok.padding_side
     tok.padding_side = "left"
     correct = parse_fail = 0
-    examples = []
+    examples: list[dict[str, Any]] = []
     was_training = model.training
     model.eval()
     try:
@@ -351,6 +351,9 @@ def _trainer_class() -> type:
             sampler = super()._get_train_sampler(train_dataset)
             if self.args.train_sampling_strategy != "group_by_length" or sampler is None:
                 return sampler
+            from transformers.trainer_pt_utils import LengthGroupedSampler
+
+            assert isinstance(sampler, LengthGroupedSampler)  # what HF builds for group_by_length
             return _SeededLengthGroupedSampler(sampler.batch_size, sampler.lengths,
                                                seed=self.args.data_seed if self.args.data_seed is not None
                                                else self.args.seed)
@@ -435,7 +438,7 @@ def run(cfg: SFTConfig, callbacks: list[Any] | None = None) -> dict[str, Any]:
     score("eval_train", "before")
 
     prep = prepare_model(model, cfg)
-    model = prep.pop("model")  # type: ignore[assignment]
+    model = prep.pop("model")
     metrics["parameters"] = prep
     trainer = _trainer_class()(model=model, args=args, train_dataset=dataset.to_hf(), processing_class=processor,
                              data_collator=ZoomSFTCollator(processor), callbacks=callbacks or [])

@@ -102,6 +102,15 @@ def test_malformed_yaml_reports_line(tmp_path):
         kg.finalize()
 
 
+def test_declared_item_without_name_is_a_located_problem(tmp_path):
+    # found by mypy: `{aliases: [navy]}` used to become an entity named "None"
+    bad = _write(tmp_path, "noname.yaml", "source: t\ndeclare:\n  colour:\n    - {aliases: [navy]}\n")
+    kg = KnowledgeGraph(load_schema())
+    import_curated(kg, [bad])
+    with pytest.raises(KGLoadError, match=r"noname.yaml:3: a declared colour needs a name"):
+        kg.finalize()
+
+
 def test_contradiction_on_functional_relation(tmp_path):
     bad = _write(tmp_path, "c.yaml", """source: t
 entities:
@@ -166,6 +175,14 @@ def test_verifier_rejects_tampered_template_items(kg, gen):
         assert not v.ok, q
         tampered[v.reason] += 1
     assert set(tampered) <= {"answer_mismatch", "wrong_label"}
+
+
+def test_verifier_rejects_template_item_without_anchor(kg, gen):
+    # found by mypy: a missing meta["anchor"] used to raise KeyError inside the verifier
+    q = next(q for q in iter(gen.sample, 0) if q is not None)
+    del q.meta["anchor"]
+    v = Verifier(kg, gen).verify_template(q)
+    assert not v.ok and v.reason == "no_evidence"
 
 
 def test_ambiguous_surface_names_are_not_asked(kg, gen):

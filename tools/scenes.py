@@ -155,7 +155,7 @@ def _smooth_noise(rng: np.random.Generator, n: int, octaves: tuple[int, ...] = (
     acc = np.zeros((n, n), np.float32)
     for k, g in enumerate(octaves):
         small = Image.fromarray(rng.random((g, g), dtype=np.float32), "F")
-        acc += np.asarray(small.resize((n, n), Image.BICUBIC), np.float32) / (1.6**k)
+        acc += np.asarray(small.resize((n, n), Image.Resampling.BICUBIC), np.float32) / (1.6**k)
     acc -= acc.min()
     return acc / max(float(acc.max()), 1e-6)
 
@@ -332,7 +332,7 @@ def render_scene(rng: np.random.Generator, scene: Scene, tex: np.ndarray, box: i
     farm = (scene.cover_lo == COVERS.index("farmland"))[..., None]
     rgb_lo = np.where(farm, rgb_lo + parcels * np.array([1, 1, 0.3]).astype(np.int16), rgb_lo)
     rgb_lo = np.clip(rgb_lo, 0, 215).astype(np.uint8)
-    img = np.asarray(Image.fromarray(rgb_lo, "RGB").resize((size, size), Image.NEAREST)).copy()
+    img = np.asarray(Image.fromarray(rgb_lo, "RGB").resize((size, size), Image.Resampling.NEAREST)).copy()
     # texture: add a tiled uint8 texture (values <= 40 keep 215 + 40 in range)
     reps = math.ceil(size / tex.shape[0])
     t = np.tile(tex, (reps, reps))[:size, :size]
@@ -543,7 +543,7 @@ def probe_subset(samples: list[VQASample], per_task: int, seed: int = 0) -> list
     by: dict[str, list[int]] = {}
     for i, s in enumerate(samples):
         by.setdefault(s.category, []).append(i)
-    keep = set()
+    keep: set[int] = set()
     for idx in by.values():
         keep.update(int(i) for i in (rng.choice(idx, per_task, replace=False) if len(idx) > per_task else idx))
     return [s for i, s in enumerate(samples) if i in keep]
@@ -636,7 +636,7 @@ def write_preview(arr: np.ndarray, scene: Scene, path: Path, overview_side: int 
     x0, y0, x1, y1 = site["box"]
     m = 40
     crop = Image.fromarray(np.ascontiguousarray(arr[y0 - m:y1 + m, x0 - m:x1 + m]), "RGB")
-    crop = crop.resize((crop.width * 2, crop.height * 2), Image.NEAREST)
+    crop = crop.resize((crop.width * 2, crop.height * 2), Image.Resampling.NEAREST)
     dc = ImageDraw.Draw(crop)
     for b in site["objects"]:
         dc.rectangle([(b[0] - x0 + m) * 2, (b[1] - y0 + m) * 2, (b[2] - x0 + m) * 2, (b[3] - y0 + m) * 2],

@@ -90,7 +90,7 @@ def gdal_env(**overrides: object):
     bad = set(overrides) - {"GDAL_CACHEMAX", "GDAL_NUM_THREADS"}
     if bad:
         raise ValueError(f"gdal_env: only resource options may be overridden, not {sorted(bad)}")
-    opts = gdal_config_options()
+    opts: dict[str, object] = dict(gdal_config_options())
     opts.pop("GDAL_CACHEMAX")
     opts.update(overrides)  # rasterio wants GDAL_CACHEMAX as an int
     return rasterio.Env(**opts)

@@ -93,6 +93,7 @@ class ImageStore:
         self._stats: dict[tuple, list[tuple[float, float]]] = {}
         self._render: dict[str, RenderSpec] = {}
         self._luts: dict[str, np.ndarray] = {}
+        self.manifest_problems: list[str] = []  # manifest entries a server skipped (manifest_errors: skip)
 
     # -- registration -------------------------------------------------------------------------------
     def _check_path(self, path: str | Path) -> Path:
@@ -265,7 +266,7 @@ class ImageStore:
         with self.open(image_id) as ds:
             crs, transform, georef = _georeference(ds)
             bounds = geo = None
-            if georef != "none":
+            if transform is not None:  # georef != "none"
                 from rasterio.warp import transform_bounds
 
                 bounds = _pixel_bounds(transform, ds.width, ds.height)
@@ -331,7 +332,7 @@ class ImageStore:
         shape = (len(bands), max(1, info.height // scale), max(1, info.width // scale))
         with self.open(image_id) as ds:
             arr = ds.read(indexes=list(bands), out_shape=shape, masked=True, resampling=Resampling.nearest)
-        rng = percentile_ranges(np.ma.getdata(arr), np.ma.getmaskarray(arr), tuple(percentiles))
+        rng = percentile_ranges(np.ma.getdata(arr), np.ma.getmaskarray(arr), (percentiles[0], percentiles[1]))
         with self._lock:
             self._stats[key] = rng
         return rng

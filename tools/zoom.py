@@ -362,6 +362,7 @@ def _read_pixels(store: ImageStore, info: ImageInfo, win: tuple[int, int, int, i
         out, transparent = R.apply_palette(data[0], lut)
         missing = transparent if missing is None else missing | transparent
     else:
+        ranges: list[tuple[float, float]] | None
         if spec.stretch == "percentile":
             ranges = store.display_range(info.id, tuple(bands), spec.percentiles or (2.0, 98.0))
         elif spec.stretch == "range":
@@ -374,7 +375,7 @@ def _read_pixels(store: ImageStore, info: ImageInfo, win: tuple[int, int, int, i
             ranges = None
         out = data if data.dtype == np.uint8 and ranges is None else R.stretch(data, ranges)
     if missing is not None:
-        out = np.where(missing[None], 0, out).astype(np.uint8)
+        out = np.where(np.asarray(missing)[None], 0, out).astype(np.uint8)
     if out.shape[0] == 1:
         out = np.repeat(out, 3, axis=0)
     return np.ascontiguousarray(out.transpose(1, 2, 0))
@@ -435,7 +436,7 @@ def _observation(store: ImageStore, info: ImageInfo, win: tuple[int, int, int, i
         image=Image.fromarray(arr, "RGB"),
         image_id=info.id,
         image_index=image_index,
-        window=tuple(float(v) for v in win),
+        window=(float(win[0]), float(win[1]), float(win[2]), float(win[3])),
         frame=cfg.frame,
         geo_bounds=geo,
         crs=info.crs,
