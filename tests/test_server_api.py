@@ -19,7 +19,7 @@ from PIL import Image
 from rasterio.transform import from_origin
 
 from tools import errors as E
-from tools.server import (
+from tools.server.service import (
     ERROR_STATUS,
     EpisodeRegistry,
     ServeConfig,
@@ -362,7 +362,7 @@ def test_stateless_only_disables_episodes(manifest: Path) -> None:
 @pytest.mark.parametrize("level", [0, 1, 6, 9])
 @pytest.mark.parametrize("encoder", ["zlib", "auto", "isal"])
 def test_png_encoder_is_lossless(shape, level, encoder) -> None:
-    from tools.server import png_bytes
+    from tools.server.service import png_bytes
 
     a = np.random.default_rng(sum(shape) + level).integers(0, 256, shape).astype("uint8")
     img = Image.open(io.BytesIO(png_bytes(a, level, encoder)))
@@ -373,7 +373,7 @@ def test_png_encoder_is_lossless(shape, level, encoder) -> None:
 def test_png_encoder_auto_is_isal_and_libdeflate_names_its_replacement(manifest: Path) -> None:
     """auto deflates with ISA-L (the isal package), not a library loaded out of rasterio's wheel; the removed
     `libdeflate` setting is refused with a message naming what to use instead."""
-    from tools.server import png_bytes
+    from tools.server.service import png_bytes
 
     yy, xx = np.mgrid[0:96, 0:128]
     a = np.stack([xx * 2, yy * 2, (xx + yy) % 256], axis=-1).astype("uint8")

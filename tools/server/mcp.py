@@ -20,7 +20,7 @@ import mcp_types as types
 from mcp.server.lowlevel import Server
 
 from tools.errors import LimitError, ToolError
-from tools.server import ServeConfig, ZoomService, public_error
+from tools.server.service import ServeConfig, ZoomService, public_error
 
 log = logging.getLogger("knowzoom.mcp")
 
@@ -150,7 +150,7 @@ def create_mcp_server(cfg: ServeConfig, service: ZoomService | None = None) -> S
 
 def create_mcp_http_app(cfg: ServeConfig, service: ZoomService | None = None) -> Any:
     """Starlette app serving MCP over streamable HTTP at /mcp (DNS-rebinding protection on loopback)."""
-    from tools.server import guard_app
+    from tools.server.service import guard_app
 
     server = create_mcp_server(cfg, service)
     app = server.streamable_http_app(streamable_http_path="/mcp", host=cfg.host,
