@@ -16,7 +16,8 @@ import anyio
 import pytest
 from test_server_api import make_cfg, make_server_images
 
-from tools.server.service import ServeConfig, create_app
+from tools.server.app import create_app
+from tools.server.config import ServeConfig
 
 REPO = Path(__file__).resolve().parents[1]
 HUGE_INT = "9" * 400  # float() overflows
@@ -365,7 +366,7 @@ def test_bearer_token_and_host_allowlist(manifest: Path, monkeypatch: pytest.Mon
 
 
 def test_binding_beyond_loopback_needs_a_token(manifest: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from tools.server.service import is_loopback, warn_exposure
+    from tools.server.config import is_loopback, warn_exposure
 
     monkeypatch.delenv("KNOWZOOM_TOKEN", raising=False)
     for host in ("127.0.0.1", "127.0.0.2", "::1", "localhost"):

@@ -18,7 +18,7 @@ from test_server_api import make_cfg, make_server_images
 
 from tools.errors import ForbiddenPathError, UnreadableImageError
 from tools.security import check_path_text, gdal_config_options, resolve_under_roots, sniff_driver
-from tools.server.service import create_app
+from tools.server.app import create_app
 
 UNKNOWN = {"error": "UnknownImageError", "message": "Unknown image."}
 

@@ -1,7 +1,7 @@
-"""`knowzoom serve-tools`, the stage entry: serve `tools.server.service`'s REST app or `tools.server.mcp`'s MCP server.
+"""`knowzoom serve-tools`, the stage entry: serve `tools.server.app`'s REST app or `tools.server.mcp`'s MCP server.
 
-Kept apart from tools/server.py so the dependency runs one way: the MCP server builds on the HTTP service
-(config, `ZoomService`, guard), and only this entry point knows both transports.
+Kept apart from the `tools.server` package so the dependency runs one way: the MCP server builds on the
+service and the HTTP guard, and only this entry point knows both transports.
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ import json
 import logging
 from typing import Any
 
-from tools.server.service import _CFG_ENV, ServeConfig, create_app, warn_exposure
+from tools.server.app import APP_FACTORY, CONFIG_ENV, create_app
+from tools.server.config import ServeConfig, warn_exposure
 
 log = logging.getLogger("knowzoom.server")
 
@@ -41,8 +42,8 @@ def run(cfg: ServeConfig) -> dict[str, Any]:
                     limit_concurrency=cfg.max_connections)
         return {"transport": cfg.transport, "host": cfg.host, "port": cfg.port}
     if cfg.workers > 1:
-        os.environ[_CFG_ENV] = json.dumps(cfg.to_dict())
-        uvicorn.run("tools.server.service:app_from_env", factory=True, host=cfg.host, port=cfg.port,
+        os.environ[CONFIG_ENV] = json.dumps(cfg.to_dict())
+        uvicorn.run(APP_FACTORY, factory=True, host=cfg.host, port=cfg.port,
                     workers=cfg.workers, log_level=cfg.log_level.lower(), limit_concurrency=cfg.max_connections)
     else:
         uvicorn.run(create_app(cfg), host=cfg.host, port=cfg.port, log_level=cfg.log_level.lower(),

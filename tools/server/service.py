@@ -1,365 +1,43 @@
-"""`knowzoom serve-tools`: the zoom tool as an HTTP API (FastAPI) and as an MCP server, for any agent.
+"""The zoom service shared by the REST app and the MCP server: images, episodes and zoom reads.
 
 The semantics are the training ones: episodes hold observations (`image_k` overviews, then `obs_N` crops)
 and `zoom_in(bbox, source)` boxes are in the frame of the named observation, through the same
-`tools.protocol.Episode` the trainer uses. A stateless `/zoom` reads an image id + a native-pixel or
-geographic box. Callers name images by id only; files come from the operator's manifest/folders under
+`tools.protocol.Episode` the trainer uses. A stateless `zoom` reads an image id + a native-pixel, image-CRS
+or lon/lat box. Callers name images by id only; files come from the operator's manifest/folders under
 allowed roots (see SECURITY.md).
 
-Every read runs in a thread pool under `asyncio.wait_for` (a slow read → 504) and a concurrency limit
-whose slot is released only when the read thread really ends (saturation → 503). Every typed tool error
-maps to one HTTP status in `ERROR_STATUS`.
+Every read runs in a thread pool under `asyncio.wait_for` (a slow read → ToolTimeoutError, 504) and a
+concurrency limit whose slot is released only when the read thread really ends (saturation →
+ServerBusyError, 503).
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import concurrent.futures
-import contextlib
 import dataclasses
-import io
 import json
 import logging
 import math
 import secrets
-import struct
 import threading
 import time
-import zlib
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
-import numpy as np
-from fastapi import Body, FastAPI, Query, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
-from starlette.exceptions import HTTPException as StarletteHTTPException
-
-from pipeline.config import StageConfig, hfield
 from tools import errors as E
-from tools.errors import RequestTooLargeError, ServerBusyError, ToolError, UnknownEpisodeError
+from tools.errors import ServerBusyError, ToolError, UnknownEpisodeError
+from tools.server.config import ServeConfig
+from tools.server.encoding import FORMATS, encode_image, finite_json, observation_payload, public_error
 
 log = logging.getLogger("knowzoom.server")
 
 T = TypeVar("T")
 
-FORMATS = ("json", "png", "jpeg")
-TRANSPORTS = ("http", "mcp-http", "mcp-stdio")
 
-
-def _all_tool_errors() -> list[type[ToolError]]:
-    seen: list[type[ToolError]] = []
-    stack: list[type[ToolError]] = [ToolError]
-    while stack:
-        cls = stack.pop()
-        if cls not in seen:
-            seen.append(cls)
-            stack.extend(cls.__subclasses__())
-    return seen
-
-
-def error_status_table() -> dict[type[ToolError], int]:
-    """THE table: every ToolError class (tools family + server additions) → its HTTP status."""
-    return {cls: int(cls.http_status) for cls in _all_tool_errors()}
-
-
-ERROR_STATUS: dict[type[ToolError], int] = error_status_table()
-# Names shown to clients: "unreadable" must be indistinguishable from "unknown".
-PUBLIC_ERROR_NAME: dict[type[ToolError], str] = {E.UnreadableImageError: "UnknownImageError"}
-SCRUBBED_MESSAGE: dict[type[ToolError], str] = {
-    E.UnreadableImageError: E.UnknownImageError.default_message,
-    E.UnknownImageError: E.UnknownImageError.default_message,
-}
-
-
-def status_of(err: ToolError) -> int:
-    """HTTP status of a tool error (most specific class in the table; 400 for unknown subclasses)."""
-    for cls in type(err).__mro__:
-        if cls in ERROR_STATUS:
-            return ERROR_STATUS[cls]
-    return 400
-
-
-def public_error(err: ToolError) -> dict[str, str]:
-    """JSON body for an error: typed name and a safe message (details only in logs)."""
-    cls = type(err)
-    name = next((PUBLIC_ERROR_NAME[c] for c in cls.__mro__ if c in PUBLIC_ERROR_NAME), cls.__name__)
-    msg = next((SCRUBBED_MESSAGE[c] for c in cls.__mro__ if c in SCRUBBED_MESSAGE), err.message)
-    return {"error": name, "message": msg}
-
-
-# -- config -------------------------------------------------------------------------------------------
-@dataclass
-class ServeConfig(StageConfig):
-    """Config of `knowzoom serve-tools`: which images, which zoom semantics, and every server limit."""
-
-    output_dir: str = hfield("runs/tiny/serve", help="Folder for the resolved config, manifest and server log.")
-    manifest: str = hfield("", help="images.jsonl ({id, path} lines, paths relative to it) of the images to serve.")
-    image_dirs: list[str] = hfield([], help="Folders whose *.tif/*.png/*.jpg files are served (id = file stem).")
-    allowed_roots: list[str] = hfield(
-        [], help="Folders registered files must resolve under (default: the manifest's folder and image_dirs)."
-    )
-    transport: str = hfield("http", help="http (FastAPI REST), mcp-http (MCP streamable HTTP at /mcp) or mcp-stdio.")
-    host: str = hfield("127.0.0.1", help="Bind address; beyond loopback a bearer token is required (see token_env).")
-    token_env: str = hfield(
-        "KNOWZOOM_TOKEN", help="Environment variable holding the bearer token; when it is set, every HTTP request "
-        "needs 'Authorization: Bearer <token>' (the token never goes in a config file)."
-    )
-    allow_unauthenticated_remote: bool = hfield(
-        False, help="Start beyond loopback without a token (only behind a proxy that authenticates; warned loudly)."
-    )
-    allowed_hosts: list[str] = hfield(
-        [], help="Host header names accepted (DNS-rebinding defence; '*' = any). Default: loopback names when "
-        "bound to loopback, else the bind address (any Host when bound to 0.0.0.0 / ::)."
-    )
-    port: int = hfield(8765, help="TCP port (0 = pick a free one).")
-    workers: int = hfield(1, help="uvicorn worker processes; >1 only with stateless_only (episodes live in one process).")
-    stateless_only: bool = hfield(False, help="Serve only stateless endpoints (no episodes); allows workers > 1.")
-    # zoom semantics (tools.zoom.ZoomConfig)
-    frame: str = hfield("shown_pixels", help="Box frame of zoom_in: shown_pixels (Qwen2.5-VL), norm1000 (Qwen3-VL style) or lonlat.")
-    max_pixels: int = hfield(50176, help="Pixels of each returned observation (the training value).")
-    min_pixels: int = hfield(3136, help="Minimum pixels of a returned observation.")
-    max_turns: int = hfield(5, help="zoom_in calls allowed per episode.")
-    # caps on caller-chosen sizes and responses
-    max_output_pixels: int = hfield(1_048_576, help="Cap on a caller-chosen max_pixels in /zoom (larger → 422).")
-    max_response_bytes: int = hfield(8_388_608, help="Cap on one encoded image (larger → 422).")
-    max_request_bytes: int = hfield(65_536, help="Cap on a request body (larger → 413).")
-    max_images_per_episode: int = hfield(4, help="Input images one episode may hold.")
-    max_id_length: int = hfield(200, help="Longest image/episode id accepted (longer → 404 without lookup).")
-    max_list: int = hfield(1000, help="Most image ids returned by one /images page.")
-    jpeg_quality: int = hfield(90, help="JPEG quality of returned images (1-95).")
-    png_compress_level: int = hfield(1, help="Deflate level of returned PNGs (0-9; 1 is fast, lossless anyway).")
-    png_encoder: str = hfield("auto", help="PNG deflate: auto (ISA-L via the isal package if installed, else zlib), isal "
-                              "(fastest) or zlib (smallest at levels 6-9).")
-    # time and concurrency
-    request_timeout_s: float = hfield(10.0, help="Per-request limit on the read+encode work (exceeded → 504).")
-    max_concurrency: int = hfield(8, help="Reads in flight at once (timed-out reads count until they end).")
-    queue_timeout_s: float = hfield(1.0, help="How long a request waits for a read slot before 503.")
-    read_threads: int = hfield(4, help="Threads of the read pool.")
-    max_connections: int = hfield(256, help="uvicorn limit_concurrency: open connections before 503.")
-    # episodes
-    max_episodes: int = hfield(64, help="Episodes kept at once; beyond it the heaviest client loses its least recently used one.")
-    max_episodes_per_client: int = hfield(
-        16, help="Episodes one client (remote address, or MCP session) holds; its own oldest is evicted beyond this."
-    )
-    episode_ttl_s: float = hfield(600.0, help="Idle seconds after which an episode expires.")
-    # GDAL
-    gdal_cache_mb: int = hfield(256, help="GDAL block cache per process (MB).")
-    gdal_lockdown: bool = hfield(True, help="Deregister non-served GDAL drivers and disable GDAL networking (process-wide).")
-    store_max_open: int = hfield(64, help="Open rasterio handles kept by the image store.")
-    log_level: str = hfield("info", help="Logging level: debug, info, warning, error.")
-    manifest_errors: str = hfield(
-        "fail", help="Bad manifest lines / folder files: fail (refuse to start, naming the line) or skip "
-        "(serve the rest; each bad entry is logged and counted in /health)."
-    )
-
-    def validate(self) -> list[str]:
-        p = super().validate()
-        if not self.manifest and not self.image_dirs:
-            p.append("manifest/image_dirs: nothing to serve; set manifest (images.jsonl) or image_dirs")
-        if self.transport not in TRANSPORTS:
-            p.append(f"transport: {self.transport!r}; use one of {', '.join(TRANSPORTS)}")
-        if not 0 <= self.port <= 65535:
-            p.append("port: must be 0..65535")
-        if self.workers < 1:
-            p.append("workers: must be >= 1")
-        if self.workers > 1 and not self.stateless_only:
-            p.append("workers: episodes live in one process; use workers: 1 or set stateless_only: true")
-        if self.max_output_pixels < self.max_pixels:
-            p.append("max_output_pixels: must be >= max_pixels")
-        for name in ("max_response_bytes", "max_request_bytes", "max_images_per_episode",
-                     "max_id_length", "max_list", "max_concurrency", "read_threads", "max_connections",
-                     "max_episodes", "gdal_cache_mb", "store_max_open"):
-            if getattr(self, name) < 1:
-                p.append(f"{name}: must be >= 1")
-        for name in ("request_timeout_s", "episode_ttl_s"):
-            v = getattr(self, name)
-            if not (math.isfinite(v) and v > 0):
-                p.append(f"{name}: must be a positive number of seconds")
-        if not (math.isfinite(self.queue_timeout_s) and self.queue_timeout_s >= 0):
-            p.append("queue_timeout_s: must be >= 0")
-        if not 1 <= self.jpeg_quality <= 95:
-            p.append("jpeg_quality: must be 1..95")
-        if not 0 <= self.png_compress_level <= 9:
-            p.append("png_compress_level: must be 0..9")
-        if self.png_encoder == "libdeflate":
-            p.append("png_encoder: libdeflate was removed (it loaded the copy inside rasterio's wheel); use isal "
-                     "(the isal package, what auto picks: faster, about the same size) or zlib")
-        elif self.png_encoder not in PNG_ENCODERS:
-            p.append(f"png_encoder: {self.png_encoder!r}; use auto, isal or zlib")
-        elif self.png_encoder == "isal" and isal_zlib() is None:
-            p.append("png_encoder: isal needs the isal package (pip install isal); use auto or zlib")
-        from tools.zoom import HARD_MAX_PIXELS
-
-        p += [f"zoom: {q}" for q in self.zoom_config().validate()]  # frame, pixel limits, turns: one copy
-        if self.max_output_pixels > HARD_MAX_PIXELS:
-            p.append(f"max_output_pixels: {self.max_output_pixels} exceeds the hard cap {HARD_MAX_PIXELS}")
-        if self.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
-            p.append("log_level: use debug, info, warning or error")
-        if self.manifest and not Path(self.manifest).is_file():
-            p.append(f"manifest: {self.manifest} does not exist (or is not a file); give the images.jsonl to serve")
-        if self.manifest_errors not in ("fail", "skip"):
-            p.append("manifest_errors: use fail or skip")
-        if not 1 <= self.max_episodes_per_client <= max(1, self.max_episodes):
-            p.append("max_episodes_per_client: must be within 1..max_episodes")
-        if not isinstance(self.token_env, str) or not self.token_env.strip():
-            p.append("token_env: name an environment variable, e.g. KNOWZOOM_TOKEN")
-        elif (self.transport != "mcp-stdio" and not is_loopback(self.host) and not self.token()
-              and not self.allow_unauthenticated_remote):
-            p.append(f"host: {self.host} is reachable beyond this machine and no token is set; export "
-                     f"{self.token_env}=<a long random string> (clients send 'Authorization: Bearer <it>'), "
-                     "or bind 127.0.0.1, or set allow_unauthenticated_remote: true behind an authenticating proxy")
-        return p
-
-    def token(self) -> str | None:
-        """The bearer token from the `token_env` environment variable (None when unset or empty)."""
-        import os
-
-        t = os.environ.get(self.token_env or "", "").strip()
-        return t or None
-
-    def host_allowlist(self) -> set[str] | None:
-        """Host header names to accept (lower case, no port); None = any."""
-        if self.allowed_hosts:
-            names = {h.strip().lower().strip("[]") for h in self.allowed_hosts}
-            return None if "*" in names else names
-        if is_loopback(self.host):
-            return {"127.0.0.1", "localhost", "::1"}
-        if self.host in ("0.0.0.0", "::", ""):
-            return None  # every interface: the operator names the hosts; the token guards the server
-        return {self.host.lower().strip("[]")}
-
-    def zoom_config(self):
-        """The tools.zoom.ZoomConfig of this server (same semantics as training)."""
-        from tools.zoom import ZoomConfig
-
-        return dataclasses.replace(
-            ZoomConfig(), frame=self.frame, max_pixels=self.max_pixels, min_pixels=self.min_pixels,
-            max_turns=self.max_turns,
-            read_timeout_s=0.0,  # the server bounds the whole request itself (ZoomService.run_read)
-        )
-
-    def roots(self) -> list[str]:
-        """Allowed roots: configured, else the manifest's folder and the image folders."""
-        if self.allowed_roots:
-            return list(self.allowed_roots)
-        roots = [str(Path(self.manifest).parent)] if self.manifest else []
-        return roots + list(self.image_dirs)
-
-
-def is_loopback(host: str) -> bool:
-    """True for a bind address reachable only from this machine (127.0.0.0/8, ::1, localhost)."""
-    import ipaddress
-
-    if host.strip().lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-# -- image encoding -----------------------------------------------------------------------------------
-MIME = {"png": "image/png", "jpeg": "image/jpeg"}
-
-
-def _png_chunk(tag: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-
-
-PNG_ENCODERS = ("auto", "isal", "zlib")
-
-
-def isal_zlib() -> Any | None:
-    """python-isal's zlib-compatible module (Intel ISA-L deflate), or None when the package is missing.
-
-    The default PNG deflate: on the server's crops, at level 1 it is 4-5x faster than zlib and about 2x
-    faster than libdeflate, output within 4% of libdeflate's (tests/benchmarks/bench_png.py); it drops the
-    GIL while compressing, as zlib does, so read threads keep working.
-    """
-    try:
-        from isal import isal_zlib as mod
-    except ImportError:
-        return None
-    return mod
-
-
-def _isal_level(level: int) -> int:
-    """zlib level 1..9 → ISA-L level 1 or 2. ISA-L has 0..3: its 0 compresses far less than zlib 1, and its 3
-    was no smaller than 2 on the server's crops (bench_png.py). For the smallest PNGs use encoder zlib."""
-    return 1 if level <= 3 else 2
-
-
-def png_bytes(arr: np.ndarray, level: int, encoder: str = "auto") -> bytes:
-    """Lossless 8-bit RGB/gray PNG of an (h, w[, c]) uint8 array: PNG "Up" filter on every row, then deflate
-    at `level` by ISA-L (`encoder` auto/isal; zlib levels mapped onto its 1..3) or zlib.
-
-    Several times faster than Pillow's encoder at the same level (its per-row adaptive filter search is
-    costly), and the deflate runs without the GIL, so read threads keep working.
-    """
-    a = np.ascontiguousarray(arr, dtype=np.uint8)
-    if a.ndim == 2:
-        a = a[:, :, None]
-    h, w, c = a.shape
-    if c not in (1, 3):
-        raise ValueError(f"png_bytes: 1 or 3 channels, got {c}")
-    rows = a.reshape(h, w * c)
-    raw = np.empty((h, w * c + 1), np.uint8)
-    raw[:, 0] = 2  # filter type Up: each row minus the row above (the first row minus zeros)
-    raw[0, 1:] = rows[0]
-    np.subtract(rows[1:], rows[:-1], out=raw[1:, 1:])  # uint8 wrap-around is what PNG specifies
-    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2 if c == 3 else 0, 0, 0, 0)
-    isal = isal_zlib() if encoder in ("auto", "isal") and level > 0 else None  # level 0: stored, zlib's
-    if encoder == "isal" and level > 0 and isal is None:
-        raise RuntimeError("png encoder isal requested but the isal package is not installed (pip install isal)")
-    idat = isal.compress(raw, _isal_level(level)) if isal is not None else zlib.compress(raw, level)
-    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat)
-            + _png_chunk(b"IEND", b""))
-
-
-def encode_image(img: Any, fmt: str, cfg: ServeConfig) -> bytes:
-    """PIL image → PNG/JPEG bytes, refused (LimitError) above max_response_bytes."""
-    if fmt == "jpeg":
-        buf = io.BytesIO()
-        img.convert("RGB").save(buf, format="JPEG", quality=cfg.jpeg_quality)
-        data = buf.getvalue()
-    else:
-        data = png_bytes(np.asarray(img.convert("RGB")), cfg.png_compress_level, cfg.png_encoder)
-    if len(data) > cfg.max_response_bytes:
-        raise E.LimitError(
-            f"Encoded image exceeds the {cfg.max_response_bytes}-byte cap; ask for fewer pixels or jpeg.",
-            detail=f"{len(data)} bytes",
-        )
-    return data
-
-
-def observation_payload(obs: Any, fmt: str, cfg: ServeConfig, data: bytes | None = None) -> dict[str, Any]:
-    """JSON body of one observation: mapping metadata, plus the image as base64 when `fmt` is json."""
-    d = obs.to_dict()
-    d["size"] = list(obs.image.size)
-    if fmt == "json":
-        raw = data if data is not None else encode_image(obs.image, "png", cfg)
-        d["image"] = {"mime": "image/png", "base64": base64.b64encode(raw).decode("ascii")}
-    return d
-
-
-def _finite_json(obj: Any) -> Any:
-    """Replace non-finite floats (not valid JSON) by None, recursively."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite_json(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite_json(v) for v in obj]
-    return obj
-
-
-# -- the service (shared by the HTTP app and the MCP server) -------------------------------------------
 @dataclass
 class _EpisodeSlot:
     episode: Any
@@ -555,7 +233,7 @@ class ZoomService:
         d.pop("path", None)  # never reveal paths
         d.pop("meta", None)
         d["bands"] = d.get("count")
-        return _finite_json(d)
+        return finite_json(d)
 
     def tools(self) -> dict[str, Any]:
         from tools.protocol import system_prompt, zoom_tool_schema
@@ -588,7 +266,7 @@ class ZoomService:
         ep, payloads = await self.run_read(make)
         eid = self.episodes.add(ep, ids, owner)
         return {"episode_id": eid, "frame": self.cfg.frame, "max_turns": self.cfg.max_turns,
-                "expires_after_idle_s": self.cfg.episode_ttl_s, "observations": _finite_json(payloads)}
+                "expires_after_idle_s": self.cfg.episode_ttl_s, "observations": finite_json(payloads)}
 
     async def episode_zoom(self, eid: str, bbox: Any, source: Any = "image_0",
                            fmt: str = "json") -> tuple[dict[str, Any], bytes | None]:
@@ -610,7 +288,7 @@ class ZoomService:
             return observation_payload(obs, fmt, self.cfg, data), (None if fmt == "json" else data)
 
         payload, data = await self.run_read(work)
-        return _finite_json(payload), data
+        return finite_json(payload), data
 
     async def episode_call(self, eid: str, name: Any = None, arguments: Any = None,
                            text: Any = None) -> dict[str, Any]:
@@ -655,13 +333,13 @@ class ZoomService:
                 out["observation"] = observation_payload(res.observation, "json", self.cfg)
             return out
 
-        return _finite_json(await self.run_read(work))
+        return finite_json(await self.run_read(work))
 
     def episode_state(self, eid: str) -> dict[str, Any]:
         self._need_episodes()
         slot = self.episodes.get(eid)
         ep = slot.episode
-        return _finite_json({"episode_id": eid, "image_ids": slot.image_ids, "n_calls": ep.n_calls,
+        return finite_json({"episode_id": eid, "image_ids": slot.image_ids, "n_calls": ep.n_calls,
                              "n_errors": ep.n_errors, "observations": [o.to_dict() for o in ep.observations.values()]})
 
     async def episode_observation(self, eid: str, name: Any, fmt: str) -> tuple[dict[str, Any], bytes | None]:
@@ -677,7 +355,7 @@ class ZoomService:
             return observation_payload(obs, fmt, self.cfg, data), (None if fmt == "json" else data)
 
         payload, data = await self.run_read(work)
-        return _finite_json(payload), data
+        return finite_json(payload), data
 
     def end_episode(self, eid: str) -> dict[str, Any]:
         self._need_episodes()
@@ -734,7 +412,7 @@ class ZoomService:
             return observation_payload(obs, fmt, self.cfg, data), (None if fmt == "json" else data)
 
         payload, data = await self.run_read(work)
-        return _finite_json(payload), data
+        return finite_json(payload), data
 
     def health(self) -> dict[str, Any]:
         from tools.security import lockdown_report
@@ -814,284 +492,4 @@ def build_store(cfg: ServeConfig) -> Any:
     return store
 
 
-# -- the HTTP app -------------------------------------------------------------------------------------
-Fmt = Literal["json", "png", "jpeg"]
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class StartEpisode(_Model):
-    image_ids: list[str] = Field(..., description="Ids from GET /images (1..max_images_per_episode).")
-    format: Literal["json"] = Field("json", description="Observations come back as JSON with base64 PNG.")
-
-class ZoomIn(_Model):
-    bbox: list[Any] = Field(..., description="[x0, y0, x1, y1] in the frame of `source` as shown.")
-    source: str = Field("image_0", description="Observation the box refers to: image_k or obs_N.")
-    format: Fmt = Field("json", description="json (metadata + base64 PNG) or png/jpeg bytes.")
-
-class ToolCallBody(_Model):
-    name: str | None = Field(None, description="Tool name (zoom_in).")
-    arguments: dict[str, Any] | str | None = Field(
-        None, description="Tool arguments {bbox, source}, as an object or as the JSON string OpenAI tool calls carry.")
-    text: str | None = Field(None, description="Or the raw model turn containing one <tool_call>.")
-
-class StatelessZoom(_Model):
-    image_id: str = Field(..., description="Image id from GET /images.")
-    bbox: list[Any] = Field(..., description="[x0, y0, x1, y1] (native pixels, image CRS or lon/lat).")
-    box_crs: Literal["native", "crs", "lonlat"] = Field("native", description="Units of bbox.")
-    max_pixels: int | None = Field(None, description="Output pixel budget (<= max_output_pixels).")
-    format: Fmt = Field("json", description="json (metadata + base64 PNG) or png/jpeg bytes.")
-
-
-class _BodyLimit:
-    """ASGI middleware: refuse request bodies above `limit` bytes with 413 (declared or streamed)."""
-
-    def __init__(self, app: Any, limit: int):
-        self.app, self.limit = app, int(limit)
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        for k, v in scope.get("headers", []):
-            if k == b"content-length":
-                try:
-                    n = int(v)
-                except ValueError:
-                    n = self.limit + 1
-                if n > self.limit:
-                    return await _send_json(send, 413, public_error(RequestTooLargeError()))
-        seen = 0
-
-        async def limited_receive() -> dict:
-            nonlocal seen
-            msg = await receive()
-            if msg.get("type") == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > self.limit:
-                    raise RequestTooLargeError(detail=f"body over {self.limit} bytes")
-            return msg
-
-        return await self.app(scope, limited_receive, send)
-
-
-async def _send_json(send: Callable, status: int, body: dict, headers: list | None = None) -> None:
-    raw = json.dumps(body).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode()),
-                            *(headers or [])]})
-    await send({"type": "http.response.body", "body": raw})
-
-
-def _host_name(value: str) -> str:
-    """The host part of a Host header value, lower case, without port or IPv6 brackets."""
-    v = value.strip().lower()
-    if v.startswith("["):
-        return v[1:v.find("]")] if "]" in v else v
-    return v.rsplit(":", 1)[0] if v.count(":") == 1 else v
-
-
-class _Guard:
-    """ASGI middleware in front of every HTTP app (REST and MCP): refuses, before any routing or body read,
-
-    - paths with control characters (a trailing newline would otherwise match a route: regex `$` matches
-      before a final newline) → 404;
-    - a Host header outside the allow-list (DNS rebinding) → 421;
-    - a missing or wrong bearer token when one is configured → 401 (constant-time comparison).
-    """
-
-    def __init__(self, app: Any, token: str | None, hosts: set[str] | None):
-        self.app, self.hosts = app, hosts
-        self.token = token.encode() if token else None
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] == "websocket":  # no websocket endpoints: refuse the handshake
-            return await send({"type": "websocket.close", "code": 1008})
-        if scope["type"] != "http":  # lifespan
-            return await self.app(scope, receive, send)
-        path = scope.get("path", "") + scope.get("raw_path", b"").decode("latin-1")
-        if any(ord(c) < 32 or ord(c) == 127 for c in path):
-            return await _send_json(send, 404, {"error": "HTTPError", "message": "Not found."})
-        headers = dict(scope.get("headers") or [])
-        if self.hosts is not None:
-            host = headers.get(b"host", b"").decode("latin-1")
-            if _host_name(host) not in self.hosts:
-                log.info("refused Host header %r", host[:100])
-                return await _send_json(send, 421, public_error(E.HostNotAllowedError()))
-        if self.token is not None:
-            auth = headers.get(b"authorization", b"")
-            scheme, _, given = auth.partition(b" ")
-            if scheme.lower() != b"bearer" or not secrets.compare_digest(given.strip(), self.token):
-                return await _send_json(send, 401, public_error(E.UnauthorizedError()),
-                                        [(b"www-authenticate", b'Bearer realm="knowzoom"')])
-        return await self.app(scope, receive, send)
-
-
-def guard_app(app: Any, cfg: ServeConfig) -> Any:
-    """Wrap an ASGI app in the token / Host / path guard of `cfg` (the REST app and the MCP HTTP app)."""
-    return _Guard(app, cfg.token(), cfg.host_allowlist())
-
-
-def client_key(request: Request) -> str:
-    """Who a request comes from, for per-client episode quotas: the peer address (behind a proxy every
-    client shares the proxy's address; see SECURITY.md)."""
-    return request.client.host if request.client else ""
-
-
-def create_app(cfg: ServeConfig, store: Any | None = None) -> Any:
-    """The FastAPI app (OpenAPI docs at /docs). Tests pass a store; servers build it from the config."""
-    svc = ZoomService(cfg, store)
-
-    @contextlib.asynccontextmanager
-    async def lifespan(_app: Any):
-        yield
-        svc.close()
-
-    cap = cfg.max_response_bytes
-
-    class CappedJSON(JSONResponse):
-        """JSON body refused (422) above max_response_bytes: the cap holds for the whole body, not only the
-        image inside it (base64 makes that 4/3 larger)."""
-
-        def render(self, content: Any) -> bytes:
-            raw = super().render(content)
-            if len(raw) > cap:
-                raise E.LimitError(f"Response exceeds the {cap}-byte cap; ask for fewer pixels, fewer images or "
-                                   "png/jpeg bytes.", detail=f"{len(raw)} bytes")
-            return raw
-
-    app = FastAPI(
-        lifespan=lifespan,
-        default_response_class=CappedJSON,
-        redirect_slashes=False,  # a slash redirect would be built from the Host header
-
-        title="KnowZoom zoom tool",
-        version="1",
-        description="The zoom_in tool of KnowZoom with the training semantics. Images are addressed by id only.",
-    )
-    app.state.service = svc
-
-    def image_response(payload: dict[str, Any], data: bytes | None, fmt: str) -> Response:
-        if data is None:
-            return CappedJSON(payload)
-        meta = json.dumps(payload, separators=(",", ":"), ensure_ascii=True)
-        return Response(data, media_type=MIME[fmt], headers={"X-KnowZoom-Observation": meta})
-
-    @app.exception_handler(ToolError)
-    async def _tool_error(request: Request, exc: ToolError) -> JSONResponse:
-        status = status_of(exc)
-        log.info("%s %s -> %d %s", request.method, request.url.path, status, exc)
-        headers = {"Retry-After": "1"} if status in (503, 429) else None
-        return JSONResponse(public_error(exc), status_code=status, headers=headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        where = sorted({".".join(str(p) for p in e.get("loc", ())) for e in exc.errors()})[:8]
-        return JSONResponse({"error": "RequestValidationError", "message": f"Invalid request fields: {where}"},
-                            status_code=422)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        if isinstance(exc.__cause__, ToolError):  # e.g. a streamed body over the cap, seen while parsing
-            return JSONResponse(public_error(exc.__cause__), status_code=status_of(exc.__cause__))
-        msg = "Not found." if exc.status_code == 404 else str(exc.detail)[:200]
-        return JSONResponse({"error": "HTTPError", "message": msg}, status_code=exc.status_code)
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:  # a bug, never input
-        log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return JSONResponse({"error": "InternalError", "message": "Internal error."}, status_code=500)
-
-    @app.get("/health", summary="Liveness, counts and the GDAL lock-down state")
-    async def health() -> dict[str, Any]:
-        return svc.health()
-
-    @app.get("/images", summary="List served image ids")
-    async def images(offset: int = Query(0, ge=0, le=10**9), limit: int = Query(cfg.max_list, ge=0)) -> dict:
-        return svc.list_images(offset, limit)
-
-    @app.get("/images/{image_id:path}", summary="Image info: size, bands, dtype, CRS, bounds, overviews")
-    async def image_info(image_id: str) -> dict:
-        return await svc.image_info(image_id)
-
-    @app.get("/tools", summary="The zoom tool in OpenAI function format, the system prompt and frame")
-    async def tools() -> dict:
-        return svc.tools()
-
-    @app.post("/episodes", summary="Start an episode: returns the overview observations (image_k)")
-    async def start_episode(request: Request, body: StartEpisode = Body(...)) -> dict:
-        return await svc.start_episode(body.image_ids, body.format, owner=client_key(request))
-
-    @app.get("/episodes/{episode_id}", summary="Episode state: observations, calls, errors")
-    async def episode(episode_id: str) -> dict:
-        return svc.episode_state(episode_id)
-
-    @app.post("/episodes/{episode_id}/zoom_in", summary="zoom_in(bbox, source) on an episode, as in training")
-    async def zoom_in(episode_id: str, body: ZoomIn = Body(...)) -> Response:
-        payload, data = await svc.episode_zoom(episode_id, body.bbox, body.source, body.format)
-        return image_response(payload, data, body.format)
-
-    @app.post("/episodes/{episode_id}/call", summary="Execute a tool call; errors come back as model-facing text")
-    async def call(episode_id: str, body: ToolCallBody = Body(...)) -> dict:
-        return await svc.episode_call(episode_id, body.name, body.arguments, body.text)
-
-    @app.get("/episodes/{episode_id}/observations/{name}", summary="One observation's image")
-    async def observation(episode_id: str, name: str, format: Fmt = Query("png")) -> Response:  # noqa: A002
-        payload, data = await svc.episode_observation(episode_id, name, format)
-        return image_response(payload, data, format)
-
-    @app.delete("/episodes/{episode_id}", summary="End an episode")
-    async def end_episode(episode_id: str) -> dict:
-        return svc.end_episode(episode_id)
-
-    @app.post("/zoom", summary="Stateless zoom: image id + native / CRS / lon-lat box")
-    async def zoom(body: StatelessZoom = Body(...)) -> Response:
-        payload, data = await svc.zoom(body.image_id, body.bbox, body.box_crs, body.max_pixels, body.format)
-        return image_response(payload, data, body.format)
-
-    app.add_middleware(_BodyLimit, limit=cfg.max_request_bytes)
-    app.add_middleware(_Guard, token=cfg.token(), hosts=cfg.host_allowlist())  # outermost: before any body
-    return app
-
-
-# -- entry points (the serve-tools stage itself, which also starts the MCP transports, is tools.serve) -----
-_CFG_ENV = "KNOWZOOM_SERVE_CONFIG"
-
-
-def app_from_env() -> Any:
-    """uvicorn factory for worker processes: config JSON from the environment, lock-down first."""
-    import os
-
-    from pipeline.config import config_from_dict
-    from tools.security import apply_gdal_lockdown
-
-    cfg = config_from_dict(ServeConfig, json.loads(os.environ[_CFG_ENV]), source=_CFG_ENV)
-    if cfg.gdal_lockdown:
-        apply_gdal_lockdown(cfg.gdal_cache_mb)
-    return create_app(cfg)
-
-
-def warn_exposure(cfg: ServeConfig) -> list[str]:
-    """Log (at WARNING, on stderr) how exposed this server is; returns the warnings for tests."""
-    out: list[str] = []
-    if cfg.transport == "mcp-stdio":
-        return out
-    if not is_loopback(cfg.host):
-        if cfg.token() is None:
-            out.append(f"SERVING WITHOUT AUTHENTICATION ON {cfg.host}:{cfg.port}: anyone who can reach this "
-                       f"address can read every served image and use every read slot. Export {cfg.token_env} "
-                       "or keep an authenticating proxy in front (allow_unauthenticated_remote is set).")
-        if cfg.host_allowlist() is None:
-            out.append("Any Host header is accepted (bound to every interface); set allowed_hosts to the names "
-                       "clients use.")
-    for w in out:
-        log.warning("%s", w)
-    return out
-
-
-__all__ = [
-    "ServeConfig", "ZoomService", "EpisodeRegistry", "create_app", "build_store", "ERROR_STATUS",
-    "error_status_table", "status_of", "public_error", "encode_image", "UnknownEpisodeError",
-    "ServerBusyError", "RequestTooLargeError",
-]
+__all__ = ["ZoomService", "EpisodeRegistry", "build_store"]
