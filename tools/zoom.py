@@ -252,12 +252,10 @@ def lonlat_box_to_native(box: tuple[float, ...], crs: str, transform: tuple[floa
     """Native pixel box (not clipped) of a lon/lat box on a raster in `crs`. West > east means the box
     crosses the antimeridian; on a geographic raster the box is shifted by whole turns to the raster's
     longitudes (a raster stored in 0..360 or across 180 degrees)."""
-    from affine import Affine
     from rasterio.crs import CRS
     from rasterio.warp import transform_bounds
 
     lon0, lat0, lon1, lat1 = (float(v) for v in box)
-    inv = tuple(~Affine(*transform))
     try:
         geographic = CRS.from_user_input(crs).is_geographic
     except Exception:  # noqa: BLE001 - an unparsable CRS is treated as projected
@@ -280,10 +278,21 @@ def lonlat_box_to_native(box: tuple[float, ...], crs: str, transform: tuple[floa
             x0, y0, x1, y1 = transform_bounds("EPSG:4326", crs, lon0, lat0, lon1, lat1, densify_pts=21)
         except Exception as e:  # noqa: BLE001 - PROJ errors on impossible coordinates
             raise BadBoxError("lon/lat box cannot be projected onto this image.", detail=str(e)) from e
+    return crs_box_to_native((x0, y0, x1, y1), transform, "lon/lat box cannot be projected onto this image.")
+
+
+def crs_box_to_native(box: tuple[float, ...], transform: tuple[float, ...],
+                      message: str | None = None) -> tuple[float, float, float, float]:
+    """Native pixel box (not clipped) covering a box in the raster's own CRS units: the inverse geotransform
+    applied to its four corners. Non-finite results (a degenerate transform, overflow) → BadBoxError."""
+    from affine import Affine
+
+    x0, y0, x1, y1 = (float(v) for v in box)
+    inv = tuple(~Affine(*transform))
     cols, rows = zip(*(_apply(inv, x, y) for x, y in ((x0, y0), (x0, y1), (x1, y0), (x1, y1))), strict=True)
     out = (min(cols), min(rows), max(cols), max(rows))
     if not all(math.isfinite(v) for v in out):
-        raise BadBoxError("lon/lat box cannot be projected onto this image.")
+        raise BadBoxError(message)
     return out
 
 

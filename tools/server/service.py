@@ -18,7 +18,6 @@ import concurrent.futures
 import dataclasses
 import json
 import logging
-import math
 import secrets
 import threading
 import time
@@ -369,20 +368,11 @@ class ZoomService:
             return box
         if info.transform is None or info.crs is None:
             raise E.BadBoxError("This image has no georeference; give a native pixel box.")
-        from rasterio.transform import Affine
+        from tools.zoom import crs_box_to_native, lonlat_box_to_native
 
-        x0, y0, x1, y1 = box
         if box_crs == "lonlat":
-            from tools.zoom import lonlat_box_to_native
-
             return lonlat_box_to_native(box, info.crs, info.transform, (info.width, info.height))
-        inv = ~Affine(*info.transform)
-        pts = [inv @ (x, y) for x in (x0, x1) for y in (y0, y1)]
-        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-        nat = (min(xs), min(ys), max(xs), max(ys))
-        if not all(math.isfinite(v) for v in nat):
-            raise E.BadBoxError()
-        return nat
+        return crs_box_to_native(box, info.transform)
 
     async def zoom(self, image_id: Any, bbox: Any, box_crs: str = "native", max_pixels: Any = None,
                    fmt: str = "json") -> tuple[dict[str, Any], bytes | None]:
