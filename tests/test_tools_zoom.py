@@ -316,6 +316,21 @@ def test_forbidden_paths(tmp_path: Path, data_dir: Path) -> None:
         s.register("bad id with spaces", root / "link.tif")
 
 
+def test_store_registration_is_the_security_root_check(tmp_path: Path, data_dir: Path) -> None:
+    """The store registers through tools.security.resolve_under_roots: path text GDAL would not read as a
+    local file is refused as forbidden (a NUL byte was a raw ValueError, URLs and /vsi paths "unreadable"),
+    while an operator's `..` that resolves inside a root stays accepted."""
+    root = tmp_path / "root"
+    (root / "sub").mkdir(parents=True)
+    (root / "a.tif").write_bytes((data_dir / "plain.tif").read_bytes())
+    s = ImageStore([root])
+    for bad in ["a\x00.tif", "http://example.org/a.tif", "/vsicurl/http://example.org/a.tif"]:
+        with pytest.raises(ForbiddenPathError):
+            s.register("x", bad)
+    s.register("ok", root / "sub" / ".." / "a.tif")
+    assert s.path("ok") == (root / "a.tif").resolve()
+
+
 def test_manifest_store(tmp_path: Path) -> None:
     (tmp_path / "images").mkdir()
     make_raster(tmp_path / "images" / "a.tif", 300, 300)

@@ -30,6 +30,7 @@ from rasterio.errors import RasterioIOError  # noqa: E402
 
 from tools.errors import ForbiddenPathError, UnknownImageError, UnreadableImageError  # noqa: E402
 from tools.render import RENDER_KEYS, RenderSpec, auto_bands, palette_lut, parse_render  # noqa: E402
+from tools.security import resolve_under_roots  # noqa: E402
 
 DEFAULT_PATTERNS = ("*.tif", "*.tiff", "*.png", "*.jpg", "*.jpeg")
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/\-]{0,199}$")
@@ -93,19 +94,12 @@ class ImageStore:
         self._stats: dict[tuple, list[tuple[float, float]]] = {}
         self._render: dict[str, RenderSpec] = {}
         self._luts: dict[str, np.ndarray] = {}
+        self.manifest_problems: list[str] = []  # entries a lenient registration skipped (server: manifest_errors)
 
     # -- registration -------------------------------------------------------------------------------
     def _check_path(self, path: str | Path) -> Path:
-        p = Path(path)
-        try:
-            real = p.resolve(strict=True)
-        except (OSError, RuntimeError) as e:
-            raise UnreadableImageError(detail=f"{path}: {e}") from e
-        if not any(real == r or r in real.parents for r in self.roots):
-            raise ForbiddenPathError(detail=f"{path} resolves to {real}, outside the allowed roots")
-        if not real.is_file():
-            raise UnreadableImageError(detail=f"{path} is not a file")
-        return real
+        """The real file of `path` under the roots (tools.security's check; `..` that resolves inside is fine)."""
+        return resolve_under_roots(path, self.roots, parent_refs=True)
 
     def register(self, image_id: str, path: str | Path, render: RenderSpec | None = None) -> None:
         """Register one image under `image_id`; the path must resolve (symlinks followed) under a root.

@@ -117,7 +117,8 @@ def png_bytes(arr: np.ndarray, level: int, encoder: str = "auto") -> bytes:
     isal = isal_zlib() if encoder in ("auto", "isal") and level > 0 else None  # level 0: stored, zlib's
     if encoder == "isal" and level > 0 and isal is None:
         raise RuntimeError("png encoder isal requested but the isal package is not installed (pip install isal)")
-    idat = isal.compress(raw, _isal_level(level)) if isal is not None else zlib.compress(raw, level)
+    buf = raw.data  # a memoryview: both deflates take any contiguous buffer, no copy
+    idat = isal.compress(buf, _isal_level(level)) if isal is not None else zlib.compress(buf, level)
     return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat)
             + _png_chunk(b"IEND", b""))
 
