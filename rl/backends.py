@@ -8,7 +8,7 @@
   httpx; images as base64 PNG data URLs; our text tool protocol, so API models run the same tasks.
 
 Every backend returns each text with the stop string that ended it, so `tools.protocol.parse_turn` sees
-complete tags; engines that drop stop strings get them re-appended (`rl.agent.close_stopped`).
+complete tags; engines that drop stop strings get them re-appended (`tools.protocol.close_stopped`).
 """
 
 from __future__ import annotations
@@ -17,14 +17,21 @@ import base64
 import io
 import json
 import logging
-import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from PIL import Image
 
-from rl.agent import BackendError, close_stopped, trim_at_stop
+from rl.agent import BackendError
+from tools.protocol import (
+    close_stopped,
+    parse_turn,
+    raw_tool_call,
+    strip_tool_calls,
+    tool_call_text,
+    trim_at_stop,
+)
 
 log = logging.getLogger(__name__)
 
@@ -277,9 +284,6 @@ def to_openai_messages(conversation: list[dict], images: list[Image.Image]) -> l
     return out
 
 
-_CALL_BLOCK = re.compile(r"<tool_call>.*?(?:</tool_call>|\Z)", re.S)
-
-
 def to_openai_native_messages(conversation: list[dict], images: list[Image.Image], *,
                               system: str | None = None) -> list[dict]:
     """HF multimodal chat messages → OpenAI chat messages for *native* tool calling: an assistant turn holding
@@ -287,8 +291,6 @@ def to_openai_native_messages(conversation: list[dict], images: list[Image.Image
     `tool` message with that `tool_call_id` and the observation text; the crop follows as a user message with
     the image (tool messages carry text only in the chat-completions API). A malformed call stays assistant
     text and its error observation a user message. `system` replaces the text-protocol system prompt."""
-    from tools.protocol import parse_turn
-
     it = iter(images)
     out: list[dict] = []
     pending: str | None = None
@@ -302,11 +304,11 @@ def to_openai_native_messages(conversation: list[dict], images: list[Image.Image
             if parsed.tool_call is not None:
                 call = (parsed.tool_call.name, json.dumps(parsed.tool_call.arguments))
             elif parsed.error is not None:
-                call = _raw_call(text)  # arguments that were not JSON go back as the string the server sent
+                call = raw_tool_call(text)  # arguments that were not JSON go back as the string the server sent
             if call is not None:
                 pending = f"call_{n_calls}"
                 n_calls += 1
-                prose = _CALL_BLOCK.sub("", text).strip()
+                prose = strip_tool_calls(text).strip()
                 out.append({"role": "assistant", "content": prose or None, "tool_calls": [{
                     "id": pending, "type": "function", "function": {"name": call[0], "arguments": call[1]}}]})
             else:
@@ -334,31 +336,6 @@ def to_openai_native_messages(conversation: list[dict], images: list[Image.Image
     return out
 
 
-def _raw_call(text: str) -> tuple[str, str] | None:
-    """(name, arguments string) of the one `<tool_call>` of a turn whose arguments are an unparsed string."""
-    blocks = re.findall(r"<tool_call>(.*?)(?:</tool_call>|\Z)", text, re.S)
-    if len(blocks) != 1:
-        return None
-    try:
-        d = json.loads(blocks[0].strip())
-    except json.JSONDecodeError:
-        return None
-    if isinstance(d, dict) and isinstance(d.get("name"), str) and isinstance(d.get("arguments"), str):
-        return d["name"], d["arguments"]
-    return None
-
-
-def _call_text(name: Any, arguments: Any) -> str:
-    """One `message.tool_calls` entry in the text protocol, so `tools.protocol.parse_turn` reads it: string
-    arguments are parsed; arguments that are not JSON stay a string and become the model's parse error."""
-    if isinstance(arguments, str):
-        try:
-            arguments = json.loads(arguments)
-        except json.JSONDecodeError:
-            pass
-    return "<tool_call>" + json.dumps({"name": name, "arguments": arguments}) + "</tool_call>"
-
-
 def message_text(message: dict) -> str:
     """The text of a chat-completions `message`: its content followed by each of its `tool_calls` (vLLM's and
     transformers' servers and API models return calls there, not in the content)."""
@@ -369,11 +346,11 @@ def message_text(message: dict) -> str:
     if not isinstance(calls, list):
         raise BackendError(f"tool_calls is not a list: {str(calls)[:80]!r}")
     if calls:  # a server that parsed the calls may also leave their raw text in the content: count them once
-        content = _CALL_BLOCK.sub("", str(content))
+        content = strip_tool_calls(str(content))
     out = [str(content)]
     for c in calls:
         fn = (c or {}).get("function") or {}
-        out.append(_call_text(fn.get("name"), fn.get("arguments", "{}")))
+        out.append(tool_call_text(fn.get("name"), fn.get("arguments", "{}")))
     return "".join(out)
 
 

@@ -14,8 +14,8 @@ from PIL import Image
 from test_eval_helpers import OracleBackend, ScriptBackend, make_vqa_set, store_for
 
 from pipeline.records import VQASample, read_jsonl
-from rl.agent import AgentConfig, BackendError, close_stopped, run_episodes, trim_at_stop
-from tools.protocol import format_tool_call
+from rl.agent import AgentConfig, BackendError, run_episodes
+from tools.protocol import close_stopped, format_tool_call, trim_at_stop
 from tools.zoom import ZoomConfig
 
 

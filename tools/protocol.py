@@ -1,10 +1,14 @@
-"""The tool protocol: the ONE module that renders prompts/observations and parses tool calls.
+"""The tool protocol: the ONE module for every model-facing string and parser.
 
 Text format (Qwen2.5-VL style): optional `<think>...</think>`, then either one
 `<tool_call>{"name": "zoom_in", "arguments": {"bbox": [x0, y0, x1, y1], "source": "image_0"}}</tool_call>`
-or a final `<answer>...</answer>`. Generation stops at `</tool_call>` (the stop string may be stripped by the
-backend, so an unclosed final `<tool_call>` is accepted). TRL, SFT trajectories, evaluation and the HTTP
-API all use this module, so a box means the same thing everywhere.
+or a final `<answer>...</answer>`. Generation stops at `</tool_call>` / `</answer>` (`STOP_STRINGS`; the stop
+string may be stripped by the backend, so an unclosed final `<tool_call>` is accepted). Here: the system
+prompt, tool schema, image and text-QA prompts and targets, observation texts, tool-call formatting and
+parsing (`parse_turn`, and the text form of API `tool_calls`), `<answer>`/`<think>` tag reading (the answer
+verifier, rl/verifier.py, reads the answer through it), stop strings, and the `Episode` that runs calls.
+TRL, SFT data, evaluation, the teacher-free exports and the HTTP API all import this module, so a prompt and
+a box mean the same thing everywhere.
 """
 
 from __future__ import annotations
@@ -128,8 +132,57 @@ class ParsedTurn:
 
 
 _THINK = re.compile(r"<think>(.*?)</think>", re.S)
+_THINK_ANY_CASE = re.compile(r"<think>.*?</think>", re.S | re.I)
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.S)
+_ANSWER_ANY_CASE = re.compile(r"<answer>(.*?)</answer>", re.S | re.I)
+_OPEN_ANSWER_AT_END = re.compile(r"<answer>((?:(?!<answer>|</answer>).)*)$", re.S | re.I)
 _CALL = re.compile(r"<tool_call>(.*?)(?:</tool_call>|\Z)", re.S)
+_CALL_BLOCK = re.compile(r"<tool_call>.*?(?:</tool_call>|\Z)", re.S)
+
+# Generation stops after a tool call or an answer (the stop string is kept; see trim_at_stop/close_stopped).
+STOP_STRINGS = ["</tool_call>", "</answer>"]
+
+
+def answer_tags(text: str, *, ignore_case: bool = False) -> list[str]:
+    """The bodies of every `<answer>…</answer>` of a text, in order, unstripped. `parse_turn` reads the exact
+    tags (the format reward); the answer verifier reads them in any letter case (`ignore_case`)."""
+    return (_ANSWER_ANY_CASE if ignore_case else _ANSWER).findall(text)
+
+
+def open_answer_at_end(text: str) -> str | None:
+    """The body of an `<answer>` (any case) left open at the end of a text: generation stopped at the stop
+    string `</answer>` and the engine dropped it. None when there is none."""
+    m = _OPEN_ANSWER_AT_END.search(text)
+    return m.group(1) if m else None
+
+
+def strip_think(text: str) -> str:
+    """The text without its `<think>…</think>` blocks (any case)."""
+    return _THINK_ANY_CASE.sub("", text)
+
+
+def format_answer(answer: str) -> str:
+    """The final-answer text: `<answer>answer</answer>` (what SFT targets teach and the verifier reads)."""
+    return f"<answer>{answer}</answer>"
+
+
+def trim_at_stop(text: str, stop: list[str]) -> str:
+    """Cut a generation just after the first stop string (kept), so a turn never holds two calls."""
+    cut = None
+    for s in stop:
+        i = text.find(s)
+        if i >= 0 and (cut is None or i + len(s) < cut):
+            cut = i + len(s)
+    return text if cut is None else text[:cut]
+
+
+def close_stopped(text: str) -> str:
+    """Re-append a stop string an engine dropped: an open `<tool_call>`/`<answer>` at the end gets closed."""
+    for open_t, close_t in (("<tool_call>", "</tool_call>"), ("<answer>", "</answer>")):
+        i = text.rfind(open_t)
+        if i >= 0 and text.find(close_t, i) < 0:
+            return text + close_t
+    return text
 
 
 def _loads(text: str, what: str) -> Any:
@@ -163,7 +216,7 @@ def parse_turn(text: str) -> ParsedTurn:
         return ParsedTurn(None, None, None, ToolCallParseError(detail="turn is not text"))
     m = _THINK.search(text)
     think = m.group(1).strip() if m else None
-    answers = _ANSWER.findall(text)
+    answers = answer_tags(text)
     answer = answers[-1].strip() if answers else None
     calls = _CALL.findall(text)
     if len(calls) > 1:
@@ -207,9 +260,39 @@ def _num(v: float) -> int | float:
 
 def format_tool_call(bbox: Any, source: str = "image_0") -> str:
     """The canonical tool-call text (what SFT trajectories teach and parse_turn reads back)."""
-    box = [_num(v) for v in bbox]
-    body = json.dumps({"name": TOOL_NAME, "arguments": {"bbox": box, "source": source}})
-    return f"<tool_call>{body}</tool_call>"
+    return tool_call_text(TOOL_NAME, {"bbox": [_num(v) for v in bbox], "source": source})
+
+
+def tool_call_text(name: Any, arguments: Any) -> str:
+    """One call in the text protocol, `<tool_call>{"name": ..., "arguments": ...}</tool_call>`, e.g. from an
+    API's `message.tool_calls`: string arguments are parsed; arguments that are not JSON stay a string, which
+    `parse_turn` then reports as the model's parse error."""
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except json.JSONDecodeError:
+            pass
+    return "<tool_call>" + json.dumps({"name": name, "arguments": arguments}) + "</tool_call>"
+
+
+def raw_tool_call(text: str) -> tuple[str, str] | None:
+    """(name, arguments string) of the one `<tool_call>` of a turn whose arguments are an unparsed string
+    (what `tool_call_text` wrote for arguments that were not JSON); None otherwise."""
+    blocks = _CALL.findall(text)
+    if len(blocks) != 1:
+        return None
+    try:
+        d = json.loads(blocks[0].strip())
+    except json.JSONDecodeError:
+        return None
+    if isinstance(d, dict) and isinstance(d.get("name"), str) and isinstance(d.get("arguments"), str):
+        return d["name"], d["arguments"]
+    return None
+
+
+def strip_tool_calls(text: str) -> str:
+    """The text without its `<tool_call>` blocks (a last unclosed one included)."""
+    return _CALL_BLOCK.sub("", text)
 
 
 @dataclass
@@ -359,6 +442,16 @@ __all__ = [
     "turn_budget",
     "turn_error_result",
     "format_tool_call",
+    "tool_call_text",
+    "raw_tool_call",
+    "strip_tool_calls",
+    "STOP_STRINGS",
+    "trim_at_stop",
+    "close_stopped",
+    "answer_tags",
+    "open_answer_at_end",
+    "strip_think",
+    "format_answer",
     "ToolResult",
     "Episode",
     "observation_text",
