@@ -7,7 +7,7 @@ string may be stripped by the backend, so an unclosed final `<tool_call>` is acc
 prompt, tool schema, image and text-QA prompts and targets, observation texts, tool-call formatting and
 parsing (`parse_turn`, and the text form of API `tool_calls`), `<answer>`/`<think>` tag reading (the answer
 verifier, rl/verifier.py, reads the answer through it), stop strings, and the `Episode` that runs calls.
-TRL, SFT data, evaluation, the teacher-free exports and the HTTP API all import this module, so a prompt and
+TRL, SFT data, evaluation, the build-qa exports and the HTTP API all import this module, so a prompt and
 a box mean the same thing everywhere.
 """
 
@@ -17,7 +17,7 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tools.errors import (
     BoxOutsideError,
@@ -30,6 +30,9 @@ from tools.errors import (
 )
 from tools.store import ImageStore
 from tools.zoom import FRAMES, Observation, ZoomConfig, check_box, read_overview, read_region
+
+if TYPE_CHECKING:
+    from pipeline.records import TextQA
 
 TOOL_NAME = "zoom_in"
 
@@ -430,6 +433,52 @@ def build_prompt_messages(sample: Any, frame: str = "shown_pixels", *, instructi
     return msgs
 
 
+# -- text QA (the cold start; the build-qa exports render the same conversation) -------------------------
+TEXT_INSTRUCTIONS = {
+    "mcq": "Think step by step inside <think></think>, then give the letter of the correct option inside "
+           "<answer></answer>.",
+    "tf": "Think step by step inside <think></think>, then answer true or false inside <answer></answer>.",
+    "fill": "Think step by step inside <think></think>, then give the missing term inside <answer></answer>.",
+    "free": "Think step by step inside <think></think>, then give a short final answer inside "
+            "<answer></answer>.",
+}
+
+
+def text_user_prompt(qa: TextQA) -> str:
+    """The user turn of a text question: question, options (mcq), instruction."""
+    parts = [qa.question.strip()]
+    if qa.choices:
+        parts.append("\n".join(qa.choices))
+    parts.append(TEXT_INSTRUCTIONS.get(qa.qtype, TEXT_INSTRUCTIONS["free"]))
+    return "\n".join(parts)
+
+
+def text_target(qa: TextQA, think: bool = True) -> str:
+    """The assistant turn: `<think>` rationale steps `</think><answer>answer</answer>`."""
+    answer = format_answer(qa.answer)
+    if not think:
+        return answer
+    rationale = " ".join(s.strip() for s in qa.rationale if s.strip()) or "The answer follows from the question."
+    return f"<think>{rationale}</think>{answer}"
+
+
+def text_prompt_messages(qa: TextQA, system: str | None = None) -> list[dict[str, Any]]:
+    """Prompt-only messages (for generation/evaluation of text QA)."""
+    msgs = [{"role": "system", "content": system}] if system else []
+    return msgs + [{"role": "user", "content": text_user_prompt(qa)}]
+
+
+def text_qa_messages(qa: TextQA, *, think: bool = True, system: str | None = None) -> list[dict[str, Any]]:
+    """Full training conversation of a TextQA record (what SFT trains on and build-qa exports)."""
+    return text_prompt_messages(qa, system) + [{"role": "assistant", "content": text_target(qa, think)}]
+
+
+# -- the oracle trajectories' reasoning texts (SFT pre-warm) --------------------------------------------
+ZOOM_THINK = "<think>The evidence is small in the overview, so I zoom in on it.</think>"
+ANSWER_THINK = "<think>The zoomed view shows the evidence.</think>"
+DIRECT_THINK = "<think>The overview shows the evidence.</think>"
+
+
 __all__ = [
     "TOOL_NAME",
     "DEFAULT_INSTRUCTION",
@@ -458,4 +507,12 @@ __all__ = [
     "user_message",
     "tool_message",
     "build_prompt_messages",
+    "TEXT_INSTRUCTIONS",
+    "text_user_prompt",
+    "text_target",
+    "text_prompt_messages",
+    "text_qa_messages",
+    "ZOOM_THINK",
+    "ANSWER_THINK",
+    "DIRECT_THINK",
 ]
