@@ -17,7 +17,6 @@ import base64
 import io
 import json
 import logging
-import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -406,29 +405,21 @@ class OpenAIBackend:
         body.update(self.extra_body)
         return body
 
-    def _post(self, body: dict, stop: list[str]) -> str:
-        import httpx
+    def _read(self, r: Any) -> str:
+        """The text of a 2xx reply; a body that is no chat completion is a BackendError (not retried)."""
+        try:
+            return message_text(r.json()["choices"][0]["message"])
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+            raise BackendError(f"bad response from {self.url}: {r.text[:200]!r}") from e
 
-        last: str = ""
-        for attempt in range(self.max_retries + 1):
-            try:
-                r = self.client.post(self.url, json=body)
-            except httpx.HTTPError as e:
-                last = f"{type(e).__name__}: {e}"
-            else:
-                if r.status_code == 200:
-                    try:
-                        message = r.json()["choices"][0]["message"]
-                        text = message_text(message)
-                    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
-                        raise BackendError(f"bad response from {self.url}: {r.text[:200]!r}") from e
-                    return trim_at_stop(close_stopped(text), stop)
-                last = f"HTTP {r.status_code}: {r.text[:200]}"
-                if r.status_code not in (408, 409, 429) and r.status_code < 500:
-                    break
-            if attempt < self.max_retries:
-                time.sleep(min(8.0, 0.5 * 2 ** attempt))
-        raise BackendError(f"{self.url}: {last}")
+    def _post(self, body: dict, stop: list[str]) -> str:
+        from pipeline.core.http import HTTPRetryError, RetryPolicy, post_json
+
+        try:
+            text, _ = post_json(self.client, self.url, body, self._read, RetryPolicy(self.max_retries, 0.5, 8.0))
+        except HTTPRetryError as e:
+            raise BackendError(str(e)) from None
+        return trim_at_stop(close_stopped(text), stop)
 
     def generate(self, conversations: list[list[dict]], images: list[list[Image.Image]], *,
                  max_new_tokens: int, temperature: float, top_p: float, stop: list[str],
