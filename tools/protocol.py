@@ -146,6 +146,20 @@ _CALL_BLOCK = re.compile(r"<tool_call>.*?(?:</tool_call>|\Z)", re.S)
 STOP_STRINGS = ["</tool_call>", "</answer>"]
 
 
+_TAGS = ("think", "tool_call", "answer")
+
+
+def tags_balanced(turn: str) -> bool:
+    """Each of <think>, <tool_call>, <answer> opens and closes the same number of times, in order (the RL
+    format reward's first check)."""
+    for tag in _TAGS:
+        opens = [m.start() for m in re.finditer(f"<{tag}>", turn)]
+        closes = [m.start() for m in re.finditer(f"</{tag}>", turn)]
+        if len(opens) != len(closes) or any(c < o for o, c in zip(opens, closes, strict=False)):
+            return False
+    return True
+
+
 def answer_tags(text: str, *, ignore_case: bool = False) -> list[str]:
     """The bodies of every `<answer>…</answer>` of a text, in order, unstripped. `parse_turn` reads the exact
     tags (the format reward); the answer verifier reads them in any letter case (`ignore_case`)."""
@@ -498,6 +512,7 @@ __all__ = [
     "trim_at_stop",
     "close_stopped",
     "answer_tags",
+    "tags_balanced",
     "open_answer_at_end",
     "strip_think",
     "format_answer",
