@@ -260,12 +260,9 @@ class ImageStore:
             crs, transform, georef = _georeference(ds)
             bounds = geo = None
             if georef != "none":
-                from rasterio.warp import transform_bounds
-
-                bounds = _pixel_bounds(transform, ds.width, ds.height)
+                bounds = _pixel_bounds(transform, (0, 0, ds.width, ds.height))
                 try:
-                    geo = _wrap_lon(tuple(float(v) for v in transform_bounds(crs, "EPSG:4326", *bounds,
-                                                                             densify_pts=21)))
+                    geo = pixel_box_to_lonlat((0, 0, ds.width, ds.height), crs, transform)
                 except Exception:  # noqa: BLE001 - a CRS PROJ cannot transform: no geo frame
                     geo = None
             colorinterp = [c.name for c in ds.colorinterp]
@@ -363,11 +360,26 @@ def _georeference(ds: Any) -> tuple[str | None, tuple[float, ...] | None, str]:
     return None, None, "none"
 
 
-def _pixel_bounds(t: tuple[float, ...], width: int, height: int) -> tuple[float, float, float, float]:
-    """(minx, miny, maxx, maxy) of the raster's four corners: south-up or rotated grids give ordered bounds."""
-    xs = [t[0] * c + t[1] * r + t[2] for c, r in ((0, 0), (width, 0), (0, height), (width, height))]
-    ys = [t[3] * c + t[4] * r + t[5] for c, r in ((0, 0), (width, 0), (0, height), (width, height))]
+def _pixel_bounds(t: tuple[float, ...], box: tuple[float, ...]) -> tuple[float, float, float, float]:
+    """(minx, miny, maxx, maxy) in CRS units of a pixel box's four corners: south-up or rotated grids give
+    ordered bounds."""
+    c0, r0, c1, r1 = box
+    corners = ((c0, r0), (c1, r0), (c0, r1), (c1, r1))
+    xs = [t[0] * c + t[1] * r + t[2] for c, r in corners]
+    ys = [t[3] * c + t[4] * r + t[5] for c, r in corners]
     return (min(xs), min(ys), max(xs), max(ys))
+
+
+def pixel_box_to_lonlat(box: tuple[float, ...], crs: str, transform: tuple[float, ...]) -> tuple[float, float, float, float]:
+    """Lon/lat bounds (west, south, east, north; longitudes in [-180, 180], west > east across the antimeridian)
+    of a native pixel box on a raster in `crs`: the image's geo bounds and every observation's. Raises what
+    PROJ raises for a CRS it cannot map."""
+    from rasterio.warp import transform_bounds
+
+    bounds = _pixel_bounds(transform, box)
+    if crs in ("EPSG:4326", "OGC:CRS84"):
+        return _wrap_lon(bounds)
+    return _wrap_lon(tuple(float(v) for v in transform_bounds(crs, "EPSG:4326", *bounds, densify_pts=21)))
 
 
 def _wrap_lon(b: tuple[float, ...]) -> tuple[float, float, float, float]:
@@ -380,4 +392,4 @@ def _wrap_lon(b: tuple[float, ...]) -> tuple[float, float, float, float]:
     return (w, s, e, n)
 
 
-__all__ = ["ImageInfo", "ImageStore", "DEFAULT_PATTERNS"]
+__all__ = ["ImageInfo", "ImageStore", "DEFAULT_PATTERNS", "pixel_box_to_lonlat"]

@@ -29,7 +29,7 @@ from rasterio.windows import Window
 from tools import render as R
 from tools.errors import BadBoxError, BoxOutsideError, LimitError, ToolTimeoutError, UnreadableImageError
 from tools.render import RenderSpec, parse_render
-from tools.store import ImageInfo, ImageStore
+from tools.store import ImageInfo, ImageStore, pixel_box_to_lonlat
 
 FRAMES = ("shown_pixels", "norm1000", "lonlat")
 #: hard ceiling on any configured output size (Qwen2.5-VL's own max: 16384 patches of 28x28)
@@ -299,19 +299,7 @@ def crs_box_to_native(box: tuple[float, ...], transform: tuple[float, ...],
 def _native_to_lonlat(box: tuple[float, ...], obs: Observation) -> tuple[float, float, float, float]:
     if obs.crs is None or obs.transform is None:
         raise BadBoxError("This image has no georeference; use pixel boxes.")
-    return _window_geo_bounds(box, obs.crs, obs.transform)
-
-
-def _window_geo_bounds(box: tuple[float, ...], crs: str, transform: tuple[float, ...]) -> tuple[float, float, float, float]:
-    from rasterio.warp import transform_bounds
-
-    from tools.store import _wrap_lon
-
-    xs, ys = zip(*(_apply(transform, c, r) for c, r in ((box[0], box[1]), (box[0], box[3]), (box[2], box[1]), (box[2], box[3]))), strict=True)
-    if crs in ("EPSG:4326", "OGC:CRS84"):
-        return _wrap_lon((min(xs), min(ys), max(xs), max(ys)))
-    return _wrap_lon(tuple(float(v) for v in transform_bounds(crs, "EPSG:4326", min(xs), min(ys), max(xs), max(ys),
-                                                               densify_pts=21)))
+    return pixel_box_to_lonlat(box, obs.crs, obs.transform)
 
 
 # -- reads -----------------------------------------------------------------------------------------
@@ -436,7 +424,7 @@ def _observation(store: ImageStore, info: ImageInfo, win: tuple[int, int, int, i
     geo = None
     if info.crs is not None and info.transform is not None:
         try:
-            geo = _window_geo_bounds(win, info.crs, info.transform)
+            geo = pixel_box_to_lonlat(win, info.crs, info.transform)
         except Exception:  # noqa: BLE001 - a CRS PROJ cannot map to lon/lat: no geo frame
             geo = None
     return Observation(
