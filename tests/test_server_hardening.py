@@ -435,6 +435,17 @@ def test_bad_manifest_line_fails_or_is_skipped(manifest: Path, tmp_path: Path) -
     assert "manifest_errors" in "\n".join(ServeConfig(manifest=str(bad), manifest_errors="maybe").validate())
 
 
+def test_skip_mode_keeps_the_manifest_render_keys(manifest: Path, tmp_path: Path) -> None:
+    """manifest_errors: skip registers good lines as the strict mode does, render keys included (they were
+    dropped by the server's own skipping reader)."""
+    from tools.server.service import build_store
+
+    (tmp_path / "scene_b.tif").write_bytes((manifest.parent / "scene_b.tif").read_bytes())
+    (tmp_path / "images.jsonl").write_text('{"id": "b", "path": "scene_b.tif", "stretch": "none"}\n{not json\n')
+    store = build_store(make_cfg(tmp_path / "images.jsonl", manifest_errors="skip"))
+    assert store.ids() == ["b"] and store.render_spec("b").stretch == "none" and len(store.manifest_problems) == 1
+
+
 # -- MCP -------------------------------------------------------------------------------------------------
 def test_mcp_hostile_arguments_never_leak_exception_text(manifest: Path) -> None:
     from mcp import Client

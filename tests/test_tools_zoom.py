@@ -340,6 +340,22 @@ def test_manifest_store(tmp_path: Path) -> None:
     assert "path" not in s.info("a").to_dict()
 
 
+def test_lenient_manifest_registration_notes_bad_lines_and_keeps_render_keys(tmp_path: Path) -> None:
+    """`register_manifest(problems=...)` (the server's manifest_errors: skip) skips and notes bad lines, and
+    registers the good ones exactly as the strict path does, render keys included (the server's own skipping
+    reader used to drop them)."""
+    make_raster(tmp_path / "a.tif", 300, 300)
+    (tmp_path / "images.jsonl").write_text('{"id": "a", "path": "a.tif", "stretch": "none"}\n{not json\n'
+                                           '{"id": "gone", "path": "missing.tif"}\n')
+    s = ImageStore([tmp_path])
+    problems: list[str] = []
+    assert s.register_manifest(tmp_path / "images.jsonl", problems=problems) == ["a"]
+    assert s.render_spec("a").stretch == "none"
+    assert [p.split(": ")[0] for p in problems] == ["images.jsonl:2", "images.jsonl:3"]
+    with pytest.raises(UnreadableImageError):
+        ImageStore([tmp_path]).register_manifest(tmp_path / "images.jsonl")
+
+
 def test_thread_safe_concurrent_reads(store: ImageStore) -> None:
     cfg = ZoomConfig(read_timeout_s=0)
     ref = np.asarray(read_region(store, "plain", (100, 100, 400, 400), cfg, name="obs_1").image)

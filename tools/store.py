@@ -28,7 +28,7 @@ import rasterio  # noqa: E402
 from rasterio.enums import Resampling  # noqa: E402
 from rasterio.errors import RasterioIOError  # noqa: E402
 
-from tools.errors import ForbiddenPathError, UnknownImageError, UnreadableImageError  # noqa: E402
+from tools.errors import ForbiddenPathError, ToolError, UnknownImageError, UnreadableImageError  # noqa: E402
 from tools.render import RENDER_KEYS, RenderSpec, auto_bands, palette_lut, parse_render  # noqa: E402
 from tools.security import resolve_under_roots  # noqa: E402
 
@@ -125,35 +125,59 @@ class ImageStore:
         """The per-image rendering choices registered with the image (empty when none)."""
         return self._render.get(image_id, RenderSpec())
 
-    def register_folder(self, folder: str | Path, patterns: Sequence[str] = DEFAULT_PATTERNS) -> list[str]:
-        """Register every matching file in `folder` (non-recursive); the id is the file stem."""
+    def register_folder(self, folder: str | Path, patterns: Sequence[str] = DEFAULT_PATTERNS, *,
+                        problems: list[str] | None = None) -> list[str]:
+        """Register every matching file in `folder` (non-recursive); the id is the file stem. With a
+        `problems` list a file that cannot be registered is noted there ('file: why') and skipped."""
         folder = Path(folder)
         ids = []
         files = sorted({f for pat in patterns for f in folder.glob(pat)})
         for f in files:
-            self.register(f.stem, f)
-            ids.append(f.stem)
+            if self._register_or_note(f.stem, f, None, str(f), problems):
+                ids.append(f.stem)
         return ids
 
-    def register_manifest(self, path: str | Path) -> list[str]:
+    def register_manifest(self, path: str | Path, *, problems: list[str] | None = None) -> list[str]:
         """Register the `{"id", "path"}` lines of an images.jsonl; paths are relative to its folder. Optional
-        keys `bands`, `stretch`, `percentiles`, `range` choose how that image is rendered (tools.render)."""
+        keys `bands`, `stretch`, `percentiles`, `range` choose how that image is rendered (tools.render).
+        With a `problems` list a bad line is noted there ('images.jsonl:LINE: why') and skipped; without,
+        it raises."""
         path = Path(path)
         if not path.is_file():
             raise UnknownImageError("Unknown manifest.", detail=f"{path} does not exist")
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UnreadableImageError("Cannot read the manifest.", detail=f"{path}: {e}") from e
         ids = []
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for i, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             try:
                 d = json.loads(line)
                 image_id, rel = d["id"], d["path"]
                 render = parse_render(d) if any(k in d for k in RENDER_KEYS) else None
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                raise UnreadableImageError("Bad manifest line.", detail=f"{path}:{i}: {e}") from e
-            self.register(str(image_id), path.parent / rel, render=render)
-            ids.append(str(image_id))
+            except (KeyError, TypeError, ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+                if problems is None:
+                    raise UnreadableImageError("Bad manifest line.", detail=f"{path}:{i}: {e}") from e
+                problems.append(f"{path.name}:{i}: not a {{\"id\", \"path\"}} JSON object ({type(e).__name__})")
+                continue
+            if self._register_or_note(str(image_id), path.parent / rel, render, f"{path.name}:{i}", problems):
+                ids.append(str(image_id))
         return ids
+
+    def _register_or_note(self, image_id: str, path: Path, render: RenderSpec | None, where: str,
+                          problems: list[str] | None) -> bool:
+        """register(); with a `problems` list a refusal is noted there instead of raised. True if registered."""
+        if problems is None:
+            self.register(image_id, path, render=render)
+            return True
+        try:
+            self.register(image_id, path, render=render)
+        except (ToolError, OSError, ValueError) as e:
+            problems.append(f"{where}: {e}"[:300])
+            return False
+        return True
 
     @classmethod
     def from_manifest(cls, manifest_path: str | Path, roots: Sequence[str | Path] | None = None,

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
-import json
 import logging
 import secrets
 import threading
@@ -24,7 +23,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypeVar
 
 from tools import errors as E
@@ -417,38 +415,6 @@ class ZoomService:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _register_skipping(store: Any, cfg: ServeConfig) -> list[str]:
-    """Register the manifest line by line and the folders file by file, skipping bad entries (manifest_errors:
-    skip); returns one 'where: why' line per skipped entry (also logged)."""
-    from tools.store import DEFAULT_PATTERNS
-
-    problems: list[str] = []
-    entries: list[tuple[str, Any, Any]] = []  # (where, id, path)
-    if cfg.manifest:
-        mpath = Path(cfg.manifest)
-        try:
-            lines = mpath.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as e:
-            raise E.UnreadableImageError("Cannot read the manifest.", detail=f"{mpath}: {e}") from e
-        for i, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                d = json.loads(line)
-                entries.append((f"{mpath.name}:{i}", str(d["id"]), mpath.parent / d["path"]))
-            except (ValueError, RecursionError, KeyError, TypeError) as e:
-                problems.append(f"{mpath.name}:{i}: not a {{\"id\", \"path\"}} JSON object ({type(e).__name__})")
-    for folder in cfg.image_dirs:
-        files = sorted({f for pat in DEFAULT_PATTERNS for f in Path(folder).glob(pat)})
-        entries += [(str(f), f.stem, f) for f in files]
-    for where, image_id, path in entries:
-        try:
-            store.register(image_id, path)
-        except (ToolError, OSError, ValueError) as e:
-            problems.append(f"{where}: {e}"[:300])
-    return problems
-
-
 def build_store(cfg: ServeConfig) -> Any:
     """The ImageStore of a config: manifest and/or folders, under the allowed roots. With
     `manifest_errors: skip` bad entries are skipped and listed in `store.manifest_problems`."""
@@ -456,7 +422,10 @@ def build_store(cfg: ServeConfig) -> Any:
 
     store = ImageStore(cfg.roots(), max_open=cfg.store_max_open)
     if cfg.manifest_errors == "skip":
-        store.manifest_problems = _register_skipping(store, cfg)
+        if cfg.manifest:
+            store.register_manifest(cfg.manifest, problems=store.manifest_problems)
+        for d in cfg.image_dirs:
+            store.register_folder(d, problems=store.manifest_problems)
         for p in store.manifest_problems:
             log.warning("skipped image entry %s", p)
         if not store.ids():
