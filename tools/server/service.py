@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import logging
 import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -216,6 +217,21 @@ class ZoomService:
             log.exception("read of %r failed: %r", image_id, e)  # full trace in the log, scrubbed answer
             raise E.UnreadableImageError(detail=f"{image_id}: {e!r}") from e
 
+    @contextlib.contextmanager
+    def _holding(self, slot: _EpisodeSlot) -> Iterator[None]:
+        """One call at a time per episode; a call that waits past the request timeout is a ToolTimeoutError."""
+        if not slot.lock.acquire(timeout=self.cfg.request_timeout_s):
+            raise E.ToolTimeoutError(detail="episode busy")
+        try:
+            yield
+        finally:
+            slot.lock.release()
+
+    def _encoded(self, obs: Any, fmt: str) -> tuple[dict[str, Any], bytes | None]:
+        """(payload, image bytes) of an observation: json carries the PNG inside the payload (bytes None)."""
+        data = encode_image(obs.image, "png" if fmt == "json" else fmt, self.cfg)
+        return observation_payload(obs, fmt, self.cfg, data), (None if fmt == "json" else data)
+
     # -- images ---------------------------------------------------------------------------------------
     def list_images(self, offset: int = 0, limit: int | None = None) -> dict[str, Any]:
         ids = sorted(self.served)
@@ -275,14 +291,9 @@ class ZoomService:
             raise E.UnknownSourceError(detail=f"bad source {str(source)[:64]!r}")
 
         def work() -> tuple[dict[str, Any], bytes | None]:
-            if not slot.lock.acquire(timeout=self.cfg.request_timeout_s):
-                raise E.ToolTimeoutError(detail="episode busy")
-            try:
+            with self._holding(slot):
                 obs = self._read_guard(slot.image_ids[0], lambda: slot.episode.zoom_in(bbox, source))
-            finally:
-                slot.lock.release()
-            data = encode_image(obs.image, "png" if fmt == "json" else fmt, self.cfg)
-            return observation_payload(obs, fmt, self.cfg, data), (None if fmt == "json" else data)
+            return self._encoded(obs, fmt)
 
         payload, data = await self.run_read(work)
         return finite_json(payload), data
@@ -318,12 +329,8 @@ class ZoomService:
             call = ToolCall(name=name, arguments=args)
 
         def work() -> dict[str, Any]:
-            if not slot.lock.acquire(timeout=self.cfg.request_timeout_s):
-                raise E.ToolTimeoutError(detail="episode busy")
-            try:
+            with self._holding(slot):
                 res = slot.episode.execute(call)
-            finally:
-                slot.lock.release()
             out: dict[str, Any] = {"text": res.text, "error": public_error(res.error) if res.error else None,
                                    "observation": None}
             if res.observation is not None:
@@ -347,11 +354,7 @@ class ZoomService:
         if obs is None:
             raise E.UnknownSourceError(detail=f"no observation {str(name)[:64]!r}")
 
-        def work() -> tuple[dict[str, Any], bytes | None]:
-            data = encode_image(obs.image, "png" if fmt == "json" else fmt, self.cfg)
-            return observation_payload(obs, fmt, self.cfg, data), (None if fmt == "json" else data)
-
-        payload, data = await self.run_read(work)
+        payload, data = await self.run_read(lambda: self._encoded(obs, fmt))
         return finite_json(payload), data
 
     def end_episode(self, eid: str) -> dict[str, Any]:
@@ -396,8 +399,7 @@ class ZoomService:
             info = self._read_guard(image_id, lambda: self.store.info(image_id))
             native = self._to_native(info, box, box_crs)
             obs = self._read_guard(image_id, lambda: read_region(self.store, image_id, native, zcfg, name="obs_1"))
-            data = encode_image(obs.image, "png" if fmt == "json" else fmt, self.cfg)
-            return observation_payload(obs, fmt, self.cfg, data), (None if fmt == "json" else data)
+            return self._encoded(obs, fmt)
 
         payload, data = await self.run_read(work)
         return finite_json(payload), data
