@@ -283,7 +283,7 @@ class ImageStore:
         with self.open(image_id) as ds:
             crs, transform, georef = _georeference(ds)
             bounds = geo = None
-            if georef != "none":
+            if crs is not None and transform is not None:  # georef != "none"
                 bounds = _pixel_bounds(transform, (0, 0, ds.width, ds.height))
                 try:
                     geo = pixel_box_to_lonlat((0, 0, ds.width, ds.height), crs, transform)
