@@ -8,7 +8,8 @@ prompt, tool schema, image and text-QA prompts and targets, observation texts, t
 parsing (`parse_turn`, and the text form of API `tool_calls`), `<answer>`/`<think>` tag reading (the answer
 verifier, rl/verifier.py, reads the answer through it), stop strings, and the `Episode` that runs calls.
 TRL, SFT data, evaluation, the build-qa exports and the HTTP API all import this module, so a prompt and
-a box mean the same thing everywhere.
+a box mean the same thing everywhere. (Over 500 lines on purpose: one home for everything the model reads
+or writes is the contract; split up, the pieces would have to be kept in step again.)
 """
 
 from __future__ import annotations
