@@ -13,6 +13,7 @@ from typing import Any
 from kg_qa_builder.errors import LeakageError
 from kg_qa_builder.graph import norm
 from pipeline.records import TextQA, write_jsonl
+from tools.protocol import text_qa_messages
 
 SPLITS = ("train", "val", "test")
 _WORD = re.compile(r"[a-z0-9]+")
@@ -105,49 +106,31 @@ def check_leakage(by_split: dict[str, list[TextQA]]) -> dict[str, int]:
 
 
 # ---------------------------------------------------------------- rendering / exports
-INSTRUCTIONS = {
-    "mcq": "Answer with the letter of the correct option.",
-    "tf": "Answer true or false.",
-    "fill": "Answer with the missing words only.",
-    "free": "Answer briefly.",
-}
-SYSTEM = ("You are an Earth-observation expert. Think step by step inside <think></think>, then give the final "
-          "answer inside <answer></answer>.")
-
-
-def prompt_text(q: TextQA) -> str:
-    parts = [q.question]
-    if q.choices:
-        parts.append("\n".join(q.choices))
-    parts.append(INSTRUCTIONS[q.qtype])
-    return "\n".join(parts)
-
-
-def target_text(q: TextQA) -> str:
-    return "<think>" + " ".join(q.rationale) + "</think>\n<answer>" + q.answer + "</answer>"
-
-
 def export_trl(path: Path, items: list[TextQA]) -> int:
-    """TRL conversational format: {"messages": [system, user, assistant]} per line."""
-    rows = [{"id": q.id, "messages": [{"role": "system", "content": SYSTEM},
-                                      {"role": "user", "content": prompt_text(q)},
-                                      {"role": "assistant", "content": target_text(q)}]} for q in items]
+    """TRL conversational format, {"id", "messages": [user, assistant]} per line: exactly the conversation the
+    SFT cold start trains on (`tools.protocol.text_qa_messages` with its rationale; no system turn, as in SFT:
+    the chat template adds its default one in both)."""
+    rows = [{"id": q.id, "messages": text_qa_messages(q)} for q in items]
     return write_jsonl(path, rows)
 
 
+_SHAREGPT_ROLE = {"user": "human", "assistant": "gpt"}
+
+
 def export_sharegpt(out_dir: Path, by_split: dict[str, list[TextQA]], prefix: str = "knowzoom_kgqa") -> dict[str, Any]:
-    """LLaMA-Factory sharegpt JSON files + dataset_info.json describing them."""
+    """LLaMA-Factory sharegpt JSON files + dataset_info.json describing them (the same conversation as
+    `export_trl`: what SFT trains on)."""
     info: dict[str, Any] = {}
     for s, items in by_split.items():
         fname = f"qa_{s}_sharegpt.json"
-        rows = [{"conversations": [{"from": "human", "value": prompt_text(q)}, {"from": "gpt", "value": target_text(q)}],
-                 "system": SYSTEM, "id": q.id} for q in items]
+        rows = [{"conversations": [{"from": _SHAREGPT_ROLE[m["role"]], "value": m["content"]} for m in text_qa_messages(q)],
+                 "id": q.id} for q in items]
         tmp = out_dir / (fname + ".tmp")
         tmp.write_text(json.dumps(rows, ensure_ascii=False, indent=1), encoding="utf-8")
         tmp.replace(out_dir / fname)
         info[f"{prefix}_{s}"] = {
             "file_name": fname, "formatting": "sharegpt",
-            "columns": {"messages": "conversations", "system": "system"},
+            "columns": {"messages": "conversations"},
             "tags": {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt"},
         }
     (out_dir / "dataset_info.json").write_text(json.dumps(info, indent=2), encoding="utf-8")

@@ -1,7 +1,8 @@
 """Teacher-LLM path: any OpenAI-compatible chat endpoint writes QA from a subgraph context.
 
 Requests are built deterministically from the split's facts; calls run concurrently (asyncio + httpx) with
-per-call timeouts and retries with exponential backoff; every answered request is appended durably to
+per-call timeouts and retries with exponential backoff (pipeline/core/http.py, shared with the OpenAI
+backend; a 4xx other than 408/409/425/429 is final at once); every answered request is appended durably to
 `teacher_raw.jsonl` (JsonlAppender), so a killed run resumes by sending only the missing request ids and
 never duplicates. Verification of the returned items happens afterwards (kg_qa_builder.verify).
 """
@@ -21,6 +22,7 @@ import httpx
 
 from kg_qa_builder.errors import TeacherError
 from kg_qa_builder.graph import KnowledgeGraph
+from pipeline.core.http import HTTPRetryError, RetryPolicy, apost_json
 from pipeline.records import JsonlAppender
 
 SYSTEM_PROMPT = (
@@ -117,22 +119,14 @@ class TeacherClient:
         url = self.base_url.rstrip("/") + "/chat/completions"
         body = {"model": self.model, "messages": req.messages(), "temperature": self.temperature,
                 "max_tokens": self.max_tokens}
-        last = ""
-        for attempt in range(self.max_retries + 1):
-            try:
-                r = await client.post(url, json=body, timeout=self.timeout_s)
-                if r.status_code in (408, 409, 425, 429) or r.status_code >= 500:
-                    last = f"HTTP {r.status_code}"
-                else:
-                    r.raise_for_status()
-                    text = r.json()["choices"][0]["message"]["content"]
-                    items = parse_items(text)
-                    return {"id": req.id, "split": req.split, "items": items, "error": None, "attempts": attempt + 1}
-            except (httpx.HTTPError, KeyError, IndexError, ValueError, TeacherError) as e:
-                last = f"{type(e).__name__}: {e}"
-            if attempt < self.max_retries:
-                await asyncio.sleep(self.backoff_s * 2**attempt)
-        return {"id": req.id, "split": req.split, "items": [], "error": last, "attempts": self.max_retries + 1}
+        policy = RetryPolicy(self.max_retries, self.backoff_s)
+        try:  # an unusable reply (not JSON, no items) is asked again, like a 5xx
+            items, attempts = await apost_json(
+                client, url, body, lambda r: parse_items(r.json()["choices"][0]["message"]["content"]), policy,
+                timeout_s=self.timeout_s, retry_on=(KeyError, IndexError, TypeError, ValueError, TeacherError))
+        except HTTPRetryError as e:
+            return {"id": req.id, "split": req.split, "items": [], "error": e.last, "attempts": e.attempts}
+        return {"id": req.id, "split": req.split, "items": items, "error": None, "attempts": attempts}
 
     async def _run(self, reqs: list[TeacherRequest], appender: JsonlAppender, progress: Any) -> dict[str, int]:
         sem = asyncio.Semaphore(self.concurrency)

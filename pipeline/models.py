@@ -161,14 +161,10 @@ def _protocol_corpus(repeat: int = 20) -> list[str]:
 
         texts += [protocol.system_prompt(f) for f in ("shown_pixels", "norm1000")]
         texts.append(protocol.DEFAULT_INSTRUCTION)
+        texts += list(protocol.TEXT_INSTRUCTIONS.values())
+        texts += [protocol.ZOOM_THINK, protocol.ANSWER_THINK, protocol.DIRECT_THINK]
     except Exception as e:  # pragma: no cover
         log.debug("tools.protocol not usable for the tokenizer corpus: %s", e)
-    try:
-        from sft.data import ANSWER_THINK, DIRECT_THINK, TEXT_INSTRUCTIONS, ZOOM_THINK
-
-        texts += list(TEXT_INSTRUCTIONS.values()) + [ZOOM_THINK, ANSWER_THINK, DIRECT_THINK]
-    except Exception as e:  # pragma: no cover
-        log.debug("sft.data not usable for the tokenizer corpus: %s", e)
     return texts * repeat
 
 

@@ -25,6 +25,7 @@ from PIL import Image
 from pipeline.errors import KnowZoomError
 from pipeline.records import Trajectory, VQASample
 from rl.verifier import MAX_ANSWER_CHARS, verify_sample
+from tools.protocol import STOP_STRINGS, close_stopped, trim_at_stop
 from tools.zoom import ZoomConfig
 
 if TYPE_CHECKING:
@@ -32,7 +33,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-STOP_STRINGS = ["</tool_call>", "</answer>"]
 PROTOCOLS = ("zoom", "direct")
 
 
@@ -90,25 +90,6 @@ def rollout_seed(base: int, item_id: str, rollout: int, turn: int = 0) -> int:
     63 bits (what torch generators and vLLM's SamplingParams.seed accept)."""
     digest = hashlib.sha256(f"{int(base)}|{item_id}|{int(rollout)}|{int(turn)}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def trim_at_stop(text: str, stop: list[str]) -> str:
-    """Cut a generation just after the first stop string (kept), so a turn never holds two calls."""
-    cut = None
-    for s in stop:
-        i = text.find(s)
-        if i >= 0 and (cut is None or i + len(s) < cut):
-            cut = i + len(s)
-    return text if cut is None else text[:cut]
-
-
-def close_stopped(text: str) -> str:
-    """Re-append a stop string an engine dropped: an open `<tool_call>`/`<answer>` at the end gets closed."""
-    for open_t, close_t in (("<tool_call>", "</tool_call>"), ("<answer>", "</answer>")):
-        i = text.rfind(open_t)
-        if i >= 0 and text.find(close_t, i) < 0:
-            return text + close_t
-    return text
 
 
 def _placeholders(content: Any) -> int:
@@ -325,10 +306,7 @@ __all__ = [
     "AgentConfig",
     "Backend",
     "BackendError",
-    "STOP_STRINGS",
     "PROTOCOLS",
     "run_episodes",
     "rollout_seed",
-    "trim_at_stop",
-    "close_stopped",
 ]

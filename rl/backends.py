@@ -8,7 +8,7 @@
   httpx; images as base64 PNG data URLs; our text tool protocol, so API models run the same tasks.
 
 Every backend returns each text with the stop string that ended it, so `tools.protocol.parse_turn` sees
-complete tags; engines that drop stop strings get them re-appended (`rl.agent.close_stopped`).
+complete tags; engines that drop stop strings get them re-appended (`tools.protocol.close_stopped`).
 """
 
 from __future__ import annotations
@@ -17,14 +17,20 @@ import base64
 import io
 import json
 import logging
-import re
-import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from PIL import Image
 
-from rl.agent import BackendError, close_stopped, trim_at_stop
+from rl.agent import BackendError
+from tools.protocol import (
+    close_stopped,
+    parse_turn,
+    raw_tool_call,
+    strip_tool_calls,
+    tool_call_text,
+    trim_at_stop,
+)
 
 log = logging.getLogger(__name__)
 
@@ -277,9 +283,6 @@ def to_openai_messages(conversation: list[dict], images: list[Image.Image]) -> l
     return out
 
 
-_CALL_BLOCK = re.compile(r"<tool_call>.*?(?:</tool_call>|\Z)", re.S)
-
-
 def to_openai_native_messages(conversation: list[dict], images: list[Image.Image], *,
                               system: str | None = None) -> list[dict]:
     """HF multimodal chat messages → OpenAI chat messages for *native* tool calling: an assistant turn holding
@@ -287,8 +290,6 @@ def to_openai_native_messages(conversation: list[dict], images: list[Image.Image
     `tool` message with that `tool_call_id` and the observation text; the crop follows as a user message with
     the image (tool messages carry text only in the chat-completions API). A malformed call stays assistant
     text and its error observation a user message. `system` replaces the text-protocol system prompt."""
-    from tools.protocol import parse_turn
-
     it = iter(images)
     out: list[dict] = []
     pending: str | None = None
@@ -302,11 +303,11 @@ def to_openai_native_messages(conversation: list[dict], images: list[Image.Image
             if parsed.tool_call is not None:
                 call = (parsed.tool_call.name, json.dumps(parsed.tool_call.arguments))
             elif parsed.error is not None:
-                call = _raw_call(text)  # arguments that were not JSON go back as the string the server sent
+                call = raw_tool_call(text)  # arguments that were not JSON go back as the string the server sent
             if call is not None:
                 pending = f"call_{n_calls}"
                 n_calls += 1
-                prose = _CALL_BLOCK.sub("", text).strip()
+                prose = strip_tool_calls(text).strip()
                 out.append({"role": "assistant", "content": prose or None, "tool_calls": [{
                     "id": pending, "type": "function", "function": {"name": call[0], "arguments": call[1]}}]})
             else:
@@ -334,31 +335,6 @@ def to_openai_native_messages(conversation: list[dict], images: list[Image.Image
     return out
 
 
-def _raw_call(text: str) -> tuple[str, str] | None:
-    """(name, arguments string) of the one `<tool_call>` of a turn whose arguments are an unparsed string."""
-    blocks = re.findall(r"<tool_call>(.*?)(?:</tool_call>|\Z)", text, re.S)
-    if len(blocks) != 1:
-        return None
-    try:
-        d = json.loads(blocks[0].strip())
-    except json.JSONDecodeError:
-        return None
-    if isinstance(d, dict) and isinstance(d.get("name"), str) and isinstance(d.get("arguments"), str):
-        return d["name"], d["arguments"]
-    return None
-
-
-def _call_text(name: Any, arguments: Any) -> str:
-    """One `message.tool_calls` entry in the text protocol, so `tools.protocol.parse_turn` reads it: string
-    arguments are parsed; arguments that are not JSON stay a string and become the model's parse error."""
-    if isinstance(arguments, str):
-        try:
-            arguments = json.loads(arguments)
-        except json.JSONDecodeError:
-            pass
-    return "<tool_call>" + json.dumps({"name": name, "arguments": arguments}) + "</tool_call>"
-
-
 def message_text(message: dict) -> str:
     """The text of a chat-completions `message`: its content followed by each of its `tool_calls` (vLLM's and
     transformers' servers and API models return calls there, not in the content)."""
@@ -369,11 +345,11 @@ def message_text(message: dict) -> str:
     if not isinstance(calls, list):
         raise BackendError(f"tool_calls is not a list: {str(calls)[:80]!r}")
     if calls:  # a server that parsed the calls may also leave their raw text in the content: count them once
-        content = _CALL_BLOCK.sub("", str(content))
+        content = strip_tool_calls(str(content))
     out = [str(content)]
     for c in calls:
         fn = (c or {}).get("function") or {}
-        out.append(_call_text(fn.get("name"), fn.get("arguments", "{}")))
+        out.append(tool_call_text(fn.get("name"), fn.get("arguments", "{}")))
     return "".join(out)
 
 
@@ -429,29 +405,21 @@ class OpenAIBackend:
         body.update(self.extra_body)
         return body
 
-    def _post(self, body: dict, stop: list[str]) -> str:
-        import httpx
+    def _read(self, r: Any) -> str:
+        """The text of a 2xx reply; a body that is no chat completion is a BackendError (not retried)."""
+        try:
+            return message_text(r.json()["choices"][0]["message"])
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+            raise BackendError(f"bad response from {self.url}: {r.text[:200]!r}") from e
 
-        last: str = ""
-        for attempt in range(self.max_retries + 1):
-            try:
-                r = self.client.post(self.url, json=body)
-            except httpx.HTTPError as e:
-                last = f"{type(e).__name__}: {e}"
-            else:
-                if r.status_code == 200:
-                    try:
-                        message = r.json()["choices"][0]["message"]
-                        text = message_text(message)
-                    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
-                        raise BackendError(f"bad response from {self.url}: {r.text[:200]!r}") from e
-                    return trim_at_stop(close_stopped(text), stop)
-                last = f"HTTP {r.status_code}: {r.text[:200]}"
-                if r.status_code not in (408, 409, 429) and r.status_code < 500:
-                    break
-            if attempt < self.max_retries:
-                time.sleep(min(8.0, 0.5 * 2 ** attempt))
-        raise BackendError(f"{self.url}: {last}")
+    def _post(self, body: dict, stop: list[str]) -> str:
+        from pipeline.core.http import HTTPRetryError, RetryPolicy, post_json
+
+        try:
+            text, _ = post_json(self.client, self.url, body, self._read, RetryPolicy(self.max_retries, 0.5, 8.0))
+        except HTTPRetryError as e:
+            raise BackendError(str(e)) from None
+        return trim_at_stop(close_stopped(text), stop)
 
     def generate(self, conversations: list[list[dict]], images: list[list[Image.Image]], *,
                  max_new_tokens: int, temperature: float, top_p: float, stop: list[str],

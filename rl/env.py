@@ -95,7 +95,7 @@ class ProtocolParser:
                                                "<|endoftext|>"]) if e]
 
     def __call__(self, ids: Any, prefix: Any = None, tools: Any = None) -> dict:
-        from rl.agent import STOP_STRINGS, trim_at_stop
+        from tools.protocol import STOP_STRINGS, trim_at_stop
 
         text = self.tokenizer.decode(list(ids), skip_special_tokens=False)
         cuts = [i for i in (text.find(e) for e in self.ends) if i >= 0]

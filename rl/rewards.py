@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -32,7 +31,6 @@ if TYPE_CHECKING:
 
 TURN_END = "<|im_end|>"
 ASSISTANT_START = "<|im_start|>assistant\n"
-_TAGS = ("think", "tool_call", "answer")
 COMPONENTS = ("accuracy", "format", "tool_bonus", "region")
 
 
@@ -97,21 +95,11 @@ def split_assistant_turns(text: str, turn_end: str = TURN_END, assistant_start: 
     return [t.strip("\n") for t in turns]
 
 
-def tags_balanced(turn: str) -> bool:
-    """Each of <think>, <tool_call>, <answer> opens and closes the same number of times, in order."""
-    for tag in _TAGS:
-        opens = [m.start() for m in re.finditer(f"<{tag}>", turn)]
-        closes = [m.start() for m in re.finditer(f"</{tag}>", turn)]
-        if len(opens) != len(closes) or any(c < o for o, c in zip(opens, closes, strict=False)):
-            return False
-    return True
-
-
 def format_score(turns: Sequence[str]) -> tuple[float, list[str], bool]:
     """(score, errors, truncated): 1 well formed, 0 format error, −1 unbalanced tags.
 
     `truncated` is True when the last turn is a clean tool call: the episode was cut by the turn limit."""
-    from tools.protocol import parse_turn
+    from tools.protocol import parse_turn, tags_balanced  # lazy: rl.stage (config) stays free of rasterio
 
     errors: list[str] = []
     if not turns:

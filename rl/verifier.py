@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from pipeline.records import TextQA, VQASample
 
+from tools.protocol import answer_tags, open_answer_at_end, strip_think
+
 MAX_ANSWER_CHARS = 1000  # the reference reward gives no accuracy credit to answers this long or longer
 MAX_BARE_CHARS = 200  # a reply with no tag and no marker is only read as an answer when this short
 MAX_CONTAINS_CHARS = 160  # an answer is searched for option texts only when this short
@@ -55,8 +57,6 @@ _WIDE = {i: i - 0xFEE0 for i in range(0xFF01, 0xFF5F)}
 _WIDE.update({0x3000: 0x20, 0x3002: ord("."), 0x3001: ord(","), 0xFF64: ord(","), 0x3010: ord("["),
               0x3011: ord("]"), 0x201C: ord('"'), 0x201D: ord('"'), 0x2018: ord("'"), 0x2019: ord("'")})
 
-_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.S | re.I)
-_OPEN_ANSWER_AT_END = re.compile(r"<answer>((?:(?!<answer>|</answer>).)*)$", re.S | re.I)
 _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 # A clearly marked final answer: "(the) (final|correct|best) answer(s)/option/choice is|are|: X", "答案：X",
 # "I (would) choose/pick/select/go with X".
@@ -161,7 +161,7 @@ def extract_answer(text: str | None, *, allow_bare: bool = True, max_bare_chars:
     if text is None:
         return None
     text = canonical_text(str(text))
-    tagged = [t.strip() for t in _ANSWER_TAG.findall(text)]
+    tagged = [t.strip() for t in answer_tags(text, ignore_case=True)]
     if tagged:
         distinct = {t for t in tagged}
         if len(distinct) > 1:
@@ -169,9 +169,9 @@ def extract_answer(text: str | None, *, allow_bare: bool = True, max_bare_chars:
         inner = tagged[-1]
         marked = _after_last_marker(inner)
         return marked if marked is not None else (inner or None)
-    m = _OPEN_ANSWER_AT_END.search(text)
-    if m:
-        inner = m.group(1).strip()
+    open_inner = open_answer_at_end(text)
+    if open_inner is not None:
+        inner = open_inner.strip()
         marked = _after_last_marker(inner)
         return marked if marked is not None else (inner or None)
     if "<answer>" in text.lower() or "</answer>" in text.lower():
@@ -179,7 +179,7 @@ def extract_answer(text: str | None, *, allow_bare: bool = True, max_bare_chars:
     boxed = _BOXED.findall(text)
     if boxed:
         return boxed[-1].strip() or None
-    body = re.sub(r"<think>.*?</think>", "", text, flags=re.S | re.I)
+    body = strip_think(text)
     marked = _after_last_marker(body)
     if marked is not None:
         return marked

@@ -21,52 +21,13 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.records import JsonlAppender, TextQA, Trajectory, VQASample, read_jsonl
 from sft.errors import SFTDataError, TrajectoryError
+from tools.protocol import text_qa_messages
 
 if TYPE_CHECKING:
     from tools.store import ImageStore
     from tools.zoom import ZoomConfig
 
 log = logging.getLogger(__name__)
-
-TEXT_INSTRUCTIONS = {
-    "mcq": "Think step by step inside <think></think>, then give the letter of the correct option inside "
-           "<answer></answer>.",
-    "tf": "Think step by step inside <think></think>, then answer true or false inside <answer></answer>.",
-    "fill": "Think step by step inside <think></think>, then give the missing term inside <answer></answer>.",
-    "free": "Think step by step inside <think></think>, then give a short final answer inside "
-            "<answer></answer>.",
-}
-
-
-# ----------------------------------------------------------------------------------------------- text QA
-def text_user_prompt(qa: TextQA) -> str:
-    """The user turn of a text question: question, options (mcq), instruction."""
-    parts = [qa.question.strip()]
-    if qa.choices:
-        parts.append("\n".join(qa.choices))
-    parts.append(TEXT_INSTRUCTIONS.get(qa.qtype, TEXT_INSTRUCTIONS["free"]))
-    return "\n".join(parts)
-
-
-def text_target(qa: TextQA, think: bool = True) -> str:
-    """The assistant turn: `<think>` rationale steps `</think><answer>answer</answer>`."""
-    answer = f"<answer>{qa.answer}</answer>"
-    if not think:
-        return answer
-    rationale = " ".join(s.strip() for s in qa.rationale if s.strip()) or "The answer follows from the question."
-    return f"<think>{rationale}</think>{answer}"
-
-
-def text_prompt_messages(qa: TextQA, system: str | None = None) -> list[dict]:
-    """Prompt-only messages (for generation/evaluation of text QA)."""
-    msgs = [{"role": "system", "content": system}] if system else []
-    return msgs + [{"role": "user", "content": text_user_prompt(qa)}]
-
-
-def text_qa_messages(qa: TextQA, *, think: bool = True, system: str | None = None) -> list[dict]:
-    """Full training conversation of a TextQA record."""
-    return text_prompt_messages(qa, system) + [{"role": "assistant", "content": text_target(qa, think)}]
-
 
 def read_text_qa(paths: Sequence[str | Path], split: str | None = None, limit: int | None = None) -> list[TextQA]:
     """TextQA records from JSONL files (optionally one split), in file order."""
@@ -92,21 +53,20 @@ def read_vqa(paths: Sequence[str | Path], limit: int | None = None) -> list[VQAS
 
 
 # ----------------------------------------------------------------------------------------- trajectories
-ZOOM_THINK = "<think>The evidence is small in the overview, so I zoom in on it.</think>"
-ANSWER_THINK = "<think>The zoomed view shows the evidence.</think>"
-DIRECT_THINK = "<think>The overview shows the evidence.</think>"
-
-
 def oracle_trajectory(sample: VQASample, store: ImageStore, zoom_cfg: ZoomConfig, *, think: bool = True,
                       max_zooms: int | None = None) -> tuple[list[dict], list[Any], list[Any]]:
     """(messages, images, observations) of the oracle episode of a sample: overview → zoom_in on each
     target region (at most `max_zooms`, default zoom_cfg.max_turns) → answer. Crops come from the real
     tool (`Episode.execute`); a rejected box raises TrajectoryError."""
     from tools.protocol import (
+        ANSWER_THINK,
+        DIRECT_THINK,
         TOOL_NAME,
+        ZOOM_THINK,
         Episode,
         ToolCall,
         build_prompt_messages,
+        format_answer,
         format_tool_call,
         tool_message,
     )
@@ -131,7 +91,7 @@ def oracle_trajectory(sample: VQASample, store: ImageStore, zoom_cfg: ZoomConfig
         observations.append(result.observation)
         images.append(result.observation.image)
     final = (ANSWER_THINK if targets else DIRECT_THINK) if think else ""
-    messages.append({"role": "assistant", "content": f"{final}<answer>{sample.answer}</answer>"})
+    messages.append({"role": "assistant", "content": final + format_answer(sample.answer)})
     return messages, images, observations
 
 
@@ -288,7 +248,6 @@ def filter_by_length(items: list[ChatItem], processor: Any, max_length: int) -> 
 
 
 __all__ = [
-    "TEXT_INSTRUCTIONS", "text_user_prompt", "text_target", "text_prompt_messages", "text_qa_messages",
     "read_text_qa", "read_vqa", "oracle_trajectory", "materialize_trajectories", "ChatItem", "ChatDataset",
     "trajectory_items", "text_items", "mix", "filter_by_length",
 ]

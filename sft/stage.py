@@ -267,7 +267,7 @@ def evaluate_text_qa(model: Any, processor: Any, records: list[TextQA], *, max_n
     import torch
 
     from rl.verifier import verify_sample
-    from sft.data import text_prompt_messages
+    from tools.protocol import text_prompt_messages
 
     if torch.cuda.is_available() and model.device.type == "cpu":  # scoring before the Trainer placed it
         model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")

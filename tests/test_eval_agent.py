@@ -14,8 +14,8 @@ from PIL import Image
 from test_eval_helpers import OracleBackend, ScriptBackend, make_vqa_set, store_for
 
 from pipeline.records import VQASample, read_jsonl
-from rl.agent import AgentConfig, BackendError, close_stopped, run_episodes, trim_at_stop
-from tools.protocol import format_tool_call
+from rl.agent import AgentConfig, BackendError, run_episodes
+from tools.protocol import close_stopped, format_tool_call, trim_at_stop
 from tools.zoom import ZoomConfig
 
 
@@ -309,7 +309,7 @@ def test_openai_backend_against_fake_server(vqa, monkeypatch):
         _Handler.bodies, _Handler.fail_first = [], 1
         be = OpenAIBackend(f"http://127.0.0.1:{srv.server_port}/v1", "served-model", api_key="k",
                            timeout_s=10, max_retries=2, concurrency=2)
-        monkeypatch.setattr("rl.backends.time.sleep", lambda s: None)
+        monkeypatch.setattr("pipeline.core.http.time.sleep", lambda s: None)
         trajs = run_episodes(be, samples[:2], store, AgentConfig(max_turns=3))
     finally:
         srv.shutdown()
@@ -336,7 +336,7 @@ def test_openai_backend_gives_up_with_a_clear_error(monkeypatch):
     th.start()
     try:
         _Handler.bodies, _Handler.fail_first = [], 10
-        monkeypatch.setattr("rl.backends.time.sleep", lambda s: None)
+        monkeypatch.setattr("pipeline.core.http.time.sleep", lambda s: None)
         be = OpenAIBackend(f"http://127.0.0.1:{srv.server_port}/v1", "m", max_retries=1)
         with pytest.raises(BackendError, match="HTTP 503"):
             be.generate([[{"role": "user", "content": "hi"}]], [[]], max_new_tokens=4, temperature=0,

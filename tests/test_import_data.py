@@ -196,7 +196,7 @@ def test_tbv_text_to_textqa(tmp_path: Path) -> None:
     basalt = next(q for q in qas if q.meta["row"] == "extra.jsonl row 0")  # the from/value layout is read too
     assert basalt.qtype == "tf" and basalt.answer == "true" and basalt.rationale == ["It forms from lava."]
     # the records feed the text cold start as they are
-    from sft.data import text_qa_messages
+    from tools.protocol import text_qa_messages
 
     assert text_qa_messages(mcq)[-1]["content"].endswith("<answer>B</answer>")
 

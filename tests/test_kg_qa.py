@@ -245,13 +245,36 @@ def test_stage_outputs_deterministic_and_valid(tmp_path):
     sg = json.loads((tmp_path / "a" / "qa_train_sharegpt.json").read_text())
     assert sg[0]["conversations"][1]["value"].endswith("</answer>")
     trl = [json.loads(line) for line in (tmp_path / "a" / "qa_train_trl.jsonl").read_text().splitlines()]
-    assert [m["role"] for m in trl[0]["messages"]] == ["system", "user", "assistant"]
+    assert [m["role"] for m in trl[0]["messages"]] == ["user", "assistant"]  # as SFT trains: no system turn
     assert (tmp_path / "a" / "stats.png").stat().st_size > 1000
     assert "## by qtype" in (tmp_path / "a" / "stats.md").read_text()
     other = run(load_config(BuildQAConfig, None, {"output_dir": str(tmp_path / "c"), "n_train": 600, "n_val": 80,
                                                   "n_test": 150, "min_test": 100, "seed": 8}))
     assert other["counts"] == s1["counts"]
     assert (tmp_path / "c" / "qa_test.jsonl").read_bytes() != (tmp_path / "a" / "qa_test.jsonl").read_bytes()
+
+
+def test_text_qa_exports_are_what_sft_trains_on(gen, tmp_path):
+    """The TRL and sharegpt exports hold exactly the conversations the SFT cold start trains on (before, they
+    had their own system prompt, instructions and a newline between </think> and <answer>)."""
+    from kg_qa_builder.dataset import export_sharegpt, export_trl
+    from sft.data import text_items
+    from sft.stage import SFTConfig
+
+    items = []
+    while len({q.qtype for q in items}) < 3 or len(items) < 12:
+        q = gen.sample()
+        if q is not None:
+            items.append(q)
+    cfg = SFTConfig()  # the full recipe's defaults: rationales in the targets
+    trained = [it.messages for it in text_items(items, think=cfg.think and cfg.text_think)]
+    export_trl(tmp_path / "trl.jsonl", items)
+    rows = [json.loads(line) for line in (tmp_path / "trl.jsonl").read_text().splitlines()]
+    assert [r["messages"] for r in rows] == trained and [r["id"] for r in rows] == [q.id for q in items]
+    export_sharegpt(tmp_path, {"train": items})
+    sg = json.loads((tmp_path / "qa_train_sharegpt.json").read_text())
+    role = {"human": "user", "gpt": "assistant"}
+    assert [[{"role": role[c["from"]], "content": c["value"]} for c in r["conversations"]] for r in sg] == trained
 
 
 def test_config_validation_messages():

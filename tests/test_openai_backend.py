@@ -28,7 +28,7 @@ def vqa(data):
 
 @pytest.fixture(autouse=True)
 def _no_backoff(monkeypatch):
-    monkeypatch.setattr("rl.backends.time.sleep", lambda s: None)
+    monkeypatch.setattr("pipeline.core.http.time.sleep", lambda s: None)
 
 
 def test_text_mode_reads_tool_calls_the_server_returns(vqa):

@@ -16,9 +16,9 @@ from rl.rewards import (
     region_coverage,
     score_episode,
     split_assistant_turns,
-    tags_balanced,
 )
 from rl.synthetic import make_zoom_task
+from tools.protocol import tags_balanced
 
 CALL = '<tool_call>{"name": "zoom_in", "arguments": {"bbox": [1, 2, 30, 40], "source": "image_0"}}</tool_call>'
 SAMPLE = VQASample(id="s", images=["a"], question="Colour?", answer="B", qtype="single",

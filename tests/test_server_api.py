@@ -19,14 +19,11 @@ from PIL import Image
 from rasterio.transform import from_origin
 
 from tools import errors as E
-from tools.server import (
-    ERROR_STATUS,
-    EpisodeRegistry,
-    ServeConfig,
-    UnknownEpisodeError,
-    create_app,
-    public_error,
-)
+from tools.errors import UnknownEpisodeError
+from tools.server.app import create_app
+from tools.server.config import ServeConfig
+from tools.server.encoding import ERROR_STATUS, public_error
+from tools.server.service import EpisodeRegistry
 
 W, H = 2400, 1800
 
@@ -350,6 +347,22 @@ def test_config_validation_messages(manifest: Path) -> None:
     assert any(p.startswith("zoom: max_pixels") for p in huge) and any("max_output_pixels" in p for p in huge)
 
 
+def test_uvicorn_worker_factory_string_builds_the_app(manifest: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`workers > 1` hands uvicorn a "module:function" string; it must name the factory after any move."""
+    import importlib
+
+    from fastapi.testclient import TestClient
+
+    from tools.server.app import APP_FACTORY, CONFIG_ENV
+
+    module, _, name = APP_FACTORY.partition(":")
+    factory = getattr(importlib.import_module(module), name)
+    cfg = make_cfg(manifest, workers=2, stateless_only=True)
+    monkeypatch.setenv(CONFIG_ENV, json.dumps(cfg.to_dict()))
+    with TestClient(factory()) as c:
+        assert c.get("/health").json()["status"] == "ok"
+
+
 def test_stateless_only_disables_episodes(manifest: Path) -> None:
     from fastapi.testclient import TestClient
 
@@ -362,7 +375,7 @@ def test_stateless_only_disables_episodes(manifest: Path) -> None:
 @pytest.mark.parametrize("level", [0, 1, 6, 9])
 @pytest.mark.parametrize("encoder", ["zlib", "auto", "isal"])
 def test_png_encoder_is_lossless(shape, level, encoder) -> None:
-    from tools.server import png_bytes
+    from tools.server.encoding import png_bytes
 
     a = np.random.default_rng(sum(shape) + level).integers(0, 256, shape).astype("uint8")
     img = Image.open(io.BytesIO(png_bytes(a, level, encoder)))
@@ -373,7 +386,7 @@ def test_png_encoder_is_lossless(shape, level, encoder) -> None:
 def test_png_encoder_auto_is_isal_and_libdeflate_names_its_replacement(manifest: Path) -> None:
     """auto deflates with ISA-L (the isal package), not a library loaded out of rasterio's wheel; the removed
     `libdeflate` setting is refused with a message naming what to use instead."""
-    from tools.server import png_bytes
+    from tools.server.encoding import png_bytes
 
     yy, xx = np.mgrid[0:96, 0:128]
     a = np.stack([xx * 2, yy * 2, (xx + yy) % 256], axis=-1).astype("uint8")

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from test_server_api import make_cfg, make_server_images
 
-from tools.server import create_app
+from tools.server.app import create_app
 
 CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 N_EXAMPLES = int(os.environ.get("KNOWZOOM_FUZZ_EXAMPLES", 2000 if CI else 150))

@@ -16,7 +16,8 @@ import anyio
 import pytest
 from test_server_api import make_cfg, make_server_images
 
-from tools.server import ServeConfig, create_app
+from tools.server.app import create_app
+from tools.server.config import ServeConfig
 
 REPO = Path(__file__).resolve().parents[1]
 HUGE_INT = "9" * 400  # float() overflows
@@ -329,7 +330,7 @@ def test_one_client_cannot_evict_another(manifest: Path) -> None:
 
 
 def test_registry_evicts_the_heaviest_client_when_full() -> None:
-    from tools.server import EpisodeRegistry
+    from tools.server.service import EpisodeRegistry
 
     reg = EpisodeRegistry(max_episodes=4, ttl_s=60, max_per_owner=3)
     b1 = reg.add("b1", ["x"], "b")
@@ -365,7 +366,7 @@ def test_bearer_token_and_host_allowlist(manifest: Path, monkeypatch: pytest.Mon
 
 
 def test_binding_beyond_loopback_needs_a_token(manifest: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from tools.server import is_loopback, warn_exposure
+    from tools.server.config import is_loopback, warn_exposure
 
     monkeypatch.delenv("KNOWZOOM_TOKEN", raising=False)
     for host in ("127.0.0.1", "127.0.0.2", "::1", "localhost"):
@@ -391,7 +392,7 @@ def test_cli_refuses_public_bind_without_token(manifest: Path, tmp_path: Path) -
 def test_mcp_http_app_is_guarded(manifest: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from starlette.testclient import TestClient
 
-    from tools.mcp_server import create_mcp_http_app
+    from tools.server.mcp import create_mcp_http_app
 
     monkeypatch.setenv("KZ_TEST_TOKEN", "tok")
     app = create_mcp_http_app(make_cfg(manifest, token_env="KZ_TEST_TOKEN", allowed_hosts=[]))
@@ -406,7 +407,7 @@ def test_bad_manifest_line_fails_or_is_skipped(manifest: Path, tmp_path: Path) -
     from fastapi.testclient import TestClient
 
     from pipeline.errors import ConfigError
-    from tools.server import ZoomService
+    from tools.server.service import ZoomService
 
     lines = manifest.read_text().splitlines()
     bad = tmp_path / "images.jsonl"
@@ -434,11 +435,22 @@ def test_bad_manifest_line_fails_or_is_skipped(manifest: Path, tmp_path: Path) -
     assert "manifest_errors" in "\n".join(ServeConfig(manifest=str(bad), manifest_errors="maybe").validate())
 
 
+def test_skip_mode_keeps_the_manifest_render_keys(manifest: Path, tmp_path: Path) -> None:
+    """manifest_errors: skip registers good lines as the strict mode does, render keys included (they were
+    dropped by the server's own skipping reader)."""
+    from tools.server.service import build_store
+
+    (tmp_path / "scene_b.tif").write_bytes((manifest.parent / "scene_b.tif").read_bytes())
+    (tmp_path / "images.jsonl").write_text('{"id": "b", "path": "scene_b.tif", "stretch": "none"}\n{not json\n')
+    store = build_store(make_cfg(tmp_path / "images.jsonl", manifest_errors="skip"))
+    assert store.ids() == ["b"] and store.render_spec("b").stretch == "none" and len(store.manifest_problems) == 1
+
+
 # -- MCP -------------------------------------------------------------------------------------------------
 def test_mcp_hostile_arguments_never_leak_exception_text(manifest: Path) -> None:
     from mcp import Client
 
-    from tools.mcp_server import create_mcp_server
+    from tools.server.mcp import create_mcp_server
 
     server = create_mcp_server(make_cfg(manifest, max_episodes=1000, max_episodes_per_client=1000))
     py_values: list[Any] = [10**400, -(10**400), float("nan"), float("inf"), -float("inf"), 1e308, None, True,

@@ -23,7 +23,7 @@ def manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _img(item) -> Image.Image:
-    from tools.mcp_server import decode_image
+    from tools.server.mcp import decode_image
 
     assert item.type == "image" and item.mime_type == "image/png"
     return Image.open(io.BytesIO(decode_image(item)))
@@ -71,7 +71,7 @@ def _check(out: dict) -> None:
 def test_mcp_in_process_list_and_call(manifest: Path) -> None:
     from mcp import Client
 
-    from tools.mcp_server import create_mcp_server
+    from tools.server.mcp import create_mcp_server
 
     server = create_mcp_server(make_cfg(manifest))
 

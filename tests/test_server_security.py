@@ -18,7 +18,7 @@ from test_server_api import make_cfg, make_server_images
 
 from tools.errors import ForbiddenPathError, UnreadableImageError
 from tools.security import check_path_text, gdal_config_options, resolve_under_roots, sniff_driver
-from tools.server import create_app
+from tools.server.app import create_app
 
 UNKNOWN = {"error": "UnknownImageError", "message": "Unknown image."}
 
@@ -165,7 +165,7 @@ def test_resolve_under_roots(tmp_path: Path) -> None:
 
 
 def test_store_refuses_symlink_escape_and_the_server_refuses_non_rasters(tmp_path: Path) -> None:
-    from tools.server import ZoomService
+    from tools.server.service import ZoomService
     from tools.store import ImageStore
 
     make_server_images(tmp_path / "root")

@@ -22,8 +22,8 @@ def scenes(tmp_path_factory):
 
 def test_text_qa_messages_follow_the_answer_format_the_verifier_reads():
     from rl.verifier import verify_sample
-    from sft.data import text_prompt_messages, text_qa_messages
     from sft.toy import spectral_index_qa
+    from tools.protocol import text_prompt_messages, text_qa_messages
 
     qa = spectral_index_qa(3)
     for q in qa:
@@ -196,9 +196,9 @@ def test_build_items_with_an_empty_hard_set_trains_on_text_and_reports_it(scenes
 def test_text_think_off_trains_text_answers_without_the_rationale(tmp_path: Path) -> None:
     """`text_think: false` (the tiny default) drops the graph rationale from text QA targets only."""
     from pipeline.config import load_config
-    from sft.data import text_target
     from sft.stage import SFTConfig
     from sft.toy import write_text_qa
+    from tools.protocol import text_target
 
     train, _ = write_text_qa(tmp_path / "qa")
     cfg = load_config(SFTConfig, None, {"output_dir": str(tmp_path / "o"), "text_data": [str(train)],

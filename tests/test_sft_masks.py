@@ -56,9 +56,10 @@ def test_text_mask_equals_generation_markers_of_trl_training_template(processor)
 
 
 def test_collator_labels_exactly_assistant_tokens_on_zoom_trajectory(processor, tmp_path):
-    from sft.data import oracle_trajectory, read_vqa, text_qa_messages
+    from sft.data import oracle_trajectory, read_vqa
     from sft.masks import ZoomSFTCollator
     from sft.toy import spectral_index_qa, write_toy_scenes
+    from tools.protocol import text_qa_messages
     from tools.store import ImageStore
     from tools.zoom import ZoomConfig
 

@@ -316,6 +316,21 @@ def test_forbidden_paths(tmp_path: Path, data_dir: Path) -> None:
         s.register("bad id with spaces", root / "link.tif")
 
 
+def test_store_registration_is_the_security_root_check(tmp_path: Path, data_dir: Path) -> None:
+    """The store registers through tools.security.resolve_under_roots: path text GDAL would not read as a
+    local file is refused as forbidden (a NUL byte was a raw ValueError, URLs and /vsi paths "unreadable"),
+    while an operator's `..` that resolves inside a root stays accepted."""
+    root = tmp_path / "root"
+    (root / "sub").mkdir(parents=True)
+    (root / "a.tif").write_bytes((data_dir / "plain.tif").read_bytes())
+    s = ImageStore([root])
+    for bad in ["a\x00.tif", "http://example.org/a.tif", "/vsicurl/http://example.org/a.tif"]:
+        with pytest.raises(ForbiddenPathError):
+            s.register("x", bad)
+    s.register("ok", root / "sub" / ".." / "a.tif")
+    assert s.path("ok") == (root / "a.tif").resolve()
+
+
 def test_manifest_store(tmp_path: Path) -> None:
     (tmp_path / "images").mkdir()
     make_raster(tmp_path / "images" / "a.tif", 300, 300)
@@ -323,6 +338,22 @@ def test_manifest_store(tmp_path: Path) -> None:
     s = ImageStore.from_manifest(tmp_path / "images.jsonl")
     assert s.ids() == ["a"] and s.info("a").width == 300
     assert "path" not in s.info("a").to_dict()
+
+
+def test_lenient_manifest_registration_notes_bad_lines_and_keeps_render_keys(tmp_path: Path) -> None:
+    """`register_manifest(problems=...)` (the server's manifest_errors: skip) skips and notes bad lines, and
+    registers the good ones exactly as the strict path does, render keys included (the server's own skipping
+    reader used to drop them)."""
+    make_raster(tmp_path / "a.tif", 300, 300)
+    (tmp_path / "images.jsonl").write_text('{"id": "a", "path": "a.tif", "stretch": "none"}\n{not json\n'
+                                           '{"id": "gone", "path": "missing.tif"}\n')
+    s = ImageStore([tmp_path])
+    problems: list[str] = []
+    assert s.register_manifest(tmp_path / "images.jsonl", problems=problems) == ["a"]
+    assert s.render_spec("a").stretch == "none"
+    assert [p.split(": ")[0] for p in problems] == ["images.jsonl:2", "images.jsonl:3"]
+    with pytest.raises(UnreadableImageError):
+        ImageStore([tmp_path]).register_manifest(tmp_path / "images.jsonl")
 
 
 def test_thread_safe_concurrent_reads(store: ImageStore) -> None:

@@ -1,10 +1,15 @@
-"""The tool protocol: the ONE module that renders prompts/observations and parses tool calls.
+"""The tool protocol: the ONE module for every model-facing string and parser.
 
 Text format (Qwen2.5-VL style): optional `<think>...</think>`, then either one
 `<tool_call>{"name": "zoom_in", "arguments": {"bbox": [x0, y0, x1, y1], "source": "image_0"}}</tool_call>`
-or a final `<answer>...</answer>`. Generation stops at `</tool_call>` (the stop string may be stripped by the
-backend, so an unclosed final `<tool_call>` is accepted). TRL, SFT trajectories, evaluation and the HTTP
-API all use this module, so a box means the same thing everywhere.
+or a final `<answer>...</answer>`. Generation stops at `</tool_call>` / `</answer>` (`STOP_STRINGS`; the stop
+string may be stripped by the backend, so an unclosed final `<tool_call>` is accepted). Here: the system
+prompt, tool schema, image and text-QA prompts and targets, observation texts, tool-call formatting and
+parsing (`parse_turn`, and the text form of API `tool_calls`), `<answer>`/`<think>` tag reading (the answer
+verifier, rl/verifier.py, reads the answer through it), stop strings, and the `Episode` that runs calls.
+TRL, SFT data, evaluation, the build-qa exports and the HTTP API all import this module, so a prompt and
+a box mean the same thing everywhere. (Over 500 lines on purpose: one home for everything the model reads
+or writes is the contract; split up, the pieces would have to be kept in step again.)
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tools.errors import (
     BoxOutsideError,
@@ -26,6 +31,9 @@ from tools.errors import (
 )
 from tools.store import ImageStore
 from tools.zoom import FRAMES, Observation, ZoomConfig, check_box, read_overview, read_region
+
+if TYPE_CHECKING:
+    from pipeline.records import TextQA
 
 TOOL_NAME = "zoom_in"
 
@@ -128,8 +136,71 @@ class ParsedTurn:
 
 
 _THINK = re.compile(r"<think>(.*?)</think>", re.S)
+_THINK_ANY_CASE = re.compile(r"<think>.*?</think>", re.S | re.I)
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.S)
+_ANSWER_ANY_CASE = re.compile(r"<answer>(.*?)</answer>", re.S | re.I)
+_OPEN_ANSWER_AT_END = re.compile(r"<answer>((?:(?!<answer>|</answer>).)*)$", re.S | re.I)
 _CALL = re.compile(r"<tool_call>(.*?)(?:</tool_call>|\Z)", re.S)
+_CALL_BLOCK = re.compile(r"<tool_call>.*?(?:</tool_call>|\Z)", re.S)
+
+# Generation stops after a tool call or an answer (the stop string is kept; see trim_at_stop/close_stopped).
+STOP_STRINGS = ["</tool_call>", "</answer>"]
+
+
+_TAGS = ("think", "tool_call", "answer")
+
+
+def tags_balanced(turn: str) -> bool:
+    """Each of <think>, <tool_call>, <answer> opens and closes the same number of times, in order (the RL
+    format reward's first check)."""
+    for tag in _TAGS:
+        opens = [m.start() for m in re.finditer(f"<{tag}>", turn)]
+        closes = [m.start() for m in re.finditer(f"</{tag}>", turn)]
+        if len(opens) != len(closes) or any(c < o for o, c in zip(opens, closes, strict=False)):
+            return False
+    return True
+
+
+def answer_tags(text: str, *, ignore_case: bool = False) -> list[str]:
+    """The bodies of every `<answer>…</answer>` of a text, in order, unstripped. `parse_turn` reads the exact
+    tags (the format reward); the answer verifier reads them in any letter case (`ignore_case`)."""
+    return (_ANSWER_ANY_CASE if ignore_case else _ANSWER).findall(text)
+
+
+def open_answer_at_end(text: str) -> str | None:
+    """The body of an `<answer>` (any case) left open at the end of a text: generation stopped at the stop
+    string `</answer>` and the engine dropped it. None when there is none."""
+    m = _OPEN_ANSWER_AT_END.search(text)
+    return m.group(1) if m else None
+
+
+def strip_think(text: str) -> str:
+    """The text without its `<think>…</think>` blocks (any case)."""
+    return _THINK_ANY_CASE.sub("", text)
+
+
+def format_answer(answer: str) -> str:
+    """The final-answer text: `<answer>answer</answer>` (what SFT targets teach and the verifier reads)."""
+    return f"<answer>{answer}</answer>"
+
+
+def trim_at_stop(text: str, stop: list[str]) -> str:
+    """Cut a generation just after the first stop string (kept), so a turn never holds two calls."""
+    cut = None
+    for s in stop:
+        i = text.find(s)
+        if i >= 0 and (cut is None or i + len(s) < cut):
+            cut = i + len(s)
+    return text if cut is None else text[:cut]
+
+
+def close_stopped(text: str) -> str:
+    """Re-append a stop string an engine dropped: an open `<tool_call>`/`<answer>` at the end gets closed."""
+    for open_t, close_t in (("<tool_call>", "</tool_call>"), ("<answer>", "</answer>")):
+        i = text.rfind(open_t)
+        if i >= 0 and text.find(close_t, i) < 0:
+            return text + close_t
+    return text
 
 
 def _loads(text: str, what: str) -> Any:
@@ -163,7 +234,7 @@ def parse_turn(text: str) -> ParsedTurn:
         return ParsedTurn(None, None, None, ToolCallParseError(detail="turn is not text"))
     m = _THINK.search(text)
     think = m.group(1).strip() if m else None
-    answers = _ANSWER.findall(text)
+    answers = answer_tags(text)
     answer = answers[-1].strip() if answers else None
     calls = _CALL.findall(text)
     if len(calls) > 1:
@@ -207,9 +278,39 @@ def _num(v: float) -> int | float:
 
 def format_tool_call(bbox: Any, source: str = "image_0") -> str:
     """The canonical tool-call text (what SFT trajectories teach and parse_turn reads back)."""
-    box = [_num(v) for v in bbox]
-    body = json.dumps({"name": TOOL_NAME, "arguments": {"bbox": box, "source": source}})
-    return f"<tool_call>{body}</tool_call>"
+    return tool_call_text(TOOL_NAME, {"bbox": [_num(v) for v in bbox], "source": source})
+
+
+def tool_call_text(name: Any, arguments: Any) -> str:
+    """One call in the text protocol, `<tool_call>{"name": ..., "arguments": ...}</tool_call>`, e.g. from an
+    API's `message.tool_calls`: string arguments are parsed; arguments that are not JSON stay a string, which
+    `parse_turn` then reports as the model's parse error."""
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except json.JSONDecodeError:
+            pass
+    return "<tool_call>" + json.dumps({"name": name, "arguments": arguments}) + "</tool_call>"
+
+
+def raw_tool_call(text: str) -> tuple[str, str] | None:
+    """(name, arguments string) of the one `<tool_call>` of a turn whose arguments are an unparsed string
+    (what `tool_call_text` wrote for arguments that were not JSON); None otherwise."""
+    blocks = _CALL.findall(text)
+    if len(blocks) != 1:
+        return None
+    try:
+        d = json.loads(blocks[0].strip())
+    except json.JSONDecodeError:
+        return None
+    if isinstance(d, dict) and isinstance(d.get("name"), str) and isinstance(d.get("arguments"), str):
+        return d["name"], d["arguments"]
+    return None
+
+
+def strip_tool_calls(text: str) -> str:
+    """The text without its `<tool_call>` blocks (a last unclosed one included)."""
+    return _CALL_BLOCK.sub("", text)
 
 
 @dataclass
@@ -347,6 +448,52 @@ def build_prompt_messages(sample: Any, frame: str = "shown_pixels", *, instructi
     return msgs
 
 
+# -- text QA (the cold start; the build-qa exports render the same conversation) -------------------------
+TEXT_INSTRUCTIONS = {
+    "mcq": "Think step by step inside <think></think>, then give the letter of the correct option inside "
+           "<answer></answer>.",
+    "tf": "Think step by step inside <think></think>, then answer true or false inside <answer></answer>.",
+    "fill": "Think step by step inside <think></think>, then give the missing term inside <answer></answer>.",
+    "free": "Think step by step inside <think></think>, then give a short final answer inside "
+            "<answer></answer>.",
+}
+
+
+def text_user_prompt(qa: TextQA) -> str:
+    """The user turn of a text question: question, options (mcq), instruction."""
+    parts = [qa.question.strip()]
+    if qa.choices:
+        parts.append("\n".join(qa.choices))
+    parts.append(TEXT_INSTRUCTIONS.get(qa.qtype, TEXT_INSTRUCTIONS["free"]))
+    return "\n".join(parts)
+
+
+def text_target(qa: TextQA, think: bool = True) -> str:
+    """The assistant turn: `<think>` rationale steps `</think><answer>answer</answer>`."""
+    answer = format_answer(qa.answer)
+    if not think:
+        return answer
+    rationale = " ".join(s.strip() for s in qa.rationale if s.strip()) or "The answer follows from the question."
+    return f"<think>{rationale}</think>{answer}"
+
+
+def text_prompt_messages(qa: TextQA, system: str | None = None) -> list[dict[str, Any]]:
+    """Prompt-only messages (for generation/evaluation of text QA)."""
+    msgs = [{"role": "system", "content": system}] if system else []
+    return msgs + [{"role": "user", "content": text_user_prompt(qa)}]
+
+
+def text_qa_messages(qa: TextQA, *, think: bool = True, system: str | None = None) -> list[dict[str, Any]]:
+    """Full training conversation of a TextQA record (what SFT trains on and build-qa exports)."""
+    return text_prompt_messages(qa, system) + [{"role": "assistant", "content": text_target(qa, think)}]
+
+
+# -- the oracle trajectories' reasoning texts (SFT pre-warm) --------------------------------------------
+ZOOM_THINK = "<think>The evidence is small in the overview, so I zoom in on it.</think>"
+ANSWER_THINK = "<think>The zoomed view shows the evidence.</think>"
+DIRECT_THINK = "<think>The overview shows the evidence.</think>"
+
+
 __all__ = [
     "TOOL_NAME",
     "DEFAULT_INSTRUCTION",
@@ -359,10 +506,29 @@ __all__ = [
     "turn_budget",
     "turn_error_result",
     "format_tool_call",
+    "tool_call_text",
+    "raw_tool_call",
+    "strip_tool_calls",
+    "STOP_STRINGS",
+    "trim_at_stop",
+    "close_stopped",
+    "answer_tags",
+    "tags_balanced",
+    "open_answer_at_end",
+    "strip_think",
+    "format_answer",
     "ToolResult",
     "Episode",
     "observation_text",
     "user_message",
     "tool_message",
     "build_prompt_messages",
+    "TEXT_INSTRUCTIONS",
+    "text_user_prompt",
+    "text_target",
+    "text_prompt_messages",
+    "text_qa_messages",
+    "ZOOM_THINK",
+    "ANSWER_THINK",
+    "DIRECT_THINK",
 ]

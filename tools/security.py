@@ -233,8 +233,9 @@ def lockdown_report() -> LockdownReport | None:
     return _report
 
 
-def check_path_text(path: str | os.PathLike) -> str:
-    """Reject path strings GDAL would treat as something other than a local file; return the text."""
+def check_path_text(path: str | os.PathLike, *, parent_refs: bool = False) -> str:
+    """Reject path strings GDAL would treat as something other than a local file; return the text.
+    `..` components are refused unless `parent_refs` (the result must still resolve under the roots)."""
     text = os.fspath(path)
     if not isinstance(text, str) or not text.strip():
         raise ForbiddenPathError(detail="empty path")
@@ -242,21 +243,24 @@ def check_path_text(path: str | os.PathLike) -> str:
         raise ForbiddenPathError(detail="path contains control characters")
     if _URL_RE.match(text) or text.lower().startswith("/vsi"):
         raise ForbiddenPathError(detail="URLs and GDAL virtual file systems are not allowed; register local files")
-    if ".." in Path(text).parts:
+    if not parent_refs and ".." in Path(text).parts:
         raise ForbiddenPathError(detail="'..' components are not allowed in registered paths")
     return text
 
 
 def resolve_under_roots(
-    path: str | os.PathLike, roots: Sequence[str | os.PathLike], base: str | os.PathLike | None = None
+    path: str | os.PathLike, roots: Sequence[str | os.PathLike], base: str | os.PathLike | None = None,
+    *, parent_refs: bool = False,
 ) -> Path:
-    """The real path of a regular file that lies under one of `roots` after following symlinks.
+    """The real path of a regular file that lies under one of `roots` after following symlinks: THE
+    allowed-root check (the image store's registration and the server's per-file check both call it).
 
     Relative paths are taken from `base` (e.g. a manifest's folder). Raises ForbiddenPathError for URLs,
-    `..`, virtual paths, symlink escapes and non-files outside the roots; UnreadableImageError when the
-    file is missing or not a regular file.
+    `..` (unless `parent_refs`: the store accepts operator paths like `../x.tif` that resolve inside a
+    root), virtual paths, symlink escapes and files outside the roots; UnreadableImageError when the file
+    is missing or not a regular file.
     """
-    text = check_path_text(path)
+    text = check_path_text(path, parent_refs=parent_refs)
     if not roots:
         raise ForbiddenPathError(detail="no allowed roots configured")
     p = Path(text)

@@ -1,7 +1,7 @@
-"""`knowzoom serve-tools`, the stage entry: serve `tools.server`'s REST app or `tools.mcp_server`'s MCP server.
+"""`knowzoom serve-tools`, the stage entry: serve `tools.server.app`'s REST app or `tools.server.mcp`'s MCP server.
 
-Kept apart from tools/server.py so the dependency runs one way: the MCP server builds on the HTTP service
-(config, `ZoomService`, guard), and only this entry point knows both transports.
+Kept apart from the `tools.server` package so the dependency runs one way: the MCP server builds on the
+service and the HTTP guard, and only this entry point knows both transports.
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ import json
 import logging
 from typing import Any
 
-from tools.server import _CFG_ENV, ServeConfig, create_app, warn_exposure
+from tools.server.app import APP_FACTORY, CONFIG_ENV, create_app
+from tools.server.config import ServeConfig, warn_exposure
 
 log = logging.getLogger("knowzoom.server")
 
@@ -29,20 +30,20 @@ def run(cfg: ServeConfig) -> dict[str, Any]:
         rep = apply_gdal_lockdown(cfg.gdal_cache_mb)
         log.info("GDAL drivers left: %s", rep.remaining)
     if cfg.transport == "mcp-stdio":
-        from tools.mcp_server import run_stdio
+        from tools.server.mcp import run_stdio
 
         run_stdio(cfg)
         return {"transport": cfg.transport}
     if cfg.transport == "mcp-http":
-        from tools.mcp_server import create_mcp_http_app
+        from tools.server.mcp import create_mcp_http_app
 
         app: Any = create_mcp_http_app(cfg)
         uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level.lower(),
                     limit_concurrency=cfg.max_connections)
         return {"transport": cfg.transport, "host": cfg.host, "port": cfg.port}
     if cfg.workers > 1:
-        os.environ[_CFG_ENV] = json.dumps(cfg.to_dict())
-        uvicorn.run("tools.server:app_from_env", factory=True, host=cfg.host, port=cfg.port,
+        os.environ[CONFIG_ENV] = json.dumps(cfg.to_dict())
+        uvicorn.run(APP_FACTORY, factory=True, host=cfg.host, port=cfg.port,
                     workers=cfg.workers, log_level=cfg.log_level.lower(), limit_concurrency=cfg.max_connections)
     else:
         uvicorn.run(create_app(cfg), host=cfg.host, port=cfg.port, log_level=cfg.log_level.lower(),

@@ -28,8 +28,9 @@ import rasterio  # noqa: E402
 from rasterio.enums import Resampling  # noqa: E402
 from rasterio.errors import RasterioIOError  # noqa: E402
 
-from tools.errors import ForbiddenPathError, UnknownImageError, UnreadableImageError  # noqa: E402
+from tools.errors import ForbiddenPathError, ToolError, UnknownImageError, UnreadableImageError  # noqa: E402
 from tools.render import RENDER_KEYS, RenderSpec, auto_bands, palette_lut, parse_render  # noqa: E402
+from tools.security import resolve_under_roots  # noqa: E402
 
 DEFAULT_PATTERNS = ("*.tif", "*.tiff", "*.png", "*.jpg", "*.jpeg")
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/\-]{0,199}$")
@@ -93,20 +94,12 @@ class ImageStore:
         self._stats: dict[tuple, list[tuple[float, float]]] = {}
         self._render: dict[str, RenderSpec] = {}
         self._luts: dict[str, np.ndarray] = {}
-        self.manifest_problems: list[str] = []  # manifest entries a server skipped (manifest_errors: skip)
+        self.manifest_problems: list[str] = []  # entries a lenient registration skipped (server: manifest_errors)
 
     # -- registration -------------------------------------------------------------------------------
     def _check_path(self, path: str | Path) -> Path:
-        p = Path(path)
-        try:
-            real = p.resolve(strict=True)
-        except (OSError, RuntimeError) as e:
-            raise UnreadableImageError(detail=f"{path}: {e}") from e
-        if not any(real == r or r in real.parents for r in self.roots):
-            raise ForbiddenPathError(detail=f"{path} resolves to {real}, outside the allowed roots")
-        if not real.is_file():
-            raise UnreadableImageError(detail=f"{path} is not a file")
-        return real
+        """The real file of `path` under the roots (tools.security's check; `..` that resolves inside is fine)."""
+        return resolve_under_roots(path, self.roots, parent_refs=True)
 
     def register(self, image_id: str, path: str | Path, render: RenderSpec | None = None) -> None:
         """Register one image under `image_id`; the path must resolve (symlinks followed) under a root.
@@ -132,35 +125,59 @@ class ImageStore:
         """The per-image rendering choices registered with the image (empty when none)."""
         return self._render.get(image_id, RenderSpec())
 
-    def register_folder(self, folder: str | Path, patterns: Sequence[str] = DEFAULT_PATTERNS) -> list[str]:
-        """Register every matching file in `folder` (non-recursive); the id is the file stem."""
+    def register_folder(self, folder: str | Path, patterns: Sequence[str] = DEFAULT_PATTERNS, *,
+                        problems: list[str] | None = None) -> list[str]:
+        """Register every matching file in `folder` (non-recursive); the id is the file stem. With a
+        `problems` list a file that cannot be registered is noted there ('file: why') and skipped."""
         folder = Path(folder)
         ids = []
         files = sorted({f for pat in patterns for f in folder.glob(pat)})
         for f in files:
-            self.register(f.stem, f)
-            ids.append(f.stem)
+            if self._register_or_note(f.stem, f, None, str(f), problems):
+                ids.append(f.stem)
         return ids
 
-    def register_manifest(self, path: str | Path) -> list[str]:
+    def register_manifest(self, path: str | Path, *, problems: list[str] | None = None) -> list[str]:
         """Register the `{"id", "path"}` lines of an images.jsonl; paths are relative to its folder. Optional
-        keys `bands`, `stretch`, `percentiles`, `range` choose how that image is rendered (tools.render)."""
+        keys `bands`, `stretch`, `percentiles`, `range` choose how that image is rendered (tools.render).
+        With a `problems` list a bad line is noted there ('images.jsonl:LINE: why') and skipped; without,
+        it raises."""
         path = Path(path)
         if not path.is_file():
             raise UnknownImageError("Unknown manifest.", detail=f"{path} does not exist")
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UnreadableImageError("Cannot read the manifest.", detail=f"{path}: {e}") from e
         ids = []
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for i, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             try:
                 d = json.loads(line)
                 image_id, rel = d["id"], d["path"]
                 render = parse_render(d) if any(k in d for k in RENDER_KEYS) else None
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                raise UnreadableImageError("Bad manifest line.", detail=f"{path}:{i}: {e}") from e
-            self.register(str(image_id), path.parent / rel, render=render)
-            ids.append(str(image_id))
+            except (KeyError, TypeError, ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+                if problems is None:
+                    raise UnreadableImageError("Bad manifest line.", detail=f"{path}:{i}: {e}") from e
+                problems.append(f"{path.name}:{i}: not a {{\"id\", \"path\"}} JSON object ({type(e).__name__})")
+                continue
+            if self._register_or_note(str(image_id), path.parent / rel, render, f"{path.name}:{i}", problems):
+                ids.append(str(image_id))
         return ids
+
+    def _register_or_note(self, image_id: str, path: Path, render: RenderSpec | None, where: str,
+                          problems: list[str] | None) -> bool:
+        """register(); with a `problems` list a refusal is noted there instead of raised. True if registered."""
+        if problems is None:
+            self.register(image_id, path, render=render)
+            return True
+        try:
+            self.register(image_id, path, render=render)
+        except (ToolError, OSError, ValueError) as e:
+            problems.append(f"{where}: {e}"[:300])
+            return False
+        return True
 
     @classmethod
     def from_manifest(cls, manifest_path: str | Path, roots: Sequence[str | Path] | None = None,
@@ -266,13 +283,10 @@ class ImageStore:
         with self.open(image_id) as ds:
             crs, transform, georef = _georeference(ds)
             bounds = geo = None
-            if transform is not None:  # georef != "none"
-                from rasterio.warp import transform_bounds
-
-                bounds = _pixel_bounds(transform, ds.width, ds.height)
+            if crs is not None and transform is not None:  # georef != "none"
+                bounds = _pixel_bounds(transform, (0, 0, ds.width, ds.height))
                 try:
-                    geo = _wrap_lon(tuple(float(v) for v in transform_bounds(crs, "EPSG:4326", *bounds,
-                                                                             densify_pts=21)))
+                    geo = pixel_box_to_lonlat((0, 0, ds.width, ds.height), crs, transform)
                 except Exception:  # noqa: BLE001 - a CRS PROJ cannot transform: no geo frame
                     geo = None
             colorinterp = [c.name for c in ds.colorinterp]
@@ -370,11 +384,26 @@ def _georeference(ds: Any) -> tuple[str | None, tuple[float, ...] | None, str]:
     return None, None, "none"
 
 
-def _pixel_bounds(t: tuple[float, ...], width: int, height: int) -> tuple[float, float, float, float]:
-    """(minx, miny, maxx, maxy) of the raster's four corners: south-up or rotated grids give ordered bounds."""
-    xs = [t[0] * c + t[1] * r + t[2] for c, r in ((0, 0), (width, 0), (0, height), (width, height))]
-    ys = [t[3] * c + t[4] * r + t[5] for c, r in ((0, 0), (width, 0), (0, height), (width, height))]
+def _pixel_bounds(t: tuple[float, ...], box: tuple[float, ...]) -> tuple[float, float, float, float]:
+    """(minx, miny, maxx, maxy) in CRS units of a pixel box's four corners: south-up or rotated grids give
+    ordered bounds."""
+    c0, r0, c1, r1 = box
+    corners = ((c0, r0), (c1, r0), (c0, r1), (c1, r1))
+    xs = [t[0] * c + t[1] * r + t[2] for c, r in corners]
+    ys = [t[3] * c + t[4] * r + t[5] for c, r in corners]
     return (min(xs), min(ys), max(xs), max(ys))
+
+
+def pixel_box_to_lonlat(box: tuple[float, ...], crs: str, transform: tuple[float, ...]) -> tuple[float, float, float, float]:
+    """Lon/lat bounds (west, south, east, north; longitudes in [-180, 180], west > east across the antimeridian)
+    of a native pixel box on a raster in `crs`: the image's geo bounds and every observation's. Raises what
+    PROJ raises for a CRS it cannot map."""
+    from rasterio.warp import transform_bounds
+
+    bounds = _pixel_bounds(transform, box)
+    if crs in ("EPSG:4326", "OGC:CRS84"):
+        return _wrap_lon(bounds)
+    return _wrap_lon(tuple(float(v) for v in transform_bounds(crs, "EPSG:4326", *bounds, densify_pts=21)))
 
 
 def _wrap_lon(b: tuple[float, ...]) -> tuple[float, float, float, float]:
@@ -387,4 +416,4 @@ def _wrap_lon(b: tuple[float, ...]) -> tuple[float, float, float, float]:
     return (w, s, e, n)
 
 
-__all__ = ["ImageInfo", "ImageStore", "DEFAULT_PATTERNS"]
+__all__ = ["ImageInfo", "ImageStore", "DEFAULT_PATTERNS", "pixel_box_to_lonlat"]

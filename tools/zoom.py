@@ -29,7 +29,7 @@ from rasterio.windows import Window
 from tools import render as R
 from tools.errors import BadBoxError, BoxOutsideError, LimitError, ToolTimeoutError, UnreadableImageError
 from tools.render import RenderSpec, parse_render
-from tools.store import ImageInfo, ImageStore
+from tools.store import ImageInfo, ImageStore, pixel_box_to_lonlat
 
 FRAMES = ("shown_pixels", "norm1000", "lonlat")
 #: hard ceiling on any configured output size (Qwen2.5-VL's own max: 16384 patches of 28x28)
@@ -252,12 +252,10 @@ def lonlat_box_to_native(box: tuple[float, ...], crs: str, transform: tuple[floa
     """Native pixel box (not clipped) of a lon/lat box on a raster in `crs`. West > east means the box
     crosses the antimeridian; on a geographic raster the box is shifted by whole turns to the raster's
     longitudes (a raster stored in 0..360 or across 180 degrees)."""
-    from affine import Affine
     from rasterio.crs import CRS
     from rasterio.warp import transform_bounds
 
     lon0, lat0, lon1, lat1 = (float(v) for v in box)
-    inv = tuple(~Affine(*transform))
     try:
         geographic = CRS.from_user_input(crs).is_geographic
     except Exception:  # noqa: BLE001 - an unparsable CRS is treated as projected
@@ -280,29 +278,28 @@ def lonlat_box_to_native(box: tuple[float, ...], crs: str, transform: tuple[floa
             x0, y0, x1, y1 = transform_bounds("EPSG:4326", crs, lon0, lat0, lon1, lat1, densify_pts=21)
         except Exception as e:  # noqa: BLE001 - PROJ errors on impossible coordinates
             raise BadBoxError("lon/lat box cannot be projected onto this image.", detail=str(e)) from e
+    return crs_box_to_native((x0, y0, x1, y1), transform, "lon/lat box cannot be projected onto this image.")
+
+
+def crs_box_to_native(box: tuple[float, ...], transform: tuple[float, ...],
+                      message: str | None = None) -> tuple[float, float, float, float]:
+    """Native pixel box (not clipped) covering a box in the raster's own CRS units: the inverse geotransform
+    applied to its four corners. Non-finite results (a degenerate transform, overflow) → BadBoxError."""
+    from affine import Affine
+
+    x0, y0, x1, y1 = (float(v) for v in box)
+    inv = tuple(~Affine(*transform))
     cols, rows = zip(*(_apply(inv, x, y) for x, y in ((x0, y0), (x0, y1), (x1, y0), (x1, y1))), strict=True)
     out = (min(cols), min(rows), max(cols), max(rows))
     if not all(math.isfinite(v) for v in out):
-        raise BadBoxError("lon/lat box cannot be projected onto this image.")
+        raise BadBoxError(message)
     return out
 
 
 def _native_to_lonlat(box: tuple[float, ...], obs: Observation) -> tuple[float, float, float, float]:
     if obs.crs is None or obs.transform is None:
         raise BadBoxError("This image has no georeference; use pixel boxes.")
-    return _window_geo_bounds(box, obs.crs, obs.transform)
-
-
-def _window_geo_bounds(box: tuple[float, ...], crs: str, transform: tuple[float, ...]) -> tuple[float, float, float, float]:
-    from rasterio.warp import transform_bounds
-
-    from tools.store import _wrap_lon
-
-    xs, ys = zip(*(_apply(transform, c, r) for c, r in ((box[0], box[1]), (box[0], box[3]), (box[2], box[1]), (box[2], box[3]))), strict=True)
-    if crs in ("EPSG:4326", "OGC:CRS84"):
-        return _wrap_lon((min(xs), min(ys), max(xs), max(ys)))
-    return _wrap_lon(tuple(float(v) for v in transform_bounds(crs, "EPSG:4326", min(xs), min(ys), max(xs), max(ys),
-                                                               densify_pts=21)))
+    return pixel_box_to_lonlat(box, obs.crs, obs.transform)
 
 
 # -- reads -----------------------------------------------------------------------------------------
@@ -428,7 +425,7 @@ def _observation(store: ImageStore, info: ImageInfo, win: tuple[int, int, int, i
     geo = None
     if info.crs is not None and info.transform is not None:
         try:
-            geo = _window_geo_bounds(win, info.crs, info.transform)
+            geo = pixel_box_to_lonlat(win, info.crs, info.transform)
         except Exception:  # noqa: BLE001 - a CRS PROJ cannot map to lon/lat: no geo frame
             geo = None
     return Observation(

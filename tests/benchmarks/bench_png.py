@@ -1,9 +1,9 @@
-"""Benchmark: the deflate behind the server's PNGs (tools.server.png_bytes), encoder by encoder.
+"""Benchmark: the deflate behind the server's PNGs (tools.server.encoding.png_bytes), encoder by encoder.
 
 Crops like the server returns (RGB, resampled to `--max-pixels`, "Up" filter as png_bytes applies) are cut
 from a rendered tools.scenes scene and from bench_server.py's textured COG pattern, then deflated by each
 encoder that is importable here: zlib (stdlib), and the optional `deflate` (libdeflate), `isal` (ISA-L) and
-`zlib_ng` packages (the server uses isal, levels mapped as tools.server._isal_level does). Prints time per image and size, side by side as ratios to zlib at level 6. (All of these
+`zlib_ng` packages (the server uses isal, levels mapped as tools.server.encoding._isal_level does). Prints time per image and size, side by side as ratios to zlib at level 6. (All of these
 release the GIL while compressing, so the server's read threads keep running.)
 
     python tests/benchmarks/bench_png.py

@@ -1,6 +1,6 @@
 """The zoom tool as an MCP server (the `mcp` package, low-level `Server`), over stdio or streamable HTTP.
 
-Same service, limits and semantics as the HTTP API (`tools.server.ZoomService`). Tools:
+Same service, limits and semantics as the HTTP API (`tools.server.service.ZoomService`). Tools:
 `list_images`, `start_episode` (returns the overview images), `zoom_in` (the training tool: `bbox` in the
 frame of `source`, plus the `episode_id`), `end_episode`, and a stateless `zoom_region`. A zoom returns an
 image content item and a text item (the observation text the model saw in training, then the mapping
@@ -20,7 +20,9 @@ import mcp_types as types
 from mcp.server.lowlevel import Server
 
 from tools.errors import LimitError, ToolError
-from tools.server import ServeConfig, ZoomService, public_error
+from tools.server.config import ServeConfig
+from tools.server.encoding import public_error
+from tools.server.service import ZoomService
 
 log = logging.getLogger("knowzoom.mcp")
 
@@ -150,7 +152,7 @@ def create_mcp_server(cfg: ServeConfig, service: ZoomService | None = None) -> S
 
 def create_mcp_http_app(cfg: ServeConfig, service: ZoomService | None = None) -> Any:
     """Starlette app serving MCP over streamable HTTP at /mcp (DNS-rebinding protection on loopback)."""
-    from tools.server import guard_app
+    from tools.server.app import guard_app
 
     server = create_mcp_server(cfg, service)
     app = server.streamable_http_app(streamable_http_path="/mcp", host=cfg.host,
