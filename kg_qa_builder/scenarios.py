@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
-from kg_qa_builder.generate import fix_articles
+from kg_qa_builder.generate import fix_articles, indefinite_article
 from kg_qa_builder.graph import KnowledgeGraph, norm
 from kg_qa_builder.quality import acceptable, answer_leak
 from pipeline.records import TextQA
@@ -40,8 +40,8 @@ class ScenarioError(ValueError):
 
 
 def an(phrase: str) -> str:
-    """'a ship' / 'an aircraft' / 'an Airbus A320' (by the first letter; good enough for catalogue names)."""
-    return ("an " if phrase[:1].lower() in "aeio" else "a ") + phrase
+    """'a ship' / 'an aircraft' / 'an M1' / 'a unit' (generate.indefinite_article: by how the word is spoken)."""
+    return indefinite_article(phrase) + " " + phrase
 
 
 def an_cap(phrase: str) -> str:

@@ -12,11 +12,11 @@ import pytest
 
 from kg_qa_builder.dataset import entity_split
 from kg_qa_builder.errors import KGLoadError
-from kg_qa_builder.generate import Generator, fix_articles
+from kg_qa_builder.generate import Generator, fix_articles, indefinite_article
 from kg_qa_builder.graph import KnowledgeGraph, load_schema
 from kg_qa_builder.importers import build_graph, import_curated
 from kg_qa_builder.quality import TASKS, acceptable, answer_leak, check_targets, measure, two_right_options
-from kg_qa_builder.scenarios import KINDS, PRINCIPLE_HEADS, ScenarioGenerator, _months, crop_state
+from kg_qa_builder.scenarios import KINDS, PRINCIPLE_HEADS, ScenarioGenerator, _months, an, crop_state
 from kg_qa_builder.stage import BuildQAConfig, run
 from kg_qa_builder.verify import Verifier
 from pipeline.config import load_config
@@ -97,8 +97,46 @@ def test_grammar_of_rendered_text(template_items, scenario_items):
         text = " ".join([q.question, *q.rationale])
         assert "{h}" not in text and "{t}" not in text, text
         assert not bad_article.search(text), text
+        assert fix_articles(text) == text, text  # every article already agrees with the word after it
     assert fix_articles("a offshore turbine, a unpaved track, a university") == (
         "an offshore turbine, an unpaved track, a university")
+
+
+ARTICLE_CASES = [
+    # initialisms read letter by letter: by the name of the first letter
+    ("M1", "an"), ("F-16", "an"), ("LNG", "an"), ("SUV", "an"), ("MRI", "an"), ("X-ray", "an"),
+    ("HMMWV", "an"), ("NDVI", "an"), ("RGB", "an"), ("SRTM", "an"), ("LR2", "an"), ("A330", "an"), ("E-2", "an"),
+    ("ICAO", "an"),
+    ("NHL", "an"), ("UAV", "a"), ("U-2S", "a"), ("US", "a"), ("C-130J", "a"), ("KC-46", "a"), ("TGV", "a"),
+    ("Q-Max", "a"), ("VLCC", "a"),
+    # acronyms read as words, and mixed-case names
+    ("SAR", "a"), ("NATO", "a"), ("FREMM", "a"), ("NAIP", "a"), ("MODIS", "a"), ("Su-35", "a"),
+    ("MiG-31", "a"), ("LiDAR", "a"), ("BAe", "a"), ("IKONOS", "an"),
+    # words: first sound, with the usual exceptions
+    ("unit", "a"), ("university", "a"), ("one", "a"), ("one-way", "a"), ("once", "a"),
+    ("European", "a"),
+    ("Eurofighter", "a"), ("usual", "a"), ("utility", "a"), ("uranium", "a"), ("Ukrainian", "a"),
+    ("hour", "an"), ("honest", "an"), ("honour", "an"), ("heir", "an"), ("house", "a"), ("helicopter", "a"),
+    ("urban", "an"), ("unpaved", "an"), ("uninhabited", "an"), ("ultra-large", "an"), ("umbrella", "an"),
+    ("offshore", "an"), ("aircraft", "an"), ("ice", "an"), ("oil", "an"), ("ship", "a"), ("yard", "a"),
+    # numbers by their spoken form
+    ("8", "an"), ("80", "an"), ("800", "an"), ("11", "an"), ("18", "an"), ("11,000", "an"), ("18.5", "an"),
+    ("1.5", "a"), ("110", "a"), ("2", "a"), ("100", "a"), ("1100", "a"),
+]
+
+
+@pytest.mark.parametrize("word,art", ARTICLE_CASES)
+def test_indefinite_article_table(word, art):
+    assert indefinite_article(word) == art
+    wrong = "an" if art == "a" else "a"
+    assert fix_articles(f"It is {wrong} {word} here.") == f"It is {art} {word} here."
+    assert fix_articles(f"{wrong.capitalize()} {word} is seen.") == f"{art.capitalize()} {word} is seen."
+
+
+def test_fix_articles_leaves_labels_alone():
+    assert fix_articles("Route A is faster; option A offers more. A M1 and a LNG tank.") == (
+        "Route A is faster; option A offers more. An M1 and an LNG tank.")
+    assert an("M1 Abrams") == "an M1 Abrams" and an("unit load") == "a unit load"
 
 
 def test_scenarios_cover_every_sub_task_and_reason(kg, scenario_items):
