@@ -16,7 +16,15 @@ from kg_qa_builder.generate import Generator, fix_articles, indefinite_article
 from kg_qa_builder.graph import KnowledgeGraph, load_schema
 from kg_qa_builder.importers import build_graph, import_curated
 from kg_qa_builder.quality import TASKS, acceptable, answer_leak, check_targets, measure, two_right_options
-from kg_qa_builder.scenarios import KINDS, PRINCIPLE_HEADS, ScenarioGenerator, _months, an, crop_state
+from kg_qa_builder.scenarios import (
+    KINDS,
+    PRINCIPLE_HEADS,
+    ScenarioError,
+    ScenarioGenerator,
+    _months,
+    an,
+    crop_state,
+)
 from kg_qa_builder.stage import BuildQAConfig, run
 from kg_qa_builder.verify import Verifier
 from pipeline.config import load_config
@@ -180,6 +188,39 @@ def test_scenario_verifier_rejects_tampering(kg, scenario_items):
         t.meta["evidence_ids"] = t.meta["evidence_ids"][:-1] + [["object_type:ship", "length_range", "quantity:1 m"]]
         assert not ver.verify(t).ok
     assert {"bad_arithmetic", "answer_mismatch", "wrong_label"} <= set(reasons)
+
+
+def test_round_roofs_get_a_circular_footprint(kg):
+    """OCL: an object known by its diameter only (cone-roof and spherical tanks, domes) is measured across and
+    its roof area is π (d/2)², never a random rectangular extent (an LNG tank came out as a 67 × 13 m roof)."""
+    import random
+
+    from kg_qa_builder.scenarios import Facts, make_ocl, render, solve_ocl
+
+    F = Facts(kg)
+    round_roofs = [h for h in F.roofs if kg.type(h) == "object_type" and not F.one(h, "length_range")
+                   and F.one(h, "diameter_range")]
+    assert len(round_roofs) >= 3, [kg.name(h) for h in round_roofs]
+    F.roofs = round_roofs
+    rng, ver, n = random.Random(3), Verifier(kg), 0
+    for _ in range(60):
+        p = make_ocl(rng, F)
+        assert "area_px" not in p and p.get("px_d"), p
+        try:
+            qa = render(kg, F, "ocl-surface", p, "free", rng)
+        except ScenarioError:
+            continue
+        n += 1
+        assert [c["op"] for c in qa.meta["calcs"]] == ["mul", "circle_area"]
+        assert "round roof" in qa.question and "π" in " ".join(qa.rationale), qa.rationale
+        assert ver.verify(qa).ok
+        bad = copy.deepcopy(qa)  # the old rectangular form of the same roof no longer solves
+        bad.meta["params"] = {**p, "area_px": [60, 12]}
+        bad.meta["params"].pop("px_d")
+        assert not ver.verify(bad).ok
+        with pytest.raises(ScenarioError):
+            solve_ocl(F, bad.meta["params"])
+    assert n >= 20
 
 
 def test_crop_calendar_months():
