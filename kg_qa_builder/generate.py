@@ -124,9 +124,12 @@ class Generator:
         return self.same_name[self._name_key[node]]
 
     def step_set(self, nodes: list[str], rel: str, forward: bool) -> list[str]:
+        """Nodes one step from `nodes` over `rel` and the relations that also answer it (also_answered_by)."""
+        rels = [rel, *self.kg.schema.relations[rel].also_answered_by]
         out: set[str] = set()
         for n in nodes:
-            out.update(self.kg.tails(n, rel) if forward else self.kg.heads(rel, n))
+            for r in rels:
+                out.update(self.kg.tails(n, r) if forward else self.kg.heads(r, n))
         return sorted(out)
 
     def resolve(self, plan: Plan) -> list[str] | None:

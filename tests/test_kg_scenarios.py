@@ -12,7 +12,7 @@ import pytest
 
 from kg_qa_builder.dataset import entity_split
 from kg_qa_builder.errors import KGLoadError
-from kg_qa_builder.generate import Generator, fix_articles, indefinite_article
+from kg_qa_builder.generate import Generator, Plan, Step, fix_articles, indefinite_article
 from kg_qa_builder.graph import KnowledgeGraph, load_schema
 from kg_qa_builder.importers import build_graph, import_curated
 from kg_qa_builder.quality import TASKS, acceptable, answer_leak, check_targets, measure, two_right_options
@@ -188,6 +188,52 @@ def test_scenario_verifier_rejects_tampering(kg, scenario_items):
         t.meta["evidence_ids"] = t.meta["evidence_ids"][:-1] + [["object_type:ship", "length_range", "quantity:1 m"]]
         assert not ver.verify(t).ok
     assert {"bad_arithmetic", "answer_mismatch", "wrong_label"} <= set(reasons)
+
+
+def _facility_graph() -> KnowledgeGraph:
+    kg = KnowledgeGraph(load_schema())
+    for n in ("conveyor belt", "rotary kiln", "cooling tower", "ship loader", "coal stockpile"):
+        kg.add_node(f"facility_part:{n}", "facility_part", n)
+    for n in ("bulk terminal", "cement plant", "power plant", "harbour"):
+        kg.add_node(f"scene_context:{n}", "scene_context", n)
+    for h, r, t in [("conveyor belt", "part_of_facility", "bulk terminal"),
+                    ("conveyor belt", "found_at_facility", "cement plant"),
+                    ("rotary kiln", "part_of_facility", "cement plant"),
+                    ("cooling tower", "part_of_facility", "power plant"),
+                    ("coal stockpile", "part_of_facility", "power plant"),
+                    ("ship loader", "part_of_facility", "harbour")]:
+        kg.add_edge(f"facility_part:{h}", r, f"scene_context:{t}", "test")
+    return kg.finalize()
+
+
+def test_generic_facility_components_never_give_a_second_right_option(kg):
+    """A conveyor belt is part of a bulk terminal and is also found at cement plants (and steelworks, mines,
+    power plants...): 'Which component belongs to a cement plant?' must never offer it as a wrong option, nor
+    'Of which kind of facility is the conveyor belt a component?' mark 'cement plant' wrong."""
+    rels = ("part_of_facility", "found_at_facility")
+    only = {r: (1.0 if r in rels else 0) for r in kg.schema.relations}
+    weights = {"mcq": 0.5, "tf": 0.3, "fill": 0.1, "free": 0.1}
+    small = _facility_graph()
+    assert not any(small.schema.relations[r].complete for r in rels)
+    g = Generator(small, seed=2, relation_weights=only, qtype_weights=weights, hop_weights=(1.0, 0, 0))
+    belt, cement = "facility_part:conveyor belt", "scene_context:cement plant"
+    fwd = Plan(anchor=belt, desc=[], main=Step((belt, "part_of_facility", "scene_context:bulk terminal"), True))
+    assert g.resolve(fwd) == ["scene_context:bulk terminal", cement]  # facts of both relations answer it
+    back = Plan(anchor=cement, desc=[], main=Step(("facility_part:rotary kiln", "part_of_facility", cement), False))
+    assert g.resolve(back) == [belt, "facility_part:rotary kiln"]
+    small_items = [q for q in (g.sample() for _ in range(400)) if q is not None]
+    for q in small_items:
+        assert q.qtype != "mcq" and not (q.qtype == "tf" and q.answer == "false"), q.question
+        assert not (q.meta["anchor"] in (belt, cement) and q.qtype in ("free", "fill")), q.question
+    # the shipped graph: components of facilities never give MCQs or false statements, and nothing it
+    # generates on these relations has two right options
+    g = Generator(kg, seed=2, relation_weights=only, qtype_weights=weights, hop_weights=(1.0, 0, 0))
+    items = [q for q in (g.sample() for _ in range(1200)) if q is not None]
+    assert len(items) > 50
+    assert not [q.question for q in items if q.qtype == "mcq" or (q.qtype == "tf" and q.answer == "false")]
+    assert not [q for q in items if two_right_options(q)]
+    ver = Verifier(kg)
+    assert all(ver.verify(q).ok for q in items)
 
 
 def test_round_roofs_get_a_circular_footprint(kg):
