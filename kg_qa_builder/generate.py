@@ -235,11 +235,11 @@ class Generator:
         else:
             steps = [f"The question starts from {given} and asks for the {asked} that fits the pattern "
                      f"\"{pattern}\"."]
-        facts = [f"{_cap(self.statement(s))} (source: {self.source_of(s)})" for s in plan.evidence]
-        if len(facts) > 1:
-            steps.append("Follow the chain of facts: " + "; then ".join(facts) + ".")
+        facts = [f"{self.statement(s)} (source: {self.source_of(s)})" for s in plan.evidence]
+        if len(facts) > 1:  # only the first fact starts a sentence ("...; then an Airbus A330 is ...")
+            steps.append("Follow the chain of facts: " + "; then ".join([_cap(facts[0]), *facts[1:]]) + ".")
         else:
-            steps.append(f"The relevant fact: {facts[0]}.")
+            steps.append(f"The relevant fact: {_cap(facts[0])}.")
         kind = ("single-valued (one value per subject)" if spec.functional else
                 "listed completely for each subject" if spec.closed else "open (the graph lists typical values, not all)")
         steps.append(f"Check the evidence: the {spec.name.replace('_', ' ')} relation is {kind}, and the fact"

@@ -106,6 +106,7 @@ def test_grammar_of_rendered_text(template_items, scenario_items):
         assert "{h}" not in text and "{t}" not in text, text
         assert not bad_article.search(text), text
         assert fix_articles(text) == text, text  # every article already agrees with the word after it
+        assert "; then A " not in text and "; then An " not in text, text  # mid-sentence article capitalised
     assert fix_articles("a offshore turbine, a unpaved track, a university") == (
         "an offshore turbine, an unpaved track, a university")
 
