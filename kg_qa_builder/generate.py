@@ -124,9 +124,12 @@ class Generator:
         return self.same_name[self._name_key[node]]
 
     def step_set(self, nodes: list[str], rel: str, forward: bool) -> list[str]:
+        """Nodes one step from `nodes` over `rel` and the relations that also answer it (also_answered_by)."""
+        rels = [rel, *self.kg.schema.relations[rel].also_answered_by]
         out: set[str] = set()
         for n in nodes:
-            out.update(self.kg.tails(n, rel) if forward else self.kg.heads(rel, n))
+            for r in rels:
+                out.update(self.kg.tails(n, r) if forward else self.kg.heads(r, n))
         return sorted(out)
 
     def resolve(self, plan: Plan) -> list[str] | None:
@@ -232,11 +235,11 @@ class Generator:
         else:
             steps = [f"The question starts from {given} and asks for the {asked} that fits the pattern "
                      f"\"{pattern}\"."]
-        facts = [f"{_cap(self.statement(s))} (source: {self.source_of(s)})" for s in plan.evidence]
-        if len(facts) > 1:
-            steps.append("Follow the chain of facts: " + "; then ".join(facts) + ".")
+        facts = [f"{self.statement(s)} (source: {self.source_of(s)})" for s in plan.evidence]
+        if len(facts) > 1:  # only the first fact starts a sentence ("...; then an Airbus A330 is ...")
+            steps.append("Follow the chain of facts: " + "; then ".join([_cap(facts[0]), *facts[1:]]) + ".")
         else:
-            steps.append(f"The relevant fact: {facts[0]}.")
+            steps.append(f"The relevant fact: {_cap(facts[0])}.")
         kind = ("single-valued (one value per subject)" if spec.functional else
                 "listed completely for each subject" if spec.closed else "open (the graph lists typical values, not all)")
         steps.append(f"Check the evidence: the {spec.name.replace('_', ' ')} relation is {kind}, and the fact"
@@ -376,12 +379,71 @@ class Generator:
         return self.render(plan, qtype)
 
 
-_A_AN = re.compile(r"\b([Aa]) (?=[aeioAEIO]|[Uu]n(?!i))")
+# Letters whose spoken names start with a vowel sound (ef, aitch, el, em, en, ar, ess, ex, and the vowels
+# but U, "you"): an initialism read letter by letter takes "an" when it starts with one ("an M1", "an F-16",
+# "an LNG tank", "an SUV", "an X-ray") and "a" otherwise ("a C-130", "a UAV", "a KC-46").
+_VOWEL_LETTERS = frozenset("AEFHILMNORSX")
+# Capitalised acronyms read as words, not letter by letter ("a SAR image", "a NATO base", "a MODIS scene").
+_WORD_ACRONYMS = frozenset({
+    "NATO", "NASA", "NOAA", "SAR", "SPOT", "MODIS", "MERIS", "NIR", "SWIR", "NIIRS", "LIDAR", "RADAR", "SONAR",
+    "LASER", "FIFA", "SIGTTO", "FREMM", "NAIP", "DEIMOS", "SEASAT", "SMAP", "SMOS", "SEVIRI", "RAMSAR",
+    "SENTINEL", "LANDSAT", "MAX", "SLAR", "FLIR"})
+# Words spelt with a vowel but spoken with a consonant ("you", "w") first, and words with a silent h.
+_YOU_START = re.compile(r"^(?:uni(?!n|m|d|nt)|one\b|once\b|eu|ewe|us(?:e|u|a)|ut(?:i|e|o)|ur(?:a|e|i|o|u)"
+                        r"|ubi|uk|ufo|uvula|ouija)")
+_SILENT_H = re.compile(r"^(?:hour|honest|honou?r|heir|hors d)")
+_ARTICLE = re.compile(r"(?<![\w'’-])(a|an|A|An)(\s+)([\"'“‘(]?)([A-Za-z0-9][\w.,-]*)")
+
+
+def _number_article(digits: str) -> str:
+    """'an 8', 'an 18', 'an 11,000', 'an 80 m' ('eight', 'eighteen', 'eleven'); 'a 1.5', 'a 110', 'a 2'."""
+    whole = digits.replace(",", "").split(".")[0]
+    if not whole.isdigit():
+        return "a"
+    if whole.startswith("8"):
+        return "an"
+    lead = whole[: len(whole) % 3 or 3]
+    return "an" if lead in ("11", "18") and len(whole) in (2, 5, 8) else "a"
+
+
+def indefinite_article(word: str) -> str:
+    """'a' or 'an' before `word`, by how it is spoken: initialisms by the name of their first letter
+    ("an M1", "an SUV", "a UAV"), numbers by their spoken form ("an 8 m", "an 11 m"), words by their first
+    sound ("a unit", "a one-way", "a European", "an hour", "an honest", "an urban", "an unpaved")."""
+    w = word.lstrip("\"'“‘(")
+    if not w:
+        return "a"
+    if w[0].isdigit():
+        return _number_article(re.match(r"[\d.,]*", w).group(0).rstrip(".,"))  # type: ignore[union-attr]
+    letters = re.match(r"[A-Za-z]*", w).group(0)  # type: ignore[union-attr]
+    rest = w[len(letters):]
+    initialism = letters.isupper() and (len(letters) >= 2 or not rest or rest[0] in "-0123456789")
+    if initialism and letters not in _WORD_ACRONYMS:
+        return "an" if letters[0] in _VOWEL_LETTERS else "a"
+    low = w.lower()
+    if _YOU_START.match(low):
+        return "a"
+    if _SILENT_H.match(low):
+        return "an"
+    return "an" if low[0] in "aeiou" else "a"
 
 
 def fix_articles(text: str) -> str:
-    """'a offshore wind turbine' → 'an offshore wind turbine' (templates say 'a {h}')."""
-    return _A_AN.sub(lambda m: m.group(1) + "n ", text)
+    """Make every indefinite article agree with the next word ('a offshore' → 'an offshore', 'a M1' → 'an
+    M1', 'an European' → 'a European'); templates say 'a {h}'. A capital 'A' counts as an article only at
+    the start of a sentence, so labels such as 'route A' are left alone."""
+    def sub(m: re.Match[str]) -> str:
+        art = m.group(1)
+        if art[0] == "A":
+            before = text[:m.start()].rstrip()
+            if before and before[-1] not in ".!?:;\"'“‘(":
+                return m.group(0)
+        want = indefinite_article(m.group(4))
+        if art.lower() == want:
+            return m.group(0)
+        return (want.capitalize() if art[0] == "A" else want) + m.group(2) + m.group(3) + m.group(4)
+
+    return _ARTICLE.sub(sub, text)
 
 
 def _cap(s: str) -> str:

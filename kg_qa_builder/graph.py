@@ -54,6 +54,7 @@ class RelationSpec:
     tail_of: str = ""
     head_by: str = ""
     weight: float = 1.0
+    also_answered_by: list[str] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
@@ -122,6 +123,12 @@ def load_schema(path: str | Path | None = None) -> Schema:
             if tpl and "{t}" not in tpl:
                 problems.append(f"{where}: relation {name}: template {tpl!r} lacks {{t}}")
         rels[name] = r
+    for r in rels.values():
+        for other in r.also_answered_by:
+            o = rels.get(other)
+            if o is None or set(o.domain) != set(r.domain) or set(o.range) != set(r.range):
+                problems.append(f"{where}: relation {r.name}: also_answered_by {other!r} must be a relation with "
+                                "the same domain and range")
     if problems:
         raise SchemaError("invalid KG schema:\n" + "\n".join(f"  - {p}" for p in problems))
     return Schema(types=types, relations=rels)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
-from kg_qa_builder.generate import fix_articles
+from kg_qa_builder.generate import fix_articles, indefinite_article
 from kg_qa_builder.graph import KnowledgeGraph, norm
 from kg_qa_builder.quality import acceptable, answer_leak
 from pipeline.records import TextQA
@@ -40,8 +40,8 @@ class ScenarioError(ValueError):
 
 
 def an(phrase: str) -> str:
-    """'a ship' / 'an aircraft' / 'an Airbus A320' (by the first letter; good enough for catalogue names)."""
-    return ("an " if phrase[:1].lower() in "aeio" else "a ") + phrase
+    """'a ship' / 'an aircraft' / 'an M1' / 'a unit' (generate.indefinite_article: by how the word is spoken)."""
+    return indefinite_article(phrase) + " " + phrase
 
 
 def an_cap(phrase: str) -> str:
@@ -332,11 +332,19 @@ def make_ocl(rng: random.Random, F: Facts) -> dict[str, Any]:
         p["px_len"] = _px_pair(rng, F.rng_of(h, "length_range"), p["gsd"])
         if F.rng(h, "width_range"):
             p["px_2"] = _px_pair(rng, F.rng_of(h, "width_range"), p["gsd"])
+    elif _round(F, h):  # a round roof (tank, dome): a diameter, never a rectangular extent
+        p["px_d"] = _px_pair(rng, F.rng_of(h, "diameter_range"), p["gsd"])
     cues = F.kg.tails(h, "roof_cue") or F.kg.tails(h, "has_visual_cue")
     p["cue"] = rng.choice(cues) if cues else None
-    if not p.get("px_len"):
+    if not p.get("px_len") and not p.get("px_d"):
         add_area(rng, p, 20, 240)
     return p
+
+
+def _round(F: Facts, h: str) -> bool:
+    """An object known by its diameter alone (round tanks, bins, silos, domes): its plan is a circle, so its
+    roof area is π (d/2)², not length × width."""
+    return F.kg.type(h) == "object_type" and not F.rng(h, "length_range") and bool(F.rng(h, "diameter_range"))
 
 
 def solve_ocl(F: Facts, p: dict[str, Any]) -> Solution:
@@ -353,6 +361,14 @@ def solve_ocl(F: Facts, p: dict[str, Any]) -> Solution:
         if p.get("px_2"):
             sol.calc("mul", p["px_2"], p["gsd"])
             sol.evidence.append(F.tr(h, "width_range"))
+    elif _round(F, h):
+        if p.get("area_px") or not p.get("px_d"):
+            raise ScenarioError("a round roof has a diameter, not a rectangular extent")
+        d = sol.calc("mul", p["px_d"], p["gsd"], digits=1)
+        if not fits(d, F.rng(h, "diameter_range")):  # type: ignore[arg-type]
+            raise ScenarioError("size")
+        sol.evidence.append(F.tr(h, "diameter_range"))
+        sol.calc("circle_area", d, digits=0)
     if p.get("cue"):
         rel = "roof_cue" if kg.has(h, "roof_cue", p["cue"]) else "has_visual_cue"
         sol.evidence.append((h, rel, p["cue"]))
@@ -377,6 +393,17 @@ def text_ocl(F: Facts, p: dict[str, Any], sol: Solution) -> tuple[str, str, list
                  f"{an_cap(kg.name(h))} is typically {kg.name(F.one(h, 'length_range') or '')} long"
                  + (f" and {kg.name(F.one(h, 'width_range') or '')} wide" if len(c) > 1 else "")
                  + ", which matches the measurement" + (f", and it shows {kg.name(p['cue'])}" if p.get("cue") else "") + "."]
+    elif p.get("px_d"):
+        d, area = sol.calcs[0]["result"], sol.calcs[1]["result"]
+        setting = (f"In a {fmt(p['gsd'])} m GSD natural-colour image, a round roof {p['px_d']} px across "
+                   + (f"shows {kg.name(p['cue'])}." if p.get("cue") else "is seen."))
+        ask = "What colour does this roof most likely appear in the image?"
+        steps = [f"Convert to ground size: {p['px_d']} px × {fmt(p['gsd'])} m = {fmt(d)} m across. The roof is a "
+                 f"circle, so its area is π × (d / 2)² = π × ({fmt(d)} / 2)² = {fmt(area)} m² (not length × width: "
+                 "the plan is round).",
+                 f"{an_cap(kg.name(h))} is typically {kg.name(F.one(h, 'diameter_range') or '')} across and round "
+                 "from above, which matches the measurement"
+                 + (f", and it shows {kg.name(p['cue'])}" if p.get("cue") else "") + "."]
     else:
         size = f" measuring {p['area_px'][0]} × {p['area_px'][1]} px" if p.get("area_px") else ""
         setting = (f"In a {fmt(p['gsd'])} m GSD natural-colour image of a built-up area, one roof{size} shows "

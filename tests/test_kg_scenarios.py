@@ -12,11 +12,19 @@ import pytest
 
 from kg_qa_builder.dataset import entity_split
 from kg_qa_builder.errors import KGLoadError
-from kg_qa_builder.generate import Generator, fix_articles
+from kg_qa_builder.generate import Generator, Plan, Step, fix_articles, indefinite_article
 from kg_qa_builder.graph import KnowledgeGraph, load_schema
 from kg_qa_builder.importers import build_graph, import_curated
 from kg_qa_builder.quality import TASKS, acceptable, answer_leak, check_targets, measure, two_right_options
-from kg_qa_builder.scenarios import KINDS, PRINCIPLE_HEADS, ScenarioGenerator, _months, crop_state
+from kg_qa_builder.scenarios import (
+    KINDS,
+    PRINCIPLE_HEADS,
+    ScenarioError,
+    ScenarioGenerator,
+    _months,
+    an,
+    crop_state,
+)
 from kg_qa_builder.stage import BuildQAConfig, run
 from kg_qa_builder.verify import Verifier
 from pipeline.config import load_config
@@ -97,8 +105,47 @@ def test_grammar_of_rendered_text(template_items, scenario_items):
         text = " ".join([q.question, *q.rationale])
         assert "{h}" not in text and "{t}" not in text, text
         assert not bad_article.search(text), text
+        assert fix_articles(text) == text, text  # every article already agrees with the word after it
+        assert "; then A " not in text and "; then An " not in text, text  # mid-sentence article capitalised
     assert fix_articles("a offshore turbine, a unpaved track, a university") == (
         "an offshore turbine, an unpaved track, a university")
+
+
+ARTICLE_CASES = [
+    # initialisms read letter by letter: by the name of the first letter
+    ("M1", "an"), ("F-16", "an"), ("LNG", "an"), ("SUV", "an"), ("MRI", "an"), ("X-ray", "an"),
+    ("HMMWV", "an"), ("NDVI", "an"), ("RGB", "an"), ("SRTM", "an"), ("LR2", "an"), ("A330", "an"), ("E-2", "an"),
+    ("ICAO", "an"),
+    ("NHL", "an"), ("UAV", "a"), ("U-2S", "a"), ("US", "a"), ("C-130J", "a"), ("KC-46", "a"), ("TGV", "a"),
+    ("Q-Max", "a"), ("VLCC", "a"),
+    # acronyms read as words, and mixed-case names
+    ("SAR", "a"), ("NATO", "a"), ("FREMM", "a"), ("NAIP", "a"), ("MODIS", "a"), ("Su-35", "a"),
+    ("MiG-31", "a"), ("LiDAR", "a"), ("BAe", "a"), ("IKONOS", "an"),
+    # words: first sound, with the usual exceptions
+    ("unit", "a"), ("university", "a"), ("one", "a"), ("one-way", "a"), ("once", "a"),
+    ("European", "a"),
+    ("Eurofighter", "a"), ("usual", "a"), ("utility", "a"), ("uranium", "a"), ("Ukrainian", "a"),
+    ("hour", "an"), ("honest", "an"), ("honour", "an"), ("heir", "an"), ("house", "a"), ("helicopter", "a"),
+    ("urban", "an"), ("unpaved", "an"), ("uninhabited", "an"), ("ultra-large", "an"), ("umbrella", "an"),
+    ("offshore", "an"), ("aircraft", "an"), ("ice", "an"), ("oil", "an"), ("ship", "a"), ("yard", "a"),
+    # numbers by their spoken form
+    ("8", "an"), ("80", "an"), ("800", "an"), ("11", "an"), ("18", "an"), ("11,000", "an"), ("18.5", "an"),
+    ("1.5", "a"), ("110", "a"), ("2", "a"), ("100", "a"), ("1100", "a"),
+]
+
+
+@pytest.mark.parametrize("word,art", ARTICLE_CASES)
+def test_indefinite_article_table(word, art):
+    assert indefinite_article(word) == art
+    wrong = "an" if art == "a" else "a"
+    assert fix_articles(f"It is {wrong} {word} here.") == f"It is {art} {word} here."
+    assert fix_articles(f"{wrong.capitalize()} {word} is seen.") == f"{art.capitalize()} {word} is seen."
+
+
+def test_fix_articles_leaves_labels_alone():
+    assert fix_articles("Route A is faster; option A offers more. A M1 and a LNG tank.") == (
+        "Route A is faster; option A offers more. An M1 and an LNG tank.")
+    assert an("M1 Abrams") == "an M1 Abrams" and an("unit load") == "a unit load"
 
 
 def test_scenarios_cover_every_sub_task_and_reason(kg, scenario_items):
@@ -142,6 +189,85 @@ def test_scenario_verifier_rejects_tampering(kg, scenario_items):
         t.meta["evidence_ids"] = t.meta["evidence_ids"][:-1] + [["object_type:ship", "length_range", "quantity:1 m"]]
         assert not ver.verify(t).ok
     assert {"bad_arithmetic", "answer_mismatch", "wrong_label"} <= set(reasons)
+
+
+def _facility_graph() -> KnowledgeGraph:
+    kg = KnowledgeGraph(load_schema())
+    for n in ("conveyor belt", "rotary kiln", "cooling tower", "ship loader", "coal stockpile"):
+        kg.add_node(f"facility_part:{n}", "facility_part", n)
+    for n in ("bulk terminal", "cement plant", "power plant", "harbour"):
+        kg.add_node(f"scene_context:{n}", "scene_context", n)
+    for h, r, t in [("conveyor belt", "part_of_facility", "bulk terminal"),
+                    ("conveyor belt", "found_at_facility", "cement plant"),
+                    ("rotary kiln", "part_of_facility", "cement plant"),
+                    ("cooling tower", "part_of_facility", "power plant"),
+                    ("coal stockpile", "part_of_facility", "power plant"),
+                    ("ship loader", "part_of_facility", "harbour")]:
+        kg.add_edge(f"facility_part:{h}", r, f"scene_context:{t}", "test")
+    return kg.finalize()
+
+
+def test_generic_facility_components_never_give_a_second_right_option(kg):
+    """A conveyor belt is part of a bulk terminal and is also found at cement plants (and steelworks, mines,
+    power plants...): 'Which component belongs to a cement plant?' must never offer it as a wrong option, nor
+    'Of which kind of facility is the conveyor belt a component?' mark 'cement plant' wrong."""
+    rels = ("part_of_facility", "found_at_facility")
+    only = {r: (1.0 if r in rels else 0) for r in kg.schema.relations}
+    weights = {"mcq": 0.5, "tf": 0.3, "fill": 0.1, "free": 0.1}
+    small = _facility_graph()
+    assert not any(small.schema.relations[r].complete for r in rels)
+    g = Generator(small, seed=2, relation_weights=only, qtype_weights=weights, hop_weights=(1.0, 0, 0))
+    belt, cement = "facility_part:conveyor belt", "scene_context:cement plant"
+    fwd = Plan(anchor=belt, desc=[], main=Step((belt, "part_of_facility", "scene_context:bulk terminal"), True))
+    assert g.resolve(fwd) == ["scene_context:bulk terminal", cement]  # facts of both relations answer it
+    back = Plan(anchor=cement, desc=[], main=Step(("facility_part:rotary kiln", "part_of_facility", cement), False))
+    assert g.resolve(back) == [belt, "facility_part:rotary kiln"]
+    small_items = [q for q in (g.sample() for _ in range(400)) if q is not None]
+    for q in small_items:
+        assert q.qtype != "mcq" and not (q.qtype == "tf" and q.answer == "false"), q.question
+        assert not (q.meta["anchor"] in (belt, cement) and q.qtype in ("free", "fill")), q.question
+    # the shipped graph: components of facilities never give MCQs or false statements, and nothing it
+    # generates on these relations has two right options
+    g = Generator(kg, seed=2, relation_weights=only, qtype_weights=weights, hop_weights=(1.0, 0, 0))
+    items = [q for q in (g.sample() for _ in range(1200)) if q is not None]
+    assert len(items) > 50
+    assert not [q.question for q in items if q.qtype == "mcq" or (q.qtype == "tf" and q.answer == "false")]
+    assert not [q for q in items if two_right_options(q)]
+    ver = Verifier(kg)
+    assert all(ver.verify(q).ok for q in items)
+
+
+def test_round_roofs_get_a_circular_footprint(kg):
+    """OCL: an object known by its diameter only (cone-roof and spherical tanks, domes) is measured across and
+    its roof area is π (d/2)², never a random rectangular extent (an LNG tank came out as a 67 × 13 m roof)."""
+    import random
+
+    from kg_qa_builder.scenarios import Facts, make_ocl, render, solve_ocl
+
+    F = Facts(kg)
+    round_roofs = [h for h in F.roofs if kg.type(h) == "object_type" and not F.one(h, "length_range")
+                   and F.one(h, "diameter_range")]
+    assert len(round_roofs) >= 3, [kg.name(h) for h in round_roofs]
+    F.roofs = round_roofs
+    rng, ver, n = random.Random(3), Verifier(kg), 0
+    for _ in range(60):
+        p = make_ocl(rng, F)
+        assert "area_px" not in p and p.get("px_d"), p
+        try:
+            qa = render(kg, F, "ocl-surface", p, "free", rng)
+        except ScenarioError:
+            continue
+        n += 1
+        assert [c["op"] for c in qa.meta["calcs"]] == ["mul", "circle_area"]
+        assert "round roof" in qa.question and "π" in " ".join(qa.rationale), qa.rationale
+        assert ver.verify(qa).ok
+        bad = copy.deepcopy(qa)  # the old rectangular form of the same roof no longer solves
+        bad.meta["params"] = {**p, "area_px": [60, 12]}
+        bad.meta["params"].pop("px_d")
+        assert not ver.verify(bad).ok
+        with pytest.raises(ScenarioError):
+            solve_ocl(F, bad.meta["params"])
+    assert n >= 20
 
 
 def test_crop_calendar_months():
