@@ -257,13 +257,6 @@ def chat_template() -> str:
     return (Path(trl.__file__).parent / "chat_templates" / "qwen2_5_vl.jinja").read_text(encoding="utf-8")
 
 
-def training_chat_template() -> str:
-    """The same template with {% generation %} markers (used by tests to cross-check our masks)."""
-    import trl
-
-    return (Path(trl.__file__).parent / "chat_templates" / "qwen2_5_vl_training.jinja").read_text(encoding="utf-8")
-
-
 def _processor_class() -> type:
     """`Qwen2_5_VLProcessor` without the video processor (which needs torchvision)."""
     from transformers import Qwen2_5_VLProcessor
@@ -575,5 +568,5 @@ def run(cfg: BuildModelConfig) -> dict[str, Any]:
 __all__ = [
     "TINY", "TinySpec", "BuildModelConfig", "run", "load_model", "load_processor", "build_tiny_model",
     "save_model", "make_processor", "set_pixel_bounds", "resolve_model_path", "tiny_model_path",
-    "chat_template", "training_chat_template", "count_parameters", "cache_root",
+    "chat_template", "count_parameters", "cache_root",
 ]

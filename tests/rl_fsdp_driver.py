@@ -19,11 +19,11 @@ import fsdp_cpu_shim  # noqa: E402,F401
 
 def main(work: Path) -> None:
     import torch
+    from fixtures.scripted_trainer import VALID_CALL, script_policy
+    from fixtures.zoom_task import make_zoom_task
     from torch.distributed.fsdp import FSDPModule
 
-    from rl.scripted import VALID_CALL, script_policy
     from rl.stage import RLConfig, build_run, train_worker
-    from rl.synthetic import make_zoom_task
 
     rank = int(os.environ["RANK"])
     task = work / "task"

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from sft.toy import write_text_qa, write_toy_scenes
+    from fixtures.toy import write_text_qa, write_toy_scenes
 
     d = tmp_path_factory.mktemp("launchdata")
     train, _ = write_text_qa(d / "qa")
@@ -60,8 +60,9 @@ def test_two_rank_sft_through_the_launcher(data, tmp_path, monkeypatch, capsys):
 def test_two_rank_rl_through_the_launcher(tmp_path, monkeypatch, capsys):
     """`knowzoom rl --num_processes 2` without Ray: the same launcher starts two gloo ranks of GRPO; one
     DONE.json, one reward line per step (rank 0 writes), a saved model."""
+    from fixtures.zoom_task import make_zoom_task
+
     from pipeline.cli import main
-    from rl.synthetic import make_zoom_task
 
     task = tmp_path / "task"
     make_zoom_task(task, n=4, size=512, square=32, seed=1)

@@ -131,7 +131,8 @@ def _placeholder_vs_features(model, processor, messages, images):
 
 
 def test_image_tokens_match_features_for_prompt_image_and_tool_crop(tmp_path, tiny):
-    from sft.toy import write_toy_scenes
+    from fixtures.toy import write_toy_scenes
+
     from tools.protocol import Episode, ToolCall, build_prompt_messages, tool_message
     from tools.store import ImageStore
     from tools.zoom import ZoomConfig

@@ -12,14 +12,14 @@ import json
 import re
 
 import pytest
+from fixtures.scripted_trainer import VALID_CALL, script_policy
+from fixtures.zoom_task import make_zoom_task
 from test_eval_helpers import ScriptBackend
 
 from pipeline.evaluate import EvalConfig
 from pipeline.records import VQASample, read_jsonl
 from rl.agent import run_episodes
-from rl.scripted import VALID_CALL, script_policy
 from rl.stage import RLConfig, build_run
-from rl.synthetic import make_zoom_task
 from sft.data import oracle_trajectory
 from sft.mining import MineHardConfig
 from sft.stage import SFTConfig

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixtures.scripted_trainer import VALID_CALL, script_policy
+from fixtures.zoom_task import make_zoom_task
 
-from rl.scripted import VALID_CALL, script_policy
 from rl.stage import RLConfig, build_run
-from rl.synthetic import make_zoom_task
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent

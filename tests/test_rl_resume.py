@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
+from fixtures.zoom_task import make_zoom_task
 from safetensors.torch import load_file
 
 from rl.stage import RLConfig, latest_checkpoint
-from rl.synthetic import make_zoom_task
 
 
 def _args(task: Path, out: Path) -> list[str]:

@@ -8,11 +8,11 @@ import re
 
 import pytest
 import torch
+from fixtures.scripted_trainer import VALID_CALL, script_policy
+from fixtures.zoom_task import make_zoom_task
 
 from rl.errors import RolloutFailureError
-from rl.scripted import VALID_CALL, script_policy
 from rl.stage import RLConfig, build_run
-from rl.synthetic import make_zoom_task
 
 VALID = VALID_CALL
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from rl.synthetic import make_zoom_task
+from fixtures.zoom_task import make_zoom_task
 
 
 def test_tiny_run_logs_rewards_and_updates_parameters(tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from fixtures.zoom_task import make_zoom_task
 
 from pipeline.errors import ConfigError, DatasetNotFoundError, ModelNotFoundError
 from pipeline.records import TargetRegion, VQASample
@@ -18,7 +19,6 @@ from rl.rewards import (
     split_assistant_turns,
     tags_balanced,
 )
-from rl.synthetic import make_zoom_task
 
 CALL = '<tool_call>{"name": "zoom_in", "arguments": {"bbox": [1, 2, 30, 40], "source": "image_0"}}</tool_call>'
 SAMPLE = VQASample(id="s", images=["a"], question="Colour?", answer="B", qtype="single",

@@ -13,7 +13,7 @@ from pipeline.records import TargetRegion, VQASample
 
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory):
-    from sft.toy import write_toy_scenes
+    from fixtures.toy import write_toy_scenes
 
     out = tmp_path_factory.mktemp("scenes")
     manifest, vqa = write_toy_scenes(out, n=4, size=2000, square=40)
@@ -21,9 +21,10 @@ def scenes(tmp_path_factory):
 
 
 def test_text_qa_messages_follow_the_answer_format_the_verifier_reads():
+    from fixtures.toy import spectral_index_qa
+
     from rl.verifier import verify_sample
     from sft.data import text_prompt_messages, text_qa_messages
-    from sft.toy import spectral_index_qa
 
     qa = spectral_index_qa(3)
     for q in qa:
@@ -165,12 +166,13 @@ def test_sft_config_validation_says_what_to_fix(tmp_path):
 def test_build_items_with_an_empty_hard_set_trains_on_text_and_reports_it(scenes, tmp_path, tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("KNOWZOOM_CACHE", str(tmp_path_factory.getbasetemp() / "kz_model_cache"))
+    from fixtures.toy import write_text_qa
+
     from pipeline.config import load_config
     from pipeline.models import load_processor
     from pipeline.records import write_jsonl
     from sft.errors import SFTDataError
     from sft.stage import SFTConfig, build_items
-    from sft.toy import write_text_qa
 
     proc = load_processor("tiny")
     mp.undo()
@@ -195,10 +197,11 @@ def test_build_items_with_an_empty_hard_set_trains_on_text_and_reports_it(scenes
 
 def test_text_think_off_trains_text_answers_without_the_rationale(tmp_path: Path) -> None:
     """`text_think: false` (the tiny default) drops the graph rationale from text QA targets only."""
+    from fixtures.toy import write_text_qa
+
     from pipeline.config import load_config
     from sft.data import text_target
     from sft.stage import SFTConfig
-    from sft.toy import write_text_qa
 
     train, _ = write_text_qa(tmp_path / "qa")
     cfg = load_config(SFTConfig, None, {"output_dir": str(tmp_path / "o"), "text_data": [str(train)],

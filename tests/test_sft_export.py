@@ -13,8 +13,9 @@ from pipeline.records import Trajectory
 
 @pytest.fixture(scope="module")
 def materialized(tmp_path_factory):
+    from fixtures.toy import write_toy_scenes
+
     from sft.data import materialize_trajectories, read_vqa
-    from sft.toy import write_toy_scenes
     from tools.store import ImageStore
     from tools.zoom import ZoomConfig
 

@@ -22,7 +22,7 @@ def env(tmp_path_factory):
     cache = tmp_path_factory.getbasetemp() / "kz_model_cache"
     mp.setenv("KNOWZOOM_CACHE", str(cache))
     torch.set_num_threads(1)
-    from sft.toy import write_text_qa, write_toy_scenes
+    from fixtures.toy import write_text_qa, write_toy_scenes
 
     data = tmp_path_factory.mktemp("sftdata")
     train, test = write_text_qa(data / "qa")

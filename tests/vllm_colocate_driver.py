@@ -40,10 +40,10 @@ def main(work: Path, report_path: Path) -> int:
     import dataclasses
 
     import torch
+    from fixtures.zoom_task import make_zoom_task
 
     from pipeline.records import VQASample, read_jsonl, write_jsonl
     from rl.stage import RLConfig, build_run
-    from rl.synthetic import make_zoom_task
 
     task = work / "task"
     make_zoom_task(task, n=2, size=512, square=32, seed=3)

@@ -23,6 +23,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the fixtures package
 
 
 class TimedBackend:
@@ -145,7 +146,7 @@ def main() -> None:
     if args.scenes:
         manifest, data = Path(args.scenes) / "images.jsonl", Path(args.scenes) / "vqa_train.jsonl"
     else:
-        from rl.synthetic import make_zoom_task
+        from fixtures.zoom_task import make_zoom_task
 
         data = make_zoom_task(tmp / "task", n=4, size=4096, square=48)
         manifest = tmp / "task" / "images.jsonl"

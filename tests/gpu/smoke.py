@@ -37,6 +37,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # the fixtures package
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -106,8 +107,9 @@ def build_model(tiny: bool, device: str, processor: Any) -> tuple[Any, dict[str,
 
 def data(work: Path, max_pixels: int) -> tuple[Any, list[Any], Any]:
     """Toy GeoTIFF scenes (real rasterio files), their VQA samples and an ImageStore."""
+    from fixtures.toy import write_toy_scenes
+
     from pipeline.records import VQASample, read_jsonl
-    from sft.toy import write_toy_scenes
     from tools.store import ImageStore
     from tools.zoom import ZoomConfig
 
