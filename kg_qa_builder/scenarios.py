@@ -178,9 +178,6 @@ class Facts:
         self.conditions = [c for c in kg.by_type["condition"] if kg.tails(c, "indicated_by_cue")]
         self.movers = [o for o in kg.by_type["object_type"] if kg.tails(o, "motion_cue") and kg.tails(o, "at_rest_cue")
                        and one(o, "length_range")]
-        self.changes = [c for c in kg.by_type["change_process"] if kg.tails(c, "before_signature")
-                        and kg.tails(c, "after_signature")]
-        self.roads = [r for r in kg.by_type["road_class"] if one(r, "lane_count")]
         self.lane = next((o for o in kg.by_type["object_type"] if kg.name(o) == "motorway traffic lane"), None)
         self.tall = [o for o in kg.by_type["object_type"] if one(o, "height_range")]
         self.by_name = {norm(kg.name(n)): n for n in sorted(kg.g.nodes) if kg.type(n) in (
@@ -441,7 +438,6 @@ def make_osr(rng: random.Random, F: Facts) -> dict[str, Any]:
 
 
 def solve_osr(F: Facts, p: dict[str, Any]) -> Solution:
-    kg = F.kg
     (ax, ay), (bx, by) = p["pa"], p["pb"]
     sol = Solution("", [F.tr(p["a"], "object_category"), F.tr(p["b"], "object_category")], kind="exact")
     dx = sol.calc("sub", bx, ax, digits=0)
@@ -457,7 +453,6 @@ def solve_osr(F: Facts, p: dict[str, Any]) -> Solution:
     sol.right = lambda text: norm(text.split(",")[0]) == norm(_COMPASS[sector])
     sol.pool = [f"{c}, about {fmt(dist)} m" for c in _COMPASS if c != _COMPASS[sector]]  # type: ignore[attr-defined]
     sol.unique = True
-    sol.kg_names = (kg.name(p["a"]), kg.name(p["b"]))  # type: ignore[attr-defined]
     return sol
 
 

@@ -30,7 +30,6 @@ from rl.errors import RolloutFailureError
 TURN_END = "<|im_end|>"
 ASSISTANT_START = "<|im_start|>assistant\n"
 _TAGS = ("think", "tool_call", "answer")
-COMPONENTS = ("accuracy", "format", "tool_bonus", "region")
 
 
 @dataclass

@@ -143,7 +143,6 @@ def create_mcp_server(cfg: ServeConfig, service: ZoomService | None = None) -> S
         on_list_tools=list_tools,
         on_call_tool=call_tool,
     )
-    server.knowzoom_service = svc  # type: ignore[attr-defined]  # for tests and shutdown
     return server
 
 
