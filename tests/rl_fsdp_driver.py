@@ -19,8 +19,8 @@ import fsdp_cpu_shim  # noqa: E402,F401
 
 def main(work: Path) -> None:
     import torch
+    from fixtures.scenes import make_scenes
     from fixtures.scripted_trainer import VALID_CALL, script_policy
-    from fixtures.zoom_task import make_zoom_task
     from torch.distributed.fsdp import FSDPModule
 
     from rl.stage import RLConfig, build_run, train_worker
@@ -28,7 +28,7 @@ def main(work: Path) -> None:
     rank = int(os.environ["RANK"])
     task = work / "task"
     if rank == 0:
-        make_zoom_task(task / "tmp", n=2, size=512, square=32, seed=1)
+        make_scenes(task / "tmp", n=2, size=512, square=32, seed=1)
         os.replace(task / "tmp", task / "ready")
     while not (task / "ready" / "vqa.jsonl").exists():
         time.sleep(0.1)

@@ -12,8 +12,8 @@ import json
 import re
 
 import pytest
+from fixtures.scenes import make_scenes
 from fixtures.scripted_trainer import VALID_CALL, script_policy
-from fixtures.zoom_task import make_zoom_task
 from test_eval_helpers import ScriptBackend
 
 from pipeline.evaluate import EvalConfig
@@ -45,7 +45,7 @@ MALFORMED = [
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):
     root = tmp_path_factory.mktemp("zoomtask")
-    make_zoom_task(root, n=2, size=512, square=32, seed=1)
+    make_scenes(root, n=2, size=512, square=32, seed=1)
     return root
 
 

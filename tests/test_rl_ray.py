@@ -7,7 +7,7 @@ import json
 import os
 
 import pytest
-from fixtures.zoom_task import make_zoom_task
+from fixtures.scenes import make_scenes
 
 ray = pytest.importorskip("ray")
 
@@ -15,7 +15,7 @@ ray = pytest.importorskip("ray")
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):
     root = tmp_path_factory.mktemp("zoomtask_ray")
-    make_zoom_task(root, n=2, size=512, square=32, seed=3)
+    make_scenes(root, n=2, size=512, square=32, seed=3, image_id="scene_{i:03d}")
     return root
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from fixtures.zoom_task import make_zoom_task
+from fixtures.scenes import make_scenes
 
 from pipeline.errors import ConfigError, DatasetNotFoundError, ModelNotFoundError
 from pipeline.records import TargetRegion, VQASample
@@ -97,7 +97,7 @@ def test_region_coverage():
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):
     root = tmp_path_factory.mktemp("zoomtask_units")
-    make_zoom_task(root, n=2, size=512, square=32, seed=4)
+    make_scenes(root, n=2, size=512, square=32, seed=4)
     return root
 
 

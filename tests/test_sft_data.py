@@ -13,10 +13,11 @@ from pipeline.records import TargetRegion, VQASample
 
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory):
-    from fixtures.toy import write_toy_scenes
+    from fixtures.scenes import make_scenes
 
     out = tmp_path_factory.mktemp("scenes")
-    manifest, vqa = write_toy_scenes(out, n=4, size=2000, square=40)
+    scenes = make_scenes(out, n=4, size=2000, square=40, direct_every=4)
+    manifest, vqa = scenes.manifest, scenes.vqa
     return manifest, vqa
 
 

@@ -64,14 +64,16 @@ def test_text_mask_equals_generation_markers_of_trl_training_template(processor)
 
 
 def test_collator_labels_exactly_assistant_tokens_on_zoom_trajectory(processor, tmp_path):
-    from fixtures.toy import spectral_index_qa, write_toy_scenes
+    from fixtures.scenes import make_scenes
+    from fixtures.toy import spectral_index_qa
 
     from sft.data import oracle_trajectory, read_vqa, text_qa_messages
     from sft.masks import ZoomSFTCollator
     from tools.store import ImageStore
     from tools.zoom import ZoomConfig
 
-    manifest, vqa = write_toy_scenes(tmp_path, n=1, size=1200)
+    scenes = make_scenes(tmp_path, n=1, size=1200, square=48)
+    manifest, vqa = scenes.manifest, scenes.vqa
     store = ImageStore.from_manifest(manifest)
     msgs, images, _ = oracle_trajectory(read_vqa([vqa])[0], store, ZoomConfig())
     text_msgs = text_qa_messages(spectral_index_qa(1)[0])
