@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.config import StageConfig, hfield
+from pipeline.config import StageConfig, Validated, hfield
 from pipeline.errors import ConfigError, ModelNotFoundError
 
 if TYPE_CHECKING:  # heavy imports stay lazy: `knowzoom make-scenes` must not import torch
@@ -60,7 +60,7 @@ _QWEN_SPLIT = (
 
 
 @dataclass
-class TinySpec:
+class TinySpec(Validated):
     """Architecture of the embedded tiny Qwen2.5-VL (defaults: the 0.7–0.8M-parameter model of DESIGN.md)."""
 
     vocab_size: int = 2048
@@ -80,7 +80,9 @@ class TinySpec:
     max_pixels: int = 50176  # 224 * 224 = 64 visual tokens after merging
     corpus_files: tuple[str, ...] = ()
 
-    def problems(self) -> list[str]:
+    config_label = "tiny model spec"
+
+    def validate(self) -> list[str]:
         p = []
         if self.hidden_size % self.num_attention_heads:
             p.append("hidden_size: must be divisible by num_attention_heads")
@@ -310,9 +312,7 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, spec: TinySpec | None =
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     spec = spec or TinySpec()
-    problems = spec.problems()
-    if problems:
-        raise ConfigError("invalid tiny model spec:\n" + "\n".join(f"  - {p}" for p in problems))
+    spec.check()
     out = Path(out_dir)
     tokenizer = build_tiny_tokenizer(spec)
     tid = tokenizer.convert_tokens_to_ids
@@ -546,7 +546,7 @@ class BuildModelConfig(StageConfig):
         return TinySpec(**{n: getattr(self, n) for n in names}, corpus_files=tuple(self.corpus_files))
 
     def validate(self) -> list[str]:
-        problems = super().validate() + self.spec().problems()
+        problems = super().validate() + self.spec().validate()
         for f in self.corpus_files:
             if not Path(f).exists():
                 problems.append(f"corpus_files: {f} does not exist; give existing files or leave it empty")

@@ -163,6 +163,20 @@ def read_jsonl(path: str | os.PathLike, cls: type[T] | None = None) -> Iterator[
             raise RecordError(f"{path}:{i}: {e}") from e
 
 
+def read_vqa(paths: str | os.PathLike | Iterable[str | os.PathLike], limit: int | None = None) -> list[VQASample]:
+    """VQASamples of one or more JSONL files in file order, at most `limit`: the one VQA loader (evaluation,
+    SFT and RL read their questions through it; each says itself what an empty set means)."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    out: list[VQASample] = []
+    for p in paths:
+        for s in read_jsonl(p, VQASample):
+            out.append(s)  # type: ignore[arg-type]
+            if limit is not None and len(out) >= limit:
+                return out
+    return out
+
+
 def write_jsonl(path: str | os.PathLike, records: Iterable[Any]) -> int:
     """Write all records atomically (temp file + rename). Returns the count."""
     path = Path(path)

@@ -77,16 +77,6 @@ def read_text_qa(paths: Sequence[str | Path], split: str | None = None, limit: i
     return out
 
 
-def read_vqa(paths: Sequence[str | Path], limit: int | None = None) -> list[VQASample]:
-    out: list[VQASample] = []
-    for p in paths:
-        for s in read_jsonl(p, VQASample):
-            out.append(s)  # type: ignore[arg-type]
-            if limit is not None and len(out) >= limit:
-                return out
-    return out
-
-
 # ----------------------------------------------------------------------------------------- trajectories
 ZOOM_THINK = "<think>The evidence is small in the overview, so I zoom in on it.</think>"
 ANSWER_THINK = "<think>The zoomed view shows the evidence.</think>"
@@ -285,6 +275,6 @@ def filter_by_length(items: list[ChatItem], processor: Any, max_length: int) -> 
 
 __all__ = [
     "TEXT_INSTRUCTIONS", "text_user_prompt", "text_target", "text_prompt_messages", "text_qa_messages",
-    "read_text_qa", "read_vqa", "oracle_trajectory", "materialize_trajectories", "ChatItem", "ChatDataset",
+    "read_text_qa", "oracle_trajectory", "materialize_trajectories", "ChatItem", "ChatDataset",
     "trajectory_items", "text_items", "mix", "filter_by_length",
 ]

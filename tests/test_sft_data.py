@@ -40,8 +40,9 @@ def test_text_qa_messages_follow_the_answer_format_the_verifier_reads():
 
 
 def test_oracle_trajectory_zooms_onto_the_target_through_the_declared_frame(scenes):
+    from pipeline.records import read_vqa
     from rl.verifier import verify_sample
-    from sft.data import oracle_trajectory, read_vqa
+    from sft.data import oracle_trajectory
     from tools.protocol import Episode, parse_turn
     from tools.store import ImageStore
     from tools.zoom import ZoomConfig
@@ -70,7 +71,8 @@ def test_oracle_trajectory_zooms_onto_the_target_through_the_declared_frame(scen
 
 
 def test_direct_answer_without_region_and_zoom_cap(scenes):
-    from sft.data import oracle_trajectory, read_vqa
+    from pipeline.records import read_vqa
+    from sft.data import oracle_trajectory
     from tools.store import ImageStore
     from tools.zoom import ZoomConfig
 
@@ -90,8 +92,8 @@ def test_direct_answer_without_region_and_zoom_cap(scenes):
 
 
 def test_materialize_is_resumable_and_skips_rejected_boxes(scenes, tmp_path):
-    from pipeline.records import Trajectory, read_jsonl
-    from sft.data import ChatDataset, materialize_trajectories, read_vqa, trajectory_items
+    from pipeline.records import Trajectory, read_jsonl, read_vqa
+    from sft.data import ChatDataset, materialize_trajectories, trajectory_items
     from tools.store import ImageStore
     from tools.zoom import ZoomConfig
 

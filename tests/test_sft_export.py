@@ -15,7 +15,8 @@ from pipeline.records import Trajectory
 def materialized(tmp_path_factory):
     from fixtures.scenes import make_scenes
 
-    from sft.data import materialize_trajectories, read_vqa
+    from pipeline.records import read_vqa
+    from sft.data import materialize_trajectories
     from tools.store import ImageStore
     from tools.zoom import ZoomConfig
 

@@ -67,7 +67,8 @@ def test_collator_labels_exactly_assistant_tokens_on_zoom_trajectory(processor, 
     from fixtures.scenes import make_scenes
     from fixtures.toy import spectral_index_qa
 
-    from sft.data import oracle_trajectory, read_vqa, text_qa_messages
+    from pipeline.records import read_vqa
+    from sft.data import oracle_trajectory, text_qa_messages
     from sft.masks import ZoomSFTCollator
     from tools.store import ImageStore
     from tools.zoom import ZoomConfig
