@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.records import JsonlAppender, TextQA, Trajectory, VQASample, read_jsonl
+from pipeline.records import JsonlAppender, TextQA, Trajectory, VQASample, read_jsonl, read_records
 from sft.errors import SFTDataError, TrajectoryError
 
 log = logging.getLogger(__name__)
@@ -66,15 +66,7 @@ def text_qa_messages(qa: TextQA, *, think: bool = True, system: str | None = Non
 
 def read_text_qa(paths: Sequence[str | Path], split: str | None = None, limit: int | None = None) -> list[TextQA]:
     """TextQA records from JSONL files (optionally one split), in file order."""
-    out: list[TextQA] = []
-    for p in paths:
-        for qa in read_jsonl(p, TextQA):
-            if split and qa.split != split:  # type: ignore[union-attr]
-                continue
-            out.append(qa)  # type: ignore[arg-type]
-            if limit is not None and len(out) >= limit:
-                return out
-    return out
+    return read_records(paths, TextQA, limit, keep=(lambda qa: qa.split == split) if split else None)
 
 
 # ----------------------------------------------------------------------------------------- trajectories
