@@ -154,7 +154,6 @@ class KnowledgeGraph:
         self._prov: dict[tuple[str, str, str], str] = {}
         self.refs: dict[tuple[str, str, str], str] = {}  # published reference of a curated fact
         self._names: dict[str, str] = {}  # node id → display name, filled by finalize (hot in rendering)
-        self._final = False
 
     # ---- building ----
     def add_node(self, nid: str, type: str, name: str, aliases: Iterable[str] = (), where: str = "") -> str:  # noqa: A002
@@ -263,7 +262,6 @@ class KnowledgeGraph:
                 k = norm(a)
                 if k and n not in self.alias[k]:
                     self.alias[k].append(n)
-        self._final = True
         return self
 
     def stats(self) -> dict[str, Any]:

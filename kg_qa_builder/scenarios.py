@@ -180,9 +180,6 @@ class Facts:
         self.conditions = [c for c in kg.by_type["condition"] if kg.tails(c, "indicated_by_cue")]
         self.movers = [o for o in kg.by_type["object_type"] if kg.tails(o, "motion_cue") and kg.tails(o, "at_rest_cue")
                        and one(o, "length_range")]
-        self.changes = [c for c in kg.by_type["change_process"] if kg.tails(c, "before_signature")
-                        and kg.tails(c, "after_signature")]
-        self.roads = [r for r in kg.by_type["road_class"] if one(r, "lane_count")]
         self.lane = next((o for o in kg.by_type["object_type"] if kg.name(o) == "motorway traffic lane"), None)
         self.tall = [o for o in kg.by_type["object_type"] if one(o, "height_range")]
         self.by_name = {norm(kg.name(n)): n for n in sorted(kg.g.nodes) if kg.type(n) in (

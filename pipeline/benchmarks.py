@@ -41,7 +41,6 @@ from pipeline.datasets import DatasetFormatError
 from pipeline.errors import DatasetNotFoundError
 from pipeline.records import Trajectory, VQASample
 
-BENCHMARKS = ("lrs_vqa", "mme_rs")
 LRS_FIELDS = ("question_id", "image", "text", "ground_truth", "category")
 MME_FIELDS = ("Question_id", "Image", "Text", "Answer choices", "Ground truth", "Category", "Subtask", "Task")
 MME_SUBTASK = "Remote Sensing"
@@ -335,5 +334,5 @@ def load_benchmark(dataset: str, path: str | Path, work: Path, image_root: str |
     return samples, raw
 
 
-__all__ = ["BENCHMARKS", "load_benchmark", "load_lrs_vqa", "load_mme_rs", "mme_extract", "mme_prompt", "lrs_correct",
+__all__ = ["load_benchmark", "load_lrs_vqa", "load_mme_rs", "mme_extract", "mme_prompt", "lrs_correct",
            "rescore", "official_tables", "official_markdown", "wordnet_synonyms", "mme_category", "PROMPT_TEXT"]

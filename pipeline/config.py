@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import yaml
 
@@ -31,8 +31,28 @@ def hfield(default: Any = dataclasses.MISSING, help: str = "", **kw: Any) -> Any
     return field(default=default, metadata={"help": help}, **kw)
 
 
+class Validated:
+    """The one validation style of configs: `validate()` lists every problem as 'field: what is wrong; what to
+    do', and `check()` raises them together as one ConfigError naming the config. Stage configs, ZoomConfig,
+    AgentConfig and TinySpec use it."""
+
+    #: how the error names the config (empty: the class name)
+    config_label: ClassVar[str] = ""
+
+    def validate(self) -> list[str]:
+        """Return problems as 'field: what is wrong; what to do' (none by default). Subclasses extend."""
+        return []
+
+    def check(self) -> None:
+        problems = self.validate()
+        if problems:
+            raise ConfigError(
+                f"invalid {self.config_label or type(self).__name__}:\n" + "\n".join(f"  - {p}" for p in problems)
+            )
+
+
 @dataclass
-class StageConfig:
+class StageConfig(Validated):
     """Fields every stage has."""
 
     output_dir: str = hfield("runs/tiny/stage", help="Folder for this stage's outputs, resolved config and manifest.")
@@ -46,13 +66,6 @@ class StageConfig:
         else:
             problems += output_dir_problems(str(self.output_dir))
         return problems
-
-    def check(self) -> None:
-        problems = self.validate()
-        if problems:
-            raise ConfigError(
-                f"invalid {type(self).__name__}:\n" + "\n".join(f"  - {p}" for p in problems)
-            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import DatasetNotFoundError, RecordError
-from pipeline.records import VQASample, read_jsonl, write_jsonl
+from pipeline.records import VQASample, read_vqa, write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -331,11 +331,7 @@ def load_xlrs(
 
 def load_vqa_jsonl(path: str | Path, *, limit: int | None = None) -> list[VQASample]:
     """Our VQA JSONL (`VQASample` per line, e.g. make-scenes' vqa_test.jsonl or mine-hard's hard.jsonl)."""
-    out: list[VQASample] = []
-    for s in read_jsonl(path, VQASample):
-        out.append(s)
-        if limit is not None and len(out) >= limit:
-            break
+    out = read_vqa(path, limit)
     if not out:
         raise DatasetFormatError(f"{path}: no VQA samples")
     return out

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.config import StageConfig, hfield
+from pipeline.config import StageConfig, Validated, hfield
 from pipeline.errors import ConfigError, ModelNotFoundError
 
 if TYPE_CHECKING:  # heavy imports stay lazy: `knowzoom make-scenes` must not import torch
@@ -60,7 +60,7 @@ _QWEN_SPLIT = (
 
 
 @dataclass
-class TinySpec:
+class TinySpec(Validated):
     """Architecture of the embedded tiny Qwen2.5-VL (defaults: the 0.7–0.8M-parameter model of DESIGN.md)."""
 
     vocab_size: int = 2048
@@ -80,7 +80,9 @@ class TinySpec:
     max_pixels: int = 50176  # 224 * 224 = 64 visual tokens after merging
     corpus_files: tuple[str, ...] = ()
 
-    def problems(self) -> list[str]:
+    config_label = "tiny model spec"
+
+    def validate(self) -> list[str]:
         p = []
         if self.hidden_size % self.num_attention_heads:
             p.append("hidden_size: must be divisible by num_attention_heads")
@@ -253,13 +255,6 @@ def chat_template() -> str:
     return (Path(trl.__file__).parent / "chat_templates" / "qwen2_5_vl.jinja").read_text(encoding="utf-8")
 
 
-def training_chat_template() -> str:
-    """The same template with {% generation %} markers (used by tests to cross-check our masks)."""
-    import trl
-
-    return (Path(trl.__file__).parent / "chat_templates" / "qwen2_5_vl_training.jinja").read_text(encoding="utf-8")
-
-
 def _processor_class() -> type:
     """`Qwen2_5_VLProcessor` without the video processor (which needs torchvision)."""
     from transformers import Qwen2_5_VLProcessor
@@ -316,9 +311,7 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, spec: TinySpec | None =
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     spec = spec or TinySpec()
-    problems = spec.problems()
-    if problems:
-        raise ConfigError("invalid tiny model spec:\n" + "\n".join(f"  - {p}" for p in problems))
+    spec.check()
     out = Path(out_dir)
     tokenizer = build_tiny_tokenizer(spec)
     tid = tokenizer.convert_tokens_to_ids
@@ -552,7 +545,7 @@ class BuildModelConfig(StageConfig):
         return TinySpec(**{n: getattr(self, n) for n in names}, corpus_files=tuple(self.corpus_files))
 
     def validate(self) -> list[str]:
-        problems = super().validate() + self.spec().problems()
+        problems = super().validate() + self.spec().validate()
         for f in self.corpus_files:
             if not Path(f).exists():
                 problems.append(f"corpus_files: {f} does not exist; give existing files or leave it empty")
@@ -574,5 +567,5 @@ def run(cfg: BuildModelConfig) -> dict[str, Any]:
 __all__ = [
     "TINY", "TinySpec", "BuildModelConfig", "run", "load_model", "load_processor", "build_tiny_model",
     "save_model", "make_processor", "set_pixel_bounds", "resolve_model_path", "tiny_model_path",
-    "chat_template", "training_chat_template", "count_parameters", "cache_root",
+    "chat_template", "count_parameters", "cache_root",
 ]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar, overload
@@ -168,6 +168,29 @@ def read_jsonl(path: str | os.PathLike, cls: type[T] | None = None) -> Iterator[
             raise RecordError(f"{path}:{i}: {e}") from e
 
 
+def read_records(paths: str | os.PathLike | Iterable[str | os.PathLike], cls: type[T], limit: int | None = None,
+                 keep: Callable[[T], bool] | None = None) -> list[T]:
+    """Records of one or more JSONL files in file order, those `keep` accepts, at most `limit`: the one loop
+    behind read_vqa and sft's read_text_qa."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    out: list[T] = []
+    for p in paths:
+        for rec in read_jsonl(p, cls):
+            if keep is not None and not keep(rec):  # type: ignore[arg-type]
+                continue
+            out.append(rec)  # type: ignore[arg-type]
+            if limit is not None and len(out) >= limit:
+                return out
+    return out
+
+
+def read_vqa(paths: str | os.PathLike | Iterable[str | os.PathLike], limit: int | None = None) -> list[VQASample]:
+    """VQASamples of one or more JSONL files in file order, at most `limit`: the one VQA loader (evaluation,
+    SFT and RL read their questions through it; each says itself what an empty set means)."""
+    return read_records(paths, VQASample, limit)
+
+
 def write_jsonl(path: str | os.PathLike, records: Iterable[Any]) -> int:
     """Write all records atomically (temp file + rename). Returns the count."""
     path = Path(path)
@@ -236,6 +259,8 @@ __all__ = [
     "TargetRegion",
     "Trajectory",
     "read_jsonl",
+    "read_records",
+    "read_vqa",
     "write_jsonl",
     "JsonlAppender",
     "from_dict",

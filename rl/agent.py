@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from PIL import Image
 
+from pipeline.config import Validated
 from pipeline.errors import KnowZoomError
 from pipeline.records import Trajectory, VQASample
 from rl.verifier import MAX_ANSWER_CHARS, verify_sample
@@ -41,7 +42,7 @@ class BackendError(KnowZoomError):
 
 
 @dataclass
-class AgentConfig:
+class AgentConfig(Validated):
     """Generation and episode limits of the agent loop (zoom limits live in `zoom`)."""
 
     max_turns: int = 5  # assistant turns per episode (tool calls + the answer): tools.protocol.turn_budget
@@ -54,7 +55,7 @@ class AgentConfig:
     seed: int = 0  # base seed; each rollout's turns are seeded from (seed, item id, rollout, turn)
     zoom: ZoomConfig = field(default_factory=ZoomConfig)
 
-    def problems(self) -> list[str]:
+    def validate(self) -> list[str]:
         p = []
         if self.max_turns < 1:
             p.append("max_turns: must be >= 1 (one turn = one generation)")
@@ -230,11 +231,7 @@ def run_episodes(
     Never raises per sample: setup, tool and backend failures set `Trajectory.error`. `on_done` is called
     as each trajectory finishes (for durable caching). `rollout_ids` (with n=1) labels episode i as rollout
     rollout_ids[i] (`meta["rollout"]`), so a resumed job can run just the missing rollouts."""
-    problems = cfg.problems()
-    if problems:
-        from pipeline.errors import ConfigError
-
-        raise ConfigError("invalid AgentConfig:\n" + "\n".join(f"  - {p}" for p in problems))
+    cfg.check()
     if rollout_ids is not None and (n != 1 or len(rollout_ids) != len(samples)):
         raise ValueError("rollout_ids needs n=1 and one id per sample")
     lives: list[_Live] = []

@@ -75,9 +75,6 @@ class EpisodeWorker:
     def close(self, key: str) -> None:
         self._episodes.pop(key, None)
 
-    def n_episodes(self) -> int:
-        return len(self._episodes)
-
 
 @dataclass
 class _Track:

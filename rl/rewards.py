@@ -31,7 +31,6 @@ if TYPE_CHECKING:
 
 TURN_END = "<|im_end|>"
 ASSISTANT_START = "<|im_start|>assistant\n"
-COMPONENTS = ("accuracy", "format", "tool_bonus", "region")
 
 
 @dataclass

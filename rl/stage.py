@@ -257,9 +257,9 @@ def _has_records(path: str | Path) -> bool:
 def load_samples(path: str | Path, max_samples: int = 0, max_images: int = 4) -> list[Any]:
     """VQASamples for training (validated); an empty file is an error that says what to do."""
     from pipeline.errors import RecordError
-    from pipeline.records import VQASample, read_jsonl
+    from pipeline.records import read_vqa
 
-    samples = list(read_jsonl(path, VQASample))
+    samples = read_vqa(path)
     if max_samples:
         samples = samples[:max_samples]
     if not samples:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.records import JsonlAppender, TextQA, Trajectory, VQASample, read_jsonl
+from pipeline.records import JsonlAppender, TextQA, Trajectory, VQASample, read_jsonl, read_records
 from sft.errors import SFTDataError, TrajectoryError
 from tools.protocol import text_qa_messages
 
@@ -31,25 +31,7 @@ log = logging.getLogger(__name__)
 
 def read_text_qa(paths: Sequence[str | Path], split: str | None = None, limit: int | None = None) -> list[TextQA]:
     """TextQA records from JSONL files (optionally one split), in file order."""
-    out: list[TextQA] = []
-    for p in paths:
-        for qa in read_jsonl(p, TextQA):
-            if split and qa.split != split:
-                continue
-            out.append(qa)
-            if limit is not None and len(out) >= limit:
-                return out
-    return out
-
-
-def read_vqa(paths: Sequence[str | Path], limit: int | None = None) -> list[VQASample]:
-    out: list[VQASample] = []
-    for p in paths:
-        for s in read_jsonl(p, VQASample):
-            out.append(s)
-            if limit is not None and len(out) >= limit:
-                return out
-    return out
+    return read_records(paths, TextQA, limit, keep=(lambda qa: qa.split == split) if split else None)
 
 
 # ----------------------------------------------------------------------------------------- trajectories
@@ -248,6 +230,6 @@ def filter_by_length(items: list[ChatItem], processor: Any, max_length: int) -> 
 
 
 __all__ = [
-    "read_text_qa", "read_vqa", "oracle_trajectory", "materialize_trajectories", "ChatItem", "ChatDataset",
+    "read_text_qa", "oracle_trajectory", "materialize_trajectories", "ChatItem", "ChatDataset",
     "trajectory_items", "text_items", "mix", "filter_by_length",
 ]

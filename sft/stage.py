@@ -191,12 +191,12 @@ def build_items(cfg: SFTConfig, processor: Any, *, materialize: bool = True) -> 
 
     materialize=False reads the trajectories rank 0 wrote (`sft_data/trajectories.jsonl`) without writing:
     the other ranks of a multi-process run call it after a barrier."""
+    from pipeline.records import read_vqa
     from sft.data import (
         filter_by_length,
         materialize_trajectories,
         mix,
         read_text_qa,
-        read_vqa,
         text_items,
         trajectory_items,
     )

@@ -19,16 +19,16 @@ import fsdp_cpu_shim  # noqa: E402,F401
 
 def main(work: Path) -> None:
     import torch
+    from fixtures.scenes import make_scenes
+    from fixtures.scripted_trainer import VALID_CALL, script_policy
     from torch.distributed.fsdp import FSDPModule
 
-    from rl.scripted import VALID_CALL, script_policy
     from rl.stage import RLConfig, build_run, train_worker
-    from rl.synthetic import make_zoom_task
 
     rank = int(os.environ["RANK"])
     task = work / "task"
     if rank == 0:
-        make_zoom_task(task / "tmp", n=2, size=512, square=32, seed=1)
+        make_scenes(task / "tmp", n=2, size=512, square=32, seed=1)
         os.replace(task / "tmp", task / "ready")
     while not (task / "ready" / "vqa.jsonl").exists():
         time.sleep(0.1)

@@ -123,7 +123,7 @@ def test_stop_helpers():
 
 
 def test_agent_config_problems():
-    assert AgentConfig(max_turns=0, temperature=-1, protocol="x", top_p=0).problems()
+    assert AgentConfig(max_turns=0, temperature=-1, protocol="x", top_p=0).validate()
     from pipeline.errors import ConfigError
 
     with pytest.raises(ConfigError):

@@ -3,50 +3,29 @@ scripted backends that play an oracle zoom policy through the real protocol."""
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import numpy as np
-import rasterio
-from rasterio.transform import from_origin
+from fixtures.scenes import make_scenes
 
-from pipeline.records import TargetRegion, VQASample, write_jsonl
+from pipeline.records import VQASample, write_jsonl
+from tools.scenes import COLOUR_RGB, COLOURS
 
-COLOURS = {"Red": (230, 30, 30), "Green": (30, 200, 30), "Blue": (30, 60, 230), "White": (245, 245, 245)}
-CHOICES = [f"({k}) {c}" for k, c in zip("ABCD", COLOURS, strict=True)]
+PALETTE = [COLOUR_RGB[c] for c in COLOURS]  # option order: (A) white (B) red (C) blue (D) yellow
 
 
 def make_vqa_set(root: Path, n: int = 4, size: int = 1536, square: int = 24, seed: int = 0) -> Path:
-    """n scenes, each one coloured square on a grey, noisy background; question: its colour."""
-    rng = np.random.default_rng(seed)
-    img_dir = root / "images"
-    img_dir.mkdir(parents=True, exist_ok=True)
-    samples, manifest = [], []
-    names = list(COLOURS)
-    for i in range(n):
-        arr = rng.integers(90, 130, (3, size, size), dtype=np.uint8)
-        x0, y0 = int(rng.integers(64, size - 64 - square)), int(rng.integers(64, size - 64 - square))
-        colour = names[i % 4]
-        for b in range(3):
-            arr[b, y0:y0 + square, x0:x0 + square] = COLOURS[colour][b]
-        path = img_dir / f"scene_{i}.tif"
-        with rasterio.open(path, "w", driver="GTiff", width=size, height=size, count=3, dtype="uint8",
-                           tiled=True, blockxsize=256, blockysize=256, crs="EPSG:32633",
-                           transform=from_origin(500000, 4000000, 0.5, 0.5)) as ds:
-            ds.write(arr)
-            ds.build_overviews([2, 4, 8], rasterio.enums.Resampling.average)
-        manifest.append({"id": f"scene_{i}", "path": f"images/scene_{i}.tif"})
-        samples.append(VQASample(
-            id=f"q{i}", images=[f"scene_{i}"], question="What colour is the small square?",
-            answer="ABCD"[i % 4], choices=list(CHOICES), category="Synthetic/Object color",
-            l2_category="Perception/Color" if i % 2 == 0 else "Perception/Other",
-            targets=[TargetRegion(0, [x0, y0, x0 + square, y0 + square])], split="test",
-        ))
+    """The fixture scenes (tests/fixtures/scenes.py) as a held-out eval set, vqa_test.jsonl, with eval's
+    categories: two L2 categories, and a second sub-task on the last question so macro != micro."""
+    scenes = make_scenes(root, n, size=size, square=square, seed=seed, split="test", vqa_name="vqa_test.jsonl")
+    samples = scenes.samples
+    for i, s in enumerate(samples):
+        s.category = "Synthetic/Object color"
+        s.l2_category = "Perception/Color" if i % 2 == 0 else "Perception/Other"
     if n > 1:  # a second sub-task so macro != micro can be seen
         samples[-1].category = "Synthetic/Other"
-    (root / "images.jsonl").write_text("".join(json.dumps(m) + "\n" for m in manifest))
-    write_jsonl(root / "vqa_test.jsonl", samples)
+    write_jsonl(scenes.vqa, samples)
     return root
 
 
@@ -65,8 +44,7 @@ def classify_colour(image) -> str:
     bright = flat.mean(axis=1)
     score = np.maximum(spread, (bright - 200) * 2)  # saturated, or very bright (white)
     top = flat[np.argsort(score)[-max(4, len(flat) // 200):]].mean(axis=0)
-    names = list(COLOURS)
-    d = [np.linalg.norm(top - np.array(COLOURS[c])) for c in names]
+    d = [np.linalg.norm(top - np.array(rgb)) for rgb in PALETTE]
     return "ABCD"[int(np.argmin(d))]
 
 

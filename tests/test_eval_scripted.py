@@ -3,9 +3,10 @@ pixel classifier on its crop; the same classifier on the overview region (no zoo
 
 from __future__ import annotations
 
+from fixtures.scripted_backend import scripted_check
+
 from pipeline.config import load_config
 from pipeline.records import VQASample, read_jsonl
-from rl.backends_scripted import scripted_check
 
 
 def test_oracle_near_100_no_zoom_far_below(tmp_path, capsys):
@@ -30,8 +31,9 @@ def test_oracle_near_100_no_zoom_far_below(tmp_path, capsys):
 def test_sampling_scripted_policy_is_seeded_per_rollout(tmp_path):
     """The scripted backend samples from each rollout's own seed: rollouts differ, and a rerun with other
     batches repeats them exactly (as the model backends do)."""
+    from fixtures.scripted_backend import SCRIPTED_TASKS, ScriptedPolicy
+
     from rl.agent import AgentConfig, run_episodes
-    from rl.backends_scripted import SCRIPTED_TASKS, ScriptedPolicy
     from tools.scenes import MakeScenesConfig
     from tools.scenes import run as make_scenes
     from tools.store import ImageStore

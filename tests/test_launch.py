@@ -17,11 +17,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from sft.toy import write_text_qa, write_toy_scenes
+    from fixtures.scenes import make_scenes
+    from fixtures.toy import write_text_qa
 
     d = tmp_path_factory.mktemp("launchdata")
     train, _ = write_text_qa(d / "qa")
-    manifest, vqa = write_toy_scenes(d / "scenes", n=4, size=1024)
+    scenes = make_scenes(d / "scenes", n=4, size=1024, square=48, direct_every=4)
+    manifest, vqa = scenes.manifest, scenes.vqa
     return {"train": str(train), "manifest": str(manifest), "vqa": str(vqa),
             "cache": str(tmp_path_factory.getbasetemp() / "kz_model_cache")}
 
@@ -60,11 +62,12 @@ def test_two_rank_sft_through_the_launcher(data, tmp_path, monkeypatch, capsys):
 def test_two_rank_rl_through_the_launcher(tmp_path, monkeypatch, capsys):
     """`knowzoom rl --num_processes 2` without Ray: the same launcher starts two gloo ranks of GRPO; one
     DONE.json, one reward line per step (rank 0 writes), a saved model."""
+    from fixtures.scenes import make_scenes
+
     from pipeline.cli import main
-    from rl.synthetic import make_zoom_task
 
     task = tmp_path / "task"
-    make_zoom_task(task, n=4, size=512, square=32, seed=1)
+    make_scenes(task, n=4, size=512, square=32, seed=1)
     out = tmp_path / "rl"
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     rc = main(["rl", "--config", str(ROOT / "configs/tiny/rl.yaml"), "--output_dir", str(out), "--model", "tiny",

@@ -131,13 +131,14 @@ def _placeholder_vs_features(model, processor, messages, images):
 
 
 def test_image_tokens_match_features_for_prompt_image_and_tool_crop(tmp_path, tiny):
-    from sft.toy import write_toy_scenes
+    from fixtures.scenes import make_scenes
+
     from tools.protocol import Episode, ToolCall, build_prompt_messages, tool_message
     from tools.store import ImageStore
     from tools.zoom import ZoomConfig
 
     model, processor = tiny
-    manifest, _ = write_toy_scenes(tmp_path, n=1, size=1500)
+    manifest = make_scenes(tmp_path, n=1, size=1500, square=48).manifest
     store = ImageStore.from_manifest(manifest)
     cfg = ZoomConfig()
     ep = Episode(store, ["scene_0"], cfg)

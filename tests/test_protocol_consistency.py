@@ -12,14 +12,14 @@ import json
 import re
 
 import pytest
+from fixtures.scenes import make_scenes
+from fixtures.scripted_trainer import VALID_CALL, script_policy
 from test_eval_helpers import ScriptBackend
 
 from pipeline.evaluate import EvalConfig
 from pipeline.records import VQASample, read_jsonl
 from rl.agent import run_episodes
-from rl.scripted import VALID_CALL, script_policy
 from rl.stage import RLConfig, build_run
-from rl.synthetic import make_zoom_task
 from sft.data import oracle_trajectory
 from sft.mining import MineHardConfig
 from sft.stage import SFTConfig
@@ -45,7 +45,7 @@ MALFORMED = [
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):
     root = tmp_path_factory.mktemp("zoomtask")
-    make_zoom_task(root, n=2, size=512, square=32, seed=1)
+    make_scenes(root, n=2, size=512, square=32, seed=1)
     return root
 
 

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixtures.scenes import make_scenes
+from fixtures.scripted_trainer import VALID_CALL, script_policy
 
-from rl.scripted import VALID_CALL, script_policy
 from rl.stage import RLConfig, build_run
-from rl.synthetic import make_zoom_task
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -49,7 +49,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):
     root = tmp_path_factory.mktemp("gpu_path_task")
-    make_zoom_task(root, n=2, size=512, square=32, seed=1)
+    make_scenes(root, n=2, size=512, square=32, seed=1)
     return root
 
 

@@ -7,8 +7,7 @@ import json
 import os
 
 import pytest
-
-from rl.synthetic import make_zoom_task
+from fixtures.scenes import make_scenes
 
 ray = pytest.importorskip("ray")
 
@@ -16,7 +15,7 @@ ray = pytest.importorskip("ray")
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):
     root = tmp_path_factory.mktemp("zoomtask_ray")
-    make_zoom_task(root, n=2, size=512, square=32, seed=3)
+    make_scenes(root, n=2, size=512, square=32, seed=3, image_id="scene_{i:03d}")
     return root
 
 
@@ -70,9 +69,10 @@ def test_pool_replays_episode_on_restarted_actor(task, ray_local):
 
 
 def test_grpo_step_completes_when_a_tool_actor_is_killed(task, ray_local, tmp_path):
+    from fixtures.scripted_trainer import VALID_CALL as VALID
+    from fixtures.scripted_trainer import script_policy
+
     from rl.ray_pool import RayEpisodePool
-    from rl.scripted import VALID_CALL as VALID
-    from rl.scripted import script_policy
     from rl.stage import RLConfig, build_run
 
     answer = json.loads((task / "vqa.jsonl").read_text().splitlines()[0])["answer"]

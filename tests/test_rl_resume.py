@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
+from fixtures.scenes import make_scenes
 from safetensors.torch import load_file
 
 from rl.stage import RLConfig, latest_checkpoint
-from rl.synthetic import make_zoom_task
 
 
 def _args(task: Path, out: Path) -> list[str]:
@@ -34,7 +34,7 @@ def _env() -> dict[str, str]:
 
 def test_kill_and_resume_matches_uninterrupted(tmp_path):
     task = tmp_path / "task"
-    make_zoom_task(task, n=4, size=512, square=32, seed=2)
+    make_scenes(task, n=4, size=512, square=32, seed=2)
     full, killed = tmp_path / "full", tmp_path / "killed"
     subprocess.run(_args(task, full), check=True, env=_env(), capture_output=True, timeout=300)
 

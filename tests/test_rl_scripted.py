@@ -8,11 +8,11 @@ import re
 
 import pytest
 import torch
+from fixtures.scenes import make_scenes
+from fixtures.scripted_trainer import VALID_CALL, script_policy
 
 from rl.errors import RolloutFailureError
-from rl.scripted import VALID_CALL, script_policy
 from rl.stage import RLConfig, build_run
-from rl.synthetic import make_zoom_task
 
 VALID = VALID_CALL
 
@@ -56,7 +56,7 @@ class RaisingBackend:
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):
     root = tmp_path_factory.mktemp("zoomtask")
-    make_zoom_task(root, n=2, size=512, square=32, seed=1)
+    make_scenes(root, n=2, size=512, square=32, seed=1)
     return root
 
 

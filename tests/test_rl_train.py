@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from rl.synthetic import make_zoom_task
+from fixtures.scenes import make_scenes
 
 
 def test_tiny_run_logs_rewards_and_updates_parameters(tmp_path):
@@ -12,7 +12,7 @@ def test_tiny_run_logs_rewards_and_updates_parameters(tmp_path):
 
     cfg_cls, run_fn = STAGES["rl"].load()
     task = tmp_path / "task"
-    make_zoom_task(task, n=3, size=512, square=32, seed=5)
+    make_scenes(task, n=3, size=512, square=32, seed=5)
     cfg = cfg_cls(output_dir=str(tmp_path / "rl"), model=str(tmp_path / "no_prewarm_model"), model_fallback="tiny",
                   train_data=str(tmp_path / "hard.jsonl"), train_data_fallback=str(task / "vqa.jsonl"),
                   image_manifest=str(task / "images.jsonl"), max_steps=3, num_generations=2,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from fixtures.scenes import make_scenes
 
 from pipeline.errors import ConfigError, DatasetNotFoundError, ModelNotFoundError
 from pipeline.records import TargetRegion, VQASample
@@ -17,7 +18,6 @@ from rl.rewards import (
     score_episode,
     split_assistant_turns,
 )
-from rl.synthetic import make_zoom_task
 from tools.protocol import tags_balanced
 
 CALL = '<tool_call>{"name": "zoom_in", "arguments": {"bbox": [1, 2, 30, 40], "source": "image_0"}}</tool_call>'
@@ -97,7 +97,7 @@ def test_region_coverage():
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):
     root = tmp_path_factory.mktemp("zoomtask_units")
-    make_zoom_task(root, n=2, size=512, square=32, seed=4)
+    make_scenes(root, n=2, size=512, square=32, seed=4)
     return root
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
@@ -23,10 +24,9 @@ def manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _img(item) -> Image.Image:
-    from tools.server.mcp import decode_image
-
+    """The PIL image of an MCP image content item (its `data` is base64 PNG)."""
     assert item.type == "image" and item.mime_type == "image/png"
-    return Image.open(io.BytesIO(decode_image(item)))
+    return Image.open(io.BytesIO(base64.b64decode(item.data)))
 
 
 async def _session(client) -> dict:

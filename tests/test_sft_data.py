@@ -13,16 +13,18 @@ from pipeline.records import TargetRegion, VQASample
 
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory):
-    from sft.toy import write_toy_scenes
+    from fixtures.scenes import make_scenes
 
     out = tmp_path_factory.mktemp("scenes")
-    manifest, vqa = write_toy_scenes(out, n=4, size=2000, square=40)
+    scenes = make_scenes(out, n=4, size=2000, square=40, direct_every=4)
+    manifest, vqa = scenes.manifest, scenes.vqa
     return manifest, vqa
 
 
 def test_text_qa_messages_follow_the_answer_format_the_verifier_reads():
+    from fixtures.toy import spectral_index_qa
+
     from rl.verifier import verify_sample
-    from sft.toy import spectral_index_qa
     from tools.protocol import text_prompt_messages, text_qa_messages
 
     qa = spectral_index_qa(3)
@@ -38,8 +40,9 @@ def test_text_qa_messages_follow_the_answer_format_the_verifier_reads():
 
 
 def test_oracle_trajectory_zooms_onto_the_target_through_the_declared_frame(scenes):
+    from pipeline.records import read_vqa
     from rl.verifier import verify_sample
-    from sft.data import oracle_trajectory, read_vqa
+    from sft.data import oracle_trajectory
     from tools.protocol import Episode, parse_turn
     from tools.store import ImageStore
     from tools.zoom import ZoomConfig
@@ -68,7 +71,8 @@ def test_oracle_trajectory_zooms_onto_the_target_through_the_declared_frame(scen
 
 
 def test_direct_answer_without_region_and_zoom_cap(scenes):
-    from sft.data import oracle_trajectory, read_vqa
+    from pipeline.records import read_vqa
+    from sft.data import oracle_trajectory
     from tools.store import ImageStore
     from tools.zoom import ZoomConfig
 
@@ -88,8 +92,8 @@ def test_direct_answer_without_region_and_zoom_cap(scenes):
 
 
 def test_materialize_is_resumable_and_skips_rejected_boxes(scenes, tmp_path):
-    from pipeline.records import Trajectory, read_jsonl
-    from sft.data import ChatDataset, materialize_trajectories, read_vqa, trajectory_items
+    from pipeline.records import Trajectory, read_jsonl, read_vqa
+    from sft.data import ChatDataset, materialize_trajectories, trajectory_items
     from tools.store import ImageStore
     from tools.zoom import ZoomConfig
 
@@ -165,12 +169,13 @@ def test_sft_config_validation_says_what_to_fix(tmp_path):
 def test_build_items_with_an_empty_hard_set_trains_on_text_and_reports_it(scenes, tmp_path, tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("KNOWZOOM_CACHE", str(tmp_path_factory.getbasetemp() / "kz_model_cache"))
+    from fixtures.toy import write_text_qa
+
     from pipeline.config import load_config
     from pipeline.models import load_processor
     from pipeline.records import write_jsonl
     from sft.errors import SFTDataError
     from sft.stage import SFTConfig, build_items
-    from sft.toy import write_text_qa
 
     proc = load_processor("tiny")
     mp.undo()
@@ -195,9 +200,10 @@ def test_build_items_with_an_empty_hard_set_trains_on_text_and_reports_it(scenes
 
 def test_text_think_off_trains_text_answers_without_the_rationale(tmp_path: Path) -> None:
     """`text_think: false` (the tiny default) drops the graph rationale from text QA targets only."""
+    from fixtures.toy import write_text_qa
+
     from pipeline.config import load_config
     from sft.stage import SFTConfig
-    from sft.toy import write_text_qa
     from tools.protocol import text_target
 
     train, _ = write_text_qa(tmp_path / "qa")

@@ -13,13 +13,16 @@ from pipeline.records import Trajectory
 
 @pytest.fixture(scope="module")
 def materialized(tmp_path_factory):
-    from sft.data import materialize_trajectories, read_vqa
-    from sft.toy import write_toy_scenes
+    from fixtures.scenes import make_scenes
+
+    from pipeline.records import read_vqa
+    from sft.data import materialize_trajectories
     from tools.store import ImageStore
     from tools.zoom import ZoomConfig
 
     root = tmp_path_factory.mktemp("traj")
-    manifest, vqa = write_toy_scenes(root / "scenes", n=3, size=1500, square=40)
+    scenes = make_scenes(root / "scenes", n=3, size=1500, square=40, direct_every=4)
+    manifest, vqa = scenes.manifest, scenes.vqa
     samples = read_vqa([vqa])
     path, _ = materialize_trajectories(samples, ImageStore.from_manifest(manifest), ZoomConfig(), root / "sft",
                                        progress=False)

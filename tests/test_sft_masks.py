@@ -32,6 +32,15 @@ def _labelled_text(batch, tok, row=0):
     return tok.decode(ids[labels != -100].tolist(), skip_special_tokens=False)
 
 
+def training_chat_template() -> str:
+    """TRL's Qwen2.5-VL template with {% generation %} markers: the reference our masks are checked against."""
+    from pathlib import Path
+
+    import trl
+
+    return (Path(trl.__file__).parent / "chat_templates" / "qwen2_5_vl_training.jinja").read_text(encoding="utf-8")
+
+
 CONV = [
     {"role": "system", "content": "You answer questions."},
     {"role": "user", "content": "Which index uses red and NIR?\n(A) NDVI\n(B) NDWI"},
@@ -42,7 +51,6 @@ CONV = [
 
 
 def test_text_mask_equals_generation_markers_of_trl_training_template(processor):
-    from pipeline.models import training_chat_template
     from sft.masks import assistant_mask
 
     tok = processor.tokenizer
@@ -56,14 +64,18 @@ def test_text_mask_equals_generation_markers_of_trl_training_template(processor)
 
 
 def test_collator_labels_exactly_assistant_tokens_on_zoom_trajectory(processor, tmp_path):
-    from sft.data import oracle_trajectory, read_vqa
-    from sft.masks import ZoomSFTCollator
-    from sft.toy import spectral_index_qa, write_toy_scenes
+    from fixtures.scenes import make_scenes
+    from fixtures.toy import spectral_index_qa
+
+    from pipeline.records import read_vqa
+    from sft.data import oracle_trajectory
     from tools.protocol import text_qa_messages
+    from sft.masks import ZoomSFTCollator
     from tools.store import ImageStore
     from tools.zoom import ZoomConfig
 
-    manifest, vqa = write_toy_scenes(tmp_path, n=1, size=1200)
+    scenes = make_scenes(tmp_path, n=1, size=1200, square=48)
+    manifest, vqa = scenes.manifest, scenes.vqa
     store = ImageStore.from_manifest(manifest)
     msgs, images, _ = oracle_trajectory(read_vqa([vqa])[0], store, ZoomConfig())
     text_msgs = text_qa_messages(spectral_index_qa(1)[0])

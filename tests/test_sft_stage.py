@@ -22,11 +22,13 @@ def env(tmp_path_factory):
     cache = tmp_path_factory.getbasetemp() / "kz_model_cache"
     mp.setenv("KNOWZOOM_CACHE", str(cache))
     torch.set_num_threads(1)
-    from sft.toy import write_text_qa, write_toy_scenes
+    from fixtures.scenes import make_scenes
+    from fixtures.toy import write_text_qa
 
     data = tmp_path_factory.mktemp("sftdata")
     train, test = write_text_qa(data / "qa")
-    manifest, vqa = write_toy_scenes(data / "scenes", n=4, size=1024)
+    scenes = make_scenes(data / "scenes", n=4, size=1024, square=48, direct_every=4)
+    manifest, vqa = scenes.manifest, scenes.vqa
     yield {"train": str(train), "test": str(test), "manifest": str(manifest), "vqa": str(vqa), "cache": cache}
     mp.undo()
 

@@ -40,13 +40,13 @@ def main(work: Path, report_path: Path) -> int:
     import dataclasses
 
     import torch
+    from fixtures.scenes import make_scenes
 
     from pipeline.records import VQASample, read_jsonl, write_jsonl
     from rl.stage import RLConfig, build_run
-    from rl.synthetic import make_zoom_task
 
     task = work / "task"
-    make_zoom_task(task, n=2, size=512, square=32, seed=3)
+    make_scenes(task, n=2, size=512, square=32, seed=3)
     one, other = list(read_jsonl(task / "vqa.jsonl", VQASample))
     two = VQASample.from_dict({**dataclasses.asdict(one), "id": "two-images", "images": [one.images[0], other.images[0]],
                                "question": "Which image shows the red square?", "targets": []})

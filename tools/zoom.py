@@ -26,6 +26,7 @@ from rasterio.enums import Resampling
 from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
+from pipeline.config import Validated
 from tools import render as R
 from tools.errors import BadBoxError, BoxOutsideError, LimitError, ToolTimeoutError, UnreadableImageError
 from tools.render import RenderSpec, parse_render
@@ -37,7 +38,7 @@ HARD_MAX_PIXELS = 16384 * 28 * 28
 
 
 @dataclass
-class ZoomConfig:
+class ZoomConfig(Validated):
     """Limits of the zoom tool; every limit is a named field with a default."""
 
     max_pixels: int = field(default=50176, metadata={"help": "Output image pixel cap (tiny: 224*224; 7B: 1003520)."})
@@ -87,13 +88,6 @@ class ZoomConfig:
         """The collection-wide rendering choices (a manifest line's own keys override them)."""
         return parse_render({"bands": self.bands, "stretch": self.stretch, "percentiles": self.stretch_percentiles,
                              "range": self.stretch_range})
-
-    def check(self) -> None:
-        problems = self.validate()
-        if problems:
-            from pipeline.errors import ConfigError
-
-            raise ConfigError("invalid ZoomConfig:\n" + "\n".join(f"  - {x}" for x in problems))
 
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:

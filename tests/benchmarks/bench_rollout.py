@@ -23,6 +23,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the fixtures package
 
 
 class TimedBackend:
@@ -145,9 +146,9 @@ def main() -> None:
     if args.scenes:
         manifest, data = Path(args.scenes) / "images.jsonl", Path(args.scenes) / "vqa_train.jsonl"
     else:
-        from rl.synthetic import make_zoom_task
+        from fixtures.scenes import make_scenes
 
-        data = make_zoom_task(tmp / "task", n=4, size=4096, square=48)
+        data = make_scenes(tmp / "task", n=4, size=4096, square=48).vqa
         manifest = tmp / "task" / "images.jsonl"
     cfg = RLConfig(output_dir=str(tmp / "out"), model=args.model, train_data=str(data), image_manifest=str(manifest),
                    max_steps=args.steps, num_generations=args.generations, per_device_train_batch_size=args.batch,

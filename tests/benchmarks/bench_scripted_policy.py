@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from pipeline.config import load_config
-from pipeline.records import VQASample, read_jsonl
-from rl.backends_scripted import scripted_check
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the fixtures package
+
+from fixtures.scripted_backend import scripted_check  # noqa: E402
+
+from pipeline.config import load_config  # noqa: E402
+from pipeline.records import VQASample, read_jsonl  # noqa: E402
 
 
 def main() -> None:

@@ -8,9 +8,13 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the fixtures package
 
 
 def main() -> None:
@@ -21,12 +25,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     args = ap.parse_args()
 
+    from fixtures.toy import spectral_index_qa
     from transformers.trainer_pt_utils import get_length_grouped_indices
 
     from pipeline.models import load_model
     from sft.data import filter_by_length, read_text_qa, text_items
     from sft.masks import ZoomSFTCollator
-    from sft.toy import spectral_index_qa
 
     model, proc = load_model(args.model)
     records = read_text_qa([args.qa]) if args.qa else spectral_index_qa()

@@ -37,6 +37,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # the fixtures package
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -106,12 +107,15 @@ def build_model(tiny: bool, device: str, processor: Any) -> tuple[Any, dict[str,
 
 def data(work: Path, max_pixels: int) -> tuple[Any, list[Any], Any]:
     """Toy GeoTIFF scenes (real rasterio files), their VQA samples and an ImageStore."""
+    from fixtures.scenes import make_scenes
+
     from pipeline.records import VQASample, read_jsonl
-    from sft.toy import write_toy_scenes
     from tools.store import ImageStore
     from tools.zoom import ZoomConfig
 
-    manifest, vqa = write_toy_scenes(work / "scenes", n=4, size=1024 if max_pixels > TINY_PIXELS else 512)
+    scenes = make_scenes(work / "scenes", n=4, size=1024 if max_pixels > TINY_PIXELS else 512, square=48,
+                         direct_every=4)
+    manifest, vqa = scenes.manifest, scenes.vqa
     store = ImageStore.from_manifest(manifest)
     zoom_cfg = ZoomConfig(max_pixels=max_pixels, min_pixels=3136, frame="shown_pixels", max_turns=1)
     return store, list(read_jsonl(vqa, VQASample)), zoom_cfg

@@ -9,7 +9,6 @@ metadata as JSON). Tool errors come back as `is_error` results carrying the mode
 
 from __future__ import annotations
 
-import base64
 import copy
 import json
 import logging
@@ -146,7 +145,6 @@ def create_mcp_server(cfg: ServeConfig, service: ZoomService | None = None) -> S
         on_list_tools=list_tools,
         on_call_tool=call_tool,
     )
-    server.knowzoom_service = svc  # type: ignore[attr-defined]  # for tests and shutdown
     return server
 
 
@@ -219,9 +217,4 @@ def run_stdio(cfg: ServeConfig) -> None:
     anyio.run(main)
 
 
-def decode_image(item: Any) -> bytes:
-    """Bytes of an MCP image content item (for clients and tests)."""
-    return base64.b64decode(item.data)
-
-
-__all__ = ["create_mcp_server", "create_mcp_http_app", "run_stdio", "tool_definitions", "decode_image"]
+__all__ = ["create_mcp_server", "create_mcp_http_app", "run_stdio", "tool_definitions"]
