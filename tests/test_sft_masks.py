@@ -69,8 +69,8 @@ def test_collator_labels_exactly_assistant_tokens_on_zoom_trajectory(processor, 
 
     from pipeline.records import read_vqa
     from sft.data import oracle_trajectory
-    from tools.protocol import text_qa_messages
     from sft.masks import ZoomSFTCollator
+    from tools.protocol import text_qa_messages
     from tools.store import ImageStore
     from tools.zoom import ZoomConfig
 
