@@ -15,7 +15,7 @@ from typing import Any
 from kg_qa_builder.generate import LETTERS, Generator, Plan, Step, qa_id
 from kg_qa_builder.graph import KnowledgeGraph, norm
 from kg_qa_builder.quality import acceptable
-from pipeline.records import TEXT_QTYPES, TextQA
+from pipeline.core.records import TEXT_QTYPES, TextQA
 
 _OPT_RE = re.compile(r"^\s*\(?([A-H])[).:]\s*(.+)$")
 

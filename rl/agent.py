@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from PIL import Image
 
-from pipeline.config import Validated
-from pipeline.errors import KnowZoomError
-from pipeline.records import Trajectory, VQASample
+from pipeline.core.config import Validated
+from pipeline.core.errors import KnowZoomError
+from pipeline.core.records import Trajectory, VQASample
 from rl.verifier import MAX_ANSWER_CHARS, verify_sample
 from tools.protocol import STOP_STRINGS, close_stopped, trim_at_stop
 from tools.zoom import ZoomConfig
@@ -133,7 +133,7 @@ def _start(sample: VQASample, rollout: int, store: ImageStore, cfg: AgentConfig)
     from tools import protocol
 
     if cfg.protocol == "direct":
-        from pipeline.datasets import official_prompt
+        from pipeline.core.datasets import official_prompt
 
         content = [{"type": "image"} for _ in sample.images] + [{"type": "text", "text": official_prompt(sample)}]
         msg = {"role": "user", "content": content}

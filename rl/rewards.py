@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from rl.errors import RolloutFailureError
 
 if TYPE_CHECKING:
-    from pipeline.records import VQASample
+    from pipeline.core.records import VQASample
 
 TURN_END = "<|im_end|>"
 ASSISTANT_START = "<|im_start|>assistant\n"

@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import hfield
-from pipeline.errors import DatasetNotFoundError, ModelNotFoundError
-from pipeline.launcher import LaunchConfig
-from pipeline.manifest import atomic_write_text
+from pipeline.core.config import hfield
+from pipeline.core.errors import DatasetNotFoundError, ModelNotFoundError
+from pipeline.core.launch import LaunchConfig
+from pipeline.core.manifest import atomic_write_text
 from rl.errors import ChatTemplateError
 from rl.rewards import RewardSettings, ZoomRewards
 
@@ -205,7 +205,7 @@ class RLConfig(LaunchConfig):
 
     def zoom_config(self) -> dict[str, Any]:
         return {"max_pixels": self.zoom_max_pixels, "min_pixels": self.zoom_min_pixels, "frame": self.frame,
-                "max_turns": self.max_zooms, "read_timeout_s": self.tool_read_timeout_s}
+                "max_turns": self.max_zooms, "read_timeout_s": self.zoom_read_timeout_s}
 
 
 def _cuda_available() -> bool:
@@ -256,8 +256,8 @@ def _has_records(path: str | Path) -> bool:
 
 def load_samples(path: str | Path, max_samples: int = 0, max_images: int = 4) -> list[Any]:
     """VQASamples for training (validated); an empty file is an error that says what to do."""
-    from pipeline.errors import RecordError
-    from pipeline.records import read_vqa
+    from pipeline.core.errors import RecordError
+    from pipeline.core.records import read_vqa
 
     samples = read_vqa(path)
     if max_samples:

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from pipeline.records import TextQA, VQASample
+    from pipeline.core.records import TextQA, VQASample
 
 from tools.protocol import answer_tags, open_answer_at_end, strip_think
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.records import JsonlAppender, TextQA, Trajectory, VQASample, read_jsonl, read_records
+from pipeline.core.records import JsonlAppender, TextQA, Trajectory, VQASample, read_jsonl, read_records
 from sft.errors import SFTDataError, TrajectoryError
 from tools.protocol import text_qa_messages
 

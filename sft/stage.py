@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import hfield
-from pipeline.launcher import LaunchConfig
-from pipeline.records import TextQA
+from pipeline.core.config import hfield
+from pipeline.core.launch import LaunchConfig
+from pipeline.core.records import TextQA
 from sft.errors import SFTDataError
 
 log = logging.getLogger(__name__)
@@ -191,7 +191,7 @@ def build_items(cfg: SFTConfig, processor: Any, *, materialize: bool = True) -> 
 
     materialize=False reads the trajectories rank 0 wrote (`sft_data/trajectories.jsonl`) without writing:
     the other ranks of a multi-process run call it after a barrier."""
-    from pipeline.records import read_vqa
+    from pipeline.core.records import read_vqa
     from sft.data import (
         filter_by_length,
         materialize_trajectories,

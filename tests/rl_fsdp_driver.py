@@ -23,7 +23,8 @@ def main(work: Path) -> None:
     from fixtures.scripted_trainer import VALID_CALL, script_policy
     from torch.distributed.fsdp import FSDPModule
 
-    from rl.stage import RLConfig, build_run, train_worker
+    from rl.config import RLConfig
+    from rl.stage import build_run, train_worker
 
     rank = int(os.environ["RANK"])
     task = work / "task"

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from fixtures.scenes import make_scenes
 
-from pipeline.records import VQASample, write_jsonl
+from pipeline.core.records import VQASample, write_jsonl
 from tools.scenes import COLOUR_RGB, COLOURS
 
 PALETTE = [COLOUR_RGB[c] for c in COLOURS]  # option order: (A) white (B) red (C) blue (D) yellow
@@ -112,7 +112,7 @@ def store_for(root: Path):
 
 
 def test_fixture_builds_and_classifier_reads_crops(tmp_path):
-    from pipeline.records import read_jsonl
+    from pipeline.core.records import read_jsonl
     from tools.zoom import ZoomConfig, read_region
 
     root = make_vqa_set(tmp_path, n=4)

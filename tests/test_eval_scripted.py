@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from fixtures.scripted_backend import scripted_check
 
-from pipeline.config import load_config
-from pipeline.records import VQASample, read_jsonl
+from pipeline.core.config import load_config
+from pipeline.core.records import VQASample, read_jsonl
 
 
 def test_oracle_near_100_no_zoom_far_below(tmp_path, capsys):

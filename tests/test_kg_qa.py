@@ -18,9 +18,9 @@ from kg_qa_builder.importers import build_graph, import_curated, nid
 from kg_qa_builder.stage import BuildQAConfig, run, split_facts
 from kg_qa_builder.teacher import TeacherClient, build_requests, parse_items
 from kg_qa_builder.verify import Verifier
-from pipeline.config import load_config
-from pipeline.errors import ConfigError
-from pipeline.records import TextQA, read_jsonl
+from pipeline.core.config import load_config
+from pipeline.core.errors import ConfigError
+from pipeline.core.records import TextQA, read_jsonl
 
 sys.path.insert(0, str(Path(__file__).parent))
 from kg_fake_teacher import FakeTeacher  # noqa: E402
@@ -258,8 +258,8 @@ def test_text_qa_exports_are_what_sft_trains_on(gen, tmp_path):
     """The TRL and sharegpt exports hold exactly the conversations the SFT cold start trains on (before, they
     had their own system prompt, instructions and a newline between </think> and <answer>)."""
     from kg_qa_builder.dataset import export_sharegpt, export_trl
+    from sft.config import SFTConfig
     from sft.data import text_items
-    from sft.stage import SFTConfig
 
     items = []
     while len({q.qtype for q in items}) < 3 or len(items) < 12:

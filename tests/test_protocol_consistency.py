@@ -16,13 +16,14 @@ from fixtures.scenes import make_scenes
 from fixtures.scripted_trainer import VALID_CALL, script_policy
 from test_eval_helpers import ScriptBackend
 
-from pipeline.evaluate import EvalConfig
-from pipeline.records import VQASample, read_jsonl
+from pipeline.core.records import VQASample, read_jsonl
+from pipeline.eval.evaluate import EvalConfig
+from pipeline.eval.mining import MineHardConfig
 from rl.agent import run_episodes
-from rl.stage import RLConfig, build_run
+from rl.config import RLConfig
+from rl.stage import build_run
+from sft.config import SFTConfig
 from sft.data import oracle_trajectory
-from sft.mining import MineHardConfig
-from sft.stage import SFTConfig
 from tools.protocol import Episode, ToolCall, turn_budget
 from tools.store import ImageStore
 from tools.zoom import ZoomConfig

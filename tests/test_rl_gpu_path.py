@@ -25,7 +25,8 @@ import torch
 from fixtures.scenes import make_scenes
 from fixtures.scripted_trainer import VALID_CALL, script_policy
 
-from rl.stage import RLConfig, build_run
+from rl.config import RLConfig
+from rl.stage import build_run
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -164,7 +165,7 @@ def test_num_processes_is_the_number_of_ray_workers(tmp_path):
 
 
 def test_7b_config_is_sharded_and_fits_its_fields():
-    from pipeline.config import load_config
+    from pipeline.core.config import load_config
 
     cfg = load_config(RLConfig, ROOT / "configs" / "qwen2_5_vl_7b" / "rl.yaml")
     assert cfg.world_size() == 8 and cfg.fsdp and cfg.bf16 and cfg.gradient_checkpointing
@@ -181,7 +182,7 @@ def _report_rank(rank: int, port: int, ckpt_dir: str, log_dir: str) -> None:
     import torch.distributed as dist
     from transformers import TrainerState
 
-    from rl.stage import _callbacks
+    from rl.callbacks import _callbacks
 
     reports = []
 

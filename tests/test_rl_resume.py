@@ -15,7 +15,8 @@ import pytest
 from fixtures.scenes import make_scenes
 from safetensors.torch import load_file
 
-from rl.stage import RLConfig, latest_checkpoint
+from rl.callbacks import latest_checkpoint
+from rl.config import RLConfig
 
 
 def _args(task: Path, out: Path) -> list[str]:

@@ -11,8 +11,9 @@ import torch
 from fixtures.scenes import make_scenes
 from fixtures.scripted_trainer import VALID_CALL, script_policy
 
+from rl.config import RLConfig
 from rl.errors import RolloutFailureError
-from rl.stage import RLConfig, build_run
+from rl.stage import build_run
 
 VALID = VALID_CALL
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.records import TargetRegion, VQASample
+from pipeline.core.records import TargetRegion, VQASample
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def test_text_qa_messages_follow_the_answer_format_the_verifier_reads():
 
 
 def test_oracle_trajectory_zooms_onto_the_target_through_the_declared_frame(scenes):
-    from pipeline.records import read_vqa
+    from pipeline.core.records import read_vqa
     from rl.verifier import verify_sample
     from sft.data import oracle_trajectory
     from tools.protocol import Episode, parse_turn
@@ -71,7 +71,7 @@ def test_oracle_trajectory_zooms_onto_the_target_through_the_declared_frame(scen
 
 
 def test_direct_answer_without_region_and_zoom_cap(scenes):
-    from pipeline.records import read_vqa
+    from pipeline.core.records import read_vqa
     from sft.data import oracle_trajectory
     from tools.store import ImageStore
     from tools.zoom import ZoomConfig
@@ -92,7 +92,7 @@ def test_direct_answer_without_region_and_zoom_cap(scenes):
 
 
 def test_materialize_is_resumable_and_skips_rejected_boxes(scenes, tmp_path):
-    from pipeline.records import Trajectory, read_jsonl, read_vqa
+    from pipeline.core.records import Trajectory, read_jsonl, read_vqa
     from sft.data import ChatDataset, materialize_trajectories, trajectory_items
     from tools.store import ImageStore
     from tools.zoom import ZoomConfig
@@ -149,9 +149,9 @@ def test_length_filter_and_empty_dataset(tmp_path_factory):
 
 
 def test_sft_config_validation_says_what_to_fix(tmp_path):
-    from pipeline.config import load_config
-    from pipeline.errors import ConfigError
-    from sft.stage import SFTConfig
+    from pipeline.core.config import load_config
+    from pipeline.core.errors import ConfigError
+    from sft.config import SFTConfig
 
     with pytest.raises(ConfigError, match="text_data/vqa_data"):
         load_config(SFTConfig, None, {"output_dir": str(tmp_path)})
@@ -171,11 +171,12 @@ def test_build_items_with_an_empty_hard_set_trains_on_text_and_reports_it(scenes
     mp.setenv("KNOWZOOM_CACHE", str(tmp_path_factory.getbasetemp() / "kz_model_cache"))
     from fixtures.toy import write_text_qa
 
-    from pipeline.config import load_config
+    from pipeline.core.config import load_config
+    from pipeline.core.records import write_jsonl
     from pipeline.models import load_processor
-    from pipeline.records import write_jsonl
+    from sft.config import SFTConfig
     from sft.errors import SFTDataError
-    from sft.stage import SFTConfig, build_items
+    from sft.stage import build_items
 
     proc = load_processor("tiny")
     mp.undo()
@@ -202,15 +203,15 @@ def test_text_think_off_trains_text_answers_without_the_rationale(tmp_path: Path
     """`text_think: false` (the tiny default) drops the graph rationale from text QA targets only."""
     from fixtures.toy import write_text_qa
 
-    from pipeline.config import load_config
-    from sft.stage import SFTConfig
+    from pipeline.core.config import load_config
+    from sft.config import SFTConfig
     from tools.protocol import text_target
 
     train, _ = write_text_qa(tmp_path / "qa")
     cfg = load_config(SFTConfig, None, {"output_dir": str(tmp_path / "o"), "text_data": [str(train)],
                                         "text_think": False})
     assert cfg.think and not cfg.text_think
-    from pipeline.records import TextQA, from_dict
+    from pipeline.core.records import TextQA, from_dict
 
     qa = from_dict(TextQA, json.loads(train.read_text().splitlines()[0]))
     assert text_target(qa, cfg.think and cfg.text_think).startswith("<answer>")

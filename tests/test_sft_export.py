@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.records import Trajectory
+from pipeline.core.records import Trajectory
 
 
 @pytest.fixture(scope="module")
 def materialized(tmp_path_factory):
     from fixtures.scenes import make_scenes
 
-    from pipeline.records import read_vqa
+    from pipeline.core.records import read_vqa
     from sft.data import materialize_trajectories
     from tools.store import ImageStore
     from tools.zoom import ZoomConfig

@@ -67,7 +67,7 @@ def test_collator_labels_exactly_assistant_tokens_on_zoom_trajectory(processor, 
     from fixtures.scenes import make_scenes
     from fixtures.toy import spectral_index_qa
 
-    from pipeline.records import read_vqa
+    from pipeline.core.records import read_vqa
     from sft.data import oracle_trajectory
     from sft.masks import ZoomSFTCollator
     from tools.protocol import text_qa_messages

@@ -42,8 +42,9 @@ def main(work: Path, report_path: Path) -> int:
     import torch
     from fixtures.scenes import make_scenes
 
-    from pipeline.records import VQASample, read_jsonl, write_jsonl
-    from rl.stage import RLConfig, build_run
+    from pipeline.core.records import VQASample, read_jsonl, write_jsonl
+    from rl.config import RLConfig
+    from rl.stage import build_run
 
     task = work / "task"
     make_scenes(task, n=2, size=512, square=32, seed=3)

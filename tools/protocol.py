@@ -33,7 +33,7 @@ from tools.store import ImageStore
 from tools.zoom import FRAMES, Observation, ZoomConfig, check_box, read_overview, read_region
 
 if TYPE_CHECKING:
-    from pipeline.records import TextQA
+    from pipeline.core.records import TextQA
 
 TOOL_NAME = "zoom_in"
 

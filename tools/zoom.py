@@ -26,7 +26,7 @@ from rasterio.enums import Resampling
 from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
-from pipeline.config import Validated
+from pipeline.core.config import Validated
 from tools import render as R
 from tools.errors import BadBoxError, BoxOutsideError, LimitError, ToolTimeoutError, UnreadableImageError
 from tools.render import RenderSpec, parse_render

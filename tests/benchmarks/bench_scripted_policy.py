@@ -18,8 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the fixt
 
 from fixtures.scripted_backend import scripted_check  # noqa: E402
 
-from pipeline.config import load_config  # noqa: E402
-from pipeline.records import VQASample, read_jsonl  # noqa: E402
+from pipeline.core.config import load_config  # noqa: E402
+from pipeline.core.records import VQASample, read_jsonl  # noqa: E402
 
 
 def main() -> None:

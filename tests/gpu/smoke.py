@@ -109,7 +109,7 @@ def data(work: Path, max_pixels: int) -> tuple[Any, list[Any], Any]:
     """Toy GeoTIFF scenes (real rasterio files), their VQA samples and an ImageStore."""
     from fixtures.scenes import make_scenes
 
-    from pipeline.records import VQASample, read_jsonl
+    from pipeline.core.records import VQASample, read_jsonl
     from tools.store import ImageStore
     from tools.zoom import ZoomConfig
 
@@ -127,10 +127,11 @@ def sft_step(model: Any, processor: Any, store: Any, samples: list[Any], zoom_cf
     (micro-batch 1 x 2 accumulation: at 7B the logits of one 2k-token sequence are ~4 GB)."""
     from transformers.trainer_utils import SaveStrategy
 
-    from pipeline.config import config_from_dict
+    from pipeline.core.config import config_from_dict
+    from sft.config import SFTConfig
     from sft.data import ChatDataset, ChatItem, oracle_trajectory
     from sft.masks import ZoomSFTCollator
-    from sft.stage import SFTConfig, _trainer_class, _training_args, prepare_model
+    from sft.stage import _trainer_class, _training_args, prepare_model
 
     items = []
     for s in [s for s in samples if s.targets][:2]:

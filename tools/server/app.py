@@ -274,7 +274,7 @@ def app_from_env() -> Any:
     """uvicorn factory for worker processes: config JSON from the environment, lock-down first."""
     import os
 
-    from pipeline.config import config_from_dict
+    from pipeline.core.config import config_from_dict
     from tools.security import apply_gdal_lockdown
 
     cfg = config_from_dict(ServeConfig, json.loads(os.environ[CONFIG_ENV]), source=CONFIG_ENV)

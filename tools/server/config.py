@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.config import StageConfig, hfield
+from pipeline.core.config import StageConfig, hfield
 from tools.server.encoding import PNG_ENCODERS, isal_zlib
 
 if TYPE_CHECKING:

@@ -431,11 +431,11 @@ def build_store(cfg: ServeConfig) -> Any:
         for p in store.manifest_problems:
             log.warning("skipped image entry %s", p)
         if not store.ids():
-            from pipeline.errors import ConfigError
+            from pipeline.core.errors import ConfigError
 
             raise ConfigError("No image could be registered: " + "; ".join(store.manifest_problems[:5]))
         return store
-    from pipeline.errors import ConfigError
+    from pipeline.core.errors import ConfigError
 
     try:
         if cfg.manifest:

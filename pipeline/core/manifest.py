@@ -15,7 +15,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import StageConfig, save_config
+from pipeline.core.config import StageConfig, save_config
 
 _PACKAGES = (
     "knowzoom", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "ray", "rasterio",

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
-from pipeline.records import Trajectory, VQASample
+from pipeline.core.records import Trajectory, VQASample
 
 if TYPE_CHECKING:
     from tools.store import ImageStore

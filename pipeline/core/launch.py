@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import StageConfig, hfield
-from pipeline.errors import KnowZoomError
+from pipeline.core.config import StageConfig, hfield
+from pipeline.core.errors import KnowZoomError
 
 log = logging.getLogger(__name__)
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -112,7 +112,7 @@ def launch(name: str, cfg: StageConfig) -> dict[str, Any]:
     out = Path(cfg.output_dir).resolve()
     config_path = out / "config.yaml"
     if not config_path.exists():
-        from pipeline.config import save_config
+        from pipeline.core.config import save_config
 
         save_config(cfg, config_path)
     result_path = out / RESULT_FILE
@@ -139,8 +139,8 @@ def launch(name: str, cfg: StageConfig) -> dict[str, Any]:
 
 def _child(argv: list[str]) -> int:
     """Entry of one rank: load the resolved config, run the stage function, rank 0 writes its summary."""
-    from pipeline.config import load_config
-    from pipeline.manifest import atomic_write_text, seed_everything
+    from pipeline.core.config import load_config
+    from pipeline.core.manifest import atomic_write_text, seed_everything
     from pipeline.stages import STAGES
 
     logging.basicConfig(level=os.environ.get("KNOWZOOM_LOG", "INFO"),
