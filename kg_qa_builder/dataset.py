@@ -12,7 +12,7 @@ from typing import Any
 
 from kg_qa_builder.errors import LeakageError
 from kg_qa_builder.graph import norm
-from pipeline.records import TextQA, write_jsonl
+from pipeline.core.records import TextQA, write_jsonl
 
 SPLITS = ("train", "val", "test")
 _WORD = re.compile(r"[a-z0-9]+")

@@ -34,8 +34,8 @@ from kg_qa_builder.graph import KnowledgeGraph, RelationSpec, Schema, norm
 from kg_qa_builder.importers import nid
 from kg_qa_builder.teacher import SYSTEM_PROMPT as QA_SYSTEM_PROMPT
 from kg_qa_builder.teacher import TeacherRequest
-from pipeline.config import StageConfig, hfield
-from pipeline.records import read_jsonl, write_jsonl
+from pipeline.core.config import StageConfig, hfield
+from pipeline.core.records import read_jsonl, write_jsonl
 
 PROMPT_VERSION = "docs-kg-1"
 DOC_SUFFIXES = (".txt", ".md", ".markdown", ".pdf")

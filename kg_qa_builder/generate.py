@@ -20,7 +20,7 @@ from typing import Any
 
 from kg_qa_builder.graph import KnowledgeGraph, RelationSpec, norm
 from kg_qa_builder.quality import acceptable
-from pipeline.records import TextQA
+from pipeline.core.records import TextQA
 
 LETTERS = "ABCDEFGH"
 Triple = tuple[str, str, str]

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from kg_qa_builder.graph import norm
-from pipeline.records import TextQA
+from pipeline.core.records import TextQA
 
 # XLRS-Bench-lite sub-tasks (short codes as its lmms-eval task names them).
 TASKS = ("OC", "RC", "OLUC", "RLUC", "OCC", "OCL", "OMS", "OSR", "AD", "ECR", "RP", "RCCD", "CCR")

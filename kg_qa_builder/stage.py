@@ -33,8 +33,8 @@ from kg_qa_builder.importers import build_graph
 from kg_qa_builder.quality import answer_leak
 from kg_qa_builder.scenarios import PRINCIPLE_HEADS, ScenarioGenerator
 from kg_qa_builder.verify import Verifier
-from pipeline.config import StageConfig, hfield
-from pipeline.records import TextQA, read_jsonl, write_jsonl
+from pipeline.core.config import StageConfig, hfield
+from pipeline.core.records import TextQA, read_jsonl, write_jsonl
 
 QTYPES = ("mcq", "tf", "fill", "free")
 

@@ -21,7 +21,7 @@ import httpx
 
 from kg_qa_builder.errors import TeacherError
 from kg_qa_builder.graph import KnowledgeGraph
-from pipeline.records import JsonlAppender
+from pipeline.core.records import JsonlAppender
 
 SYSTEM_PROMPT = (
     "You write exam questions for Earth-observation experts from knowledge-graph facts. Use ONLY the facts "

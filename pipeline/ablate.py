@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import StageConfig, config_from_dict, hfield, load_yaml
-from pipeline.manifest import atomic_write_text
+from pipeline.core.config import StageConfig, config_from_dict, hfield, load_yaml
+from pipeline.core.manifest import atomic_write_text
 
 DEFAULT_VARIANTS: dict[str, dict[str, Any]] = {
     "a_rl_only": {

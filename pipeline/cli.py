@@ -7,8 +7,8 @@ import logging
 import os
 import sys
 
-from pipeline.config import config_help, load_config
-from pipeline.errors import KnowZoomError
+from pipeline.core.config import config_help, load_config
+from pipeline.core.errors import KnowZoomError
 from pipeline.stages import STAGES, run_stage
 
 USAGE = """usage: knowzoom <stage> [--config FILE.yaml] [--field value ...]

@@ -53,10 +53,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import StageConfig, hfield
-from pipeline.datasets import DatasetFormatError, _ImageRef, _RawWriter
-from pipeline.errors import DatasetNotFoundError
-from pipeline.records import JsonlAppender, TextQA, VQASample
+from pipeline.core.config import StageConfig, hfield
+from pipeline.core.datasets import DatasetFormatError, _ImageRef, _RawWriter
+from pipeline.core.errors import DatasetNotFoundError
+from pipeline.core.records import JsonlAppender, TextQA, VQASample
 
 log = logging.getLogger(__name__)
 
@@ -478,7 +478,7 @@ class _Converter:
 
 def _prepare(raw: Path, out: Path) -> Path:
     """prepare-images on the written images (every format `_RawWriter` writes: PNG, JPEG, TIFF, WebP, BMP)."""
-    from pipeline.config import load_config
+    from pipeline.core.config import load_config
     from pipeline.stages import run_stage
     from tools.prepare import PrepareImagesConfig
 
@@ -562,7 +562,7 @@ def run(cfg: ImportDataConfig) -> dict[str, Any]:
         manifest = _prepare(raw, out / "images")
         summary["images_manifest"] = str(manifest)
         prepared = {json.loads(x)["id"] for x in manifest.read_text(encoding="utf-8").splitlines() if x.strip()}
-        from pipeline.records import read_jsonl
+        from pipeline.core.records import read_jsonl
 
         wanted = {i for r in read_jsonl(rec_path) for i in r["images"]}  # type: ignore[index]
         summary["images_missing"] = sorted(wanted - prepared)[:20]

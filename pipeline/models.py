@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.config import StageConfig, hfield
-from pipeline.errors import ConfigError, ModelNotFoundError
+from pipeline.core.config import StageConfig, hfield
+from pipeline.core.errors import ConfigError, ModelNotFoundError
 
 if TYPE_CHECKING:  # heavy imports stay lazy: `knowzoom make-scenes` must not import torch
     from transformers import PreTrainedModel, ProcessorMixin

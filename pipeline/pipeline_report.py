@@ -13,8 +13,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import StageConfig
-from pipeline.manifest import atomic_write_text
+from pipeline.core.config import StageConfig
+from pipeline.core.manifest import atomic_write_text
 
 _SHOW = (".png", ".html", ".md", ".json", ".jsonl")
 

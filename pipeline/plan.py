@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import ConfigError, KnowZoomError
+from pipeline.core.errors import ConfigError, KnowZoomError
 
 GB = 1e9
 
@@ -485,7 +485,7 @@ def fit_hint(row: dict[str, Any], gpu_gb: float) -> str:
 
 
 def _load_stages(path: str, stage: str) -> list[tuple[str, str, Any]]:
-    from pipeline.config import config_from_dict, load_yaml
+    from pipeline.core.config import config_from_dict, load_yaml
     from pipeline.stages import STAGES
 
     data = load_yaml(path)

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import StageConfig, config_from_dict, hfield, load_yaml
-from pipeline.errors import ConfigError
+from pipeline.core.config import StageConfig, config_from_dict, hfield, load_yaml
+from pipeline.core.errors import ConfigError
 from pipeline.stages import STAGES, run_stage
 
 log = logging.getLogger(__name__)

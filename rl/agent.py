@@ -22,8 +22,8 @@ from typing import Any, Protocol
 
 from PIL import Image
 
-from pipeline.errors import KnowZoomError
-from pipeline.records import Trajectory, VQASample
+from pipeline.core.errors import KnowZoomError
+from pipeline.core.records import Trajectory, VQASample
 from rl.verifier import MAX_ANSWER_CHARS, verify_sample
 from tools.zoom import ZoomConfig
 
@@ -148,7 +148,7 @@ def _start(sample: VQASample, rollout: int, store: Any, cfg: AgentConfig) -> _Li
     from tools import protocol
 
     if cfg.protocol == "direct":
-        from pipeline.datasets import official_prompt
+        from pipeline.core.datasets import official_prompt
 
         content = [{"type": "image"} for _ in sample.images] + [{"type": "text", "text": official_prompt(sample)}]
         msg = {"role": "user", "content": content}
@@ -248,7 +248,7 @@ def run_episodes(
     rollout_ids[i] (`meta["rollout"]`), so a resumed job can run just the missing rollouts."""
     problems = cfg.problems()
     if problems:
-        from pipeline.errors import ConfigError
+        from pipeline.core.errors import ConfigError
 
         raise ConfigError("invalid AgentConfig:\n" + "\n".join(f"  - {p}" for p in problems))
     if rollout_ids is not None and (n != 1 or len(rollout_ids) != len(samples)):

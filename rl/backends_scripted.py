@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pipeline.records import VQASample
+from pipeline.core.records import VQASample
 
 SCRIPTED_TASKS = ("colour", "count")
 

@@ -22,7 +22,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from pipeline.records import VQASample
+from pipeline.core.records import VQASample
 from rl.rewards import EpisodeScore, EpisodeStats
 
 log = logging.getLogger(__name__)

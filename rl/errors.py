@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.errors import KnowZoomError
+from pipeline.core.errors import KnowZoomError
 
 
 class RLError(KnowZoomError):

@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import hfield
-from pipeline.errors import DatasetNotFoundError, ModelNotFoundError
-from pipeline.launcher import LaunchConfig
-from pipeline.manifest import atomic_write_text
+from pipeline.core.config import hfield
+from pipeline.core.errors import DatasetNotFoundError, ModelNotFoundError
+from pipeline.core.launch import LaunchConfig
+from pipeline.core.manifest import atomic_write_text
 from rl.errors import ChatTemplateError
 from rl.rewards import RewardSettings, ZoomRewards
 
@@ -256,8 +256,8 @@ def _has_records(path: str | Path) -> bool:
 
 def load_samples(path: str | Path, max_samples: int = 0, max_images: int = 4) -> list[Any]:
     """VQASamples for training (validated); an empty file is an error that says what to do."""
-    from pipeline.errors import RecordError
-    from pipeline.records import VQASample, read_jsonl
+    from pipeline.core.errors import RecordError
+    from pipeline.core.records import VQASample, read_jsonl
 
     samples = list(read_jsonl(path, VQASample))
     if max_samples:

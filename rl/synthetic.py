@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.records import TargetRegion, VQASample, write_jsonl
+from pipeline.core.records import TargetRegion, VQASample, write_jsonl
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 190, 40), "blue": (30, 60, 220), "yellow": (235, 220, 30)}
 

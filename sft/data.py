@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.records import JsonlAppender, TextQA, Trajectory, VQASample, read_jsonl
+from pipeline.core.records import JsonlAppender, TextQA, Trajectory, VQASample, read_jsonl
 from sft.errors import SFTDataError, TrajectoryError
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pipeline.records import Trajectory, read_jsonl
+from pipeline.core.records import Trajectory, read_jsonl
 from sft.errors import TrajectoryError
 
 IMAGE_TOKEN = "<image>"

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import hfield
-from pipeline.launcher import LaunchConfig
-from pipeline.records import TextQA
+from pipeline.core.config import hfield
+from pipeline.core.launch import LaunchConfig
+from pipeline.core.records import TextQA
 from sft.errors import SFTDataError
 
 log = logging.getLogger(__name__)

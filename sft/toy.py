@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from pipeline.records import TargetRegion, TextQA, VQASample, write_jsonl
+from pipeline.core.records import TargetRegion, TextQA, VQASample, write_jsonl
 
 LETTERS = "ABCDEFGH"
 

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 from test_eval_helpers import OracleBackend, ScriptBackend, make_vqa_set, store_for
 
-from pipeline.records import VQASample, read_jsonl
+from pipeline.core.records import VQASample, read_jsonl
 from rl.agent import AgentConfig, BackendError, close_stopped, run_episodes, trim_at_stop
 from tools.protocol import format_tool_call
 from tools.zoom import ZoomConfig
@@ -124,7 +124,7 @@ def test_stop_helpers():
 
 def test_agent_config_problems():
     assert AgentConfig(max_turns=0, temperature=-1, protocol="x", top_p=0).problems()
-    from pipeline.errors import ConfigError
+    from pipeline.core.errors import ConfigError
 
     with pytest.raises(ConfigError):
         run_episodes(ScriptBackend(["x"]), [], None, AgentConfig(batch_size=0))
@@ -237,7 +237,7 @@ def test_vllm_backend_gets_the_resolved_local_folder(vqa, tmp_path):
     folder, a cached HF id), never on the raw spec; an HF id that is not cached is a clear error, offline."""
     import vllm_standin
 
-    from pipeline.errors import ModelNotFoundError
+    from pipeline.core.errors import ModelNotFoundError
     from pipeline.models import resolve_model_path
     from rl.backends import VLLMBackend
 

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import benchmarks as B
-from pipeline.config import load_config
-from pipeline.datasets import DatasetFormatError
-from pipeline.evaluate import EvalConfig
-from pipeline.evaluate import run as run_eval
-from pipeline.records import Trajectory, VQASample
+from pipeline.core.config import load_config
+from pipeline.core.datasets import DatasetFormatError
+from pipeline.core.records import Trajectory, VQASample
+from pipeline.eval import benchmarks as B
+from pipeline.eval.evaluate import EvalConfig
+from pipeline.eval.evaluate import run as run_eval
 
 
 def _img(path: Path, seed: int, size: tuple[int, int] = (300, 200)) -> None:
@@ -142,7 +142,7 @@ def test_mme_loader_keeps_only_remote_sensing(mme: Path, tmp_path: Path) -> None
     samples, _ = B.load_mme_rs(mme, tmp_path / "w")
     assert [s.id for s in samples] == [r["Question_id"] for r in MME_ROWS[:3]]
     assert samples[2].category == "Reasoning:position:attribute" and samples[0].choices[4].startswith("(E)")
-    from pipeline.datasets import official_prompt
+    from pipeline.core.datasets import official_prompt
 
     assert official_prompt(samples[0]) == B.mme_prompt(MME_ROWS[0]["Text"], MME_ROWS[0]["Answer choices"])
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.datasets import (
+from pipeline.core.datasets import (
     XLRS_SUBTASKS,
     DatasetFormatError,
     load_vqa_jsonl,
@@ -19,8 +19,8 @@ from pipeline.datasets import (
     save_vqa_jsonl,
     subtask_name,
 )
-from pipeline.errors import DatasetNotFoundError
-from pipeline.records import VQASample
+from pipeline.core.errors import DatasetNotFoundError
+from pipeline.core.records import VQASample
 
 OPTS = ["(A) Red", "(B) Blue", "(C) Green", "(D) White"]
 
@@ -134,7 +134,7 @@ def test_official_prompt_snapshot(tmp_path):
 def test_official_prompt_never_depends_on_the_key():
     """lmms-eval picks the instruction by category: a two-letter key elsewhere keeps the single instruction,
     and the land-use category keeps the multi one whatever its key."""
-    from pipeline.datasets import MULTI_ANSWER_CATEGORY
+    from pipeline.core.datasets import MULTI_ANSWER_CATEGORY
 
     base = dict(id="q", images=["i"], question="Q?", choices=["(A) x", "(B) y", "(C) z"])
     colour = "Object properties/Object color"

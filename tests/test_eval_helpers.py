@@ -11,7 +11,7 @@ import numpy as np
 import rasterio
 from rasterio.transform import from_origin
 
-from pipeline.records import TargetRegion, VQASample, write_jsonl
+from pipeline.core.records import TargetRegion, VQASample, write_jsonl
 
 COLOURS = {"Red": (230, 30, 30), "Green": (30, 200, 30), "Blue": (30, 60, 230), "White": (245, 245, 245)}
 CHOICES = [f"({k}) {c}" for k, c in zip("ABCD", COLOURS, strict=True)]
@@ -134,7 +134,7 @@ def store_for(root: Path):
 
 
 def test_fixture_builds_and_classifier_reads_crops(tmp_path):
-    from pipeline.records import read_jsonl
+    from pipeline.core.records import read_jsonl
     from tools.zoom import ZoomConfig, read_region
 
     root = make_vqa_set(tmp_path, n=4)

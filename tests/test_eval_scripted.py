@@ -3,8 +3,8 @@ pixel classifier on its crop; the same classifier on the overview region (no zoo
 
 from __future__ import annotations
 
-from pipeline.config import load_config
-from pipeline.records import VQASample, read_jsonl
+from pipeline.core.config import load_config
+from pipeline.core.records import VQASample, read_jsonl
 from rl.backends_scripted import scripted_check
 
 

@@ -10,13 +10,13 @@ import random
 import pytest
 from test_eval_helpers import OracleBackend, ScriptBackend, make_vqa_set, store_for
 
-from pipeline.config import load_config
-from pipeline.evaluate import EvalConfig
-from pipeline.evaluate import run as run_eval
-from pipeline.records import VQASample, read_jsonl
-from pipeline.report import compute_metrics, pass_at_k
-from sft.mining import MineHardConfig
-from sft.mining import run as run_mine
+from pipeline.core.config import load_config
+from pipeline.core.records import VQASample, read_jsonl
+from pipeline.eval.evaluate import EvalConfig
+from pipeline.eval.evaluate import run as run_eval
+from pipeline.eval.mining import MineHardConfig
+from pipeline.eval.mining import run as run_mine
+from pipeline.eval.report import compute_metrics, pass_at_k
 from tools.zoom import ZoomConfig
 
 
@@ -131,7 +131,7 @@ def test_errors_are_not_cached_and_not_reportable(data, tmp_path):
         def generate(self, conversations, images, **kw):
             raise RuntimeError("server down")
 
-    from pipeline.errors import EvalError
+    from pipeline.core.errors import EvalError
 
     with pytest.raises(EvalError, match="no episode could be scored .4 of 4 items failed.*server down"):
         run_eval(_cfg(data, tmp_path / "e"), backend=Broken())
@@ -148,7 +148,7 @@ def test_limit_marks_not_reportable(data, tmp_path):
 
 
 def test_config_validation_messages():
-    from pipeline.errors import ConfigError
+    from pipeline.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="pass_k"):
         load_config(EvalConfig, None, {"pass_k": [1, 8], "n_samples": 4})
@@ -163,7 +163,7 @@ def test_config_validation_messages():
 
 
 def test_compute_metrics_counts_tool_errors():
-    from pipeline.records import Trajectory
+    from pipeline.core.records import Trajectory
 
     s = [VQASample(id="a", images=["x"], question="q", answer="A", choices=["(A) x", "(B) y"], category="T/u")]
     g = {"a": Trajectory(sample_id="a", messages=[], tool_calls=4, tool_errors=1, correct=True,

@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 from test_eval_helpers import OracleBackend, make_vqa_set, store_for
 
-from pipeline.records import VQASample, read_jsonl
-from pipeline.viewer import load_observation_images, write_viewer
+from pipeline.core.records import VQASample, read_jsonl
+from pipeline.eval.viewer import load_observation_images, write_viewer
 from rl.agent import AgentConfig, run_episodes
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import StageConfig, hfield, load_config
-from pipeline.errors import ConfigError, RecordError
-from pipeline.records import JsonlAppender, TextQA, VQASample, read_jsonl, write_jsonl
+from pipeline.core.config import StageConfig, hfield, load_config
+from pipeline.core.errors import ConfigError, RecordError
+from pipeline.core.records import JsonlAppender, TextQA, VQASample, read_jsonl, write_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 
 from pipeline.cli import main as cli_main
-from pipeline.datasets import DatasetFormatError
+from pipeline.core.datasets import DatasetFormatError
+from pipeline.core.records import TextQA, VQASample, read_jsonl
 from pipeline.importers import ImportDataConfig, classify, run, split_reply
-from pipeline.records import TextQA, VQASample, read_jsonl
 
 
 def _webp(seed: int, size: int = 96) -> bytes:

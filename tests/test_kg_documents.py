@@ -24,7 +24,7 @@ from kg_qa_builder.documents import (
 )
 from kg_qa_builder.graph import load_schema
 from kg_qa_builder.importers import build_graph
-from pipeline.records import read_jsonl
+from pipeline.core.records import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -206,7 +206,7 @@ def test_prompt_lists_packaged_schema() -> None:
 
 
 def test_tiny_config_validates(tmp_path: Path) -> None:
-    from pipeline.config import load_config
+    from pipeline.core.config import load_config
 
     cfg = load_config(BuildKGDocsConfig, ROOT / "configs/tiny/build_kg_docs.yaml",
                       ["--docs_dir", str(tmp_path), "--teacher_url", "http://127.0.0.1:8000/v1",

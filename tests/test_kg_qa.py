@@ -18,9 +18,9 @@ from kg_qa_builder.importers import build_graph, import_curated, nid
 from kg_qa_builder.stage import BuildQAConfig, run, split_facts
 from kg_qa_builder.teacher import TeacherClient, build_requests, parse_items
 from kg_qa_builder.verify import Verifier
-from pipeline.config import load_config
-from pipeline.errors import ConfigError
-from pipeline.records import TextQA, read_jsonl
+from pipeline.core.config import load_config
+from pipeline.core.errors import ConfigError
+from pipeline.core.records import TextQA, read_jsonl
 
 sys.path.insert(0, str(Path(__file__).parent))
 from kg_fake_teacher import FakeTeacher  # noqa: E402

@@ -19,8 +19,8 @@ from kg_qa_builder.quality import TASKS, acceptable, answer_leak, check_targets,
 from kg_qa_builder.scenarios import KINDS, PRINCIPLE_HEADS, ScenarioGenerator, _months, crop_state
 from kg_qa_builder.stage import BuildQAConfig, run
 from kg_qa_builder.verify import Verifier
-from pipeline.config import load_config
-from pipeline.records import TextQA, read_jsonl
+from pipeline.core.config import load_config
+from pipeline.core.records import TextQA, read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -223,7 +223,7 @@ def test_quality_targets_on_default_build(tmp_path):
 
 
 def test_scenario_kind_weights_config_validated():
-    from pipeline.errors import ConfigError
+    from pipeline.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="scenario_kinds"):
         load_config(BuildQAConfig, None, {"scenario_kinds": {"no-such-kind": 1}})

@@ -78,7 +78,7 @@ def test_two_rank_rl_through_the_launcher(tmp_path, monkeypatch, capsys):
 
 
 def test_launch_command_accelerate_and_torchrun(tmp_path):
-    from pipeline.launcher import launch_command, needs_launch
+    from pipeline.core.launch import launch_command, needs_launch
     from sft.stage import SFTConfig
 
     cfg = SFTConfig(output_dir=str(tmp_path), text_data=["x.jsonl"], num_processes=8, main_process_port=29511)
@@ -99,7 +99,7 @@ def test_launch_command_accelerate_and_torchrun(tmp_path):
 def test_needs_launch_inside_a_launched_job_and_for_ray(monkeypatch, tmp_path):
     from types import SimpleNamespace
 
-    from pipeline.launcher import needs_launch
+    from pipeline.core.launch import needs_launch
 
     cfg = SimpleNamespace(num_processes=2)
     assert needs_launch("sft", cfg)
@@ -112,7 +112,7 @@ def test_needs_launch_inside_a_launched_job_and_for_ray(monkeypatch, tmp_path):
 
 def test_rank_1_of_an_external_launch_writes_no_bookkeeping(monkeypatch, tmp_path):
     from pipeline import stages
-    from pipeline.config import StageConfig
+    from pipeline.core.config import StageConfig
 
     calls = []
     monkeypatch.setitem(stages.STAGES, "fake", stages.Stage("fake", "builtins", "object"))
@@ -128,9 +128,9 @@ def test_rank_1_of_an_external_launch_writes_no_bookkeeping(monkeypatch, tmp_pat
 
 
 def test_pipeline_runner_launches_multi_process_stages(monkeypatch, tmp_path):
-    """`knowzoom run`: a stage with num_processes 2 goes through pipeline.launcher.launch (spy), others not."""
-    from pipeline import launcher
-    from pipeline.config import config_from_dict
+    """`knowzoom run`: a stage with num_processes 2 goes through pipeline.core.launch.launch (spy), others not."""
+    from pipeline.core import launch as launcher
+    from pipeline.core.config import config_from_dict
     from pipeline.runner import PipelineConfig, run
 
     seen = []
@@ -158,8 +158,8 @@ def test_rl_report_to_reaches_grpo_config(tmp_path):
 
 
 def test_bad_launcher_settings_are_config_errors(tmp_path):
-    from pipeline.config import config_from_dict
-    from pipeline.errors import ConfigError
+    from pipeline.core.config import config_from_dict
+    from pipeline.core.errors import ConfigError
     from sft.stage import SFTConfig
 
     with pytest.raises(ConfigError) as e:

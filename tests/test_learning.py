@@ -38,7 +38,7 @@ def write_colour_task(out: Path, n_train: int, n_test: int, seed: int = 0) -> tu
     import numpy as np
     import rasterio
 
-    from pipeline.records import VQASample, write_jsonl
+    from pipeline.core.records import VQASample, write_jsonl
 
     rng = np.random.default_rng(seed)
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -70,8 +70,8 @@ def write_colour_task(out: Path, n_train: int, n_test: int, seed: int = 0) -> tu
 
 def heldout_accuracy(model_dir: str, manifest: Path, test: Path, max_pixels: int) -> dict[str, float]:
     """Greedy answers of the trained model to the held-out items, scored by the strict verifier."""
+    from pipeline.core.records import VQASample, read_jsonl
     from pipeline.models import load_model, set_pixel_bounds
-    from pipeline.records import VQASample, read_jsonl
     from rl.verifier import verify_sample
     from tools.protocol import build_prompt_messages
     from tools.store import ImageStore
@@ -103,7 +103,7 @@ def heldout_accuracy(model_dir: str, manifest: Path, test: Path, max_pixels: int
 
 def train_colour_task(tmp: Path, **over: object) -> tuple[dict, dict]:
     """Run the SFT stage on the colour task; returns (stage summary, held-out accuracy)."""
-    from pipeline.config import load_config
+    from pipeline.core.config import load_config
     from pipeline.stages import run_stage
     from sft.stage import SFTConfig
 

@@ -67,7 +67,7 @@ def test_build_is_deterministic_and_cached(tmp_path, cache):
 
 
 def test_missing_models_say_they_cannot_be_downloaded(tmp_path, cache):
-    from pipeline.errors import KnowZoomError, ModelNotFoundError
+    from pipeline.core.errors import KnowZoomError, ModelNotFoundError
     from pipeline.models import load_model
 
     with pytest.raises(ModelNotFoundError, match="cannot be downloaded"):
@@ -96,8 +96,8 @@ def test_stage_folder_and_roundtrip_clear_truncation(tmp_path, tiny):
 
 
 def test_build_model_stage(tmp_path, cache):
-    from pipeline.config import load_config
-    from pipeline.errors import ConfigError
+    from pipeline.core.config import load_config
+    from pipeline.core.errors import ConfigError
     from pipeline.models import BuildModelConfig
     from pipeline.stages import run_stage
 
@@ -142,7 +142,7 @@ def test_image_tokens_match_features_for_prompt_image_and_tool_crop(tmp_path, ti
     cfg = ZoomConfig()
     ep = Episode(store, ["scene_0"], cfg)
     overview = ep.initial_observations()[0]
-    from pipeline.records import VQASample
+    from pipeline.core.records import VQASample
 
     sample = VQASample(id="s", images=["scene_0"], question="q?", answer="A", choices=["(A) a", "(B) b"])
     msgs = build_prompt_messages(sample, cfg.frame, sizes=[overview.image.size])

@@ -10,7 +10,7 @@ import pytest
 from openai_standin import StandinServer
 from test_eval_helpers import make_vqa_set, store_for
 
-from pipeline.records import VQASample, read_jsonl
+from pipeline.core.records import VQASample, read_jsonl
 from rl.agent import AgentConfig, run_episodes
 from rl.backends import OpenAIBackend, message_text
 from tools.protocol import system_prompt, zoom_tool_schema
@@ -101,8 +101,8 @@ def test_content_and_tool_calls_together():
 
 
 def test_direct_protocol_never_sends_tools(data):
-    from pipeline.config import load_config
-    from pipeline.evaluate import EvalConfig
+    from pipeline.core.config import load_config
+    from pipeline.eval.evaluate import EvalConfig
 
     cfg = load_config(EvalConfig, None, {"backend": "openai", "base_url": "http://127.0.0.1:9/v1",
                                          "openai_tool_mode": "native", "protocol": "direct"})

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.records import TargetRegion, Trajectory, VQASample
-from pipeline.report import compute_metrics, markdown_report, zoom_hits
+from pipeline.core.records import TargetRegion, Trajectory, VQASample
+from pipeline.eval.report import compute_metrics, markdown_report, zoom_hits
 
 
 def _stage(out: Path, name: str, sid: str):
-    from pipeline.config import StageConfig
+    from pipeline.core.config import StageConfig
 
     return sid, name, StageConfig(output_dir=str(out))
 
@@ -38,7 +38,7 @@ def _tables(md: str) -> list[list[str]]:
 
 
 def test_report_tables_are_whole_and_show_every_stage_before_and_after(tmp_path):
-    from pipeline.config import StageConfig
+    from pipeline.core.config import StageConfig
     from pipeline.pipeline_report import write_pipeline_report
 
     root = tmp_path / "run"
@@ -147,7 +147,7 @@ def test_ablate_seeds_get_own_roots_seeded_training_stages_and_a_spread_table(tm
         metrics_row,
         spread_rows,
     )
-    from pipeline.config import load_config
+    from pipeline.core.config import load_config
 
     root = Path(__file__).resolve().parent.parent
     cfg = load_config(AblateConfig, root / "configs/tiny/ablate.yaml",

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import main
-from pipeline.config import load_config
-from pipeline.errors import ConfigError
+from pipeline.core.config import load_config
+from pipeline.core.errors import ConfigError
 from pipeline.runner import PipelineConfig, run, stage_configs
 
 ROOT = Path(__file__).resolve().parent.parent

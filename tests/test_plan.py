@@ -29,7 +29,7 @@ def test_7b_preset_counts():
 
 def test_dims_from_a_local_model_folder_and_unknown_models(tmp_path, monkeypatch):
     """config.json of a local folder (here the tiny model's) gives the exact count of the loaded model."""
-    from pipeline.errors import ConfigError
+    from pipeline.core.errors import ConfigError
     from pipeline.models import load_model, resolve_model_path
     from pipeline.plan import model_dims
 

@@ -14,14 +14,14 @@ import re
 import pytest
 from test_eval_helpers import ScriptBackend
 
-from pipeline.evaluate import EvalConfig
-from pipeline.records import VQASample, read_jsonl
+from pipeline.core.records import VQASample, read_jsonl
+from pipeline.eval.evaluate import EvalConfig
+from pipeline.eval.mining import MineHardConfig
 from rl.agent import run_episodes
 from rl.scripted import VALID_CALL, script_policy
 from rl.stage import RLConfig, build_run
 from rl.synthetic import make_zoom_task
 from sft.data import oracle_trajectory
-from sft.mining import MineHardConfig
 from sft.stage import SFTConfig
 from tools.protocol import Episode, ToolCall, turn_budget
 from tools.store import ImageStore

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import config_from_dict, load_yaml, parse_overrides
+from pipeline.core.config import config_from_dict, load_yaml, parse_overrides
 from pipeline.runner import _MISSING_INPUT
 from pipeline.stages import STAGES
 

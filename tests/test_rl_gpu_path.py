@@ -164,7 +164,7 @@ def test_num_processes_is_the_number_of_ray_workers(tmp_path):
 
 
 def test_7b_config_is_sharded_and_fits_its_fields():
-    from pipeline.config import load_config
+    from pipeline.core.config import load_config
 
     cfg = load_config(RLConfig, ROOT / "configs" / "qwen2_5_vl_7b" / "rl.yaml")
     assert cfg.world_size() == 8 and cfg.fsdp and cfg.bf16 and cfg.gradient_checkpointing

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from pipeline.errors import ConfigError, DatasetNotFoundError, ModelNotFoundError
-from pipeline.records import TargetRegion, VQASample
+from pipeline.core.errors import ConfigError, DatasetNotFoundError, ModelNotFoundError
+from pipeline.core.records import TargetRegion, VQASample
 from rl.rewards import (
     EpisodeStats,
     RewardSettings,
@@ -116,7 +116,7 @@ def test_env_reset_zoom_errors_and_failures(task):
     assert len(images) == 1 and images[0]["image"].size == (224, 224)
     assert any("What colour" in p.get("text", "") for p in content)
     # the user turn RL trains on is the one eval, mining and SFT pre-warm render (overview sizes included)
-    from pipeline.records import VQASample
+    from pipeline.core.records import VQASample
     from tools.protocol import build_prompt_messages
 
     want = build_prompt_messages(VQASample.from_dict(sample), sizes=[(224, 224)])[-1]["content"]
@@ -179,7 +179,7 @@ def test_tool_template_renders_sft_and_eval_prompts_unchanged():
 
 
 def test_config_validation_messages(tmp_path):
-    from pipeline.config import load_config
+    from pipeline.core.config import load_config
     from rl.stage import RLConfig
 
     with pytest.raises(ConfigError) as e:

@@ -385,7 +385,7 @@ def test_png_encoder_auto_is_isal_and_libdeflate_names_its_replacement(manifest:
 
 
 def test_tiny_serve_config_loads(manifest: Path) -> None:
-    from pipeline.config import load_config
+    from pipeline.core.config import load_config
 
     repo = Path(__file__).resolve().parents[1]
     cfg = load_config(ServeConfig, repo / "configs" / "tiny" / "serve.yaml",

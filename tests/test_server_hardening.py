@@ -405,7 +405,7 @@ def test_mcp_http_app_is_guarded(manifest: Path, monkeypatch: pytest.MonkeyPatch
 def test_bad_manifest_line_fails_or_is_skipped(manifest: Path, tmp_path: Path) -> None:
     from fastapi.testclient import TestClient
 
-    from pipeline.errors import ConfigError
+    from pipeline.core.errors import ConfigError
     from tools.server import ZoomService
 
     lines = manifest.read_text().splitlines()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.records import TargetRegion, VQASample
+from pipeline.core.records import TargetRegion, VQASample
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,7 @@ def test_direct_answer_without_region_and_zoom_cap(scenes):
 
 
 def test_materialize_is_resumable_and_skips_rejected_boxes(scenes, tmp_path):
-    from pipeline.records import Trajectory, read_jsonl
+    from pipeline.core.records import Trajectory, read_jsonl
     from sft.data import ChatDataset, materialize_trajectories, read_vqa, trajectory_items
     from tools.store import ImageStore
     from tools.zoom import ZoomConfig
@@ -145,8 +145,8 @@ def test_length_filter_and_empty_dataset(tmp_path_factory):
 
 
 def test_sft_config_validation_says_what_to_fix(tmp_path):
-    from pipeline.config import load_config
-    from pipeline.errors import ConfigError
+    from pipeline.core.config import load_config
+    from pipeline.core.errors import ConfigError
     from sft.stage import SFTConfig
 
     with pytest.raises(ConfigError, match="text_data/vqa_data"):
@@ -165,9 +165,9 @@ def test_sft_config_validation_says_what_to_fix(tmp_path):
 def test_build_items_with_an_empty_hard_set_trains_on_text_and_reports_it(scenes, tmp_path, tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("KNOWZOOM_CACHE", str(tmp_path_factory.getbasetemp() / "kz_model_cache"))
-    from pipeline.config import load_config
+    from pipeline.core.config import load_config
+    from pipeline.core.records import write_jsonl
     from pipeline.models import load_processor
-    from pipeline.records import write_jsonl
     from sft.errors import SFTDataError
     from sft.stage import SFTConfig, build_items
     from sft.toy import write_text_qa
@@ -195,7 +195,7 @@ def test_build_items_with_an_empty_hard_set_trains_on_text_and_reports_it(scenes
 
 def test_text_think_off_trains_text_answers_without_the_rationale(tmp_path: Path) -> None:
     """`text_think: false` (the tiny default) drops the graph rationale from text QA targets only."""
-    from pipeline.config import load_config
+    from pipeline.core.config import load_config
     from sft.data import text_target
     from sft.stage import SFTConfig
     from sft.toy import write_text_qa
@@ -204,7 +204,7 @@ def test_text_think_off_trains_text_answers_without_the_rationale(tmp_path: Path
     cfg = load_config(SFTConfig, None, {"output_dir": str(tmp_path / "o"), "text_data": [str(train)],
                                         "text_think": False})
     assert cfg.think and not cfg.text_think
-    from pipeline.records import TextQA, from_dict
+    from pipeline.core.records import TextQA, from_dict
 
     qa = from_dict(TextQA, json.loads(train.read_text().splitlines()[0]))
     assert text_target(qa, cfg.think and cfg.text_think).startswith("<answer>")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.records import Trajectory
+from pipeline.core.records import Trajectory
 
 
 @pytest.fixture(scope="module")

@@ -41,7 +41,7 @@ def _data_overrides(env, out):
 @pytest.mark.parametrize("config", ["configs/tiny/sft_text.yaml", "configs/tiny/sft_prewarm.yaml",
                                     "configs/qwen2_5_vl_7b/sft.yaml"])
 def test_one_step_of_every_config(config, env, tmp_path):
-    from pipeline.config import load_config
+    from pipeline.core.config import load_config
     from pipeline.models import load_model
     from pipeline.stages import run_stage
     from sft.stage import SFTConfig
@@ -78,7 +78,7 @@ def test_one_step_of_every_config(config, env, tmp_path):
 
 
 def test_freeze_and_lora_options(env, tmp_path):
-    from pipeline.config import load_config
+    from pipeline.core.config import load_config
     from pipeline.models import load_model
     from sft.stage import SFTConfig, prepare_model, run
 
@@ -108,7 +108,7 @@ KILL_SCRIPT = textwrap.dedent("""
     import os, signal, sys, json
     import torch
     from transformers import TrainerCallback
-    from pipeline.config import load_config
+    from pipeline.core.config import load_config
     from sft.stage import SFTConfig, run
     torch.set_num_threads(1)
 
@@ -122,7 +122,7 @@ KILL_SCRIPT = textwrap.dedent("""
 
 
 def test_kill_and_resume_matches_uninterrupted_run(env, tmp_path):
-    from pipeline.config import load_config
+    from pipeline.core.config import load_config
     from sft.stage import SFTConfig, run
 
     def over(out):

@@ -81,7 +81,7 @@ def test_bad_stage_input_gives_one_clear_message(files, case: str, capsys: pytes
 
 
 def test_sft_max_steps_zero_means_epochs() -> None:
-    from pipeline.config import load_config
+    from pipeline.core.config import load_config
     from sft.stage import SFTConfig
 
     cfg = load_config(SFTConfig, None, ["--text_data", "t.jsonl", "--output_dir", "runs/x"])

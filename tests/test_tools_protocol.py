@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pipeline.records import VQASample
+from pipeline.core.records import VQASample
 from tests.tools_fixtures import make_raster
 from tools.errors import MultipleToolCallsError, ToolCallParseError, UnknownToolError
 from tools.protocol import (

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.config import load_config
-from pipeline.records import VQASample, read_jsonl
+from pipeline.core.config import load_config
+from pipeline.core.records import VQASample, read_jsonl
 from tests.tools_fixtures import make_raster
 from tools.protocol import Episode
 from tools.scenes import CLASSES, COLOURS, COUNTS, MakeScenesConfig, run
@@ -188,7 +188,7 @@ def test_preview_is_an_image(scenes: Path) -> None:
 def test_knowledge_family_needs_the_text_fact_and_the_probe_set_is_a_fixed_test_subset(scenes: Path) -> None:
     """Operator questions never name the class; text-only classes are never asked in training; kg_facts.jsonl
     states every operator; vqa_probe.jsonl is a per-task subset of the held-out set."""
-    from pipeline.records import TextQA
+    from pipeline.core.records import TextQA
     from tools.scenes import OPERATOR_OF, OPERATORS
 
     train = list(read_jsonl(scenes / "vqa_train.jsonl", VQASample))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.records import TextQA, VQASample
+from pipeline.core.records import TextQA, VQASample
 from rl.verifier import (
     MAX_ANSWER_CHARS,
     extract_answer,

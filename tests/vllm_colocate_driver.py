@@ -41,7 +41,7 @@ def main(work: Path, report_path: Path) -> int:
 
     import torch
 
-    from pipeline.records import VQASample, read_jsonl, write_jsonl
+    from pipeline.core.records import VQASample, read_jsonl, write_jsonl
     from rl.stage import RLConfig, build_run
     from rl.synthetic import make_zoom_task
 

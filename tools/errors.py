@@ -6,7 +6,7 @@ safe `model_message()`: the text the model sees as the tool's response (no paths
 
 from __future__ import annotations
 
-from pipeline.errors import KnowZoomError
+from pipeline.core.errors import KnowZoomError
 
 
 class ToolError(KnowZoomError):

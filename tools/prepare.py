@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import StageConfig, hfield
-from pipeline.records import JsonlAppender, write_jsonl
+from pipeline.core.config import StageConfig, hfield
+from pipeline.core.records import JsonlAppender, write_jsonl
 
 
 @dataclass

@@ -39,8 +39,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pipeline.config import StageConfig, hfield
-from pipeline.records import TargetRegion, TextQA, VQASample, write_jsonl
+from pipeline.core.config import StageConfig, hfield
+from pipeline.core.records import TargetRegion, TextQA, VQASample, write_jsonl
 
 log = logging.getLogger(__name__)
 

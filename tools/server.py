@@ -40,7 +40,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pipeline.config import StageConfig, hfield
+from pipeline.core.config import StageConfig, hfield
 from tools import errors as E
 from tools.errors import RequestTooLargeError, ServerBusyError, ToolError, UnknownEpisodeError
 
@@ -792,11 +792,11 @@ def build_store(cfg: ServeConfig) -> Any:
         for p in store.manifest_problems:
             log.warning("skipped image entry %s", p)
         if not store.ids():
-            from pipeline.errors import ConfigError
+            from pipeline.core.errors import ConfigError
 
             raise ConfigError("No image could be registered: " + "; ".join(store.manifest_problems[:5]))
         return store
-    from pipeline.errors import ConfigError
+    from pipeline.core.errors import ConfigError
 
     try:
         if cfg.manifest:
@@ -1063,7 +1063,7 @@ def app_from_env() -> Any:
     """uvicorn factory for worker processes: config JSON from the environment, lock-down first."""
     import os
 
-    from pipeline.config import config_from_dict
+    from pipeline.core.config import config_from_dict
     from tools.security import apply_gdal_lockdown
 
     cfg = config_from_dict(ServeConfig, json.loads(os.environ[_CFG_ENV]), source=_CFG_ENV)

@@ -91,7 +91,7 @@ class ZoomConfig:
     def check(self) -> None:
         problems = self.validate()
         if problems:
-            from pipeline.errors import ConfigError
+            from pipeline.core.errors import ConfigError
 
             raise ConfigError("invalid ZoomConfig:\n" + "\n".join(f"  - {x}" for x in problems))
 

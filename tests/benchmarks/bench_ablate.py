@@ -24,7 +24,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from pipeline.ablate import AblateConfig
-    from pipeline.config import load_config
+    from pipeline.core.config import load_config
     from pipeline.stages import run_stage
 
     over: dict = {"output_dir": args.output_dir, "seeds": args.seeds, "only": args.only}

@@ -13,8 +13,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.config import load_config
-from pipeline.records import VQASample, read_jsonl
+from pipeline.core.config import load_config
+from pipeline.core.records import VQASample, read_jsonl
 from rl.backends_scripted import scripted_check
 
 

@@ -28,8 +28,8 @@ def main() -> None:
 
     import torch
 
+    from pipeline.core.records import VQASample, read_jsonl
     from pipeline.models import load_model, set_pixel_bounds
-    from pipeline.records import VQASample, read_jsonl
     from tools.protocol import Episode, build_prompt_messages, parse_turn
     from tools.store import ImageStore
     from tools.zoom import ZoomConfig

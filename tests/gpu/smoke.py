@@ -106,7 +106,7 @@ def build_model(tiny: bool, device: str, processor: Any) -> tuple[Any, dict[str,
 
 def data(work: Path, max_pixels: int) -> tuple[Any, list[Any], Any]:
     """Toy GeoTIFF scenes (real rasterio files), their VQA samples and an ImageStore."""
-    from pipeline.records import VQASample, read_jsonl
+    from pipeline.core.records import VQASample, read_jsonl
     from sft.toy import write_toy_scenes
     from tools.store import ImageStore
     from tools.zoom import ZoomConfig
@@ -123,7 +123,7 @@ def sft_step(model: Any, processor: Any, store: Any, samples: list[Any], zoom_cf
     (micro-batch 1 x 2 accumulation: at 7B the logits of one 2k-token sequence are ~4 GB)."""
     from transformers.trainer_utils import SaveStrategy
 
-    from pipeline.config import config_from_dict
+    from pipeline.core.config import config_from_dict
     from sft.data import ChatDataset, ChatItem, oracle_trajectory
     from sft.masks import ZoomSFTCollator
     from sft.stage import SFTConfig, _trainer_class, _training_args, prepare_model

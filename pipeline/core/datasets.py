@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import DatasetNotFoundError, RecordError
-from pipeline.records import VQASample, read_jsonl, write_jsonl
+from pipeline.core.errors import DatasetNotFoundError, RecordError
+from pipeline.core.records import VQASample, read_jsonl, write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class DatasetFormatError(RecordError):
 def official_prompt(sample: VQASample) -> str:
     """The lmms-eval `xlrs-lite` question text (the images come before it in the user turn). As in lmms-eval,
     the multi-answer instruction is chosen by the category alone: the answer key never shapes the prompt.
-    A benchmark loader that stores its own official text in `meta["official_prompt"]` (pipeline/benchmarks.py)
+    A benchmark loader that stores its own official text in `meta["official_prompt"]` (pipeline/eval/benchmarks.py)
     gets that."""
     if isinstance(sample.meta.get("official_prompt"), str):
         return sample.meta["official_prompt"]

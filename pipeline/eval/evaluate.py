@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import hfield
-from pipeline.datasets import DatasetFormatError
-from pipeline.errors import ConfigError, DatasetNotFoundError
-from pipeline.records import JsonlAppender, Trajectory, VQASample, from_dict, read_jsonl
-from pipeline.rollout_config import RolloutStageConfig
+from pipeline.core.config import hfield
+from pipeline.core.datasets import DatasetFormatError
+from pipeline.core.errors import DatasetNotFoundError
+from pipeline.core.records import JsonlAppender, Trajectory, VQASample, from_dict, read_jsonl
+from pipeline.eval.rollout_config import RolloutStageConfig
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class EvalConfig(RolloutStageConfig):
     sample_top_p: float = hfield(1.0, help="Nucleus p of the n_samples rollouts.")
     viewer_max_items: int = hfield(40, help="Trajectories shown in viewer.html (first wrong ones, then right ones).")
     benchmark_scoring: str = hfield("official", help="lrs_vqa / mme_rs: official (the benchmark's published rule, "
-                                                     "pipeline/benchmarks.py) | strict (our verifier).")
+                                                     "pipeline/eval/benchmarks.py) | strict (our verifier).")
 
     def validate(self) -> list[str]:
         p = super().validate()
@@ -82,8 +82,8 @@ def model_fingerprint(spec: str, backend: str) -> str:
 def prompt_fingerprint(protocol: str, frame: str) -> str:
     """Hash of everything the prompt renderer puts around a question."""
     if protocol == "direct":
-        from pipeline import datasets as d
-        from pipeline.benchmarks import PROMPT_TEXT
+        from pipeline.core import datasets as d
+        from pipeline.eval.benchmarks import PROMPT_TEXT
 
         text = d._OPTION_PROMPT + d._POST_SINGLE + d._POST_MULTI + PROMPT_TEXT
     else:
@@ -109,7 +109,7 @@ def load_eval_data(cfg: Any) -> tuple[list[VQASample], Any]:
     from tools.store import ImageStore
 
     if cfg.dataset == "vqa_jsonl":
-        from pipeline.datasets import load_vqa_jsonl
+        from pipeline.core.datasets import load_vqa_jsonl
 
         samples = load_vqa_jsonl(cfg.dataset_path)
         manifest = Path(cfg.images_manifest)
@@ -118,14 +118,14 @@ def load_eval_data(cfg: Any) -> tuple[list[VQASample], Any]:
                                        "the images.jsonl of the dataset")
         store = ImageStore.from_manifest(manifest)
     elif cfg.dataset in ("lrs_vqa", "mme_rs"):
-        from pipeline.benchmarks import load_benchmark
+        from pipeline.eval.benchmarks import load_benchmark
 
         work = Path(cfg.xlrs_images_dir or Path(cfg.output_dir) / f"{cfg.dataset}_images")
         samples, raw = load_benchmark(cfg.dataset, cfg.dataset_path, work)
         manifest = prepare_images(raw, work / "prepared")
         store = ImageStore.from_manifest(manifest)
     else:
-        from pipeline.datasets import load_xlrs, save_vqa_jsonl
+        from pipeline.core.datasets import load_xlrs, save_vqa_jsonl
 
         work = Path(cfg.xlrs_images_dir or Path(cfg.output_dir) / "xlrs_images")
         samples, raw = load_xlrs(cfg.dataset_path, work, categories=list(cfg.categories) or None)
@@ -133,7 +133,7 @@ def load_eval_data(cfg: Any) -> tuple[list[VQASample], Any]:
         manifest = prepare_images(raw, work / "prepared")
         store = ImageStore.from_manifest(manifest)
     if cfg.categories:
-        from pipeline.datasets import subtask_name
+        from pipeline.core.datasets import subtask_name
 
         keep = set(cfg.categories)
         samples = [s for s in samples if s.category in keep or subtask_name(s.category) in keep]
@@ -148,22 +148,16 @@ def load_eval_data(cfg: Any) -> tuple[list[VQASample], Any]:
 
 
 def prepare_images(raw_dir: Path, out_dir: Path) -> Path:
-    """Convert raw JPEG/PNG files to tiled COGs with overviews via the `prepare-images` stage (which converts
-    each file once and skips it on later runs). Returns the images.jsonl manifest."""
-    from pipeline.config import load_config
-    from pipeline.stages import STAGES, run_stage
+    """Convert raw JPEG/PNG files to tiled COGs with overviews with the `prepare-images` stage's function and
+    bookkeeping (it converts each file once and skips it on later runs). Returns the images.jsonl manifest."""
+    from pipeline.core.config import load_config
+    from pipeline.core.launch import run_recorded
+    from tools.prepare import PrepareImagesConfig
+    from tools.prepare import run as prepare_run
 
-    try:
-        cls, _ = STAGES["prepare-images"].load()
-    except ImportError as e:
-        raise ConfigError(f"prepare-images stage unavailable ({e}); tools/prepare.py is needed for XLRS images") from e
-    fields = {f for f in cls.__dataclass_fields__}
-    in_field = next((f for f in ("input_dir", "input", "src_dir", "source_dir", "raw_dir") if f in fields), None)
-    if in_field is None:
-        raise ConfigError(f"prepare-images config has no input folder field among {sorted(fields)}")
-    pcfg = load_config(cls, None, {in_field: str(raw_dir), "output_dir": str(out_dir)})
+    pcfg = load_config(PrepareImagesConfig, None, {"input_dir": str(raw_dir), "output_dir": str(out_dir)})
     # prepare-images skips files it already converted, so running it again costs only the checks
-    summary = run_stage("prepare-images", pcfg) or {}
+    summary = run_recorded("prepare-images", pcfg, prepare_run) or {}
     if summary.get("failed"):
         raise DatasetFormatError(f"prepare-images failed on {summary['failed']} images under {raw_dir}: "
                                  f"{(summary.get('errors') or [])[:3]}")
@@ -183,7 +177,7 @@ def run_cached(backend: Any, samples: list[VQASample], store: Any, agent: Any, n
     Each finished, error-free episode is appended durably as it finishes."""
     from tqdm import tqdm
 
-    from pipeline.records import to_dict
+    from pipeline.core.records import to_dict
     from rl.agent import run_episodes
 
     app = JsonlAppender(cache, key="key")
@@ -225,7 +219,7 @@ def run_cached(backend: Any, samples: list[VQASample], store: Any, agent: Any, n
 
 def _viewer_items(samples: list[VQASample], greedy: dict[str, Trajectory], store: Any, agent: Any,
                   max_items: int) -> list[tuple[Trajectory, VQASample, dict]]:
-    from pipeline.viewer import load_observation_images
+    from pipeline.eval.viewer import load_observation_images
 
     ordered = [s for s in samples if s.id in greedy and not greedy[s.id].correct]
     ordered += [s for s in samples if s.id in greedy and greedy[s.id].correct]
@@ -243,8 +237,8 @@ def _viewer_items(samples: list[VQASample], greedy: dict[str, Trajectory], store
 
 def run(cfg: EvalConfig, backend: Any = None) -> dict[str, Any]:
     """Evaluate and write results.json / results.md / per_task.png / viewer.html; returns the headline."""
-    from pipeline.report import compute_metrics, write_reports
-    from pipeline.viewer import write_viewer
+    from pipeline.eval.report import compute_metrics, write_reports
+    from pipeline.eval.viewer import write_viewer
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -266,7 +260,7 @@ def run(cfg: EvalConfig, backend: Any = None) -> dict[str, Any]:
                              cfg.chunk_size, f"pass@k (n={cfg.n_samples})")
     official = None
     if cfg.dataset in ("lrs_vqa", "mme_rs"):
-        from pipeline.benchmarks import official_tables, rescore
+        from pipeline.eval.benchmarks import official_tables, rescore
 
         scoring = {"rule": "strict"}
         if cfg.benchmark_scoring == "official":
@@ -295,7 +289,7 @@ def run(cfg: EvalConfig, backend: Any = None) -> dict[str, Any]:
         result["official"] = official
     paths = write_reports(result, out)
     if official is not None:
-        from pipeline.benchmarks import official_markdown
+        from pipeline.eval.benchmarks import official_markdown
 
         with (out / "results.md").open("a", encoding="utf-8") as f:
             f.write(official_markdown(official))
@@ -305,7 +299,7 @@ def run(cfg: EvalConfig, backend: Any = None) -> dict[str, Any]:
                           note="" if result["reportable"] else "NOT REPORTABLE: " + result["not_reportable_reason"])
     o = metrics["overall"]
     if o["n"] == 0:
-        from pipeline.errors import EvalError
+        from pipeline.core.errors import EvalError
 
         errs = [greedy[s.id].error for s in samples if s.id in greedy and greedy[s.id].error][:2]
         raise EvalError(f"no episode could be scored ({n_err} of {len(samples)} items failed, e.g. {errs}); "

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.config import StageConfig, hfield
+from pipeline.core.config import StageConfig, hfield
 
 DATASETS = ("vqa_jsonl", "xlrs", "lrs_vqa", "mme_rs")
 BACKENDS = ("transformers", "vllm", "openai")
@@ -26,7 +26,7 @@ class RolloutStageConfig(StageConfig):
     device: str = hfield("cpu", help="backend transformers: torch device.")
     dtype: str = hfield("auto", help="backend transformers: auto | float32 | bfloat16 | float16.")
     dataset: str = hfield("vqa_jsonl", help="vqa_jsonl (our VQASample JSONL) | xlrs (XLRS-Bench-lite local copy) | "
-                                            "lrs_vqa | mme_rs (MME-RealWorld remote sensing): pipeline/benchmarks.py.")
+                                            "lrs_vqa | mme_rs (MME-RealWorld remote sensing): pipeline/eval/benchmarks.py.")
     dataset_path: str = hfield("runs/tiny/scenes/vqa_test.jsonl", help="vqa_jsonl: the JSONL file; xlrs: the local "
                                                                        "XLRS-Bench-lite folder (parquet or JSON per question).")
     images_manifest: str = hfield("runs/tiny/scenes/images.jsonl", help="vqa_jsonl: images.jsonl of the image store "

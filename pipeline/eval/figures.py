@@ -1,7 +1,7 @@
 """The README's picture: one zoom trajectory drawn as the model lives it — the overview with the zoom box,
 the crop the tool returned, and the turns of the conversation. Seeded and reproducible:
 
-    python -m pipeline.figures --scenes runs/tiny/scenes --out docs/trajectory.png
+    python -m pipeline.eval.figures --scenes runs/tiny/scenes --out docs/trajectory.png
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import argparse
 import textwrap
 from pathlib import Path
 
-from pipeline.records import VQASample, read_jsonl
+from pipeline.core.records import VQASample, read_jsonl
 
 
 def _text(content) -> str:

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from pipeline.errors import ConfigError
+from pipeline.core.errors import ConfigError
 
 C = TypeVar("C", bound="StageConfig")
 

@@ -15,7 +15,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import StageConfig, save_config
+from pipeline.core.config import StageConfig, save_config
 
 _PACKAGES = (
     "knowzoom", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "ray", "rasterio",
@@ -28,7 +28,7 @@ def git_sha() -> str | None:
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-            cwd=Path(__file__).resolve().parent.parent,
+            cwd=Path(__file__).resolve().parents[2],
         )
         return out.stdout.strip() or None if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pipeline.errors import RecordError
+from pipeline.core.errors import RecordError
 
 T = TypeVar("T")
 
@@ -143,7 +143,7 @@ def read_jsonl(path: str | os.PathLike, cls: type[T] | None = None) -> Iterator[
     """Yield records (or dicts when cls is None); a truncated last line (killed writer) is skipped."""
     path = Path(path)
     if not path.exists():
-        from pipeline.errors import DatasetNotFoundError
+        from pipeline.core.errors import DatasetNotFoundError
 
         raise DatasetNotFoundError(f"{path} does not exist")
     with path.open(encoding="utf-8") as f:

@@ -10,8 +10,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from pipeline.datasets import subtask_name
-from pipeline.records import Trajectory, VQASample
+from pipeline.core.datasets import subtask_name
+from pipeline.core.records import Trajectory, VQASample
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

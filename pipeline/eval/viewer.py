@@ -12,7 +12,7 @@ from typing import Any
 
 from PIL import Image
 
-from pipeline.records import Trajectory, VQASample
+from pipeline.core.records import Trajectory, VQASample
 
 _COLORS = ["#ff3b30", "#ffcc00", "#34c759", "#0a84ff", "#bf5af2", "#ff9f0a"]
 

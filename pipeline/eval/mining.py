@@ -1,7 +1,7 @@
 """`knowzoom mine-hard`: k sampled rollouts per VQA item with the current model (rl.agent.run_episodes, the
 same loop as eval); items whose pass rate is <= `max_pass_rate` (and >= `min_pass_rate`) form the hard set
 that both the pre-warm SFT (sft/data.py) and RL read. Resumable: rollouts are cached durably per item and
-rollout index (pipeline.evaluate.run_cached), so a killed run continues where it stopped."""
+rollout index (pipeline.eval.evaluate.run_cached), so a killed run continues where it stopped."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import hfield
-from pipeline.records import write_jsonl
-from pipeline.rollout_config import RolloutStageConfig
+from pipeline.core.config import hfield
+from pipeline.core.records import write_jsonl
+from pipeline.eval.rollout_config import RolloutStageConfig
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class MineHardConfig(RolloutStageConfig):
 
 def run(cfg: MineHardConfig, backend: Any = None) -> dict[str, Any]:
     """Mine and write hard.jsonl (VQASample, meta.pass_rate set) and stats.json; returns the stats."""
-    from pipeline.evaluate import cache_key, load_eval_data, run_cached
+    from pipeline.eval.evaluate import cache_key, load_eval_data, run_cached
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)

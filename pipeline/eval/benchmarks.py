@@ -37,9 +37,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline.datasets import DatasetFormatError
-from pipeline.errors import DatasetNotFoundError
-from pipeline.records import Trajectory, VQASample
+from pipeline.core.datasets import DatasetFormatError
+from pipeline.core.errors import DatasetNotFoundError
+from pipeline.core.records import Trajectory, VQASample
 
 BENCHMARKS = ("lrs_vqa", "mme_rs")
 LRS_FIELDS = ("question_id", "image", "text", "ground_truth", "category")
@@ -326,8 +326,8 @@ def load_mme_rs(path: str | Path, work: Path, image_root: str | Path | None = No
 def load_benchmark(dataset: str, path: str | Path, work: Path, image_root: str | Path | None = None
                    ) -> tuple[list[VQASample], Path]:
     """(samples, raw image folder) of a benchmark; the caller sends the folder through prepare-images once
-    (pipeline/evaluate.py), so this module does not import the evaluation above it."""
-    from pipeline.datasets import save_vqa_jsonl
+    (pipeline/eval/evaluate.py), so this module does not import the evaluation above it."""
+    from pipeline.core.datasets import save_vqa_jsonl
 
     loader = {"lrs_vqa": load_lrs_vqa, "mme_rs": load_mme_rs}[dataset]
     samples, raw = loader(path, work, image_root)
