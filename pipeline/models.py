@@ -10,6 +10,10 @@ function; nothing is ever downloaded.
 Without torchvision (never installed on CPU hosts) transformers cannot build Qwen2.5-VL's video processor,
 so `load_processor` uses `QwenVLImageProcessor`, a small `Qwen2_5_VLProcessor` subclass without one; it
 saves as a standard `Qwen2_5_VLProcessor` folder so vLLM / AutoProcessor read it on GPU hosts.
+
+Over 500 lines on purpose: it is the one model contract every stage imports (build, resolve, load, save, resume
+weights); the tiny build's cache key hashes the code and corpus beside it, and splitting the build from the
+loader would make `load_model("tiny")` reach across modules for the same spec.
 """
 
 from __future__ import annotations

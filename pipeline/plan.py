@@ -496,5 +496,5 @@ def _load_stages(path: str, stage: str) -> list[tuple[str, str, Any]]:
     if stage not in STAGES:
         raise ConfigError(f"{path} is not a pipeline (no stages:); name its stage with --stage "
                           f"({', '.join(MODEL_STAGES)})")
-    cls, _ = STAGES[stage].load()
+    cls = STAGES[stage].config_class()
     return [(stage, stage, config_from_dict(cls, data, path, check=False))]

@@ -21,15 +21,23 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Stage:
+    """A command: its run function `module.func`, and its config class `config` in `config_module` (default:
+    the same module). A separate config module keeps `--help` and config parsing free of the stage's imports."""
+
     name: str
     module: str
     config: str
     func: str = "run"
     summary: str = ""
+    config_module: str = ""
+
+    def config_class(self) -> type[StageConfig]:
+        """The config dataclass alone (imports only its module)."""
+        return getattr(importlib.import_module(self.config_module or self.module), self.config)
 
     def load(self) -> tuple[type[StageConfig], Any]:
         mod = importlib.import_module(self.module)
-        return getattr(mod, self.config), getattr(mod, self.func)
+        return self.config_class(), getattr(mod, self.func)
 
 
 STAGES: dict[str, Stage] = {
@@ -40,9 +48,9 @@ STAGES: dict[str, Stage] = {
         Stage("build-qa", "kg_qa_builder.stage", "BuildQAConfig", summary="knowledge graph → verified text QA JSONL"),
         Stage("build-kg-docs", "kg_qa_builder.documents", "BuildKGDocsConfig", summary="documents + teacher → verified graph facts with provenance"),
         Stage("build-model", "pipeline.models", "BuildModelConfig", summary="build the embedded tiny Qwen2.5-VL offline"),
-        Stage("sft", "sft.stage", "SFTConfig", summary="TRL SFT: text cold start and/or image pre-warm"),
+        Stage("sft", "sft.stage", "SFTConfig", config_module="sft.config", summary="TRL SFT: text cold start and/or image pre-warm"),
         Stage("mine-hard", "pipeline.eval.mining", "MineHardConfig", summary="pass-rate mining of hard VQA samples"),
-        Stage("rl", "rl.stage", "RLConfig", summary="agentic GRPO with the zoom tool (TRL + Ray)"),
+        Stage("rl", "rl.stage", "RLConfig", config_module="rl.config", summary="agentic GRPO with the zoom tool (TRL + Ray)"),
         Stage("eval", "pipeline.eval.evaluate", "EvalConfig", summary="Pass@1/Pass@k on XLRS-Bench or our VQA JSONL"),
         Stage("import-data", "pipeline.importers", "ImportDataConfig", summary="local copies of TBV text / SuperRS / HighRS / DeepEyes-47K → records"),
         Stage("serve-tools", "tools.serve", "ServeConfig", summary="zoom tool as HTTP API / MCP server"),

@@ -21,8 +21,9 @@ def main(work: Path) -> None:
     import torch
     from torch.distributed.fsdp import FSDPModule
 
+    from rl.config import RLConfig
     from rl.scripted import VALID_CALL, script_policy
-    from rl.stage import RLConfig, build_run, train_worker
+    from rl.stage import build_run, train_worker
     from rl.synthetic import make_zoom_task
 
     rank = int(os.environ["RANK"])

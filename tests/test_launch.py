@@ -79,7 +79,7 @@ def test_two_rank_rl_through_the_launcher(tmp_path, monkeypatch, capsys):
 
 def test_launch_command_accelerate_and_torchrun(tmp_path):
     from pipeline.core.launch import launch_command, needs_launch
-    from sft.stage import SFTConfig
+    from sft.config import SFTConfig
 
     cfg = SFTConfig(output_dir=str(tmp_path), text_data=["x.jsonl"], num_processes=8, main_process_port=29511)
     cmd = launch_command("sft", cfg, tmp_path / "config.yaml", tmp_path / "r.json")
@@ -150,7 +150,8 @@ def test_pipeline_runner_launches_multi_process_stages(monkeypatch, tmp_path):
 
 
 def test_rl_report_to_reaches_grpo_config(tmp_path):
-    from rl.stage import RLConfig, _grpo_config
+    from rl.config import RLConfig
+    from rl.stage import _grpo_config
 
     cfg = RLConfig(output_dir=str(tmp_path), report_to=["tensorboard"])
     assert _grpo_config(cfg, tmp_path / "ck", False).report_to == ["tensorboard"]
@@ -160,7 +161,7 @@ def test_rl_report_to_reaches_grpo_config(tmp_path):
 def test_bad_launcher_settings_are_config_errors(tmp_path):
     from pipeline.core.config import config_from_dict
     from pipeline.core.errors import ConfigError
-    from sft.stage import SFTConfig
+    from sft.config import SFTConfig
 
     with pytest.raises(ConfigError) as e:
         config_from_dict(SFTConfig, {"output_dir": str(tmp_path), "text_data": ["a"], "num_processes": 0,

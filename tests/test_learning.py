@@ -105,7 +105,7 @@ def train_colour_task(tmp: Path, **over: object) -> tuple[dict, dict]:
     """Run the SFT stage on the colour task; returns (stage summary, held-out accuracy)."""
     from pipeline.core.config import load_config
     from pipeline.stages import run_stage
-    from sft.stage import SFTConfig
+    from sft.config import SFTConfig
 
     manifest, train, test = write_colour_task(tmp / "data", n_train=int(over.pop("n_train", 1500)),
                                               n_test=int(over.pop("n_test", 160)))

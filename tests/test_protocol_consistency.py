@@ -18,11 +18,12 @@ from pipeline.core.records import VQASample, read_jsonl
 from pipeline.eval.evaluate import EvalConfig
 from pipeline.eval.mining import MineHardConfig
 from rl.agent import run_episodes
+from rl.config import RLConfig
 from rl.scripted import VALID_CALL, script_policy
-from rl.stage import RLConfig, build_run
+from rl.stage import build_run
 from rl.synthetic import make_zoom_task
+from sft.config import SFTConfig
 from sft.data import oracle_trajectory
-from sft.stage import SFTConfig
 from tools.protocol import Episode, ToolCall, turn_budget
 from tools.store import ImageStore
 from tools.zoom import ZoomConfig

@@ -23,8 +23,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from rl.config import RLConfig
 from rl.scripted import VALID_CALL, script_policy
-from rl.stage import RLConfig, build_run
+from rl.stage import build_run
 from rl.synthetic import make_zoom_task
 
 HERE = Path(__file__).resolve().parent
@@ -181,7 +182,7 @@ def _report_rank(rank: int, port: int, ckpt_dir: str, log_dir: str) -> None:
     import torch.distributed as dist
     from transformers import TrainerState
 
-    from rl.stage import _callbacks
+    from rl.callbacks import _callbacks
 
     reports = []
 

@@ -70,10 +70,11 @@ def test_pool_replays_episode_on_restarted_actor(task, ray_local):
 
 
 def test_grpo_step_completes_when_a_tool_actor_is_killed(task, ray_local, tmp_path):
+    from rl.config import RLConfig
     from rl.ray_pool import RayEpisodePool
     from rl.scripted import VALID_CALL as VALID
     from rl.scripted import script_policy
-    from rl.stage import RLConfig, build_run
+    from rl.stage import build_run
 
     answer = json.loads((task / "vqa.jsonl").read_text().splitlines()[0])["answer"]
     cfg = RLConfig(output_dir=str(tmp_path), model="tiny", train_data=str(task / "vqa.jsonl"),
@@ -110,7 +111,8 @@ def test_grpo_step_completes_when_a_tool_actor_is_killed(task, ray_local, tmp_pa
 @pytest.mark.timeout(1500)  # two fits, each starting Ray Train: minutes on a loaded 2-core machine
 def test_ray_train_run_and_resume_from_ray_checkpoint(task, tmp_path):
     """TorchTrainer (1 CPU worker, gloo), tools in Ray actors; a second fit resumes from Ray's checkpoint."""
-    from rl.stage import RLConfig, run
+    from rl.config import RLConfig
+    from rl.stage import run
 
     base = dict(output_dir=str(tmp_path / "out"), model="tiny", train_data=str(task / "vqa.jsonl"),
                 image_manifest=str(task / "images.jsonl"), num_generations=2, per_device_train_batch_size=2,
@@ -128,7 +130,8 @@ def test_ray_train_run_and_resume_from_ray_checkpoint(task, tmp_path):
 @pytest.mark.timeout(1200)
 def test_ray_train_two_cpu_workers(task, tmp_path):
     """Two DDP ranks (gloo) under TorchTrainer, each with its own tool actor; checkpoints reported on every rank."""
-    from rl.stage import RLConfig, run
+    from rl.config import RLConfig
+    from rl.stage import run
 
     # 4 generations of 48 tokens per rank: some group has unequal rewards (GRPO learns nothing from a batch
     # whose groups all score alike, which 2 x 32 tokens of a random model can be)

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from rl.stage import RLConfig, latest_checkpoint
+from rl.callbacks import latest_checkpoint
+from rl.config import RLConfig
 from rl.synthetic import make_zoom_task
 
 

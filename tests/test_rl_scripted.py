@@ -9,9 +9,10 @@ import re
 import pytest
 import torch
 
+from rl.config import RLConfig
 from rl.errors import RolloutFailureError
 from rl.scripted import VALID_CALL, script_policy
-from rl.stage import RLConfig, build_run
+from rl.stage import build_run
 from rl.synthetic import make_zoom_task
 
 VALID = VALID_CALL

@@ -180,7 +180,7 @@ def test_tool_template_renders_sft_and_eval_prompts_unchanged():
 
 def test_config_validation_messages(tmp_path):
     from pipeline.core.config import load_config
-    from rl.stage import RLConfig
+    from rl.config import RLConfig
 
     with pytest.raises(ConfigError) as e:
         load_config(RLConfig, None, {"num_generations": 3, "per_device_train_batch_size": 4, "max_zooms": 0,
@@ -200,7 +200,8 @@ def test_config_validation_messages(tmp_path):
 
 
 def test_input_fallbacks(task, tmp_path):
-    from rl.stage import RLConfig, resolve_inputs
+    from rl.config import RLConfig
+    from rl.stage import resolve_inputs
 
     cfg = RLConfig(model=str(tmp_path / "nope"), train_data=str(task / "vqa.jsonl"),
                    image_manifest=str(task / "images.jsonl"))

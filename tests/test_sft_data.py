@@ -147,7 +147,7 @@ def test_length_filter_and_empty_dataset(tmp_path_factory):
 def test_sft_config_validation_says_what_to_fix(tmp_path):
     from pipeline.core.config import load_config
     from pipeline.core.errors import ConfigError
-    from sft.stage import SFTConfig
+    from sft.config import SFTConfig
 
     with pytest.raises(ConfigError, match="text_data/vqa_data"):
         load_config(SFTConfig, None, {"output_dir": str(tmp_path)})
@@ -168,8 +168,9 @@ def test_build_items_with_an_empty_hard_set_trains_on_text_and_reports_it(scenes
     from pipeline.core.config import load_config
     from pipeline.core.records import write_jsonl
     from pipeline.models import load_processor
+    from sft.config import SFTConfig
     from sft.errors import SFTDataError
-    from sft.stage import SFTConfig, build_items
+    from sft.stage import build_items
     from sft.toy import write_text_qa
 
     proc = load_processor("tiny")
@@ -196,8 +197,8 @@ def test_build_items_with_an_empty_hard_set_trains_on_text_and_reports_it(scenes
 def test_text_think_off_trains_text_answers_without_the_rationale(tmp_path: Path) -> None:
     """`text_think: false` (the tiny default) drops the graph rationale from text QA targets only."""
     from pipeline.core.config import load_config
+    from sft.config import SFTConfig
     from sft.data import text_target
-    from sft.stage import SFTConfig
     from sft.toy import write_text_qa
 
     train, _ = write_text_qa(tmp_path / "qa")

@@ -44,7 +44,7 @@ def test_one_step_of_every_config(config, env, tmp_path):
     from pipeline.core.config import load_config
     from pipeline.models import load_model
     from pipeline.stages import run_stage
-    from sft.stage import SFTConfig
+    from sft.config import SFTConfig
 
     over = _data_overrides(env, tmp_path / "run")
     over["model"] = "tiny"  # the pre-warm config starts from runs/tiny/sft_text/model
@@ -80,7 +80,8 @@ def test_one_step_of_every_config(config, env, tmp_path):
 def test_freeze_and_lora_options(env, tmp_path):
     from pipeline.core.config import load_config
     from pipeline.models import load_model
-    from sft.stage import SFTConfig, prepare_model, run
+    from sft.config import SFTConfig
+    from sft.stage import prepare_model, run
 
     model, _ = load_model("tiny")
     cfg = load_config(SFTConfig, None, {"text_data": [env["train"]], "freeze_vision": True})
@@ -109,7 +110,8 @@ KILL_SCRIPT = textwrap.dedent("""
     import torch
     from transformers import TrainerCallback
     from pipeline.core.config import load_config
-    from sft.stage import SFTConfig, run
+    from sft.config import SFTConfig
+    from sft.stage import run
     torch.set_num_threads(1)
 
     class Kill(TrainerCallback):
@@ -123,7 +125,8 @@ KILL_SCRIPT = textwrap.dedent("""
 
 def test_kill_and_resume_matches_uninterrupted_run(env, tmp_path):
     from pipeline.core.config import load_config
-    from sft.stage import SFTConfig, run
+    from sft.config import SFTConfig
+    from sft.stage import run
 
     def over(out):
         o = _data_overrides(env, out)

@@ -82,7 +82,7 @@ def test_bad_stage_input_gives_one_clear_message(files, case: str, capsys: pytes
 
 def test_sft_max_steps_zero_means_epochs() -> None:
     from pipeline.core.config import load_config
-    from sft.stage import SFTConfig
+    from sft.config import SFTConfig
 
     cfg = load_config(SFTConfig, None, ["--text_data", "t.jsonl", "--output_dir", "runs/x"])
     assert cfg.max_steps == 0 and cfg.num_train_epochs > 0

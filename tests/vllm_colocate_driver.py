@@ -42,7 +42,8 @@ def main(work: Path, report_path: Path) -> int:
     import torch
 
     from pipeline.core.records import VQASample, read_jsonl, write_jsonl
-    from rl.stage import RLConfig, build_run
+    from rl.config import RLConfig
+    from rl.stage import build_run
     from rl.synthetic import make_zoom_task
 
     task = work / "task"

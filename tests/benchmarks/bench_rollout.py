@@ -136,8 +136,8 @@ def main() -> None:
     ap.add_argument("--no-ray", action="store_true", help="skip the Ray tool-actor column")
     args = ap.parse_args()
 
+    from rl.config import RLConfig
     from rl.env import LocalEpisodes
-    from rl.stage import RLConfig
     from tools.store import ImageStore
     from tools.zoom import ZoomConfig
 

@@ -124,9 +124,10 @@ def sft_step(model: Any, processor: Any, store: Any, samples: list[Any], zoom_cf
     from transformers.trainer_utils import SaveStrategy
 
     from pipeline.core.config import config_from_dict
+    from sft.config import SFTConfig
     from sft.data import ChatDataset, ChatItem, oracle_trajectory
     from sft.masks import ZoomSFTCollator
-    from sft.stage import SFTConfig, _trainer_class, _training_args, prepare_model
+    from sft.stage import _trainer_class, _training_args, prepare_model
 
     items = []
     for s in [s for s in samples if s.targets][:2]:
