@@ -10,11 +10,12 @@ from typing import Any
 
 from pipeline.core.config import hfield
 from pipeline.core.launch import LaunchConfig
+from pipeline.core.zoom_settings import ZoomSettings
 from rl.rewards import RewardSettings
 
 
 @dataclass
-class RLConfig(LaunchConfig):
+class RLConfig(LaunchConfig, ZoomSettings):
     """Agentic GRPO (TRL) with the zoom environment; defaults are the tiny CPU run."""
 
     output_dir: str = hfield("runs/tiny/rl", help="Folder for the model, checkpoints, reward log and plot.")
@@ -27,13 +28,6 @@ class RLConfig(LaunchConfig):
     image_roots: list[str] = hfield([], help="Allowed image roots; empty = the manifest's folder.")
     max_samples: int = hfield(0, help="Use at most this many training samples (0 = all).")
     chat_template: str = hfield("auto", help="'auto': switch to TRL's tool-capable Qwen-VL template when the model's cannot call tools; 'keep'; or a .jinja path.")
-    # zoom tool
-    frame: str = hfield("shown_pixels", help="Box frame the model uses: shown_pixels | norm1000.")
-    max_zooms: int = hfield(4, help="Zoom calls allowed per episode; the answer turn comes on top (TRL "
-                                    "max_tool_calling_iterations; the same field in sft, mine-hard and eval).")
-    zoom_max_pixels: int = hfield(50176, help="Pixel cap of an overview or crop shown to the model (7B: 1003520).")
-    zoom_min_pixels: int = hfield(3136, help="Pixel floor of an image shown to the model.")
-    tool_read_timeout_s: float = hfield(10.0, help="Time limit of one raster read.")
     # GRPO
     num_generations: int = hfield(4, help="Rollouts per prompt (G).")
     per_device_train_batch_size: int = hfield(4, help="Completions per device per micro-batch.")
@@ -124,8 +118,8 @@ class RLConfig(LaunchConfig):
             p.append("max_steps: must be >= 1")
         if self.max_zooms < 1:
             p.append("max_zooms: must be >= 1 (zoom calls per episode)")
-        if self.frame not in ("shown_pixels", "norm1000"):
-            p.append("frame: use shown_pixels or norm1000")
+        if self.zoom_frame not in ("shown_pixels", "norm1000"):
+            p.append("zoom_frame: use shown_pixels or norm1000")
         if not 0.0 <= self.max_failure_rate <= 1.0:
             p.append("max_failure_rate: must be in [0, 1]")
         if self.max_completion_length < 16:
@@ -173,8 +167,7 @@ class RLConfig(LaunchConfig):
                               self.max_answer_chars, self.mask_truncated_episodes, self.max_failure_rate)
 
     def zoom_config(self) -> dict[str, Any]:
-        return {"max_pixels": self.zoom_max_pixels, "min_pixels": self.zoom_min_pixels, "frame": self.frame,
-                "max_turns": self.max_zooms, "read_timeout_s": self.tool_read_timeout_s}
+        return self.zoom_tool_kwargs()
 
 
 def _cuda_available() -> bool:

@@ -23,6 +23,7 @@ from typing import Any
 
 from pipeline.core.errors import DatasetNotFoundError, ModelNotFoundError
 from pipeline.core.manifest import atomic_write_text
+from pipeline.models import save_processor
 from rl.callbacks import _callbacks, _trim_reward_log, latest_checkpoint
 from rl.config import RLConfig, _cuda_available
 from rl.errors import ChatTemplateError
@@ -280,7 +281,7 @@ def build_run(cfg: RLConfig, ray_mode: bool = False, backend: Any = None) -> RLR
     ckpt_dir = out / "checkpoints"
     inputs = resolve_inputs(cfg)
     samples = load_samples(inputs["train_data"], cfg.max_samples, cfg.max_prompt_images)
-    dataset = build_dataset(samples, cfg.frame)
+    dataset = build_dataset(samples, cfg.zoom_frame)
 
     device = "cuda" if (_cuda_available() and (cfg.ray_use_gpu or not ray_mode)) else "cpu"
     # fp32 master weights even with bf16: bf16 is autocast (accelerate / FSDP mixed precision). A bf16 policy
@@ -304,7 +305,7 @@ def build_run(cfg: RLConfig, ray_mode: bool = False, backend: Any = None) -> RLR
 
         store = ImageStore.from_manifest(cfg.image_manifest, roots=cfg.image_roots or None)
         backend = LocalEpisodes(store, ZoomConfig(**cfg.zoom_config()))
-    env_factory = make_env_factory(backend, cfg.frame, counters=counters)
+    env_factory = make_env_factory(backend, cfg.zoom_frame, counters=counters)
     is_rank0 = int(os.environ.get("RANK", "0")) == 0
     rewards = ZoomRewards(processor.tokenizer, cfg.reward_settings(),
                           episode_log=str(out / "episodes.jsonl") if (is_rank0 and cfg.log_episodes) else None,
@@ -377,12 +378,8 @@ def train_worker(cfg: RLConfig, ray_mode: bool = False, run: RLRun | None = None
         "ray": r.ray_mode, "train_seconds": round(time.time() - r.t0, 1),
     }
     final = out / "model"
-    trainer.save_model(str(final))  # every rank: with FSDP the full state dict is gathered; rank 0 writes
+    save_final_model(trainer, final)
     if trainer.is_world_process_zero():
-        processor = trainer.processing_class
-        processor.save_pretrained(str(final))
-        if getattr(processor, "chat_template", None):
-            (final / "chat_template.jinja").write_text(processor.chat_template, encoding="utf-8")
         summary["final_model"] = str(final)
         rows = read_reward_log(out / "rewards.jsonl")
         summary["last_log"] = rows[-1] if rows else {}
@@ -390,6 +387,15 @@ def train_worker(cfg: RLConfig, ray_mode: bool = False, run: RLRun | None = None
             summary["plot"] = str(plot_reward_curve(rows, out / "reward_curve.png"))
         atomic_write_text(out / "train_summary.json", json.dumps(summary, indent=2))
     return summary
+
+
+def save_final_model(trainer: Any, final: Path) -> None:
+    """The trained policy as a loadable model folder: the weights from every rank (with FSDP the full state dict
+    is gathered; rank 0 writes), the processor from rank 0 through the shared `save_processor` (tokenizer
+    truncation cleared, chat_template.jinja), as SFT saves its model."""
+    trainer.save_model(str(final))
+    if trainer.is_world_process_zero():
+        save_processor(trainer.processing_class, final)
 
 
 def _full(p: Any) -> Any:

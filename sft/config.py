@@ -9,12 +9,13 @@ from pathlib import Path
 
 from pipeline.core.config import hfield
 from pipeline.core.launch import LaunchConfig
+from pipeline.core.zoom_settings import ZoomSettings
 
 LM_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 @dataclass
-class SFTConfig(LaunchConfig):
+class SFTConfig(LaunchConfig, ZoomSettings):
     """Config of `knowzoom sft` (defaults: the tiny CPU model; see configs/ for the recipes).
 
     With num_processes > 1 the ranks start through pipeline.launcher (DDP, or DeepSpeed with `deepspeed`);
@@ -38,10 +39,6 @@ class SFTConfig(LaunchConfig):
     text_think: bool = hfield(True, help="Text QA targets carry the graph rationale in <think> (with think). The "
                               "tiny default turns it off: a 0.7M model in a CPU-minutes budget cannot learn "
                               "~170-token rationales, and its held-out answers would be cut off before <answer>.")
-    frame: str = hfield("shown_pixels", help="Coordinate frame of zoom boxes: shown_pixels or norm1000.")
-    max_pixels: int = hfield(50176, help="Image pixel cap for overviews and crops (tiny 224*224; 7B "
-                                         "1003520); the processor uses the same bound so it never resizes.")
-    min_pixels: int = hfield(3136, help="Image pixel floor (4*28*28).")
     max_zooms: int = hfield(5, help="Zoom calls per oracle trajectory (one per target region, at most this).")
     max_length: int = hfield(4096, help="Examples longer than this many tokens (text + visual) are dropped.")
     group_by_length: bool = hfield(True, help="Batch examples of similar token length together (less padding, "
@@ -98,10 +95,10 @@ class SFTConfig(LaunchConfig):
             p.append("images_manifest: required with vqa_data; give the images.jsonl written by make-scenes")
         if self.text_mix_ratio is not None and not 0.0 < self.text_mix_ratio < 1.0:
             p.append("text_mix_ratio: must be in (0, 1) or null")
-        if self.frame not in ("shown_pixels", "norm1000"):
-            p.append("frame: use shown_pixels or norm1000")
-        if not 0 < self.min_pixels <= self.max_pixels:
-            p.append("min_pixels/max_pixels: need 0 < min_pixels <= max_pixels")
+        if self.zoom_frame not in ("shown_pixels", "norm1000"):
+            p.append("zoom_frame: use shown_pixels or norm1000")
+        if not 0 < self.zoom_min_pixels <= self.zoom_max_pixels:
+            p.append("zoom_min_pixels/zoom_max_pixels: need 0 < zoom_min_pixels <= zoom_max_pixels")
         for name in ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps",
                      "max_length", "logging_steps", "save_steps", "save_total_limit", "eval_batch_size",
                      "max_zooms"):

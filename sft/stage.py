@@ -69,8 +69,7 @@ def build_items(cfg: SFTConfig, processor: Any, *, materialize: bool = True) -> 
         if not manifest.exists():
             raise SFTDataError(f"images_manifest {manifest} does not exist; run make-scenes or fix the path")
         store = ImageStore.from_manifest(manifest, roots=cfg.image_roots or None)
-        zoom_cfg = ZoomConfig(max_pixels=cfg.max_pixels, min_pixels=cfg.min_pixels, frame=cfg.frame,
-                              max_turns=cfg.max_zooms)
+        zoom_cfg = ZoomConfig(**cfg.zoom_tool_kwargs())
         samples = read_vqa(cfg.vqa_data, limit=cfg.max_vqa_samples)
         if materialize:
             path, tstats = materialize_trajectories(samples, store, zoom_cfg, Path(cfg.output_dir) / "sft_data",
@@ -179,26 +178,18 @@ def plot_loss(history: list[dict[str, Any]], path: Path, title: str) -> None:
 def _trainer_class() -> type:
     """SFTTrainer whose resume really restores the weights.
 
-    transformers 5.17 saves Qwen2.5-VL checkpoints with the legacy key names (`visual.*`, `model.layers.*`)
-    but `Trainer._load_from_checkpoint` loads them without the key conversion, so every key is "missing" and
-    training silently continues from the freshly loaded weights. We load through `from_pretrained` (which
-    converts) and fail loudly if anything is still missing."""
+    `Trainer._load_from_checkpoint` misses every key of a Qwen2.5-VL checkpoint (transformers 5.17); the shared
+    `pipeline.models.load_checkpoint_weights` loads it through `from_pretrained` and fails loudly on a mismatch."""
     import trl
+
+    from pipeline.models import load_checkpoint_weights
 
     class KZSFTTrainer(trl.SFTTrainer):
         def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
             model = model if model is not None else self.model
             if hasattr(model, "peft_config") or self.is_deepspeed_enabled or self.is_fsdp_enabled:
                 return super()._load_from_checkpoint(resume_from_checkpoint, model)
-            loaded = type(model).from_pretrained(resume_from_checkpoint, dtype=model.dtype)
-            result = model.load_state_dict(loaded.state_dict(), strict=False)
-            missing = [k for k in result.missing_keys if k != "lm_head.weight"]
-            if missing or result.unexpected_keys:
-                from sft.errors import SFTError
-
-                raise SFTError(f"checkpoint {resume_from_checkpoint} does not match the model: missing "
-                               f"{missing[:5]}, unexpected {result.unexpected_keys[:5]}")
-            del loaded
+            load_checkpoint_weights(model, resume_from_checkpoint)
 
         def _get_train_sampler(self, train_dataset: Any = None) -> Any:
             sampler = super()._get_train_sampler(train_dataset)
@@ -250,7 +241,7 @@ def run(cfg: SFTConfig, callbacks: list[Any] | None = None) -> dict[str, Any]:
     dtype = "bfloat16" if cfg.bf16 else "auto"
     # loaded on CPU; the Trainer moves it to this rank's device (a device_map would pin every rank to cuda:0)
     model, processor = load_model(cfg.model, dtype=dtype, device="cpu")
-    set_pixel_bounds(processor, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+    set_pixel_bounds(processor, min_pixels=cfg.zoom_min_pixels, max_pixels=cfg.zoom_max_pixels)
     ckpt_dir = out / "checkpoints"
     is_main = int(os.environ.get("RANK", "0")) == 0  # data, scoring and saving happen on rank 0 only
     args = _training_args(cfg, ckpt_dir)
