@@ -25,6 +25,7 @@ from typing import Any
 from kg_qa_builder.generate import fix_articles, indefinite_article
 from kg_qa_builder.graph import KnowledgeGraph, norm
 from kg_qa_builder.quality import acceptable, answer_leak
+from kg_qa_builder.verdict import Verdict
 from pipeline.core.records import TextQA
 
 LETTERS = "ABCDEFGH"
@@ -1210,8 +1211,6 @@ _FACTS_CACHE: dict[int, Facts] = {}
 
 def verify_scenario(kg: KnowledgeGraph, qa: TextQA) -> Any:
     """Re-solve the scenario from its parameters on the graph and check facts, arithmetic and answer."""
-    from kg_qa_builder.verdict import Verdict
-
     m = qa.meta
     kind = KINDS.get(str(m.get("template")))
     if kind is None:

@@ -9,24 +9,15 @@ rejection carries a reason code and a message.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Any
 
 from kg_qa_builder.generate import LETTERS, Generator, Plan, Step, qa_id
 from kg_qa_builder.graph import KnowledgeGraph, norm
 from kg_qa_builder.quality import acceptable
+from kg_qa_builder.verdict import Verdict
 from pipeline.core.records import TEXT_QTYPES, TextQA
 
 _OPT_RE = re.compile(r"^\s*\(?([A-H])[).:]\s*(.+)$")
-
-
-@dataclass
-class Verdict:
-    """Verification result: ok, or a reason code and human-readable detail."""
-
-    ok: bool
-    reason: str = ""
-    detail: str = ""
 
 
 def _reject(reason: str, detail: str = "") -> Verdict:

@@ -51,7 +51,7 @@ def _main(argv: list[str] | None = None) -> int:
         print(f"knowzoom: unknown stage {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     try:
-        cls, _ = STAGES[name].load()
+        cls = STAGES[name].config_class()
     except ImportError as e:
         print(f"knowzoom {name}: cannot import its module ({e}); is the project installed (pip install -e .)?",
               file=sys.stderr)

@@ -38,6 +38,9 @@ converted once by `knowzoom prepare-images` into `<output_dir>/images/` (COGs + 
 records and rejections are appended durably in source order; a rerun skips the rows already written, so the
 files of an interrupted and resumed import equal those of one uninterrupted run. A malformed row stops the
 import with the file and row named (`on_error: skip` records it in `rejections.jsonl` and goes on).
+
+Over 500 lines on purpose: one stage, four formats that share the record building, image writing and
+error policy; each format's reader is a short function next to the field notes above.
 """
 
 from __future__ import annotations

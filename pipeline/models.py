@@ -10,6 +10,10 @@ function; nothing is ever downloaded.
 Without torchvision (never installed on CPU hosts) transformers cannot build Qwen2.5-VL's video processor,
 so `load_processor` uses `QwenVLImageProcessor`, a small `Qwen2_5_VLProcessor` subclass without one; it
 saves as a standard `Qwen2_5_VLProcessor` folder so vLLM / AutoProcessor read it on GPU hosts.
+
+Over 500 lines on purpose: it is the one model contract every stage imports (build, resolve, load, save, resume
+weights); the tiny build's cache key hashes the code and corpus beside it, and splitting the build from the
+loader would make `load_model("tiny")` reach across modules for the same spec.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.core.config import StageConfig, Validated, hfield
-from pipeline.core.errors import ConfigError, ModelNotFoundError
+from pipeline.core.errors import CheckpointMismatchError, ConfigError, ModelNotFoundError
 
 if TYPE_CHECKING:  # heavy imports stay lazy: `knowzoom make-scenes` must not import torch
     from transformers import PreTrainedModel, ProcessorMixin
@@ -354,9 +358,10 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, spec: TinySpec | None =
     return out
 
 
-def save_model(model: Any, processor: Any, out_dir: str | Path) -> Path:
-    """Save a loadable model folder; clears tokenizer truncation/padding first (SFT leaves them set and a
-    saved truncation would silently cut prompts at load time)."""
+def save_processor(processor: Any, out_dir: str | Path) -> Path:
+    """Save a processor (or tokenizer) beside a model's weights; clears tokenizer truncation/padding first (SFT
+    leaves them set and a saved truncation would silently cut prompts at load time) and writes the chat template
+    as chat_template.jinja. Every stage that saves a model (sft, rl) saves its processor through here."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok = getattr(processor, "tokenizer", processor)
@@ -364,13 +369,37 @@ def save_model(model: Any, processor: Any, out_dir: str | Path) -> Path:
     if backend is not None:
         backend.no_truncation()
         backend.no_padding()
-    if hasattr(model, "peft_config"):  # a LoRA model: save merged weights so every consumer can load it
-        model = model.merge_and_unload()
-    model.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
     if getattr(processor, "chat_template", None):
         (out / "chat_template.jinja").write_text(processor.chat_template, encoding="utf-8")
     return out
+
+
+def save_model(model: Any, processor: Any, out_dir: str | Path) -> Path:
+    """Save a loadable model folder: the weights (a LoRA model merged first) and the processor (`save_processor`)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if hasattr(model, "peft_config"):  # a LoRA model: save merged weights so every consumer can load it
+        model = model.merge_and_unload()
+    model.save_pretrained(out, safe_serialization=True)
+    return save_processor(processor, out)
+
+
+def load_checkpoint_weights(model: Any, checkpoint: str | Path) -> None:
+    """Copy a Trainer checkpoint's weights into `model` in place, strictly (the resume of sft and rl).
+
+    transformers 5.17 saves Qwen2.5-VL checkpoints with the legacy key names (`visual.*`, `model.layers.*`) but
+    `Trainer._load_from_checkpoint` loads them with a plain `load_state_dict`, so every key misses and training
+    silently continues from the initial weights (optimizer and scheduler restored). `from_pretrained` maps the
+    names; anything still missing (but a tied `lm_head.weight`) or unexpected raises."""
+    dtype = next(model.parameters()).dtype
+    fresh = type(model).from_pretrained(str(checkpoint), dtype=dtype)
+    result = model.load_state_dict(fresh.state_dict(), strict=False)
+    missing = [k for k in result.missing_keys if k != "lm_head.weight"]
+    if missing or result.unexpected_keys:
+        raise CheckpointMismatchError(f"checkpoint {checkpoint} does not match the model: missing {missing[:5]}, "
+                                      f"unexpected {result.unexpected_keys[:5]}")
+    del fresh
 
 
 @contextlib.contextmanager

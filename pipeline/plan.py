@@ -289,7 +289,7 @@ def sft_setup(cfg: Any) -> TrainSetup:
         ranks=int(getattr(cfg, "num_processes", 1)), weight_bytes=wb, grad_bytes=gb, optim_bytes=ob,
         act_bytes=2 if bf16 else 4, sharding=sharding, micro_batch=int(cfg.per_device_train_batch_size),
         seq_len=int(cfg.max_length), loss_tokens=int(cfg.max_length),
-        vision_patches=image_patches(int(getattr(cfg, "max_pixels", 0)), n_images),
+        vision_patches=image_patches(int(getattr(cfg, "zoom_max_pixels", 0)), n_images),
         grad_ckpt=bool(getattr(cfg, "gradient_checkpointing", False)),
         freeze_vision=bool(getattr(cfg, "freeze_vision", False)),
         freeze_projector=bool(getattr(cfg, "freeze_projector", False)),
@@ -499,5 +499,5 @@ def _load_stages(path: str, stage: str) -> list[tuple[str, str, Any]]:
     if stage not in STAGES:
         raise ConfigError(f"{path} is not a pipeline (no stages:); name its stage with --stage "
                           f"({', '.join(MODEL_STAGES)})")
-    cls, _ = STAGES[stage].load()
+    cls = STAGES[stage].config_class()
     return [(stage, stage, config_from_dict(cls, data, path, check=False))]

@@ -94,7 +94,7 @@ def stage_configs(cfg: PipelineConfig) -> list[tuple[str, str, StageConfig]]:
     out, problems = [], []
     for entry in cfg.stages:
         sid = entry.get("id", entry["name"])
-        cls, _ = STAGES[entry["name"]].load()
+        cls = STAGES[entry["name"]].config_class()
         data: dict[str, Any] = {}
         if entry.get("config"):
             data.update(load_yaml(_resolve_path(entry["config"])))

@@ -3,7 +3,7 @@
 1. Resume: `save_pretrained` writes Qwen2.5-VL weights under their legacy names (`visual.*`, `model.layers.*`)
    but `Trainer._load_from_checkpoint` loads the file with a plain `load_state_dict`, so every key misses and
    a resumed run silently continues from the *initial* weights (optimizer and scheduler restored). We reload
-   the checkpoint through `from_pretrained` (which maps the names) and copy it in, strictly.
+   it with `pipeline.models.load_checkpoint_weights` (shared with SFT: `from_pretrained` maps the names).
    (tests/test_rl_resume.py compares a killed-and-resumed run with an uninterrupted one.)
 2. With `environment_factory`, TRL tokenizes each prompt separately and merges the image fields as Python lists;
    when a tool-calling turn then returns no image in the whole batch (every call was an error), its
@@ -35,6 +35,8 @@ from typing import Any
 import numpy as np
 import torch
 from trl import GRPOTrainer
+
+from pipeline.models import load_checkpoint_weights
 
 _IMAGE_FIELDS = ("pixel_values", "image_grid_thw")
 log = logging.getLogger(__name__)
@@ -136,14 +138,7 @@ class ZoomGRPOTrainer(GRPOTrainer):
                                ("model.safetensors", "model.safetensors.index.json"))
         if not has_full_weights or not hasattr(model, "config"):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        unwrapped = self.accelerator.unwrap_model(model)
-        dtype = next(unwrapped.parameters()).dtype
-        fresh = type(unwrapped).from_pretrained(resume_from_checkpoint, dtype=dtype)
-        missing, unexpected = unwrapped.load_state_dict(fresh.state_dict(), strict=False)
-        if missing or unexpected:
-            raise RuntimeError(f"checkpoint {resume_from_checkpoint} does not match the model: missing {missing[:5]}, "
-                               f"unexpected {unexpected[:5]}")
-        del fresh
+        load_checkpoint_weights(self.accelerator.unwrap_model(model), resume_from_checkpoint)
         log.info("resumed model weights from %s", resume_from_checkpoint)
 
     def _tokenize_prompts(self, prompts: list) -> tuple[Any, Any, dict[str, Any]]:

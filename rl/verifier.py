@@ -23,6 +23,9 @@ Harness bugs this module must not reproduce (see tests/test_verifier_*.py): "Ans
 "The best option is B" read as {B, E}, "A B C D" credited as A, "A large…" read as option A, any-overlap
 matching for single-answer questions, and the article rule swallowing a standalone letter "A" ("(A) Green"
 credited as the option whose text is Green). Answers of `max_chars` characters or more never get credit.
+
+Over 500 lines on purpose: the one answer contract (extract + match per question type) reads best in one
+place; tests/test_verifier_table.py is its table of cases.
 """
 
 from __future__ import annotations

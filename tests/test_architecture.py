@@ -1,8 +1,8 @@
 """The import graph of the packages' modules (issue #17): which modules import which, read with `ast`.
 
-Imports inside functions count (they run too); imports under `if TYPE_CHECKING:` do not. The circles that
-were broken must stay broken; the remaining strongly connected components are printed (run with `-s`) so
-the floors refactor can see what is left.
+Imports inside functions count (they run too); imports under `if TYPE_CHECKING:` do not. Two checks on it:
+no import circle among the modules (the strongly connected components are printed with `-s`), and the floors
+of docs/architecture.md: each module imports only the floors its row of `FLOORS` allows.
 """
 
 from __future__ import annotations
@@ -14,6 +14,21 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("pipeline", "tools", "kg_qa_builder", "rl", "sft")
+
+# floor (a module prefix; the longest one that matches a module is its floor) -> the prefixes it may import.
+# docs/architecture.md explains each row; an exception is written there with its reason.
+FLOORS: dict[str, tuple[str, ...]] = {
+    "pipeline.core": ("pipeline.core",),
+    "tools": ("pipeline.core", "tools"),
+    "kg_qa_builder": ("pipeline.core", "kg_qa_builder"),
+    # the one model loader (tiny build, load, save); the tiny tokenizer's corpus reads the protocol strings
+    # and sft.data's instruction strings, so it sits above tools and sft.data and below the stages
+    "pipeline.models": ("pipeline.core", "tools", "sft.data", "sft.errors", "sft.export"),
+    "rl": ("pipeline.core", "tools", "pipeline.models", "rl"),
+    "sft": ("pipeline.core", "tools", "pipeline.models", "rl", "sft"),
+    "pipeline.eval": ("pipeline.core", "tools", "kg_qa_builder", "pipeline.models", "rl", "sft", "pipeline.eval"),
+    "pipeline": PACKAGES,  # the roof: cli, runner, stages, launcher entry, plan, reports, ablate, importers
+}
 
 
 def _module_name(root: Path, path: Path) -> str:
@@ -151,3 +166,47 @@ def components() -> list[list[str]]:
                                   ("tools.server.config", "tools.server.encoding")])
 def test_broken_circles_stay_broken(components: list[list[str]], a: str, b: str) -> None:
     assert b not in _component_of(components, a), f"{a} and {b} import each other again (directly or around)"
+
+
+def _within(mod: str, prefix: str) -> bool:
+    return mod == prefix or mod.startswith(prefix + ".")
+
+
+def floor_of(mod: str, floors: dict[str, tuple[str, ...]]) -> str:
+    """The longest floor prefix of `mod` ("" when none)."""
+    return max((f for f in floors if _within(mod, f)), key=len, default="")
+
+
+def floor_violations(graph: dict[str, set[str]], floors: dict[str, tuple[str, ...]]) -> list[str]:
+    """'a -> b' for every import of a module from a floor that a's floor may not import."""
+    out = []
+    for mod in sorted(graph):
+        allowed = floors.get(floor_of(mod, floors), ())
+        out += [f"{mod} -> {dep}" for dep in sorted(graph[mod]) if not any(_within(dep, a) for a in allowed)]
+    return out
+
+
+def test_floor_checker_counts_function_imports_and_skips_type_checking(tmp_path: Path) -> None:
+    """The floors check itself: an upward import inside a function is reported; one under TYPE_CHECKING is not."""
+    for d in ("p", "p/core", "p/roof"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "__init__.py").write_text("")
+    (tmp_path / "p/roof/cli.py").write_text("from p.core import base\n")
+    (tmp_path / "p/core/base.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+                                             "    from p.roof import cli\n")
+    floors = {"p.core": ("p.core",), "p": ("p",)}
+    g = import_graph(tmp_path, ("p",))
+    assert floor_violations(g, floors) == []
+    (tmp_path / "p/core/low.py").write_text("def f():\n    from p.roof.cli import main\n")
+    assert floor_violations(import_graph(tmp_path, ("p",)), floors) == ["p.core.low -> p.roof.cli"]
+
+
+def test_no_import_circles(components: list[list[str]]) -> None:
+    assert components == [], f"import circles among the packages' modules: {components}"
+
+
+def test_every_module_imports_only_the_floors_below_it() -> None:
+    graph = import_graph(REPO, PACKAGES)
+    assert all(floor_of(m, FLOORS) for m in graph), [m for m in graph if not floor_of(m, FLOORS)]
+    bad = floor_violations(graph, FLOORS)
+    assert bad == [], "imports that run up the floors (docs/architecture.md):\n  " + "\n  ".join(bad)

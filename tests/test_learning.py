@@ -110,7 +110,7 @@ def train_colour_task(tmp: Path, **over: object) -> tuple[dict, dict]:
     manifest, train, test = write_colour_task(tmp / "data", n_train=int(over.pop("n_train", 1500)),
                                               n_test=int(over.pop("n_test", 160)))
     settings = {"output_dir": str(tmp / "run"), "model": "tiny", "text_data": [], "vqa_data": [str(train)],
-                "images_manifest": str(manifest), "eval_text_data": [], "max_pixels": SIDE * SIDE,
+                "images_manifest": str(manifest), "eval_text_data": [], "zoom_max_pixels": SIDE * SIDE,
                 "max_steps": 150, "per_device_train_batch_size": 16, "warmup_steps": 15, "logging_steps": 25,
                 "save_steps": 10_000, "torch_threads": 1, "resume": "never", "max_length": 512}
     settings.update(over)

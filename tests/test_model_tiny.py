@@ -161,3 +161,50 @@ def test_image_tokens_match_features_for_prompt_image_and_tool_crop(tmp_path, ti
     assert n_tok == n_feat == sum(per)
     # the processor did not resize the tool's images: tokens == shown pixels / 28^2
     assert per == [(w // 28) * (h // 28), (crop.size[0] // 28) * (crop.size[1] // 28)]
+
+
+def test_rl_final_save_clears_truncation_like_sft(tmp_path, tiny):
+    """RL saved its processor with a plain save_pretrained, so a truncation left set on the tokenizer was saved
+    with the model; its final save now goes through the shared `save_processor` (issue #17)."""
+    from rl.stage import save_final_model
+
+    model, processor = tiny
+    processor.tokenizer.backend_tokenizer.enable_truncation(max_length=8)
+
+    class Trainer:  # the members of a transformers Trainer that the final save uses
+        processing_class = processor
+
+        def save_model(self, path: str) -> None:
+            model.save_pretrained(path)
+
+        def is_world_process_zero(self) -> bool:
+            return True
+
+    save_final_model(Trainer(), tmp_path / "model")
+    data = json.loads((tmp_path / "model" / "tokenizer.json").read_text())
+    assert data["truncation"] is None and data["padding"] is None
+    assert (tmp_path / "model" / "chat_template.jinja").read_text() == processor.chat_template
+
+
+def test_checkpoint_weights_reload_strictly(tmp_path, tiny):
+    """The resume loader sft and rl share: a checkpoint's weights are copied in; another architecture raises."""
+    import copy
+
+    from pipeline.core.errors import CheckpointMismatchError
+    from pipeline.models import load_checkpoint_weights
+
+    model, _ = tiny
+    model.save_pretrained(tmp_path / "ck")
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(1.0)
+    load_checkpoint_weights(other, tmp_path / "ck")
+    sd1, sd2 = model.state_dict(), other.state_dict()
+    assert all(torch.equal(sd1[k], sd2[k]) for k in sd1)
+    d = model.config.to_dict()  # the same model with one text layer fewer: its keys are missing
+    d["text_config"]["num_hidden_layers"] -= 1
+    d["text_config"]["layer_types"] = d["text_config"]["layer_types"][:-1]
+    type(model)(type(model.config).from_dict(d)).save_pretrained(tmp_path / "small")
+    with pytest.raises(CheckpointMismatchError, match="does not match the model"):
+        load_checkpoint_weights(other, tmp_path / "small")

@@ -84,7 +84,7 @@ def test_7b_recipe_wiring_with_tiny_overrides(tiny_run, tmp_path):
     paper = load_config(PipelineConfig, ROOT / "configs/qwen2_5_vl_7b/pipeline.yaml")
     assert [s["name"] for s in paper.stages] == ["make-scenes", "build-qa", "mine-hard", "sft", "rl", "eval"]
     sft = dict(stage_configs(paper)[3][2].__dict__)
-    assert (sft["learning_rate"], sft["freeze_vision"], sft["freeze_projector"], sft["max_pixels"]) == (
+    assert (sft["learning_rate"], sft["freeze_vision"], sft["freeze_projector"], sft["zoom_max_pixels"]) == (
         2e-5, True, True, 1003520)
     # the 7B SFT starts 8 DeepSpeed ZeRO-2 ranks through pipeline.launcher (here: 2 gloo ranks, no DeepSpeed)
     assert (sft["num_processes"], sft["launcher"], sft["deepspeed"]) == (8, "accelerate",
@@ -94,7 +94,7 @@ def test_7b_recipe_wiring_with_tiny_overrides(tiny_run, tmp_path):
         "mine_hard": {**FAST["mine_hard"], "model": base, "backend": "transformers", "dtype": "auto",
                       "zoom_max_pixels": 50176, "batch_size": 6},
         "sft": {"model": base, "deepspeed": "", "bf16": False, "gradient_checkpointing": False, "max_steps": 2,
-                "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1, "max_pixels": 50176,
+                "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1, "zoom_max_pixels": 50176,
                 "max_length": 2048, "dataloader_num_workers": 0, "torch_threads": 1, "save_steps": 1,
                 "num_processes": 2},
         "rl": {**FAST["rl"], "use_vllm": False, "use_ray": False, "bf16": False, "gradient_checkpointing": False,

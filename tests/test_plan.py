@@ -98,7 +98,7 @@ def test_fit_hint_names_a_setting_that_fits():
     d = model_dims("Qwen/Qwen2.5-VL-7B-Instruct")
     cfg = SimpleNamespace(deepspeed="configs/qwen2_5_vl_7b/zero2.json", bf16=True, num_processes=8,
                           per_device_train_batch_size=8, max_length=12288, gradient_checkpointing=True,
-                          freeze_vision=True, freeze_projector=True, max_pixels=1003520, max_zooms=5,
+                          freeze_vision=True, freeze_projector=True, zoom_max_pixels=1003520, max_zooms=5,
                           vqa_data=["x"])
     s = sft_setup(cfg)
     assert fit_hint({"setup": s, "dims": d}, 80).startswith("per_device_train_batch_size: 1")

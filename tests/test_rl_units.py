@@ -184,7 +184,7 @@ def test_config_validation_messages(tmp_path):
 
     with pytest.raises(ConfigError) as e:
         load_config(RLConfig, None, {"num_generations": 3, "per_device_train_batch_size": 4, "max_zooms": 0,
-                                     "frame": "pixels", "max_failure_rate": 2.0, "vllm_mode": "remote"})
+                                     "zoom_frame": "pixels", "max_failure_rate": 2.0, "vllm_mode": "remote"})
     msg = str(e.value)
     for field in ("divisible by num_generations", "max_zooms", "frame", "max_failure_rate", "vllm_mode"):
         assert field in msg

@@ -54,7 +54,7 @@ def test_one_step_of_every_config(config, env, tmp_path):
         over.pop("vqa_data"), over.pop("images_manifest")
         over.update(eval_text_data=[env["test"]], eval_max_samples=4, eval_max_new_tokens=8, eval_train_samples=3)
     if "qwen2_5_vl_7b" in config:  # the paper's recipe with a tiny-model override (no GPU, no DeepSpeed here)
-        over.update(model="tiny", bf16=False, deepspeed="", max_pixels=50176, max_length=4096, warmup_ratio=0.0,
+        over.update(model="tiny", bf16=False, deepspeed="", zoom_max_pixels=50176, max_length=4096, warmup_ratio=0.0,
                     warmup_steps=0, num_processes=1)  # warmup would make the single step's lr 0
     cfg = load_config(SFTConfig, ROOT / config, over)
     if "qwen2_5_vl_7b" in config:

@@ -180,6 +180,11 @@ RENAMED = {
                                "the old eval/mine-hard max_turns N is max_zooms N-1, the old rl max_turns N is "
                                "max_zooms N"),
     "zoom_max_calls": ("max_zooms", "replaced by max_zooms (zoom calls per episode)"),
+    # the zoom settings have one name in every stage (pipeline/core/zoom_settings.py)
+    "frame": ("zoom_frame", "renamed zoom_frame, as in every stage"),
+    "max_pixels": ("zoom_max_pixels", "renamed zoom_max_pixels, as in every stage"),
+    "min_pixels": ("zoom_min_pixels", "renamed zoom_min_pixels, as in every stage"),
+    "tool_read_timeout_s": ("zoom_read_timeout_s", "renamed zoom_read_timeout_s, as in every stage"),
 }
 
 

@@ -25,3 +25,7 @@ class ModelNotFoundError(KnowZoomError, FileNotFoundError):
 
 class EvalError(KnowZoomError):
     """An evaluation produced nothing to score (every episode failed); the message says why."""
+
+
+class CheckpointMismatchError(KnowZoomError):
+    """A training checkpoint's weights do not fit the model being trained (resume would start from wrong weights)."""

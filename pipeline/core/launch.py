@@ -3,7 +3,7 @@
 A stage config with `num_processes > 1` is not run in the calling process: `launch()` re-executes it under
 `accelerate launch --multi_gpu` (or `torchrun`), both of which start the ranks with `torch.distributed.run`
 and set RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT. Each rank runs `python -m
-pipeline.launcher STAGE CONFIG.yaml RESULT.json`: it loads the resolved config the parent wrote, runs the
+pipeline.launcher STAGE CONFIG.yaml RESULT.json` (the rank entry, in the roof: it reads the stage registry): it loads the resolved config the parent wrote, runs the
 stage function, and rank 0 writes the stage's summary; the parent (the `knowzoom` process) writes the
 manifest and DONE.json, so no two processes write bookkeeping. DeepSpeed and FSDP are switched on by the
 stage's own fields (`deepspeed`, `fsdp`) inside the HF Trainer, so the command is the same on CPU and GPU:
@@ -22,15 +22,17 @@ import shlex
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.config import StageConfig, hfield
+from pipeline.core.config import StageConfig, hfield, save_config
 from pipeline.core.errors import KnowZoomError
+from pipeline.core.manifest import mark_done, seed_everything, write_manifest
 
 log = logging.getLogger(__name__)
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 LAUNCHERS = ("accelerate", "torchrun")
 RESULT_FILE = ".launch_result.json"
 
@@ -112,8 +114,6 @@ def launch(name: str, cfg: StageConfig) -> dict[str, Any]:
     out = Path(cfg.output_dir).resolve()
     config_path = out / "config.yaml"
     if not config_path.exists():
-        from pipeline.core.config import save_config
-
         save_config(cfg, config_path)
     result_path = out / RESULT_FILE
     result_path.unlink(missing_ok=True)
@@ -137,30 +137,18 @@ def launch(name: str, cfg: StageConfig) -> dict[str, Any]:
     return summary
 
 
-def _child(argv: list[str]) -> int:
-    """Entry of one rank: load the resolved config, run the stage function, rank 0 writes its summary."""
-    from pipeline.core.config import load_config
-    from pipeline.core.manifest import atomic_write_text, seed_everything
-    from pipeline.stages import STAGES
+def run_recorded(name: str, cfg: StageConfig, func: Callable[[Any], dict[str, Any] | None]) -> dict[str, Any]:
+    """Run `func(cfg)` as stage `name` with manifest + DONE bookkeeping, starting its ranks when it needs them.
 
-    logging.basicConfig(level=os.environ.get("KNOWZOOM_LOG", "INFO"),
-                        format=f"%(asctime)s [rank {rank()}] %(name)s: %(message)s")
-    name, config_path, result_path, fingerprint = argv
-    cls, func = STAGES[name].load()
-    try:
-        cfg = load_config(cls, config_path)
-        if cfg.fingerprint() != fingerprint:
-            raise LaunchError(f"{config_path} does not match the config the launcher was given (it was "
-                              "edited while the stage started); rerun the command")
+    Only rank 0 writes the bookkeeping (inside a job someone else launched, WORLD_SIZE is set)."""
+    main = is_main_rank()
+    if main:
+        write_manifest(cfg, name)
+    if needs_launch(name, cfg):
+        summary = launch(name, cfg)
+    else:
         seed_everything(cfg.seed)
         summary = func(cfg) or {}
-    except KnowZoomError as e:
-        print(f"knowzoom {name} [rank {rank()}]: error: {e}", file=sys.stderr)
-        return 2
-    if is_main_rank():
-        atomic_write_text(result_path, json.dumps(summary, indent=2, default=str))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(_child(sys.argv[1:]))
+    if main:
+        mark_done(cfg, name, summary)
+    return summary

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.core.config import hfield
 from pipeline.core.datasets import DatasetFormatError
-from pipeline.core.errors import ConfigError, DatasetNotFoundError
+from pipeline.core.errors import DatasetNotFoundError
 from pipeline.core.records import JsonlAppender, Trajectory, VQASample, from_dict, read_jsonl
 from pipeline.eval.rollout_config import RolloutStageConfig
 
@@ -152,22 +152,16 @@ def load_eval_data(cfg: RolloutStageConfig) -> tuple[list[VQASample], ImageStore
 
 
 def prepare_images(raw_dir: Path, out_dir: Path) -> Path:
-    """Convert raw JPEG/PNG files to tiled COGs with overviews via the `prepare-images` stage (which converts
-    each file once and skips it on later runs). Returns the images.jsonl manifest."""
+    """Convert raw JPEG/PNG files to tiled COGs with overviews with the `prepare-images` stage's function and
+    bookkeeping (it converts each file once and skips it on later runs). Returns the images.jsonl manifest."""
     from pipeline.core.config import load_config
-    from pipeline.stages import STAGES, run_stage
+    from pipeline.core.launch import run_recorded
+    from tools.prepare import PrepareImagesConfig
+    from tools.prepare import run as prepare_run
 
-    try:
-        cls, _ = STAGES["prepare-images"].load()
-    except ImportError as e:
-        raise ConfigError(f"prepare-images stage unavailable ({e}); tools/prepare.py is needed for XLRS images") from e
-    fields = {f for f in cls.__dataclass_fields__}
-    in_field = next((f for f in ("input_dir", "input", "src_dir", "source_dir", "raw_dir") if f in fields), None)
-    if in_field is None:
-        raise ConfigError(f"prepare-images config has no input folder field among {sorted(fields)}")
-    pcfg = load_config(cls, None, {in_field: str(raw_dir), "output_dir": str(out_dir)})
+    pcfg = load_config(PrepareImagesConfig, None, {"input_dir": str(raw_dir), "output_dir": str(out_dir)})
     # prepare-images skips files it already converted, so running it again costs only the checks
-    summary = run_stage("prepare-images", pcfg) or {}
+    summary = run_recorded("prepare-images", pcfg, prepare_run) or {}
     if summary.get("failed"):
         raise DatasetFormatError(f"prepare-images failed on {summary['failed']} images under {raw_dir}: "
                                  f"{(summary.get('errors') or [])[:3]}")

@@ -7,7 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.core.config import StageConfig, hfield
+from pipeline.core.config import hfield
+from pipeline.core.zoom_settings import ZoomSettings
 
 DATASETS = ("vqa_jsonl", "xlrs", "lrs_vqa", "mme_rs")
 BACKENDS = ("transformers", "vllm", "openai")
@@ -15,7 +16,7 @@ PROTOCOLS = ("zoom", "direct")
 
 
 @dataclass
-class RolloutStageConfig(StageConfig):
+class RolloutStageConfig(ZoomSettings):
     """Model, backend, dataset, agent and zoom settings of a stage that rolls the agent out."""
 
     model: str = hfield("tiny", help="Model: 'tiny', a local folder (a stage's output_dir or its model/), a cached HF id, "
@@ -37,16 +38,10 @@ class RolloutStageConfig(StageConfig):
     limit: int | None = hfield(None, help="Use only the first N items (eval marks such a result not reportable).")
     protocol: str = hfield("zoom", help="zoom (our zoom-agent tool protocol) | direct (official lmms-eval xlrs-lite "
                                         "prompt, one turn, no tools).")
-    max_zooms: int = hfield(4, help="Zoom calls allowed per episode; the answer turn comes on top (zoom "
-                                    "protocol: max_zooms + 1 assistant turns). The same field in sft and rl.")
     max_new_tokens: int = hfield(256, help="New tokens per turn (the official direct protocol uses 64).")
     batch_size: int = hfield(8, help="Conversations per generate call.")
     chunk_size: int = hfield(32, help="Items per durable chunk (progress is saved after each finished episode).")
     max_answer_chars: int = hfield(1000, help="Answers this long or longer get no credit (verifier).")
-    zoom_max_pixels: int = hfield(50176, help="Pixel cap of every image shown (tiny: 224*224; 7B: 1003520).")
-    zoom_min_pixels: int = hfield(3136, help="Pixel floor of every image shown.")
-    zoom_frame: str = hfield("shown_pixels", help="Box frame the model uses: shown_pixels | norm1000.")
-    zoom_read_timeout_s: float = hfield(10.0, help="Per-read time limit of the zoom tool (seconds).")
     openai_concurrency: int = hfield(8, help="backend openai: concurrent requests.")
     openai_timeout_s: float = hfield(120.0, help="backend openai: per-request timeout (seconds).")
     openai_tool_mode: str = hfield("text", help="backend openai: text (our <tool_call> text protocol in the "
@@ -81,8 +76,7 @@ class RolloutStageConfig(StageConfig):
         """The zoom tool's ZoomConfig from the zoom_* fields."""
         from tools.zoom import ZoomConfig
 
-        return ZoomConfig(max_pixels=self.zoom_max_pixels, min_pixels=self.zoom_min_pixels, frame=self.zoom_frame,
-                          max_turns=self.max_zooms, read_timeout_s=self.zoom_read_timeout_s)
+        return ZoomConfig(**self.zoom_tool_kwargs())
 
     def agent_config(self, *, temperature: float, top_p: float) -> Any:
         """The rl.agent.AgentConfig of these settings at the given sampling temperature and nucleus p."""
