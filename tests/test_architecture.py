@@ -20,7 +20,8 @@ PACKAGES = ("pipeline", "tools", "kg_qa_builder", "rl", "sft")
 FLOORS: dict[str, tuple[str, ...]] = {
     "pipeline.core": ("pipeline.core",),
     "tools": ("pipeline.core", "tools"),
-    "kg_qa_builder": ("pipeline.core", "kg_qa_builder"),
+    # the text-QA exports render with the one protocol renderer, so they hold exactly what SFT trains on
+    "kg_qa_builder": ("pipeline.core", "tools.protocol", "kg_qa_builder"),
     # the one model loader (tiny build, load, save); the tiny tokenizer's corpus reads the protocol strings
     # and sft.data's instruction strings, so it sits above tools and sft.data and below the stages
     "pipeline.models": ("pipeline.core", "tools", "sft.data", "sft.errors", "sft.export"),

@@ -177,9 +177,9 @@ def read_records(paths: str | os.PathLike | Iterable[str | os.PathLike], cls: ty
     out: list[T] = []
     for p in paths:
         for rec in read_jsonl(p, cls):
-            if keep is not None and not keep(rec):  # type: ignore[arg-type]
+            if keep is not None and not keep(rec):
                 continue
-            out.append(rec)  # type: ignore[arg-type]
+            out.append(rec)
             if limit is not None and len(out) >= limit:
                 return out
     return out
