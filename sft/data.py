@@ -91,6 +91,9 @@ def read_vqa(paths: Sequence[str | Path], limit: int | None = None) -> list[VQAS
 ZOOM_THINK = "<think>The evidence is small in the overview, so I zoom in on it.</think>"
 ANSWER_THINK = "<think>The zoomed view shows the evidence.</think>"
 DIRECT_THINK = "<think>The overview shows the evidence.</think>"
+# when a sample names where to look (meta "zoom_on", e.g. "column 7, row 3" from make-scenes), the zoom think
+# restates it right before the box: the tiny model copies it from the question, then into the box digits
+ZOOM_THINK_AT = "<think>The evidence is small in the overview, so I zoom in on {where}.</think>"
 
 
 def oracle_trajectory(sample: VQASample, store: Any, zoom_cfg: Any, *, think: bool = True,
@@ -114,11 +117,13 @@ def oracle_trajectory(sample: VQASample, store: Any, zoom_cfg: Any, *, think: bo
     images = [o.image for o in observations]
     limit = zoom_cfg.max_turns if max_zooms is None else min(max_zooms, zoom_cfg.max_turns)
     targets = sample.targets[:limit]
+    where = sample.meta.get("zoom_on") if isinstance(sample.meta, dict) else None
+    zoom_think = ZOOM_THINK_AT.format(where=where) if where else ZOOM_THINK
     for t in targets:
         source = f"image_{t.image}"
         bbox = episode.oracle_bbox(t.image, t.bbox)
         call_text = format_tool_call(bbox, source=source)
-        messages.append({"role": "assistant", "content": (ZOOM_THINK if think else "") + call_text})
+        messages.append({"role": "assistant", "content": (zoom_think if think else "") + call_text})
         result = episode.execute(ToolCall(name=TOOL_NAME, arguments={"bbox": list(bbox), "source": source}))
         if result.error is not None or result.observation is None:
             raise TrajectoryError(f"sample {sample.id}: the zoom tool rejected the oracle box {bbox}: "
