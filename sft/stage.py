@@ -105,6 +105,9 @@ class SFTConfig(LaunchConfig):
     eval_max_samples: int = hfield(200, help="At most this many held-out questions.")
     eval_max_new_tokens: int = hfield(128, help="Generation budget per held-out question.")
     eval_batch_size: int = hfield(32, help="Held-out generation batch size.")
+    eval_rephrased_data: list[str] = hfield([], help="TextQA JSONL of held-out rephrasings of trained facts (e.g. "
+                                                     "make-scenes' kg_facts_test.jsonl), scored before/after beside "
+                                                     "eval_text_data (whose facts are held out by entity).")
     eval_train_samples: int = hfield(0, help="Also score this many training TextQA before/after (memorisation "
                                              "check beside the held-out score; 0 = off).")
 
@@ -415,7 +418,8 @@ def run(cfg: SFTConfig, callbacks: list[Any] | None = None) -> dict[str, Any]:
         resume_from = cfg.resume
     train_probe = (read_text_qa(cfg.text_data, split=cfg.text_split or None, limit=cfg.eval_train_samples)
                    if cfg.eval_train_samples > 0 and cfg.text_data else [])
-    probes = {"eval": eval_records, "eval_train": train_probe}
+    rephrased = read_text_qa(cfg.eval_rephrased_data) if cfg.eval_rephrased_data else []
+    probes = {"eval": eval_records, "eval_train": train_probe, "eval_rephrased": rephrased}
 
     def score(name: str, when: str) -> None:
         records = probes[name]
@@ -433,6 +437,7 @@ def run(cfg: SFTConfig, callbacks: list[Any] | None = None) -> dict[str, Any]:
 
     score("eval", "before")
     score("eval_train", "before")
+    score("eval_rephrased", "before")
 
     prep = prepare_model(model, cfg)
     model = prep.pop("model")  # type: ignore[assignment]
@@ -462,6 +467,7 @@ def run(cfg: SFTConfig, callbacks: list[Any] | None = None) -> dict[str, Any]:
     )
     score("eval", "after")
     score("eval_train", "after")
+    score("eval_rephrased", "after")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
     summary = {k: metrics[k] for k in ("global_step", "train_loss", "final_logged_loss", "steps_per_second")}
     for k in ("eval_before", "eval_after", "eval_train_before", "eval_train_after"):
