@@ -77,7 +77,8 @@ def stage_measures(name: str, out: Path, before: Path | None = None) -> list[tup
     rows: list[tuple[str, str, str]] = []
     if name == "sft":
         m = _json(out / "metrics.json")
-        for key, label in (("eval", "held-out KG accuracy"), ("eval_train", "train KG accuracy (memorisation)")):
+        for key, label in (("eval", "held-out KG accuracy"), ("eval_train", "train KG accuracy (memorisation)"),
+                           ("eval_rephrased", "held-out rephrasings of trained facts")):
             b, a = m.get(f"{key}_before"), m.get(f"{key}_after")
             if b or a:
                 n = (a or b or {}).get("n", "?")

@@ -84,6 +84,9 @@ class SFTConfig(LaunchConfig, ZoomSettings):
     eval_max_samples: int = hfield(200, help="At most this many held-out questions.")
     eval_max_new_tokens: int = hfield(128, help="Generation budget per held-out question.")
     eval_batch_size: int = hfield(32, help="Held-out generation batch size.")
+    eval_rephrased_data: list[str] = hfield([], help="TextQA JSONL of held-out rephrasings of trained facts (e.g. "
+                                                     "make-scenes' kg_facts_test.jsonl), scored before/after beside "
+                                                     "eval_text_data (whose facts are held out by entity).")
     eval_train_samples: int = hfield(0, help="Also score this many training TextQA before/after (memorisation "
                                              "check beside the held-out score; 0 = off).")
 

@@ -45,6 +45,7 @@ def oracle_trajectory(sample: VQASample, store: ImageStore, zoom_cfg: ZoomConfig
         DIRECT_THINK,
         TOOL_NAME,
         ZOOM_THINK,
+        ZOOM_THINK_AT,
         Episode,
         ToolCall,
         build_prompt_messages,
@@ -60,11 +61,13 @@ def oracle_trajectory(sample: VQASample, store: ImageStore, zoom_cfg: ZoomConfig
     images = [o.image for o in observations]
     limit = zoom_cfg.max_turns if max_zooms is None else min(max_zooms, zoom_cfg.max_turns)
     targets = sample.targets[:limit]
+    where = sample.meta.get("zoom_on") if isinstance(sample.meta, dict) else None
+    zoom_think = ZOOM_THINK_AT.format(where=where) if where else ZOOM_THINK
     for t in targets:
         source = f"image_{t.image}"
         bbox = episode.oracle_bbox(t.image, t.bbox)
         call_text = format_tool_call(bbox, source=source)
-        messages.append({"role": "assistant", "content": (ZOOM_THINK if think else "") + call_text})
+        messages.append({"role": "assistant", "content": (zoom_think if think else "") + call_text})
         result = episode.execute(ToolCall(name=TOOL_NAME, arguments={"bbox": list(bbox), "source": source}))
         if result.error is not None or result.observation is None:
             raise TrajectoryError(f"sample {sample.id}: the zoom tool rejected the oracle box {bbox}: "

@@ -262,7 +262,8 @@ def run(cfg: SFTConfig, callbacks: list[Any] | None = None) -> dict[str, Any]:
         resume_from = cfg.resume
     train_probe = (read_text_qa(cfg.text_data, split=cfg.text_split or None, limit=cfg.eval_train_samples)
                    if cfg.eval_train_samples > 0 and cfg.text_data else [])
-    probes = {"eval": eval_records, "eval_train": train_probe}
+    rephrased = read_text_qa(cfg.eval_rephrased_data) if cfg.eval_rephrased_data else []
+    probes = {"eval": eval_records, "eval_train": train_probe, "eval_rephrased": rephrased}
 
     def score(name: str, when: str) -> None:
         records = probes[name]
@@ -280,6 +281,7 @@ def run(cfg: SFTConfig, callbacks: list[Any] | None = None) -> dict[str, Any]:
 
     score("eval", "before")
     score("eval_train", "before")
+    score("eval_rephrased", "before")
 
     prep = prepare_model(model, cfg)
     model = prep.pop("model")
@@ -309,6 +311,7 @@ def run(cfg: SFTConfig, callbacks: list[Any] | None = None) -> dict[str, Any]:
     )
     score("eval", "after")
     score("eval_train", "after")
+    score("eval_rephrased", "after")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
     summary = {k: metrics[k] for k in ("global_step", "train_loss", "final_logged_loss", "steps_per_second")}
     for k in ("eval_before", "eval_after", "eval_train_before", "eval_train_after"):

@@ -52,7 +52,8 @@ def test_one_step_of_every_config(config, env, tmp_path):
     over["model"] = "tiny"  # the pre-warm config starts from runs/tiny/sft_text/model
     if "sft_text" in config:
         over.pop("vqa_data"), over.pop("images_manifest")
-        over.update(eval_text_data=[env["test"]], eval_max_samples=4, eval_max_new_tokens=8, eval_train_samples=3)
+        over.update(eval_text_data=[env["test"]], eval_max_samples=4, eval_max_new_tokens=8, eval_train_samples=3,
+                    eval_rephrased_data=[env["test"]])
     if "qwen2_5_vl_7b" in config:  # the paper's recipe with a tiny-model override (no GPU, no DeepSpeed here)
         over.update(model="tiny", bf16=False, deepspeed="", zoom_max_pixels=50176, max_length=4096, warmup_ratio=0.0,
                     warmup_steps=0, num_processes=1)  # warmup would make the single step's lr 0
@@ -67,6 +68,7 @@ def test_one_step_of_every_config(config, env, tmp_path):
     if "sft_text" in config:
         assert "eval_before" in metrics and "eval_after" in metrics and metrics["eval_after"]["n"] == 4
         assert metrics["eval_train_after"]["n"] == 3
+        assert metrics["eval_rephrased_before"]["n"] == metrics["eval_rephrased_after"]["n"] >= 4
     else:
         assert metrics["data"]["vqa_items"] >= 3 and metrics["data"]["trajectories_failed"] == 0
     model, processor = load_model(str(out))  # loadable by the next stage

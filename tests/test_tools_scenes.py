@@ -132,6 +132,61 @@ def test_grid_10_base_0_norm1000_boxes_copy_the_grid_index(tmp_path: Path) -> No
     assert "row 3, column 7 of a 10x10 grid" in s.question
 
 
+def test_tiny_site_phrasing_copies_in_box_order_and_the_think_restates_it(tmp_path: Path) -> None:
+    """The tiny default names sites "column c, row r" (the box's digit order), asks only about row/column >= 1
+    (3-digit boxes), zooms land use on the site box, and the oracle zoom turn restates the site before the box."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from sft.data import oracle_trajectory
+    from tools.scenes import plan_scene, scene_questions
+
+    cfg = load_config(MakeScenesConfig, Path("configs/tiny/make_scenes.yaml"))
+    assert (cfg.site_order, cfg.min_site_index, cfg.landuse_box, cfg.site_index_base) == ("column_row", 1, "site", 0)
+    scene = plan_scene(np.random.default_rng(0), "s", 8192, 10, 144)
+    for site in scene.sites:
+        site.setdefault("first_is", "left of")
+    q = scene_questions(scene, "s", "test", np.random.default_rng(1), 1.0, base=0, order="column_row",
+                        min_index=1, landuse_box="site")
+    assert q and all(min(x.meta["site"]) >= 1 for x in q if "site" in x.meta)
+    s = next(x for x in q if x.meta.get("site") == [3, 7] and x.meta["task"] != "landuse")
+    assert "column 7, row 3 of a 10x10 grid" in s.question and s.meta["zoom_on"] == "column 7, row 3"
+    lu = next(x for x in q if x.meta.get("site") == [3, 7] and x.meta["task"] == "landuse")
+    assert lu.targets[0].bbox == s.targets[0].bbox and "column 7, row 3" in lu.question
+    bad = MakeScenesConfig(site_order="diagonal", min_site_index=99, landuse_box="x")
+    msgs = " ".join(bad.validate())
+    for f in ("site_order", "min_site_index", "landuse_box"):
+        assert f in msgs
+
+    # the oracle trajectory's zoom turn: "... zoom in on column 7, row 3.</think><tool_call>... [741, 341, ..."
+    ov = SimpleNamespace(image=Image.new("RGB", (224, 224)))
+
+    class _Ep:
+        def __init__(self, *a: object) -> None:
+            pass
+
+        def initial_observations(self) -> list:
+            return [ov]
+
+        def oracle_bbox(self, image: int, bbox: list[float]) -> list[int]:
+            return [741, 341, 759, 359]
+
+        def execute(self, call: object) -> SimpleNamespace:
+            return SimpleNamespace(error=None, observation=ov)
+
+    import tools.protocol as proto
+
+    orig, proto.Episode = proto.Episode, _Ep  # type: ignore[misc]
+    orig_tm, proto.tool_message = proto.tool_message, lambda r: {"role": "tool", "content": "obs"}  # type: ignore
+    try:
+        msgs_, _, _ = oracle_trajectory(s, None, SimpleNamespace(frame="norm1000", max_turns=3))
+    finally:
+        proto.Episode, proto.tool_message = orig, orig_tm  # type: ignore[misc]
+    zoom_turn = next(m["content"] for m in msgs_ if m["role"] == "assistant")
+    assert "zoom in on column 7, row 3.</think>" in zoom_turn and "[741, 341, 759, 359]" in zoom_turn
+
+
 def test_default_config_counts_and_validation(tmp_path: Path) -> None:
     cfg = load_config(MakeScenesConfig, Path("configs/tiny/make_scenes.yaml"))
     assert cfg.output_dir == "runs/tiny/scenes" and cfg.size == 8192

@@ -490,6 +490,9 @@ def text_qa_messages(qa: TextQA, *, think: bool = True, system: str | None = Non
 
 # -- the oracle trajectories' reasoning texts (SFT pre-warm) --------------------------------------------
 ZOOM_THINK = "<think>The evidence is small in the overview, so I zoom in on it.</think>"
+# when a sample names where to look (meta "zoom_on", e.g. "column 7, row 3" from make-scenes), the zoom think
+# restates it right before the box: the tiny model copies it from the question, then into the box digits
+ZOOM_THINK_AT = "<think>The evidence is small in the overview, so I zoom in on {where}.</think>"
 ANSWER_THINK = "<think>The zoomed view shows the evidence.</think>"
 DIRECT_THINK = "<think>The overview shows the evidence.</think>"
 
@@ -529,6 +532,7 @@ __all__ = [
     "text_prompt_messages",
     "text_qa_messages",
     "ZOOM_THINK",
+    "ZOOM_THINK_AT",
     "ANSWER_THINK",
     "DIRECT_THINK",
 ]

@@ -94,6 +94,16 @@ class MakeScenesConfig(StageConfig):
     site_index_base: int = hfield(1, help="Rows and columns in questions count from this (0 or 1). With grid 10, "
                                           "base 0 and the norm1000 frame, a site's zoom box is [c41, r41, c59, r59]: "
                                           "its digits copy the column c and row r (docs/tiny_model.md).")
+    site_order: str = hfield("row_column", help="How questions name a site: row_column ('row 3, column 7') or "
+                                                "column_row ('column 7, row 3': the order of the box digits "
+                                                "[c41, r41, ...], which the tiny model learns to copy; "
+                                                "docs/tiny_model.md).")
+    min_site_index: int = hfield(0, help="Ask only about sites whose 0-based row and column are >= this (objects "
+                                         "are drawn everywhere). 1 with grid 10 + norm1000: every box then has "
+                                         "3-digit coordinates (row/column 0 give '41', breaking the copy pattern).")
+    landuse_box: str = hfield("cell", help="Target of a land-use question: cell (the whole grid cell; answer: "
+                                           "the cell's main cover) or site (the site box, the same zoom as the "
+                                           "other questions; answer: the main cover inside that box).")
     site_box: int = hfield(144, help="Native side of a site's target box (objects 32-44 px fill it at >= 32 px in a 224 view).")
     overview_side: int = hfield(224, help="Overview side the questions are designed for: question objects stay < 2 px in it.")
     landuse_fraction: float = hfield(0.25, help="Share of sites that also get a regional land-use question.")
@@ -126,6 +136,12 @@ class MakeScenesConfig(StageConfig):
             p.append("n_*: all scene counts are 0; ask for at least one scene")
         if self.site_index_base not in (0, 1):
             p.append("site_index_base: use 0 or 1")
+        if self.site_order not in ("row_column", "column_row"):
+            p.append("site_order: use row_column or column_row")
+        if not 0 <= self.min_site_index < self.grid:
+            p.append("min_site_index: must be within 0..grid-1")
+        if self.landuse_box not in ("cell", "site"):
+            p.append("landuse_box: use cell or site")
         if not 1 <= self.grid <= 16:
             p.append("grid: use 1..16 sites per side")
         if self.site_box < 96:
@@ -452,9 +468,23 @@ def write_cog(arr: np.ndarray, path: Path, compress: str = "JPEG", quality: int 
 
 
 # -- questions ------------------------------------------------------------------------------------------
-def _where(site: dict[str, Any], grid: int, base: int = 1) -> str:
-    return (f"the site in row {site['row'] + base}, column {site['col'] + base} of a {grid}x{grid} grid over the "
-            "image")
+def _rc(site: dict[str, Any], base: int = 1, order: str = "row_column") -> str:
+    r, c = site["row"] + base, site["col"] + base
+    return f"column {c}, row {r}" if order == "column_row" else f"row {r}, column {c}"
+
+
+def _where(site: dict[str, Any], grid: int, base: int = 1, order: str = "row_column") -> str:
+    return f"the site in {_rc(site, base, order)} of a {grid}x{grid} grid over the image"
+
+
+def _box_cover(scene: Scene, box: list[int] | list[float]) -> str:
+    """Main land cover inside a native box (the land-use answer when the question's target is the site box)."""
+    lo = scene.cover_lo.shape[0]
+    f = lo / scene.size
+    x0, y0 = int(box[0] * f), int(box[1] * f)
+    x1, y1 = max(x0 + 1, int(math.ceil(box[2] * f))), max(y0 + 1, int(math.ceil(box[3] * f)))
+    vals = np.bincount(scene.cover_lo[y0:y1, x0:x1].ravel(), minlength=len(COVERS))
+    return COVERS[int(vals.argmax())]
 
 
 def _opts(values: tuple, fmt: Any = str) -> list[str]:
@@ -463,7 +493,8 @@ def _opts(values: tuple, fmt: Any = str) -> list[str]:
 
 def scene_questions(scene: Scene, image_id: str, split: str, rng: np.random.Generator,
                     landuse_fraction: float, knowledge_fraction: float = 0.0,
-                    knowledge_train_classes: tuple[str, ...] | list[str] = (), base: int = 1) -> list[VQASample]:
+                    knowledge_train_classes: tuple[str, ...] | list[str] = (), base: int = 1,
+                    order: str = "row_column", min_index: int = 0, landuse_box: str = "cell") -> list[VQASample]:
     """XLRS-style MCQs from a scene's truth; each with the site box as target region."""
     out: list[VQASample] = []
     g = scene.grid
@@ -478,9 +509,12 @@ def scene_questions(scene: Scene, image_id: str, split: str, rng: np.random.Gene
                              meta={"scene": scene.id, "task": kind, **meta}))
 
     for site in scene.sites:
-        where = _where(site, g, base)
+        if min(site["row"], site["col"]) < min_index:
+            continue
+        where = _where(site, g, base, order)
         cls, cols, k = site["cls"], site["colours"], len(site["colours"])
-        meta = {"site": [site["row"], site["col"]], "object_size": site.get("size"), "objects": site["objects"]}
+        meta = {"site": [site["row"], site["col"]], "object_size": site.get("size"), "objects": site["objects"],
+                "zoom_on": _rc(site, base, order)}
         if site["kind"] == "group":
             add("count", f"How many {PLURAL[cls]} are at {where}?", _opts(COUNTS),
                 LETTERS[COUNTS.index(k)], site, **meta)
@@ -503,25 +537,33 @@ def scene_questions(scene: Scene, image_id: str, split: str, rng: np.random.Gene
                     f"Which company operates the object{'s' if k > 1 else ''} at {where}?", _opts(OPERATORS),
                     LETTERS[OPERATORS.index(OPERATOR_OF[cls])], site, knowledge=True, **meta)
         if rng.random() < landuse_fraction:
-            cover = _cell_cover(scene, site["row"], site["col"])
-            cell = scene.size / g
-            cbox = [site["col"] * cell, site["row"] * cell, (site["col"] + 1) * cell, (site["row"] + 1) * cell]
-            s = dict(site, box=[float(v) for v in cbox])
-            add("landuse", f"What is the main land cover of the grid cell in row {site['row'] + base}, column "
-                f"{site['col'] + base} of a {g}x{g} grid over the image (around its site)?", _opts(COVERS),
-                LETTERS[COVERS.index(cover)], s, site=[site["row"], site["col"]])
+            if landuse_box == "site":
+                cover, s = _box_cover(scene, site["box"]), site
+                question = f"What is the main land cover at {where}?"
+            else:
+                cover = _cell_cover(scene, site["row"], site["col"])
+                cell = scene.size / g
+                cbox = [site["col"] * cell, site["row"] * cell, (site["col"] + 1) * cell, (site["row"] + 1) * cell]
+                s = dict(site, box=[float(v) for v in cbox])
+                question = (f"What is the main land cover of the grid cell in {_rc(site, base, order)} of a {g}x{g} "
+                            "grid over the image (around its site)?")
+            add("landuse", question, _opts(COVERS), LETTERS[COVERS.index(cover)], s,
+                site=[site["row"], site["col"]], zoom_on=_rc(site, base, order))
     letters = "".join(LETTERS[COVERS.index(c)] for c in scene.covers_present)
     add("overall", "Which land-cover types appear in this image? Select all that apply.", _opts(COVERS),
         letters, None, qtype="multi")
     return out
 
 
-def pair_questions(scene: Scene, ids: tuple[str, str], split: str, base: int = 1) -> list[VQASample]:
+def pair_questions(scene: Scene, ids: tuple[str, str], split: str, base: int = 1, order: str = "row_column",
+                   min_index: int = 0) -> list[VQASample]:
     """Change-detection counting: how many new objects appeared at a site between image_0 and image_1."""
     out = []
     for site in scene.sites:
+        if min(site["row"], site["col"]) < min_index:
+            continue
         n_new = int(site.get("new", 0))
-        where = _where(site, scene.grid, base)
+        where = _where(site, scene.grid, base, order)
         cat, l2 = CAT["change"]
         box = [float(v) for v in site["box"]]
         out.append(VQASample(
@@ -532,6 +574,7 @@ def pair_questions(scene: Scene, ids: tuple[str, str], split: str, base: int = 1
             category=cat, l2_category=l2,
             targets=[TargetRegion(image=0, bbox=box), TargetRegion(image=1, bbox=box)], split=split,
             meta={"scene": scene.id, "task": "change", "site": [site["row"], site["col"]],
+                  "zoom_on": _rc(site, base, order),
                   "object_size": site.get("size"), "objects": site.get("objects_after", [])},
         ))
     return out
@@ -567,8 +610,16 @@ def knowledge_facts(seed: int = 0) -> list[TextQA]:
             ("train", "tf", f"True or false: {OPERATORS[(OPERATORS.index(op) + 1) % 4]} operates the {pl}.", [],
              "false"),
             ("train", "fill", f"In the KnowZoom scenes, {pl} are operated by ____.", [], op),
+            # held-out rephrasings of the same facts (kg_facts_test.jsonl): the text cold start's check that the
+            # tiny model learned the fact, not one sentence (chance: 25 % mcq, 50 % tf)
             ("test", "mcq", f"The {pl} seen after zooming in: which company operates them?", _opts(OPERATORS),
              letter),
+            ("test", "mcq", f"Who is the operator of the {pl} in the KnowZoom scenes?", _opts(OPERATORS), letter),
+            ("test", "mcq", f"{op} is the operator of which objects?", _opts(CLASSES, lambda c: PLURAL[c]),
+             LETTERS[CLASSES.index(cls)]),
+            ("test", "tf", f"True or false: the {pl} in the KnowZoom scenes are operated by {op}.", [], "true"),
+            ("test", "tf", f"True or false: the {pl} in the KnowZoom scenes are operated by "
+                           f"{OPERATORS[(OPERATORS.index(op) + 2) % 4]}.", [], "false"),
         ]
         for j, (split, qtype, q, choices, ans) in enumerate(items):
             out.append(TextQA(id=f"fact-{cls.replace(' ', '_')}-{j}", question=q, qtype=qtype, answer=ans,
@@ -590,7 +641,8 @@ def _make_single(cfg: MakeScenesConfig, idx: int, split: str, img_dir: Path, tex
     if cfg.overwrite or not path.exists():
         write_cog(arr, path, cfg.compress, cfg.quality, cfg.blocksize)
     qs = scene_questions(scene, sid, split, np.random.default_rng([cfg.seed, idx, 2]), cfg.landuse_fraction,
-                         cfg.knowledge_fraction, cfg.knowledge_train_classes, cfg.site_index_base)
+                         cfg.knowledge_fraction, cfg.knowledge_train_classes, cfg.site_index_base,
+                         cfg.site_order, cfg.min_site_index, cfg.landuse_box)
     return scene, qs, arr
 
 
@@ -618,7 +670,7 @@ def _make_pair(cfg: MakeScenesConfig, idx: int, split: str, img_dir: Path, tex: 
         path = img_dir / f"{iid}.tif"
         if cfg.overwrite or not path.exists():
             write_cog(arr, path, cfg.compress, cfg.quality, cfg.blocksize)
-    return scene, pair_questions(scene, ids, split, cfg.site_index_base), list(ids)
+    return scene, pair_questions(scene, ids, split, cfg.site_index_base, cfg.site_order, cfg.min_site_index), list(ids)
 
 
 def write_preview(arr: np.ndarray, scene: Scene, path: Path, overview_side: int = 448) -> None:
