@@ -14,6 +14,9 @@ typed) with provenance (document, page, offsets, span); rejections are kept with
 reuse kg_qa_builder.teacher (concurrent, retried, resumable: raw replies are keyed by a hash of the prompt
 and the chunk, so a rerun sends only unanswered chunks). Finally the teacher writes QA from the passages and
 their accepted facts, and each item is verified on the merged graph by Verifier.verify_teacher.
+
+Over 500 lines on purpose: chunking, the three checks, entity linking and the resumable teacher loop are one
+pipeline whose stages pass the same chunk and provenance records; apart, each would only be called from here.
 """
 
 from __future__ import annotations

@@ -7,6 +7,9 @@ parameters are counted: total, vision tower, projector, trainable after freezing
 what PyTorch, the HF Trainer, DeepSpeed/FSDP and vLLM keep resident; its assumptions are listed in
 ASSUMPTIONS (printed with --explain, and in docs/gpu.md). `tests/test_plan.py` checks it against the
 measured peak memory of training steps of small Qwen2.5-VL models on CPU.
+
+About 500 lines on purpose: ASSUMPTIONS and the per-stage estimators read against each other (every
+estimate names the assumption it uses), so they stay in one file.
 """
 
 from __future__ import annotations

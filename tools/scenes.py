@@ -22,6 +22,9 @@ as a separate sub-task ("Object operator (text only)"), whose answer needs the t
 Bi-temporal pairs: the same scene twice with objects added at some sites; the question counts new objects.
 Train and test splits use disjoint scenes. Layout of `output_dir`: images/*.tif (COG), images.jsonl,
 scenes.jsonl (ground truth), vqa_train.jsonl, vqa_test.jsonl, preview.png.
+
+Over 500 lines on purpose: the scene truth, the question writers and the oracle boxes must agree on one
+grid and one site phrasing; one module keeps them from drifting (tests/test_tools_scenes.py checks them).
 """
 
 from __future__ import annotations
