@@ -270,6 +270,32 @@ def test_round_roofs_get_a_circular_footprint(kg):
     assert n >= 20
 
 
+def test_curated_yaml_same_with_libyaml_and_pure_python_loader():
+    """The curated files are composed with libyaml when available (graph-build speed): the located tree
+    (values, 1-based lines, unquoted-in-[a, b] flags) must equal the pure-Python loader's."""
+    import yaml
+
+    from kg_qa_builder.importers import _located, curated_files
+
+    def flat(x, out):
+        if isinstance(x, dict):
+            for k, v in x.items():
+                flat(k, out)
+                flat(v, out)
+        elif isinstance(x, list):
+            for v in x:
+                flat(v, out)
+        elif x is not None:
+            out.append((str(x), x.line, x.plain_in_flow))
+        return out
+
+    loaders = [yaml.SafeLoader, getattr(yaml, "CSafeLoader", yaml.SafeLoader)]
+    for path in curated_files():
+        text = path.read_text(encoding="utf-8")
+        a, b = (flat(_located(yaml.compose(text, Loader=L)), []) for L in loaders)
+        assert a == b, path
+
+
 def test_crop_calendar_months():
     assert _months("September to November") == [8, 9, 10]
     assert _months("November to January") == [10, 11, 0]
