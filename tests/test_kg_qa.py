@@ -257,7 +257,7 @@ def test_parse_items_variants():
 
 def test_teacher_planted_true_kept_false_rejected(kg):
     parts = partition(kg.triples, 0, 0.0, 0.5)
-    reqs = build_requests(kg, parts, {"train": 180, "test": 0}, n_items=4, context_triples=10, seed=0,
+    reqs = build_requests(kg, parts, {"train": 200, "test": 0}, n_items=4, context_triples=10, seed=0,
                           skip_relations={"instance_of_surface", "from_library"})
     ver = Verifier(kg)
     with FakeTeacher(kg, seed=1) as fake:
