@@ -273,6 +273,11 @@ def import_earthlib(kg: KnowledgeGraph, csv_path: str | Path | None = None, max_
 
 
 # ---------------------------------------------------------------- curated YAML
+# libyaml's composer when PyYAML has it (same nodes, lines and styles; ~7x less CPU than the pure-Python one,
+# which was about a fifth of building the graph)
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 class LStr(str):
     """A YAML scalar string that remembers its line (1-based)."""
 
@@ -289,7 +294,7 @@ def _located(node: yaml.Node) -> Any:
         items = [_located(n) for n in node.value]
         if node.flow_style:
             for n, it in zip(node.value, items, strict=True):
-                if isinstance(it, LStr) and isinstance(n, yaml.ScalarNode) and n.style is None:
+                if isinstance(it, LStr) and isinstance(n, yaml.ScalarNode) and not n.style:  # plain: None or ''
                     it.plain_in_flow = True
         return items
     if isinstance(node, yaml.MappingNode):
@@ -335,7 +340,7 @@ def import_curated(kg: KnowledgeGraph, paths: Iterable[str | Path]) -> None:
     for path in paths:
         path = Path(path)
         try:
-            root = yaml.compose(path.read_text(encoding="utf-8"))
+            root = yaml.compose(path.read_text(encoding="utf-8"), Loader=_YAML_LOADER)
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             line = f":{mark.line + 1}" if mark else ""
