@@ -29,9 +29,13 @@ _NORM_RE = re.compile(r"[^a-z0-9+\-.%/°#*()^=<>≥≤]+")
 @lru_cache(maxsize=1 << 18)
 def norm(text: str) -> str:
     """Normalise a surface form for linking and dedup: NFKD, ASCII-fold, lower case, collapse punctuation."""
-    t = unicodedata.normalize("NFKD", str(text))
-    t = "".join(c for c in t if not unicodedata.combining(c)).lower()
-    t = t.replace("–", "-").replace("—", "-").replace("µ", "u")
+    text = str(text)
+    if text.isascii():  # fast path (most questions): NFKD and the dash/micro replacements change nothing
+        t = text.lower()
+    else:
+        t = unicodedata.normalize("NFKD", text)
+        t = "".join(c for c in t if not unicodedata.combining(c)).lower()
+        t = t.replace("–", "-").replace("—", "-").replace("µ", "u")
     return " ".join(_NORM_RE.sub(" ", t).split()).strip(" .")
 
 

@@ -25,6 +25,7 @@ from kg_qa_builder.dataset import (
     export_trl,
     norm_question,
     partition,
+    qa_row,
     write_stats,
 )
 from kg_qa_builder.errors import GenerationError
@@ -239,7 +240,7 @@ def run(cfg: BuildQAConfig) -> dict[str, Any]:
     leak = check_leakage(by_split)
     files = {}
     for s in SPLITS:
-        files[s] = write_jsonl(out / f"qa_{s}.jsonl", by_split[s])
+        files[s] = write_jsonl(out / f"qa_{s}.jsonl", map(qa_row, by_split[s]))
         export_trl(out / f"qa_{s}_trl.jsonl", by_split[s])
     export_sharegpt(out, by_split)
     write_jsonl(out / "rejections.jsonl", rej_log)
