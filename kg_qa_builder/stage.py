@@ -8,10 +8,13 @@ rejections.jsonl); dedup (normalised + near-duplicate); check leakage loudly; wr
 
 from __future__ import annotations
 
+import itertools
 import json
+import multiprocessing as mp
 import os
 import time
-from collections import Counter
+from collections import Counter, deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +36,7 @@ from kg_qa_builder.generate import Generator
 from kg_qa_builder.importers import build_graph
 from kg_qa_builder.quality import answer_leak
 from kg_qa_builder.scenarios import PRINCIPLE_HEADS, ScenarioGenerator
-from kg_qa_builder.verify import Verifier
+from kg_qa_builder.verify import Verdict, Verifier
 from pipeline.config import StageConfig, hfield
 from pipeline.records import TextQA, read_jsonl, write_jsonl
 
@@ -67,6 +70,8 @@ class BuildQAConfig(StageConfig):
     scenario_qtype_weights: dict = hfield({"free": 0.75, "mcq": 0.2, "tf": 0.05},
                                           help="Question types of scenario QA (free, mcq, tf).")
     scenario_kinds: dict = hfield({}, help="Per-scenario-kind weight overrides (0 disables), e.g. {occ-size: 2}.")
+    workers: int = hfield(2, help="Processes that sample and verify QA in parallel (1 = this process only); the "
+                          "output is byte-identical for any number.")
     teacher_url: str = hfield("", help="OpenAI-compatible base URL (e.g. http://host:8000/v1); empty = no teacher.")
     teacher_model: str = hfield("teacher", help="Model name sent to the teacher endpoint.")
     teacher_api_key_env: str = hfield("OPENAI_API_KEY", help="Environment variable holding the teacher API key (optional).")
@@ -106,6 +111,8 @@ class BuildQAConfig(StageConfig):
             p.append(f"scenario_kinds: unknown {sorted(set(self.scenario_kinds) - set(KINDS))}; use {sorted(KINDS)}")
         if not 0 < self.near_dup_threshold <= 1:
             p.append("near_dup_threshold: must be in (0, 1]")
+        if self.workers < 1:
+            p.append("workers: must be >= 1")
         if self.max_attempts_factor < 1:
             p.append("max_attempts_factor: must be >= 1")
         if set(self.teacher_requests) - set(SPLITS):
@@ -144,39 +151,96 @@ class KeepRules:
 
 def generate_split(gen: Any, ver: Verifier, split: str, n: int, max_attempts: int, near: NearDupIndex,
                    seen: set[str], rejections: Counter, rej_log: list[dict[str, Any]],
-                   rules: KeepRules | None = None) -> list[TextQA]:
-    """Sample, verify, apply the keep rules and dedup until n QA are kept or max_attempts samples were drawn."""
+                   rules: KeepRules | None = None, *, stream: str | None = None, workers: int = 1) -> list[TextQA]:
+    """Sample, verify, apply the keep rules and dedup until n QA are kept or max_attempts samples were drawn.
+
+    Sample k is drawn with the generator's RNG seeded by `stream` and k alone, so candidates do not depend on
+    each other: `workers` processes sample and verify them in parallel and the keep rules and dedup see them in
+    index order, which makes the output byte-identical for any number of workers."""
     out: list[TextQA] = []
-    attempts = 0
+    if n <= 0:
+        return out
     rules = rules or KeepRules(n)
-    while len(out) < n and attempts < max_attempts:
-        attempts += 1
-        q = gen.sample()
-        if q is None:
-            rejections["no_valid_question"] += 1
-            continue
-        v = ver.verify(q)
-        if not v.ok:
-            rejections[v.reason] += 1
-            if len(rej_log) < 10000:
-                rej_log.append({"id": q.id, "source": q.source, "reason": v.reason, "detail": v.detail, "question": q.question})
-            continue
-        why = rules.check(q)
-        if why:
-            rejections[why] += 1
-            continue
-        key = norm_question(q)
-        if key in seen:
-            rejections["duplicate"] += 1
-            continue
-        if not near.add(q.question + " " + " ".join(q.choices), q.answer if q.qtype != "mcq" else q.choices[ord(q.answer) - 65]):
-            rejections["near_duplicate"] += 1
-            continue
-        seen.add(key)
-        rules.keep(q)
-        q.split = split
-        out.append(q)
+    cands = candidates(gen, ver, stream if stream is not None else f"{split}:{n}", max_attempts, workers)
+    try:
+        for q, v in cands:
+            if len(out) >= n:
+                break
+            if q is None:
+                rejections["no_valid_question"] += 1
+                continue
+            if not v.ok:
+                rejections[v.reason] += 1
+                if len(rej_log) < 10000:
+                    rej_log.append({"id": q.id, "source": q.source, "reason": v.reason, "detail": v.detail,
+                                    "question": q.question})
+                continue
+            why = rules.check(q)
+            if why:
+                rejections[why] += 1
+                continue
+            key = norm_question(q)
+            if key in seen:
+                rejections["duplicate"] += 1
+                continue
+            if not near.add(q.question + " " + " ".join(q.choices),
+                            q.answer if q.qtype != "mcq" else q.choices[ord(q.answer) - 65]):
+                rejections["near_duplicate"] += 1
+                continue
+            seen.add(key)
+            rules.keep(q)
+            q.split = split
+            out.append(q)
+    finally:
+        cands.close()  # stops the worker processes of this split
     return out
+
+
+Candidate = tuple[TextQA | None, Verdict | None]
+_JOB: tuple[Any, Verifier, str] | None = None  # (generator, verifier, stream), inherited by forked workers
+
+
+def sample_range(gen: Any, ver: Verifier, stream: str, lo: int, hi: int) -> list[Candidate]:
+    """Candidates lo..hi-1 of a stream: sample k (RNG seeded by stream and k) and its verdict on the graph."""
+    out: list[Candidate] = []
+    for k in range(lo, hi):
+        gen.rng.seed(f"{stream}:{k}")
+        q = gen.sample()
+        out.append((q, None if q is None else ver.verify(q)))
+    return out
+
+
+def _sample_job(lo: int, hi: int) -> list[Candidate]:
+    assert _JOB is not None
+    return sample_range(*_JOB, lo, hi)
+
+
+def candidates(gen: Any, ver: Verifier, stream: str, max_attempts: int, workers: int = 1,
+               chunk: int = 64) -> Iterator[Candidate]:
+    """Candidates 0..max_attempts-1 in index order, computed in chunks by `workers` forked processes (in this
+    process when workers <= 1). At most 2 chunks per worker run ahead of the consumer."""
+    global _JOB
+    starts = range(0, max_attempts, chunk)
+    if workers <= 1 or max_attempts <= chunk:
+        for lo in starts:
+            yield from sample_range(gen, ver, stream, lo, min(max_attempts, lo + chunk))
+        return
+    _JOB = (gen, ver, stream)
+    pool = mp.get_context("fork").Pool(workers)
+    try:
+        todo = iter(starts)
+        pending: deque = deque(pool.apply_async(_sample_job, (lo, min(max_attempts, lo + chunk)))
+                               for lo in itertools.islice(todo, 2 * workers))
+        while pending:
+            res = pending.popleft().get()
+            lo = next(todo, None)
+            if lo is not None:
+                pending.append(pool.apply_async(_sample_job, (lo, min(max_attempts, lo + chunk))))
+            yield from res
+    finally:
+        pool.terminate()
+        pool.join()
+        _JOB = None
 
 
 def split_of(kg: Any, entity: str, cfg: BuildQAConfig) -> str:
@@ -223,13 +287,14 @@ def run(cfg: BuildQAConfig) -> dict[str, Any]:
             qtype_weights={k: float(v) for k, v in cfg.scenario_qtype_weights.items()},
             kinds={k: float(v) for k, v in cfg.scenario_kinds.items()} or None)
         scen = generate_split(sgen, verifier, split, n_scen, max(1, n_scen) * cfg.max_attempts_factor, near, seen,
-                              rejections, rej_log, rules)
+                              rejections, rej_log, rules, stream=f"{cfg.seed}:scenario:{split}", workers=cfg.workers)
         gen = Generator(kg, parts[split], seed=cfg.seed * 1000 + i, hop_weights=tuple(cfg.hop_weights),
                         qtype_weights={k: float(v) for k, v in cfg.qtype_weights.items()},
                         relation_weights={k: float(v) for k, v in cfg.relation_weights.items()},
                         n_distractors=cfg.n_distractors)
         tmpl = generate_split(gen, verifier, split, n - len(scen), (n - len(scen)) * cfg.max_attempts_factor, near,
-                              seen, rejections, rej_log, rules)
+                              seen, rejections, rej_log, rules, stream=f"{cfg.seed}:template:{split}",
+                              workers=cfg.workers)
         by_split[split] = sorted(scen + tmpl, key=lambda q: q.id)  # interleave the two kinds, deterministically
     teacher_summary: dict[str, Any] = {}
     if cfg.teacher_url and any(int(v) > 0 for v in cfg.teacher_requests.values()):
