@@ -8,6 +8,7 @@ rejections.jsonl); dedup (normalised + near-duplicate); check leakage loudly; wr
 
 from __future__ import annotations
 
+import gc
 import itertools
 import json
 import multiprocessing as mp
@@ -151,17 +152,23 @@ class KeepRules:
 
 def generate_split(gen: Any, ver: Verifier, split: str, n: int, max_attempts: int, near: NearDupIndex,
                    seen: set[str], rejections: Counter, rej_log: list[dict[str, Any]],
-                   rules: KeepRules | None = None, *, stream: str | None = None, workers: int = 1) -> list[TextQA]:
+                   rules: KeepRules | None = None, *, stream: str | None = None,
+                   workers: int | Workers = 1) -> list[TextQA]:
     """Sample, verify, apply the keep rules and dedup until n QA are kept or max_attempts samples were drawn.
 
     Sample k is drawn with the generator's RNG seeded by `stream` and k alone, so candidates do not depend on
-    each other: `workers` processes sample and verify them in parallel and the keep rules and dedup see them in
-    index order, which makes the output byte-identical for any number of workers."""
+    each other: `workers` processes (a number, or a started `Workers`) sample and verify them in parallel and the
+    keep rules and dedup see them in index order, which makes the output byte-identical for any number of
+    workers."""
     out: list[TextQA] = []
     if n <= 0:
         return out
     rules = rules or KeepRules(n)
-    cands = candidates(gen, ver, stream if stream is not None else f"{split}:{n}", max_attempts, workers)
+    if isinstance(workers, int):  # a pool for this call alone
+        with Workers(workers).add(gen, ver) as pool:
+            return generate_split(gen, ver, split, n, max_attempts, near, seen, rejections, rej_log, rules,
+                                  stream=stream, workers=pool)
+    cands = workers.candidates(gen, ver, stream if stream is not None else f"{split}:{n}", max_attempts)
     try:
         for q, v in cands:
             if len(out) >= n:
@@ -192,12 +199,12 @@ def generate_split(gen: Any, ver: Verifier, split: str, n: int, max_attempts: in
             q.split = split
             out.append(q)
     finally:
-        cands.close()  # stops the worker processes of this split
+        cands.close()
     return out
 
 
 Candidate = tuple[TextQA | None, Verdict | None]
-_JOB: tuple[Any, Verifier, str] | None = None  # (generator, verifier, stream), inherited by forked workers
+_JOBS: list[tuple[Any, Verifier]] = []  # (generator, verifier) pairs, inherited by the forked workers
 
 
 def sample_range(gen: Any, ver: Verifier, stream: str, lo: int, hi: int) -> list[Candidate]:
@@ -210,37 +217,67 @@ def sample_range(gen: Any, ver: Verifier, stream: str, lo: int, hi: int) -> list
     return out
 
 
-def _sample_job(lo: int, hi: int) -> list[Candidate]:
-    assert _JOB is not None
-    return sample_range(*_JOB, lo, hi)
+def _sample_job(job: int, stream: str, lo: int, hi: int) -> list[Candidate]:
+    gen, ver = _JOBS[job]
+    return sample_range(gen, ver, stream, lo, hi)
 
 
-def candidates(gen: Any, ver: Verifier, stream: str, max_attempts: int, workers: int = 1,
-               chunk: int = 64) -> Iterator[Candidate]:
-    """Candidates 0..max_attempts-1 in index order, computed in chunks by `workers` forked processes (in this
-    process when workers <= 1). At most 2 chunks per worker run ahead of the consumer."""
-    global _JOB
-    starts = range(0, max_attempts, chunk)
-    if workers <= 1 or max_attempts <= chunk:
-        for lo in starts:
-            yield from sample_range(gen, ver, stream, lo, min(max_attempts, lo + chunk))
-        return
-    _JOB = (gen, ver, stream)
-    pool = mp.get_context("fork").Pool(workers)
-    try:
+class Workers:
+    """Worker processes that sample and verify candidates, forked once per build with every generator of the
+    build registered (`add`) beforehand, so nothing big is pickled and caches warm up once. With n <= 1 the
+    candidates are computed in this process; the candidates are the same either way."""
+
+    def __init__(self, n: int, chunk: int = 64):
+        self.n, self.chunk = n, chunk
+        self.jobs: list[tuple[Any, Verifier]] = []
+        self.pool: Any = None
+
+    def add(self, gen: Any, ver: Verifier) -> Workers:
+        if self.pool is not None:
+            raise RuntimeError("register generators before the workers start")
+        self.jobs.append((gen, ver))
+        return self
+
+    def __enter__(self) -> Workers:
+        global _JOBS
+        if self.n > 1:
+            _JOBS = self.jobs
+            gc.freeze()  # keep the collector from touching (and so copying) the parent's objects in every worker
+            self.pool = mp.get_context("fork").Pool(self.n)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        global _JOBS
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+            self.pool = None
+            gc.unfreeze()
+        _JOBS = []
+
+    def candidates(self, gen: Any, ver: Verifier, stream: str, max_attempts: int) -> Iterator[Candidate]:
+        """Candidates 0..max_attempts-1 in index order; at most 2 chunks per worker run ahead of the consumer
+        (the chunks still running when the consumer stops are dropped)."""
+        starts = range(0, max_attempts, self.chunk)
+        if self.pool is None or max_attempts <= self.chunk:
+            for lo in starts:
+                yield from sample_range(gen, ver, stream, lo, min(max_attempts, lo + self.chunk))
+            return
+        job = next((i for i, (g, v) in enumerate(self.jobs) if g is gen and v is ver), None)
+        if job is None:
+            raise RuntimeError("generator not registered with Workers.add before the workers started")
         todo = iter(starts)
-        pending: deque = deque(pool.apply_async(_sample_job, (lo, min(max_attempts, lo + chunk)))
-                               for lo in itertools.islice(todo, 2 * workers))
+
+        def submit(lo: int) -> Any:
+            return self.pool.apply_async(_sample_job, (job, stream, lo, min(max_attempts, lo + self.chunk)))
+
+        pending = deque(submit(lo) for lo in itertools.islice(todo, 2 * self.n))
         while pending:
             res = pending.popleft().get()
             lo = next(todo, None)
             if lo is not None:
-                pending.append(pool.apply_async(_sample_job, (lo, min(max_attempts, lo + chunk))))
+                pending.append(submit(lo))
             yield from res
-    finally:
-        pool.terminate()
-        pool.join()
-        _JOB = None
 
 
 def split_of(kg: Any, entity: str, cfg: BuildQAConfig) -> str:
@@ -278,24 +315,34 @@ def run(cfg: BuildQAConfig) -> dict[str, Any]:
     verifier = Verifier(kg)
     by_split: dict[str, list[TextQA]] = {}
     # test first, so its questions win any cross-split textual tie
-    for i, (split, n) in enumerate([("test", cfg.n_test), ("val", cfg.n_val), ("train", cfg.n_train)]):
-        n_scen = round(n * cfg.scenario_share)
-        rules = KeepRules(n)
+    order = [("test", cfg.n_test), ("val", cfg.n_val), ("train", cfg.n_train)]
+    gens = {}
+    for i, (split, _) in enumerate(order):
         sgen = ScenarioGenerator(
             kg, seed=cfg.seed * 1000 + 500 + i,
             subjects=lambda s, sp=split: split_of(kg, s, cfg) == sp,
             qtype_weights={k: float(v) for k, v in cfg.scenario_qtype_weights.items()},
             kinds={k: float(v) for k, v in cfg.scenario_kinds.items()} or None)
-        scen = generate_split(sgen, verifier, split, n_scen, max(1, n_scen) * cfg.max_attempts_factor, near, seen,
-                              rejections, rej_log, rules, stream=f"{cfg.seed}:scenario:{split}", workers=cfg.workers)
         gen = Generator(kg, parts[split], seed=cfg.seed * 1000 + i, hop_weights=tuple(cfg.hop_weights),
                         qtype_weights={k: float(v) for k, v in cfg.qtype_weights.items()},
                         relation_weights={k: float(v) for k, v in cfg.relation_weights.items()},
                         n_distractors=cfg.n_distractors)
-        tmpl = generate_split(gen, verifier, split, n - len(scen), (n - len(scen)) * cfg.max_attempts_factor, near,
-                              seen, rejections, rej_log, rules, stream=f"{cfg.seed}:template:{split}",
-                              workers=cfg.workers)
-        by_split[split] = sorted(scen + tmpl, key=lambda q: q.id)  # interleave the two kinds, deterministically
+        gens[split] = (sgen, gen)
+    workers = Workers(cfg.workers)
+    for sgen, gen in gens.values():
+        workers.add(sgen, verifier).add(gen, verifier)
+    with workers:  # forked once, after every generator exists
+        for split, n in order:
+            n_scen = round(n * cfg.scenario_share)
+            rules = KeepRules(n)
+            sgen, gen = gens[split]
+            scen = generate_split(sgen, verifier, split, n_scen, max(1, n_scen) * cfg.max_attempts_factor, near,
+                                  seen, rejections, rej_log, rules, stream=f"{cfg.seed}:scenario:{split}",
+                                  workers=workers)
+            tmpl = generate_split(gen, verifier, split, n - len(scen), (n - len(scen)) * cfg.max_attempts_factor,
+                                  near, seen, rejections, rej_log, rules, stream=f"{cfg.seed}:template:{split}",
+                                  workers=workers)
+            by_split[split] = sorted(scen + tmpl, key=lambda q: q.id)  # interleave the two kinds, deterministically
     teacher_summary: dict[str, Any] = {}
     if cfg.teacher_url and any(int(v) > 0 for v in cfg.teacher_requests.values()):
         teacher_summary = run_teacher(cfg, kg, parts, verifier, by_split, near, seen, rejections, rej_log)
