@@ -289,7 +289,7 @@ def _located(node: yaml.Node) -> Any:
         items = [_located(n) for n in node.value]
         if node.flow_style:
             for n, it in zip(node.value, items, strict=True):
-                if isinstance(it, LStr) and isinstance(n, yaml.ScalarNode) and n.style is None:
+                if isinstance(it, LStr) and isinstance(n, yaml.ScalarNode) and not n.style:  # plain: None or ''
                     it.plain_in_flow = True
         return items
     if isinstance(node, yaml.MappingNode):
@@ -298,6 +298,18 @@ def _located(node: yaml.Node) -> Any:
             out[_located(k)] = _located(v)
         return out
     return None
+
+
+def _compose(text: str) -> yaml.Node | None:
+    """The YAML node tree, by libyaml when present (several times faster); a document libyaml rejects is parsed
+    again by the pure-Python composer, so problems are reported with the same messages either way."""
+    loader = getattr(yaml, "CSafeLoader", None)
+    if loader is not None:
+        try:
+            return yaml.compose(text, Loader=loader)
+        except yaml.YAMLError:
+            pass
+    return yaml.compose(text)
 
 
 def _line(x: Any, default: int = 0) -> int:
@@ -335,7 +347,7 @@ def import_curated(kg: KnowledgeGraph, paths: Iterable[str | Path]) -> None:
     for path in paths:
         path = Path(path)
         try:
-            root = yaml.compose(path.read_text(encoding="utf-8"))
+            root = _compose(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             line = f":{mark.line + 1}" if mark else ""
