@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -406,3 +407,21 @@ def test_shipped_configs_load(path):
     root = Path(__file__).resolve().parents[1]
     cfg = load_config(BuildQAConfig, root / path)
     assert cfg.n_test >= cfg.min_test >= 400
+
+
+def test_fast_norm_equals_the_reference_normalisation():
+    """The ASCII fast path and the one-regex removal of combining marks give what the per-character filter gave."""
+    import unicodedata
+
+    def reference(text: str) -> str:
+        t = unicodedata.normalize("NFKD", str(text))
+        t = "".join(c for c in t if not unicodedata.combining(c)).lower()
+        t = t.replace("–", "-").replace("—", "-").replace("µ", "u")
+        return re.sub(r"[^a-z0-9+\-.%/°#*()^=<>≥≤]+", " ", t).split()
+
+    rng = random.Random(0)
+    alphabet = "aZ9 .,;-–—µ×°²≈≥é̃ñÅ(ﬁ)Ⅻ\u0301\u20d7\U0001d400日本"
+    samples = ["Which ship is 120 px long?", "Café – 34.1–35.8 m", "  A. ", "NDVI (Rouse et al.)", "µm → um"]
+    samples += ["".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 40))) for _ in range(2000)]
+    for s in samples:
+        assert norm(s) == " ".join(reference(s)).strip(" ."), s
