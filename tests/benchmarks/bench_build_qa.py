@@ -97,12 +97,13 @@ def run_tree(tree: Path, args: list[str]) -> tuple[dict, float, float]:
 
 
 def e2e(tree: Path, config: str, overrides: list[str]) -> dict:
-    """Time `python -m pipeline build-qa` from `tree`: wall, CPU (with its workers), kept QA, digest of the QA."""
+    """Time `python -m pipeline build-qa` from `tree` with that tree's config: wall, CPU (with its workers), kept
+    QA, digest of the QA."""
     out = Path(tempfile.mkdtemp(prefix="bench_build_qa_"))
     env = {**os.environ, "PYTHONPATH": str(tree)}
     load = os.getloadavg()[0]
     t, c = time.perf_counter(), cpu_now()
-    p = subprocess.run([sys.executable, "-m", "pipeline", "build-qa", "--config", str(ROOT / config), "--output_dir",
+    p = subprocess.run([sys.executable, "-m", "pipeline", "build-qa", "--config", str(tree / config), "--output_dir",
                         str(out), *overrides], env=env, cwd=tree, capture_output=True, text=True)
     wall, cpu = time.perf_counter() - t, cpu_now() - c
     if p.returncode:
