@@ -240,7 +240,7 @@ class Workers:
 
     def __enter__(self) -> Workers:
         global _JOBS
-        if self.n > 1:
+        if self.n > 1 and "fork" in mp.get_all_start_methods():  # elsewhere (Windows): in this process
             _JOBS = self.jobs
             gc.freeze()  # keep the collector from touching (and so copying) the parent's objects in every worker
             self.pool = mp.get_context("fork").Pool(self.n)
