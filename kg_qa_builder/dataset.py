@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -10,6 +11,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from kg_qa_builder.errors import LeakageError
 from kg_qa_builder.graph import norm
 from pipeline.core.records import TextQA, write_jsonl
@@ -17,6 +20,7 @@ from tools.protocol import text_qa_messages
 
 SPLITS = ("train", "val", "test")
 _WORD = re.compile(r"[a-z0-9]+")
+_MASK48 = np.uint64(0xFFFFFFFFFFFF)
 
 
 def fact_split(triple: tuple[str, str, str] | list[str], seed: int, val_fraction: float, test_fraction: float) -> str:
@@ -40,6 +44,15 @@ def partition(triples: Iterable[tuple[str, str, str]], seed: int, val_fraction: 
     return parts
 
 
+_QA_FIELDS = tuple(f.name for f in dataclasses.fields(TextQA))
+
+
+def qa_row(q: TextQA) -> dict[str, Any]:
+    """The JSONL row of a TextQA: the same keys and JSON as `dataclasses.asdict`, without its deep copy (the
+    values are plain JSON data already, so a shallow dict encodes byte for byte the same)."""
+    return {k: getattr(q, k) for k in _QA_FIELDS}
+
+
 def norm_question(q: TextQA) -> str:
     """Dedup key: the normalised question string alone (the same stem with other options is a repeat)."""
     return norm(q.question)
@@ -55,8 +68,17 @@ class NearDupIndex:
         self.bands = bands
         self.seeds = [int.from_bytes(hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=8).digest(), "big")
                       for i in range(num_perm)]
+        self._seeds_np = np.array(self.seeds, dtype=np.uint64)
         self.buckets: dict[tuple[int, int], list[int]] = defaultdict(list)
         self.items: list[tuple[frozenset[int], str]] = []
+
+    def signature(self, sh: frozenset[int]) -> list[int]:
+        """MinHash signature: per seed, min over shingles of the low 48 bits of (shingle hash XOR seed).
+
+        Vectorised (one numpy op instead of num_perm × shingles Python ops); the low 48 bits of a XOR in
+        64-bit two's complement equal those of Python's unbounded ints, so the values are the same."""
+        x = np.fromiter(sh, dtype=np.int64, count=len(sh)).view(np.uint64)
+        return ((x[:, None] ^ self._seeds_np[None, :]) & _MASK48).min(axis=0).tolist()
 
     @staticmethod
     def shingles(text: str) -> frozenset[int]:
@@ -67,7 +89,7 @@ class NearDupIndex:
 
     def add(self, text: str, answer: str) -> bool:
         sh = self.shingles(text)
-        sig = [min((x ^ s) & 0xFFFFFFFFFFFF for x in sh) for s in self.seeds]
+        sig = self.signature(sh)
         # only items with the same answer can be near-duplicates, so the answer is part of the bucket key: scenario
         # questions of one template share most shingles, and without it every add would scan thousands of them
         keys = [(b, hash((answer, *sig[b * self.rows:(b + 1) * self.rows]))) for b in range(self.bands)]

@@ -9,6 +9,7 @@ contradictions on functional relations) and raises one `KGLoadError` listing the
 from __future__ import annotations
 
 import re
+import sys
 import unicodedata
 from collections import defaultdict
 from collections.abc import Iterable
@@ -26,12 +27,30 @@ from kg_qa_builder.errors import KGLoadError, SchemaError
 _NORM_RE = re.compile(r"[^a-z0-9+\-.%/°#*()^=<>≥≤]+")
 
 
+@lru_cache(maxsize=1)
+def _combining_re() -> re.Pattern[str]:
+    """A character class of every combining character (unicodedata.combining != 0): one C-level `sub` removes
+    them, instead of a Python-level test per character."""
+    cps = [c for c in range(0x300, sys.maxunicode + 1) if unicodedata.combining(chr(c))]
+    ranges, start, prev = [], cps[0], cps[0]
+    for c in cps[1:]:
+        if c != prev + 1:
+            ranges.append((start, prev))
+            start = c
+        prev = c
+    ranges.append((start, prev))
+    return re.compile("[" + "".join(f"{re.escape(chr(a))}-{re.escape(chr(b))}" for a, b in ranges) + "]")
+
+
 @lru_cache(maxsize=1 << 18)
 def norm(text: str) -> str:
     """Normalise a surface form for linking and dedup: NFKD, ASCII-fold, lower case, collapse punctuation."""
-    t = unicodedata.normalize("NFKD", str(text))
-    t = "".join(c for c in t if not unicodedata.combining(c)).lower()
-    t = t.replace("–", "-").replace("—", "-").replace("µ", "u")
+    text = str(text)
+    if text.isascii():  # fast path (most questions): NFKD and the dash/micro replacements change nothing
+        t = text.lower()
+    else:
+        t = _combining_re().sub("", unicodedata.normalize("NFKD", text)).lower()
+        t = t.replace("–", "-").replace("—", "-").replace("µ", "u")
     return " ".join(_NORM_RE.sub(" ", t).split()).strip(" .")
 
 

@@ -275,9 +275,6 @@ def import_earthlib(kg: KnowledgeGraph, csv_path: str | Path | None = None, max_
 # ---------------------------------------------------------------- curated YAML
 # libyaml's composer when PyYAML has it (same nodes, lines and styles; ~7x less CPU than the pure-Python one,
 # which was about a fifth of building the graph)
-_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-
 class LStr(str):
     """A YAML scalar string that remembers its line (1-based)."""
 
@@ -303,6 +300,18 @@ def _located(node: yaml.Node) -> Any:
             out[_located(k)] = _located(v)
         return out
     return None
+
+
+def _compose(text: str) -> yaml.Node | None:
+    """The YAML node tree, by libyaml when present (several times faster); a document libyaml rejects is parsed
+    again by the pure-Python composer, so problems are reported with the same messages either way."""
+    loader = getattr(yaml, "CSafeLoader", None)
+    if loader is not None:
+        try:
+            return yaml.compose(text, Loader=loader)
+        except yaml.YAMLError:
+            pass
+    return yaml.compose(text)
 
 
 def _line(x: Any, default: int = 0) -> int:
@@ -340,7 +349,7 @@ def import_curated(kg: KnowledgeGraph, paths: Iterable[str | Path]) -> None:
     for path in paths:
         path = Path(path)
         try:
-            root = yaml.compose(path.read_text(encoding="utf-8"), Loader=_YAML_LOADER)
+            root = _compose(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             line = f":{mark.line + 1}" if mark else ""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Iterable
+from functools import lru_cache
 from typing import Any
 
 from kg_qa_builder.graph import norm
@@ -71,6 +72,7 @@ def _content(text: str) -> list[str]:
     return [w.rstrip("s") if len(w) > 3 else w for w in norm(text).split() if w not in _STOP]
 
 
+@lru_cache(maxsize=1 << 16)  # pure; generators ask the same (answer, option) pairs again and again
 def acceptable(answer: str, option: str, kind: str = "text") -> bool:
     """Whether `option` would also be accepted by a knowledgeable reader when `answer` is right."""
     a, o = norm(answer), norm(option)

@@ -1075,7 +1075,7 @@ class ScenarioGenerator:
     def __init__(self, kg: KnowledgeGraph, *, seed: int = 0, subjects: Callable[[str], bool] | None = None,
                  qtype_weights: dict[str, float] | None = None, kinds: dict[str, float] | None = None):
         self.kg = kg
-        self.F = Facts(kg)
+        self.F = facts_of(kg)
         self.rng = random.Random(seed)
         self.subjects = subjects or (lambda s: True)
         self.pick = self.F.restricted(self.subjects) if subjects else self.F
@@ -1209,15 +1209,21 @@ def why_not(F: Facts, name: str, p: dict[str, Any], sol: Solution, wrong: list[s
 _FACTS_CACHE: dict[int, Facts] = {}
 
 
+def facts_of(kg: KnowledgeGraph) -> Facts:
+    """The (read-only) scenario indexes of a graph, built once per graph and shared by generators and checks."""
+    F = _FACTS_CACHE.get(id(kg))
+    if F is None or F.kg is not kg:
+        F = _FACTS_CACHE[id(kg)] = Facts(kg)
+    return F
+
+
 def verify_scenario(kg: KnowledgeGraph, qa: TextQA) -> Any:
     """Re-solve the scenario from its parameters on the graph and check facts, arithmetic and answer."""
     m = qa.meta
     kind = KINDS.get(str(m.get("template")))
     if kind is None:
         return Verdict(False, "unknown_template", str(m.get("template")))
-    F = _FACTS_CACHE.get(id(kg))
-    if F is None or F.kg is not kg:
-        F = _FACTS_CACHE[id(kg)] = Facts(kg)
+    F = facts_of(kg)
     try:
         sol = kind.solve(F, m.get("params") or {})
     except (ScenarioError, KeyError, TypeError, ValueError, StopIteration) as e:

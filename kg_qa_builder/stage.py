@@ -8,10 +8,14 @@ rejections.jsonl); dedup (normalised + near-duplicate); check leakage loudly; wr
 
 from __future__ import annotations
 
+import gc
+import itertools
 import json
+import multiprocessing as mp
 import os
 import time
-from collections import Counter
+from collections import Counter, deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,6 +29,7 @@ from kg_qa_builder.dataset import (
     export_trl,
     norm_question,
     partition,
+    qa_row,
     write_stats,
 )
 from kg_qa_builder.errors import GenerationError
@@ -32,6 +37,7 @@ from kg_qa_builder.generate import Generator
 from kg_qa_builder.importers import build_graph
 from kg_qa_builder.quality import answer_leak
 from kg_qa_builder.scenarios import PRINCIPLE_HEADS, ScenarioGenerator
+from kg_qa_builder.verdict import Verdict
 from kg_qa_builder.verify import Verifier
 from pipeline.core.config import StageConfig, hfield
 from pipeline.core.records import TextQA, read_jsonl, write_jsonl
@@ -69,6 +75,8 @@ class BuildQAConfig(StageConfig):
     scenario_qtype_weights: dict = hfield({"free": 0.75, "mcq": 0.2, "tf": 0.05},
                                           help="Question types of scenario QA (free, mcq, tf).")
     scenario_kinds: dict = hfield({}, help="Per-scenario-kind weight overrides (0 disables), e.g. {occ-size: 2}.")
+    workers: int = hfield(2, help="Processes that sample and verify QA in parallel (1 = this process only); the "
+                          "output is byte-identical for any number.")
     teacher_url: str = hfield("", help="OpenAI-compatible base URL (e.g. http://host:8000/v1); empty = no teacher.")
     teacher_model: str = hfield("teacher", help="Model name sent to the teacher endpoint.")
     teacher_api_key_env: str = hfield("OPENAI_API_KEY", help="Environment variable holding the teacher API key (optional).")
@@ -108,6 +116,8 @@ class BuildQAConfig(StageConfig):
             p.append(f"scenario_kinds: unknown {sorted(set(self.scenario_kinds) - set(KINDS))}; use {sorted(KINDS)}")
         if not 0 < self.near_dup_threshold <= 1:
             p.append("near_dup_threshold: must be in (0, 1]")
+        if self.workers < 1:
+            p.append("workers: must be >= 1")
         if self.max_attempts_factor < 1:
             p.append("max_attempts_factor: must be >= 1")
         if set(self.teacher_requests) - set(SPLITS):
@@ -144,41 +154,134 @@ class KeepRules:
         self.trivia += bool(q.meta.get("trivia"))
 
 
-def generate_split(gen: Generator | ScenarioGenerator, ver: Verifier, split: str, n: int, max_attempts: int,
-                   near: NearDupIndex, seen: set[str], rejections: Counter, rej_log: list[dict[str, Any]],
-                   rules: KeepRules | None = None) -> list[TextQA]:
-    """Sample, verify, apply the keep rules and dedup until n QA are kept or max_attempts samples were drawn."""
+def generate_split(gen: Generator | ScenarioGenerator, ver: Verifier, split: str, n: int, max_attempts: int, near: NearDupIndex,
+                   seen: set[str], rejections: Counter, rej_log: list[dict[str, Any]],
+                   rules: KeepRules | None = None, *, stream: str | None = None,
+                   workers: int | Workers = 1) -> list[TextQA]:
+    """Sample, verify, apply the keep rules and dedup until n QA are kept or max_attempts samples were drawn.
+
+    Sample k is drawn with the generator's RNG seeded by `stream` and k alone, so candidates do not depend on
+    each other: `workers` processes (a number, or a started `Workers`) sample and verify them in parallel and the
+    keep rules and dedup see them in index order, which makes the output byte-identical for any number of
+    workers."""
     out: list[TextQA] = []
-    attempts = 0
+    if n <= 0:
+        return out
     rules = rules or KeepRules(n)
-    while len(out) < n and attempts < max_attempts:
-        attempts += 1
-        q = gen.sample()
-        if q is None:
-            rejections["no_valid_question"] += 1
-            continue
-        v = ver.verify(q)
-        if not v.ok:
-            rejections[v.reason] += 1
-            if len(rej_log) < 10000:
-                rej_log.append({"id": q.id, "source": q.source, "reason": v.reason, "detail": v.detail, "question": q.question})
-            continue
-        why = rules.check(q)
-        if why:
-            rejections[why] += 1
-            continue
-        key = norm_question(q)
-        if key in seen:
-            rejections["duplicate"] += 1
-            continue
-        if not near.add(q.question + " " + " ".join(q.choices), q.answer if q.qtype != "mcq" else q.choices[ord(q.answer) - 65]):
-            rejections["near_duplicate"] += 1
-            continue
-        seen.add(key)
-        rules.keep(q)
-        q.split = split
-        out.append(q)
+    if isinstance(workers, int):  # a pool for this call alone
+        with Workers(workers).add(gen, ver) as pool:
+            return generate_split(gen, ver, split, n, max_attempts, near, seen, rejections, rej_log, rules,
+                                  stream=stream, workers=pool)
+    cands = workers.candidates(gen, ver, stream if stream is not None else f"{split}:{n}", max_attempts)
+    try:
+        for q, v in cands:
+            if len(out) >= n:
+                break
+            if q is None:
+                rejections["no_valid_question"] += 1
+                continue
+            if not v.ok:
+                rejections[v.reason] += 1
+                if len(rej_log) < 10000:
+                    rej_log.append({"id": q.id, "source": q.source, "reason": v.reason, "detail": v.detail,
+                                    "question": q.question})
+                continue
+            why = rules.check(q)
+            if why:
+                rejections[why] += 1
+                continue
+            key = norm_question(q)
+            if key in seen:
+                rejections["duplicate"] += 1
+                continue
+            if not near.add(q.question + " " + " ".join(q.choices),
+                            q.answer if q.qtype != "mcq" else q.choices[ord(q.answer) - 65]):
+                rejections["near_duplicate"] += 1
+                continue
+            seen.add(key)
+            rules.keep(q)
+            q.split = split
+            out.append(q)
+    finally:
+        cands.close()
     return out
+
+
+Candidate = tuple[TextQA | None, Verdict | None]
+_JOBS: list[tuple[Any, Verifier]] = []  # (generator, verifier) pairs, inherited by the forked workers
+
+
+def sample_range(gen: Any, ver: Verifier, stream: str, lo: int, hi: int) -> list[Candidate]:
+    """Candidates lo..hi-1 of a stream: sample k (RNG seeded by stream and k) and its verdict on the graph."""
+    out: list[Candidate] = []
+    for k in range(lo, hi):
+        gen.rng.seed(f"{stream}:{k}")
+        q = gen.sample()
+        out.append((q, None if q is None else ver.verify(q)))
+    return out
+
+
+def _sample_job(job: int, stream: str, lo: int, hi: int) -> list[Candidate]:
+    gen, ver = _JOBS[job]
+    return sample_range(gen, ver, stream, lo, hi)
+
+
+class Workers:
+    """Worker processes that sample and verify candidates, forked once per build with every generator of the
+    build registered (`add`) beforehand, so nothing big is pickled and caches warm up once. With n <= 1 the
+    candidates are computed in this process; the candidates are the same either way."""
+
+    def __init__(self, n: int, chunk: int = 64):
+        self.n, self.chunk = n, chunk
+        self.jobs: list[tuple[Any, Verifier]] = []
+        self.pool: Any = None
+
+    def add(self, gen: Any, ver: Verifier) -> Workers:
+        if self.pool is not None:
+            raise RuntimeError("register generators before the workers start")
+        self.jobs.append((gen, ver))
+        return self
+
+    def __enter__(self) -> Workers:
+        global _JOBS
+        if self.n > 1 and "fork" in mp.get_all_start_methods():  # elsewhere (Windows): in this process
+            _JOBS = self.jobs
+            gc.freeze()  # keep the collector from touching (and so copying) the parent's objects in every worker
+            self.pool = mp.get_context("fork").Pool(self.n)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        global _JOBS
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+            self.pool = None
+            gc.unfreeze()
+        _JOBS = []
+
+    def candidates(self, gen: Any, ver: Verifier, stream: str, max_attempts: int) -> Iterator[Candidate]:
+        """Candidates 0..max_attempts-1 in index order; at most 2 chunks per worker run ahead of the consumer
+        (the chunks still running when the consumer stops are dropped)."""
+        starts = range(0, max_attempts, self.chunk)
+        if self.pool is None or max_attempts <= self.chunk:
+            for lo in starts:
+                yield from sample_range(gen, ver, stream, lo, min(max_attempts, lo + self.chunk))
+            return
+        job = next((i for i, (g, v) in enumerate(self.jobs) if g is gen and v is ver), None)
+        if job is None:
+            raise RuntimeError("generator not registered with Workers.add before the workers started")
+        todo = iter(starts)
+
+        def submit(lo: int) -> Any:
+            return self.pool.apply_async(_sample_job, (job, stream, lo, min(max_attempts, lo + self.chunk)))
+
+        pending = deque(submit(lo) for lo in itertools.islice(todo, 2 * self.n))
+        while pending:
+            res = pending.popleft().get()
+            lo = next(todo, None)
+            if lo is not None:
+                pending.append(submit(lo))
+            yield from res
 
 
 def split_of(kg: KnowledgeGraph, entity: str, cfg: BuildQAConfig) -> str:
@@ -216,9 +319,9 @@ def run(cfg: BuildQAConfig) -> dict[str, Any]:
     verifier = Verifier(kg)
     by_split: dict[str, list[TextQA]] = {}
     # test first, so its questions win any cross-split textual tie
-    for i, (split, n) in enumerate([("test", cfg.n_test), ("val", cfg.n_val), ("train", cfg.n_train)]):
-        n_scen = round(n * cfg.scenario_share)
-        rules = KeepRules(n)
+    order = [("test", cfg.n_test), ("val", cfg.n_val), ("train", cfg.n_train)]
+    gens = {}
+    for i, (split, _) in enumerate(order):
 
         def in_split(s: str, sp: str = split) -> bool:  # sp bound now (the generator keeps the predicate)
             return split_of(kg, s, cfg) == sp
@@ -228,16 +331,27 @@ def run(cfg: BuildQAConfig) -> dict[str, Any]:
             subjects=in_split,
             qtype_weights={k: float(v) for k, v in cfg.scenario_qtype_weights.items()},
             kinds={k: float(v) for k, v in cfg.scenario_kinds.items()} or None)
-        scen = generate_split(sgen, verifier, split, n_scen, max(1, n_scen) * cfg.max_attempts_factor, near, seen,
-                              rejections, rej_log, rules)
         h1, h2, h3 = cfg.hop_weights  # three, checked by BuildQAConfig
         gen = Generator(kg, parts[split], seed=cfg.seed * 1000 + i, hop_weights=(h1, h2, h3),
                         qtype_weights={k: float(v) for k, v in cfg.qtype_weights.items()},
                         relation_weights={k: float(v) for k, v in cfg.relation_weights.items()},
                         n_distractors=cfg.n_distractors)
-        tmpl = generate_split(gen, verifier, split, n - len(scen), (n - len(scen)) * cfg.max_attempts_factor, near,
-                              seen, rejections, rej_log, rules)
-        by_split[split] = sorted(scen + tmpl, key=lambda q: q.id)  # interleave the two kinds, deterministically
+        gens[split] = (sgen, gen)
+    workers = Workers(cfg.workers)
+    for sgen, gen in gens.values():
+        workers.add(sgen, verifier).add(gen, verifier)
+    with workers:  # forked once, after every generator exists
+        for split, n in order:
+            n_scen = round(n * cfg.scenario_share)
+            rules = KeepRules(n)
+            sgen, gen = gens[split]
+            scen = generate_split(sgen, verifier, split, n_scen, max(1, n_scen) * cfg.max_attempts_factor, near,
+                                  seen, rejections, rej_log, rules, stream=f"{cfg.seed}:scenario:{split}",
+                                  workers=workers)
+            tmpl = generate_split(gen, verifier, split, n - len(scen), (n - len(scen)) * cfg.max_attempts_factor,
+                                  near, seen, rejections, rej_log, rules, stream=f"{cfg.seed}:template:{split}",
+                                  workers=workers)
+            by_split[split] = sorted(scen + tmpl, key=lambda q: q.id)  # interleave the two kinds, deterministically
     teacher_summary: dict[str, Any] = {}
     if cfg.teacher_url and any(int(v) > 0 for v in cfg.teacher_requests.values()):
         teacher_summary = run_teacher(cfg, kg, parts, verifier, by_split, near, seen, rejections, rej_log)
@@ -247,7 +361,7 @@ def run(cfg: BuildQAConfig) -> dict[str, Any]:
     leak = check_leakage(by_split)
     files = {}
     for s in SPLITS:
-        files[s] = write_jsonl(out / f"qa_{s}.jsonl", by_split[s])
+        files[s] = write_jsonl(out / f"qa_{s}.jsonl", map(qa_row, by_split[s]))
         export_trl(out / f"qa_{s}_trl.jsonl", by_split[s])
     export_sharegpt(out, by_split)
     write_jsonl(out / "rejections.jsonl", rej_log)

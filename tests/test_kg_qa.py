@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from kg_qa_builder.dataset import NearDupIndex, check_leakage, partition
+from kg_qa_builder.dataset import NearDupIndex, check_leakage, partition, qa_row
 from kg_qa_builder.errors import KGLoadError, LeakageError
 from kg_qa_builder.generate import Generator
 from kg_qa_builder.graph import KnowledgeGraph, load_schema, norm
@@ -227,15 +228,17 @@ def test_near_duplicate_index():
 
 
 def test_stage_outputs_deterministic_and_valid(tmp_path):
-    def go(d: Path) -> dict:
+    def go(d: Path, workers: int) -> dict:
         cfg = load_config(BuildQAConfig, None, {"output_dir": str(d), "n_train": 600, "n_val": 80, "n_test": 150,
-                                                "min_test": 100, "seed": 7})
+                                                "min_test": 100, "seed": 7, "workers": workers})
         return run(cfg)
 
-    s1 = go(tmp_path / "a")
-    go(tmp_path / "b")
-    for f in ("qa_train.jsonl", "qa_val.jsonl", "qa_test.jsonl", "qa_train_trl.jsonl"):
+    s1 = go(tmp_path / "a", 1)
+    s2 = go(tmp_path / "b", 2)  # same seed, two worker processes: the same bytes
+    for f in ("qa_train.jsonl", "qa_val.jsonl", "qa_test.jsonl", "qa_train_trl.jsonl", "qa_train_sharegpt.json",
+              "rejections.jsonl"):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+    assert s1["rejections"] == s2["rejections"]
     assert s1["counts"] == {"train": 600, "val": 80, "test": 150}
     items = list(read_jsonl(tmp_path / "a" / "qa_test.jsonl", TextQA))
     assert {q.split for q in items} == {"test"} and len({q.id for q in items}) == len(items)
@@ -277,12 +280,49 @@ def test_text_qa_exports_are_what_sft_trains_on(gen, tmp_path):
     assert [[{"role": role[c["from"]], "content": c["value"]} for c in r["conversations"]] for r in sg] == trained
 
 
+def test_generate_split_is_identical_for_any_number_of_workers(kg):
+    """Sample k depends on the stream and k only, so 1, 2 or 3 worker processes keep the same items in the same
+    order, with the same rejection counts, and stop at the same attempt."""
+    from kg_qa_builder.scenarios import ScenarioGenerator
+    from kg_qa_builder.stage import KeepRules, generate_split
+
+    ver = Verifier(kg)
+    runs = []
+    for workers in (1, 2, 3):
+        near, seen, rej, log = NearDupIndex(0.9), set(), Counter(), []
+        rules = KeepRules(400)
+        items = generate_split(ScenarioGenerator(kg, seed=1), ver, "train", 250, 2000, near, seen, rej, log, rules,
+                               stream="s", workers=workers)
+        items += generate_split(Generator(kg, seed=1), ver, "train", 150, 2000, near, seen, rej, log, rules,
+                                stream="t", workers=workers)
+        runs.append(([json.dumps(qa_row(q)) for q in items], dict(rej)))
+    assert len(runs[0][0]) == 400
+    assert runs[0] == runs[1] == runs[2]
+    # a split that stops long before max_attempts: the workers still running are stopped, the result is the same
+    few = generate_split(Generator(kg, seed=1), ver, "train", 10, 5000, NearDupIndex(0.9), set(), Counter(), [],
+                         stream="t", workers=2)
+    assert [q.id for q in few] == [q.id for q in generate_split(Generator(kg, seed=1), ver, "train", 10, 5000,
+                                                                 NearDupIndex(0.9), set(), Counter(), [], stream="t")]
+
+
+def test_qa_rows_encode_like_asdict(kg):
+    """The fast JSONL row (no deep copy) gives the same bytes as dataclasses.asdict for template and scenario QA."""
+    from kg_qa_builder.scenarios import ScenarioGenerator
+    from pipeline.core.records import to_dict
+
+    items = [q for g in (Generator(kg, seed=2), ScenarioGenerator(kg, seed=2)) for q in (g.sample() for _ in range(200))
+             if q is not None]
+    assert len(items) > 100
+    for q in items:
+        assert json.dumps(qa_row(q), ensure_ascii=False) == json.dumps(to_dict(q), ensure_ascii=False)
+
+
 def test_config_validation_messages():
     with pytest.raises(ConfigError) as e:
         load_config(BuildQAConfig, None, {"graph_sources": ["spyndex", "wikipedia"], "test_fraction": 0.0,
-                                          "min_test": 900, "n_test": 10, "hop_weights": [1, 2]})
+                                          "min_test": 900, "n_test": 10, "hop_weights": [1, 2], "workers": 0})
     msg = str(e.value)
-    for part in ("graph_sources", "test_fraction", "min_test", "hop_weights"):
+    for part in ("graph_sources", "test_fraction", "min_test", "hop_weights", "workers"):
         assert part in msg
 
 
@@ -407,3 +447,21 @@ def test_shipped_configs_load(path):
     root = Path(__file__).resolve().parents[1]
     cfg = load_config(BuildQAConfig, root / path)
     assert cfg.n_test >= cfg.min_test >= 400
+
+
+def test_fast_norm_equals_the_reference_normalisation():
+    """The ASCII fast path and the one-regex removal of combining marks give what the per-character filter gave."""
+    import unicodedata
+
+    def reference(text: str) -> str:
+        t = unicodedata.normalize("NFKD", str(text))
+        t = "".join(c for c in t if not unicodedata.combining(c)).lower()
+        t = t.replace("–", "-").replace("—", "-").replace("µ", "u")
+        return re.sub(r"[^a-z0-9+\-.%/°#*()^=<>≥≤]+", " ", t).split()
+
+    rng = random.Random(0)
+    alphabet = "aZ9 .,;-–—µ×°²≈≥é̃ñÅ(ﬁ)Ⅻ\u0301\u20d7\U0001d400日本"
+    samples = ["Which ship is 120 px long?", "Café – 34.1–35.8 m", "  A. ", "NDVI (Rouse et al.)", "µm → um"]
+    samples += ["".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 40))) for _ in range(2000)]
+    for s in samples:
+        assert norm(s) == " ".join(reference(s)).strip(" ."), s
