@@ -15,7 +15,7 @@ import multiprocessing as mp
 import os
 import time
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Generator as GeneratorT
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -177,7 +177,7 @@ def generate_split(gen: Generator | ScenarioGenerator, ver: Verifier, split: str
         for q, v in cands:
             if len(out) >= n:
                 break
-            if q is None:
+            if q is None or v is None:  # no question drawn (a drawn question always has its verdict)
                 rejections["no_valid_question"] += 1
                 continue
             if not v.ok:
@@ -259,7 +259,7 @@ class Workers:
             gc.unfreeze()
         _JOBS = []
 
-    def candidates(self, gen: Any, ver: Verifier, stream: str, max_attempts: int) -> Iterator[Candidate]:
+    def candidates(self, gen: Any, ver: Verifier, stream: str, max_attempts: int) -> GeneratorT[Candidate]:
         """Candidates 0..max_attempts-1 in index order; at most 2 chunks per worker run ahead of the consumer
         (the chunks still running when the consumer stops are dropped)."""
         starts = range(0, max_attempts, self.chunk)
@@ -278,9 +278,9 @@ class Workers:
         pending = deque(submit(lo) for lo in itertools.islice(todo, 2 * self.n))
         while pending:
             res = pending.popleft().get()
-            lo = next(todo, None)
-            if lo is not None:
-                pending.append(submit(lo))
+            nxt = next(todo, None)
+            if nxt is not None:
+                pending.append(submit(nxt))
             yield from res
 
 
