@@ -8,6 +8,9 @@ question and a 3-5 step rationale that states the principle, shows the arithmeti
 `verify_scenario` re-runs `solve` on the stored parameters and checks every fact is a graph edge, every
 calculation recomputes, every result is shown in the rationale, and the answer (and, for MCQs, each
 option) is what the graph and arithmetic give. Sub-task codes follow XLRS-Bench-lite (meta.task).
+
+Over 500 lines on purpose: each of the 13 kinds is a make / solve / text triple over the same `Facts` indexes
+and arithmetic ops, and `verify_scenario` re-runs them all; the KINDS table at the end is the map.
 """
 
 from __future__ import annotations
