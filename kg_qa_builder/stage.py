@@ -75,7 +75,8 @@ class BuildQAConfig(StageConfig):
     scenario_qtype_weights: dict = hfield({"free": 0.75, "mcq": 0.2, "tf": 0.05},
                                           help="Question types of scenario QA (free, mcq, tf).")
     scenario_kinds: dict = hfield({}, help="Per-scenario-kind weight overrides (0 disables), e.g. {occ-size: 2}.")
-    workers: int = hfield(2, help="Processes that sample and verify QA in parallel (1 = this process only); the "
+    workers: int = hfield(1, help="Processes that sample and verify QA in parallel (1 = this process only; the "
+                          "paper-scale config uses 2, forked from a fresh CLI process); the "
                           "output is byte-identical for any number.")
     teacher_url: str = hfield("", help="OpenAI-compatible base URL (e.g. http://host:8000/v1); empty = no teacher.")
     teacher_model: str = hfield("teacher", help="Model name sent to the teacher endpoint.")
