@@ -40,6 +40,9 @@ class SFTConfig(LaunchConfig, ZoomSettings):
                               "tiny default turns it off: a 0.7M model in a CPU-minutes budget cannot learn "
                               "~170-token rationales, and its held-out answers would be cut off before <answer>.")
     max_zooms: int = hfield(5, help="Zoom calls per oracle trajectory (one per target region, at most this).")
+    first_zoom_examples: str = hfield("off", help="Zooming trajectories cut after their first zoom call (the "
+                                      "aiming turn): 'add' them to the whole trajectories, train 'only' on them (the "
+                                      "tiny default's aiming stage, before the pre-warm; docs/tiny_model.md), 'off'.")
     max_length: int = hfield(4096, help="Examples longer than this many tokens (text + visual) are dropped.")
     group_by_length: bool = hfield(True, help="Batch examples of similar token length together (less padding, "
                                               "faster steps); batch order stays seeded-random.")
@@ -100,6 +103,10 @@ class SFTConfig(LaunchConfig, ZoomSettings):
             p.append("text_mix_ratio: must be in (0, 1) or null")
         if self.zoom_frame not in ("shown_pixels", "norm1000"):
             p.append("zoom_frame: use shown_pixels or norm1000")
+        if self.first_zoom_examples not in ("off", "add", "only"):
+            p.append(f"first_zoom_examples: {self.first_zoom_examples!r}; use off, add or only")
+        elif self.first_zoom_examples != "off" and not self.vqa_data:
+            p.append("first_zoom_examples: needs vqa_data (it cuts the oracle zoom trajectories)")
         if not 0 < self.zoom_min_pixels <= self.zoom_max_pixels:
             p.append("zoom_min_pixels/zoom_max_pixels: need 0 < zoom_min_pixels <= zoom_max_pixels")
         for name in ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps",

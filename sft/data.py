@@ -140,17 +140,36 @@ class ChatItem:
     n_tokens: int = 0  # full tokenized length, set by filter_by_length (for length-grouped batches)
 
 
-def trajectory_items(path: str | Path, merge_pixels: int = 28 * 28) -> list[ChatItem]:
-    """ChatItems from a materialized trajectory JSONL (image paths resolved against its folder)."""
+FIRST_ZOOM_MODES = ("off", "add", "only")
+
+
+def trajectory_items(path: str | Path, merge_pixels: int = 28 * 28, *,
+                     first_zoom_examples: str = "off") -> list[ChatItem]:
+    """ChatItems from a materialized trajectory JSONL (image paths resolved against its folder).
+
+    first_zoom_examples: "add" puts after each trajectory that zooms its prefix cut right after the first zoom
+    call (system, user turn with the input images, the aiming turn); "only" keeps just those prefixes (an
+    aiming curriculum: every target in them is learnable, none is an answer guessed at chance); "off": whole
+    trajectories only."""
+    if first_zoom_examples not in FIRST_ZOOM_MODES:
+        raise ValueError(f"first_zoom_examples {first_zoom_examples!r} not in {FIRST_ZOOM_MODES}")
     base = Path(path).parent
     items = []
     for t in read_jsonl(path, Trajectory):
-        files = [str(base / o["file"]) for o in t.observations]
-        n_tok = sum(int(o["shown_size"][0]) * int(o["shown_size"][1]) // merge_pixels
-                    for o in t.observations)
-        items.append(ChatItem(messages=t.messages, image_files=files, kind="vqa",
-                              n_image_tokens=n_tok))
+        if first_zoom_examples != "only":
+            items.append(_chat_item(t.messages, t.observations, base, merge_pixels))
+        first = next((i for i, m in enumerate(t.messages) if m["role"] == "assistant"), None)
+        if first_zoom_examples != "off" and first is not None and first < len(t.messages) - 1:
+            n_inputs = sum(1 for m in t.messages[:first] if isinstance(m["content"], list)
+                           for c in m["content"] if c.get("type") == "image")
+            items.append(_chat_item(t.messages[:first + 1], t.observations[:n_inputs], base, merge_pixels))
     return items
+
+
+def _chat_item(messages: list[dict], observations: list[dict], base: Path, merge_pixels: int) -> ChatItem:
+    n_tok = sum(int(o["shown_size"][0]) * int(o["shown_size"][1]) // merge_pixels for o in observations)
+    return ChatItem(messages=messages, image_files=[str(base / o["file"]) for o in observations], kind="vqa",
+                    n_image_tokens=n_tok)
 
 
 def text_items(records: Iterable[TextQA], *, think: bool = True, system: str | None = None) -> list[ChatItem]:

@@ -78,7 +78,7 @@ def build_items(cfg: SFTConfig, processor: Any, *, materialize: bool = True) -> 
             path, tstats = Path(cfg.output_dir) / "sft_data" / "trajectories.jsonl", {}
             if not path.exists():
                 raise SFTDataError(f"{path} missing after rank 0 built it (is output_dir on a shared disk?)")
-        vqas = trajectory_items(path)
+        vqas = trajectory_items(path, first_zoom_examples=cfg.first_zoom_examples)
         stats.update({"vqa_records": len(samples), **{f"trajectories_{k}": v for k, v in tstats.items()}})
     items = mix(texts, vqas, cfg.text_mix_ratio, cfg.seed)
     items, dropped = filter_by_length(items, processor, cfg.max_length)

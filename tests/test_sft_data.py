@@ -116,6 +116,36 @@ def test_materialize_is_resumable_and_skips_rejected_boxes(scenes, tmp_path):
     assert items[0].n_image_tokens == sum(im.size[0] * im.size[1] // 784 for im in row["images"])
 
 
+def test_first_zoom_examples_cut_each_zooming_trajectory_after_its_first_call(scenes, tmp_path):
+    from pipeline.core.records import read_vqa
+    from sft.data import ChatDataset, materialize_trajectories, trajectory_items
+    from tools.protocol import parse_turn
+    from tools.store import ImageStore
+    from tools.zoom import ZoomConfig
+
+    manifest, vqa = scenes
+    samples = read_vqa([vqa])
+    path, _ = materialize_trajectories(samples, ImageStore.from_manifest(manifest), ZoomConfig(), tmp_path,
+                                       progress=False)
+    whole = trajectory_items(path)
+    both = trajectory_items(path, first_zoom_examples="add")
+    only = trajectory_items(path, first_zoom_examples="only")
+    zooming = [it for it in whole if sum(m["role"] == "assistant" for m in it.messages) > 1]
+    assert zooming and len(both) == len(whole) + len(zooming)
+    cuts = [it for it in both if it not in whole]
+    assert [it.messages for it in only] == [it.messages for it in cuts]
+    for it in cuts:
+        last = it.messages[-1]
+        assert last["role"] == "assistant" and [m["role"] for m in it.messages].count("assistant") == 1
+        assert parse_turn(last["content"]).tool_call is not None  # ends on the aiming turn
+        assert "tool" not in [m["role"] for m in it.messages]
+        row = ChatDataset([it])[0]  # only the input images, and the token count matches them
+        n_placeholders = sum(1 for m in it.messages if isinstance(m["content"], list)
+                             for c in m["content"] if c.get("type") == "image")
+        assert len(row["images"]) == n_placeholders == len(it.image_files)
+        assert it.n_image_tokens == sum(im.size[0] * im.size[1] // 784 for im in row["images"])
+
+
 def test_mix_and_length_filter(tmp_path):
     from sft.data import ChatItem, mix
 

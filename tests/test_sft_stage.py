@@ -40,8 +40,8 @@ def _data_overrides(env, out):
             "torch_threads": 1, "save_steps": 1, "dataloader_num_workers": 0}
 
 
-@pytest.mark.parametrize("config", ["configs/tiny/sft_text.yaml", "configs/tiny/sft_prewarm.yaml",
-                                    "configs/qwen2_5_vl_7b/sft.yaml"])
+@pytest.mark.parametrize("config", ["configs/tiny/sft_text.yaml", "configs/tiny/sft_aim.yaml",
+                                    "configs/tiny/sft_prewarm.yaml", "configs/qwen2_5_vl_7b/sft.yaml"])
 def test_one_step_of_every_config(config, env, tmp_path):
     from pipeline.core.config import load_config
     from pipeline.models import load_model
