@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -35,7 +36,7 @@ def test_smoke_tiny_on_cpu(tmp_path, monkeypatch):
 
 
 def test_smoke_refuses_7b_on_cpu(tmp_path):
-    r = subprocess.run(["python", str(ROOT / "tests/gpu/smoke.py"), "--out", str(tmp_path), "--device", "cpu"],
+    r = subprocess.run([sys.executable, str(ROOT / "tests/gpu/smoke.py"), "--out", str(tmp_path), "--device", "cpu"],
                        capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert r.returncode == 2 and "need a GPU" in r.stderr
 
