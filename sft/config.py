@@ -103,8 +103,10 @@ class SFTConfig(LaunchConfig, ZoomSettings):
             p.append("text_mix_ratio: must be in (0, 1) or null")
         if self.zoom_frame not in ("shown_pixels", "norm1000"):
             p.append("zoom_frame: use shown_pixels or norm1000")
-        if self.first_zoom_examples not in ("off", "add", "only"):
-            p.append(f"first_zoom_examples: {self.first_zoom_examples!r}; use off, add or only")
+        from sft.data import FIRST_ZOOM_MODES
+
+        if self.first_zoom_examples not in FIRST_ZOOM_MODES:
+            p.append(f"first_zoom_examples: {self.first_zoom_examples!r}; use one of {', '.join(FIRST_ZOOM_MODES)}")
         elif self.first_zoom_examples != "off" and not self.vqa_data:
             p.append("first_zoom_examples: needs vqa_data (it cuts the oracle zoom trajectories)")
         if not 0 < self.zoom_min_pixels <= self.zoom_max_pixels:
