@@ -251,10 +251,17 @@ class Workers:
             self.pool = mp.get_context("fork").Pool(self.n)
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
         global _JOBS
         if self.pool is not None:
-            self.pool.terminate()
+            # Never kill a worker that may be writing a result: one killed while holding the result queue's
+            # write lock leaves it locked, and Pool.terminate then waits on it forever (seen in CI). Every chunk
+            # a consumer started has finished (`candidates` waits for them), so close + join ends cleanly; only
+            # a failure or an interrupt terminates.
+            if exc_type is None:
+                self.pool.close()
+            else:
+                self.pool.terminate()
             self.pool.join()
             self.pool = None
             gc.unfreeze()
@@ -262,7 +269,8 @@ class Workers:
 
     def candidates(self, gen: Any, ver: Verifier, stream: str, max_attempts: int) -> GeneratorT[Candidate]:
         """Candidates 0..max_attempts-1 in index order; at most 2 chunks per worker run ahead of the consumer
-        (the chunks still running when the consumer stops are dropped)."""
+        (the chunks still running when the consumer stops are waited for and dropped, so no worker is ever killed
+        mid-write)."""
         starts = range(0, max_attempts, self.chunk)
         if self.pool is None or max_attempts <= self.chunk:
             for lo in starts:
@@ -277,12 +285,16 @@ class Workers:
             return self.pool.apply_async(_sample_job, (job, stream, lo, min(max_attempts, lo + self.chunk)))
 
         pending = deque(submit(lo) for lo in itertools.islice(todo, 2 * self.n))
-        while pending:
-            res = pending.popleft().get()
-            nxt = next(todo, None)
-            if nxt is not None:
-                pending.append(submit(nxt))
-            yield from res
+        try:
+            while pending:
+                res = pending.popleft().get()
+                nxt = next(todo, None)
+                if nxt is not None:
+                    pending.append(submit(nxt))
+                yield from res
+        finally:  # the consumer stopped early: let the chunks still running finish (at most 2 per worker)
+            for p in pending:
+                p.wait()
 
 
 def split_of(kg: KnowledgeGraph, entity: str, cfg: BuildQAConfig) -> str:

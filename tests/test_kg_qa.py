@@ -280,9 +280,17 @@ def test_text_qa_exports_are_what_sft_trains_on(gen, tmp_path):
     assert [[{"role": role[c["from"]], "content": c["value"]} for c in r["conversations"]] for r in sg] == trained
 
 
-def test_generate_split_is_identical_for_any_number_of_workers(kg):
+def test_generate_split_is_identical_for_any_number_of_workers(kg, monkeypatch):
     """Sample k depends on the stream and k only, so 1, 2 or 3 worker processes keep the same items in the same
-    order, with the same rejection counts, and stop at the same attempt."""
+    order, with the same rejection counts, and stop at the same attempt. A split that ends normally never
+    terminates its pool: killing a worker while it writes a result leaves the result queue locked and
+    Pool.terminate then hangs (a CI run timed out that way)."""
+    import multiprocessing.pool
+
+    def no_terminate(self):
+        raise AssertionError("Pool.terminate on a normal exit")
+
+    monkeypatch.setattr(multiprocessing.pool.Pool, "terminate", no_terminate)
     from kg_qa_builder.scenarios import ScenarioGenerator
     from kg_qa_builder.stage import KeepRules, generate_split
 
