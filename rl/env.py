@@ -170,7 +170,8 @@ class ZoomEnv:
             self._fail("reset", e)
         # the same user turn as eval, mining and the SFT pre-warm render: overview sizes included
         msg = user_message(self.sample.question, list(self.sample.choices), len(self.sample.images),
-                           self.instruction, [o.image.size for o in observations] if observations else None)
+                           self.instruction, [o.image.size for o in observations] if observations else None,
+                           self.sample.hint)
         if observations is None:
             return [{"type": "text", "text": " ".join(p.get("text", "") for p in msg["content"]
                                                        if p.get("type") == "text")}]

@@ -110,7 +110,7 @@ def test_env_reset_zoom_errors_and_failures(task):
     counters: dict[str, int] = {}
     cls = make_env_factory(LocalEpisodes(store, ZoomConfig(max_turns=2)), counters=counters)
     env = cls()
-    sample = json.loads((task / "vqa.jsonl").read_text().splitlines()[0])
+    sample = dict(json.loads((task / "vqa.jsonl").read_text().splitlines()[0]), hint="Site: column 3, row 2.")
     content = env.reset(sample=json.dumps(sample))
     images = [p for p in content if p["type"] == "image"]
     assert len(images) == 1 and images[0]["image"].size == (224, 224)
@@ -121,7 +121,7 @@ def test_env_reset_zoom_errors_and_failures(task):
 
     want = build_prompt_messages(VQASample.from_dict(sample), sizes=[(224, 224)])[-1]["content"]
     assert [{k: v for k, v in p.items() if k != "image"} for p in content] == want
-    assert want[0]["text"] == "image_0 (224x224):"
+    assert want[0]["text"] == "image_0 (224x224):" and want[-1]["text"].endswith("\nSite: column 3, row 2.")
     out = env.zoom_in([10, 10, 80, 80])
     assert [p["type"] for p in out] == ["image", "text"] and out[1]["text"].startswith("obs_1")
     err = env.zoom_in([5000, 5000, 6000, 6000])  # outside: an observation, not an exception

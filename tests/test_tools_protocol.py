@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pipeline.core.records import VQASample
+from pipeline.core.records import RecordError, VQASample
 from tests.tools_fixtures import make_raster
 from tools.errors import MultipleToolCallsError, ToolCallParseError, UnknownToolError
 from tools.protocol import (
@@ -77,6 +77,13 @@ def test_messages_snapshot() -> None:
     msgs = build_prompt_messages(sample, "shown_pixels")
     assert [m["role"] for m in msgs] == ["system", "user"]
     assert isinstance(msgs[0]["content"], str)
+    assert msgs[1]["content"][-1]["text"].endswith("inside <answer></answer>.")  # no hint: the official prompt
+    sample.hint = "Site: column 7, row 3."
+    text = build_prompt_messages(sample, "shown_pixels")[1]["content"][-1]["text"]
+    assert text.endswith("inside <answer></answer>.\nSite: column 7, row 3.")
+    with pytest.raises(RecordError, match="hint"):
+        VQASample.from_dict({"id": "q", "images": ["a"], "question": "Q?", "answer": "A", "qtype": "open",
+                             "hint": 7}).validate()
 
 
 @pytest.fixture(scope="module")

@@ -416,8 +416,9 @@ def observation_text(obs: Observation) -> str:
 
 
 def user_message(question: str, choices: list[str], n_images: int, instruction: str | None = None,
-                 sizes: list[tuple[int, int]] | None = None) -> dict[str, Any]:
-    """The user turn: one image placeholder per input image (named image_k), question, choices."""
+                 sizes: list[tuple[int, int]] | None = None, hint: str = "") -> dict[str, Any]:
+    """The user turn: one image placeholder per input image (named image_k), question, choices, instruction,
+    and the sample's hint line if it has one."""
     content: list[dict[str, Any]] = []
     for k in range(n_images):
         label = f"image_{k}" + (f" ({sizes[k][0]}x{sizes[k][1]})" if sizes else "") + ":"
@@ -427,6 +428,8 @@ def user_message(question: str, choices: list[str], n_images: int, instruction: 
     if choices:
         text += "\nThe choices are listed below:\n" + "\n".join(c.strip() for c in choices)
     text += "\n" + (instruction if instruction is not None else DEFAULT_INSTRUCTION)
+    if hint.strip():
+        text += "\n" + hint.strip()
     content.append({"type": "text", "text": text})
     return {"role": "user", "content": content}
 
@@ -444,7 +447,8 @@ def build_prompt_messages(sample: Any, frame: str = "shown_pixels", *, instructi
     msgs: list[dict[str, Any]] = []
     if system:
         msgs.append({"role": "system", "content": system_prompt(frame)})
-    msgs.append(user_message(sample.question, list(sample.choices), len(sample.images), instruction, sizes))
+    msgs.append(user_message(sample.question, list(sample.choices), len(sample.images), instruction, sizes,
+                             getattr(sample, "hint", "")))
     return msgs
 
 

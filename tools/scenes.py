@@ -107,6 +107,11 @@ class MakeScenesConfig(StageConfig):
     landuse_box: str = hfield("cell", help="Target of a land-use question: cell (the whole grid cell; answer: "
                                            "the cell's main cover) or site (the site box, the same zoom as the "
                                            "other questions; answer: the main cover inside that box).")
+    site_hint: bool = hfield(False, help="Repeat the question's site as the user turn's last line ('Site: column 7, "
+                                         "row 3.', the VQASample hint), so it stands the same number of tokens "
+                                         "before the answer in every template: the tiny model then learns to aim "
+                                         "at every template, not only at those whose site sits at the offset it "
+                                         "learned first (docs/tiny_model.md).")
     site_box: int = hfield(144, help="Native side of a site's target box (objects 32-44 px fill it at >= 32 px in a 224 view).")
     overview_side: int = hfield(224, help="Overview side the questions are designed for: question objects stay < 2 px in it.")
     landuse_fraction: float = hfield(0.25, help="Share of sites that also get a regional land-use question.")
@@ -497,8 +502,10 @@ def _opts(values: tuple, fmt: Any = str) -> list[str]:
 def scene_questions(scene: Scene, image_id: str, split: str, rng: np.random.Generator,
                     landuse_fraction: float, knowledge_fraction: float = 0.0,
                     knowledge_train_classes: tuple[str, ...] | list[str] = (), base: int = 1,
-                    order: str = "row_column", min_index: int = 0, landuse_box: str = "cell") -> list[VQASample]:
-    """XLRS-style MCQs from a scene's truth; each with the site box as target region."""
+                    order: str = "row_column", min_index: int = 0, landuse_box: str = "cell",
+                    site_hint: bool = False) -> list[VQASample]:
+    """XLRS-style MCQs from a scene's truth; each with the site box as target region (and, with `site_hint`,
+    the site repeated as the hint line)."""
     out: list[VQASample] = []
     g = scene.grid
 
@@ -507,9 +514,10 @@ def scene_questions(scene: Scene, image_id: str, split: str, rng: np.random.Gene
         cat, l2 = CAT[kind]
         targets = [TargetRegion(image=0, bbox=[float(v) for v in tsite["box"]])] if tsite else []
         sid = f"{image_id}-{kind}-{tsite['row']}-{tsite['col']}" if tsite else f"{image_id}-{kind}"
+        hint = f"Site: {meta['zoom_on']}." if site_hint and "zoom_on" in meta else ""
         out.append(VQASample(id=sid, images=[image_id], question=question, answer=answer, qtype=qtype,
                              choices=choices, category=cat, l2_category=l2, targets=targets, split=split,
-                             meta={"scene": scene.id, "task": kind, **meta}))
+                             meta={"scene": scene.id, "task": kind, **meta}, hint=hint))
 
     for site in scene.sites:
         if min(site["row"], site["col"]) < min_index:
@@ -559,7 +567,7 @@ def scene_questions(scene: Scene, image_id: str, split: str, rng: np.random.Gene
 
 
 def pair_questions(scene: Scene, ids: tuple[str, str], split: str, base: int = 1, order: str = "row_column",
-                   min_index: int = 0) -> list[VQASample]:
+                   min_index: int = 0, site_hint: bool = False) -> list[VQASample]:
     """Change-detection counting: how many new objects appeared at a site between image_0 and image_1."""
     out = []
     for site in scene.sites:
@@ -579,6 +587,7 @@ def pair_questions(scene: Scene, ids: tuple[str, str], split: str, base: int = 1
             meta={"scene": scene.id, "task": "change", "site": [site["row"], site["col"]],
                   "zoom_on": _rc(site, base, order),
                   "object_size": site.get("size"), "objects": site.get("objects_after", [])},
+            hint=f"Site: {_rc(site, base, order)}." if site_hint else "",
         ))
     return out
 
@@ -645,7 +654,7 @@ def _make_single(cfg: MakeScenesConfig, idx: int, split: str, img_dir: Path, tex
         write_cog(arr, path, cfg.compress, cfg.quality, cfg.blocksize)
     qs = scene_questions(scene, sid, split, np.random.default_rng([cfg.seed, idx, 2]), cfg.landuse_fraction,
                          cfg.knowledge_fraction, cfg.knowledge_train_classes, cfg.site_index_base,
-                         cfg.site_order, cfg.min_site_index, cfg.landuse_box)
+                         cfg.site_order, cfg.min_site_index, cfg.landuse_box, cfg.site_hint)
     return scene, qs, arr
 
 
@@ -673,7 +682,8 @@ def _make_pair(cfg: MakeScenesConfig, idx: int, split: str, img_dir: Path, tex: 
         path = img_dir / f"{iid}.tif"
         if cfg.overwrite or not path.exists():
             write_cog(arr, path, cfg.compress, cfg.quality, cfg.blocksize)
-    return scene, pair_questions(scene, ids, split, cfg.site_index_base, cfg.site_order, cfg.min_site_index), list(ids)
+    return scene, pair_questions(scene, ids, split, cfg.site_index_base, cfg.site_order, cfg.min_site_index,
+                                 cfg.site_hint), list(ids)
 
 
 def write_preview(arr: np.ndarray, scene: Scene, path: Path, overview_side: int = 448) -> None:

@@ -73,9 +73,13 @@ class VQASample:
     tolerance: float = 0.0  # numeric answers: accepted absolute error
     split: str = "test"
     meta: dict[str, Any] = field(default_factory=dict)
+    # A last line of the user turn, after the instruction (empty: none). The tiny world names the question's
+    # site there ("Site: column 7, row 3."), the same number of tokens before the answer for every template
+    # (docs/tiny_model.md); benchmark items leave it empty, so their prompts are the official ones.
+    hint: str = ""
 
     def validate(self) -> None:
-        for name in ("id", "question", "answer", "qtype", "category"):  # a number here crashed eval's viewer
+        for name in ("id", "question", "answer", "qtype", "category", "hint"):  # a number here crashed eval's viewer
             if not isinstance(getattr(self, name), str):
                 raise RecordError(f"VQASample {str(self.id)[:60]}: {name} must be a JSON string (e.g. \"B\" or "
                                   f"\"42\"), got {type(getattr(self, name)).__name__}; quote it")
