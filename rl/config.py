@@ -52,7 +52,7 @@ class RLConfig(LaunchConfig, ZoomSettings):
     region_weight: float = hfield(0.0, help="Weight of the region reward (zoom covers the target); 0 = off.")
     max_answer_chars: int = hfield(1000, help="Answers this long or longer get no accuracy credit.")
     mask_truncated_episodes: bool = hfield(True, help="Episodes cut by the zoom limit get no reward (zero advantage) instead of a penalty.")
-    mask_length_truncated: bool = hfield(True, help="Completions cut by max_completion_length carry no loss (TRL mask_truncated_completions).")
+    mask_length_truncated: bool = hfield(True, help="Completions cut by max_completion_length carry no loss (they stay in the attention mask; rl/trainer.py fix 5).")
     max_failure_rate: float = hfield(0.25, help="A step fails when more than this share of its rollouts raised.")
     # checkpoints and logs
     save_steps: int = hfield(4, help="Checkpoint every N optimizer steps (0 = only at the end).")

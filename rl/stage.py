@@ -185,7 +185,9 @@ def _grpo_config(cfg: RLConfig, ckpt_dir: Path, ray_mode: bool) -> Any:
         max_completion_length=cfg.max_completion_length,
         max_tool_calling_iterations=cfg.max_zooms,  # max_zooms + 1 generations: tools.protocol.turn_budget
         reward_weights=cfg.reward_settings().weights(),
-        mask_truncated_completions=cfg.mask_length_truncated,
+        # ZoomGRPOTrainer masks them from the loss only (rl/trainer.py, fix 5): TRL's own flag also drops them
+        # from the attention mask and misplaces the zoom crops of multimodal rollouts
+        mask_truncated_completions=False,
         save_strategy="steps" if cfg.save_steps else "no",
         save_steps=cfg.save_steps or cfg.max_steps,
         save_total_limit=cfg.save_total_limit,
@@ -343,6 +345,7 @@ def build_run(cfg: RLConfig, ray_mode: bool = False, backend: Any = None) -> RLR
         callbacks=_callbacks(cfg, ckpt_dir, ray_mode, rewards, counters),
         peft_config=_lora_config(cfg) if cfg.lora else None,
         tool_threads=cfg.tool_threads,
+        mask_length_truncated=cfg.mask_length_truncated,
     )
     return RLRun(cfg, trainer, rewards, counters, backend, inputs, len(samples), resume_from, start_step,
                  ray_mode, t0)

@@ -18,7 +18,14 @@
    (tests/test_rl_gpu_path.py drives TRL's colocate path with a stand-in `vllm` module that applies vLLM
    0.31's rule and compares what vLLM sees with what the trainer scores). Server mode already places image
    features on the expanded runs (`VLLMGeneration._place_features`) and is left alone.
-4. Tool calls: TRL runs one rollout's tool calls after another. Each turn, the first call starts every pending
+5. Length-truncated completions: TRL's `mask_truncated_completions` zeroes their `completion_mask`, which is
+   also the attention mask of the loss forward. A truncated completion that holds a zoom crop then has image
+   tokens outside the attention mask while its pixels stay in the batch, so Qwen2.5-VL's `get_rope_index`
+   gives the later rollouts' images to the wrong rows and the step crashes ("shape mismatch: value tensor of
+   shape [3, 595] cannot be broadcast to ... [3, 587]", a tiny `knowzoom run`, RL step 3). We keep TRL's flag
+   off and take such completions out of the *loss* only (the loss-only `tool_mask`, and the token count the
+   DAPO loss divides by), so they are still attended to as generated. (tests/test_rl_units.py.)
+6. Tool calls: TRL runs one rollout's tool calls after another. Each turn, the first call starts every pending
    zoom of the batch on a thread pool (GDAL reads and Ray actor calls release the GIL) and each call then
    takes its own result, so the rollouts' state changes are the ones a sequential loop would make.
 """
@@ -65,8 +72,10 @@ def collapse_image_runs(ids: list[int], pad_id: int, n_images: int) -> list[int]
 class ZoomGRPOTrainer(GRPOTrainer):
     """GRPOTrainer with the fixes in the module docstring; `tool_threads` > 1 runs a turn's zooms at once."""
 
-    def __init__(self, *args: Any, tool_threads: int = 1, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, tool_threads: int = 1, mask_length_truncated: bool = False,
+                 **kwargs: Any) -> None:
         self.tool_threads = max(int(tool_threads), 1)
+        self.mask_length_truncated = mask_length_truncated
         self._tool_pool: ThreadPoolExecutor | None = None
         super().__init__(*args, **kwargs)
         self._keep_fsdp()
@@ -111,7 +120,15 @@ class ZoomGRPOTrainer(GRPOTrainer):
         return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
                                              has_tool_images=has_tool_images)
 
-    # --- 4. a turn's tool calls in parallel ---------------------------------------------------------------
+    # --- 5. length-truncated completions out of the loss, not out of the attention ------------------------
+    def _generate_and_score_completions(self, inputs: Any) -> dict[str, Any]:
+        out = super()._generate_and_score_completions(inputs)
+        if self.mask_length_truncated:
+            loss_mask_without_truncated(out, [*self.eos_token_ids, self._tokenizer.pad_token_id],
+                                        self.accelerator.gather)
+        return out
+
+    # --- 6. a turn's tool calls in parallel ---------------------------------------------------------------
     def _tool_call_loop(self, prompts, prompt_ids, completion_ids, completions, logprobs, images,
                         multimodal_fields):
         if self.tool_threads <= 1 or not getattr(self, "_sync_tool_dicts", None):
@@ -148,6 +165,22 @@ class ZoomGRPOTrainer(GRPOTrainer):
             if isinstance(v, list) and v:
                 fields[k] = torch.as_tensor(np.asarray(v))
         return prompt_ids, images, fields
+
+
+def loss_mask_without_truncated(out: dict[str, Any], stop_ids: list[int], gather: Any = None) -> None:
+    """Take the completions that end without a stop token (cut by max_completion_length) out of the loss:
+    their loss-only `tool_mask` rows become 0 and `num_items_in_batch` (what the DAPO loss divides by) is
+    recounted; `completion_mask`, the attention mask of the loss forward, keeps every generated token."""
+    ids, mask = out["completion_ids"], out["completion_mask"]
+    lengths = mask.sum(dim=1)
+    last = ids.gather(1, (lengths - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
+    stops = torch.tensor(stop_ids, device=ids.device)
+    truncated = (lengths > 0) & ~torch.isin(last, stops)
+    tool_mask = out.get("tool_mask")
+    tool_mask = torch.ones_like(mask) if tool_mask is None else tool_mask
+    out["tool_mask"] = tool_mask * (~truncated).unsqueeze(1).to(tool_mask.dtype)
+    n = (mask * out["tool_mask"]).sum()
+    out["num_items_in_batch"] = gather(n).sum() if gather is not None else n
 
 
 def _call_key(name: str, arguments: Any) -> str:

@@ -219,3 +219,29 @@ def test_input_fallbacks(task, tmp_path):
     cfg = RLConfig(model="tiny", train_data=str(task / "vqa.jsonl"), image_manifest=str(tmp_path / "x.jsonl"))
     with pytest.raises(DatasetNotFoundError, match="make-scenes"):
         resolve_inputs(cfg)
+
+
+def test_length_truncated_completions_leave_the_loss_not_the_attention():
+    """Fix 5 of rl/trainer.py: a completion cut by max_completion_length (no stop token at its end) gets a zero
+    loss row, while completion_mask (the loss forward's attention mask) keeps every generated token: with
+    TRL's own flag the crop tokens of such a completion left the attention mask and the next rollouts' images
+    went to the wrong rows (the RL step crashed in get_rope_index)."""
+    import torch
+
+    from rl.trainer import loss_mask_without_truncated
+
+    eos, pad, img = 2, 0, 9
+    ids = torch.tensor([[5, 6, img, img, 7, eos, pad],   # answered: ends with a stop token
+                        [5, img, img, 6, 7, 8, 8],       # cut by the length limit, a crop inside
+                        [5, 6, pad, pad, pad, pad, pad]])  # ends with pad (TRL counts pad as a stop), not cut
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0, 0]])
+    tool = torch.tensor([[1, 1, 0, 0, 1, 1, 1], [1, 0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1]])
+    out = {"completion_ids": ids, "completion_mask": mask.clone(), "tool_mask": tool.clone(),
+           "num_items_in_batch": torch.tensor(99)}
+    loss_mask_without_truncated(out, [eos, pad])
+    assert torch.equal(out["completion_mask"], mask)  # attention untouched: the crop stays attended
+    assert out["tool_mask"][1].sum() == 0 and torch.equal(out["tool_mask"][[0, 2]], tool[[0, 2]])
+    assert int(out["num_items_in_batch"]) == int((mask * tool)[[0, 2]].sum())
+    out = {"completion_ids": ids, "completion_mask": mask.clone(), "num_items_in_batch": torch.tensor(99)}
+    loss_mask_without_truncated(out, [eos, pad], gather=lambda t: t.reshape(1))  # no tools: a mask is made
+    assert out["tool_mask"].tolist()[1] == [0] * 7 and int(out["num_items_in_batch"]) == 9
