@@ -23,14 +23,14 @@ from pipeline.core.manifest import atomic_write_text
 DEFAULT_VARIANTS: dict[str, dict[str, Any]] = {
     "a_rl_only": {
         "label": "RL only",
-        "skip": ["sft_text", "sft_prewarm", "probe_text", "probe_prewarm"],
+        "skip": ["sft_text", "sft_aim", "sft_prewarm", "probe_text", "probe_prewarm"],
         "overrides": {"mine_hard": {"model": "{data_root}/base/model"}, "rl": {"model": "{data_root}/base/model"}},
     },
     "b_prewarm_rl": {
         "label": "+ pre-warm",
         "skip": ["sft_text", "probe_text"],
         "overrides": {"mine_hard": {"model": "{data_root}/base/model"},
-                      "sft_prewarm": {"model": "{data_root}/base/model"}},
+                      "sft_aim": {"model": "{data_root}/base/model"}},  # the pre-warm's aiming step, from scratch
     },
     # the full recipe is the main pipeline itself: reuse its run ({main}: the pipeline's own output_dir; its
     # stages are skipped when already done)
@@ -53,7 +53,7 @@ class AblateConfig(StageConfig):
     only: list[str] = hfield([], help="Run only these variants (the table still lists every variant already run).")
     seeds: list[int] = hfield([], help="Training seeds (empty = [seed]); data stages keep the pipeline's own seed "
                                        "so every seed sees the same data and test set.")
-    training_stages: list[str] = hfield(["sft_text", "mine_hard", "sft_prewarm", "rl", "eval"],
+    training_stages: list[str] = hfield(["sft_text", "mine_hard", "sft_aim", "sft_prewarm", "rl", "eval"],
                                         help="Stage ids whose seed follows the ablation seed.")
     eval_stage: str = hfield("eval", help="Stage id whose results.json is tabulated.")
     force: bool = hfield(False, help="Rerun stages even when their outputs exist.")

@@ -43,6 +43,10 @@ class SFTConfig(LaunchConfig, ZoomSettings):
     first_zoom_examples: str = hfield("off", help="Zooming trajectories cut after their first zoom call (the "
                                       "aiming turn): 'add' them to the whole trajectories, train 'only' on them (the "
                                       "tiny default's aiming stage, before the pre-warm; docs/tiny_model.md), 'off'.")
+    trajectory_dir: str = hfield("", help="Folder of the oracle trajectories and crops ('' = output_dir/sft_data). "
+                                 "Stages training on the same vqa_data with the same zoom settings and think may "
+                                 "share one: the later stage reuses what the earlier rendered (samples are kept "
+                                 "by id), as the tiny pipeline's aiming and pre-warm stages do.")
     max_length: int = hfield(4096, help="Examples longer than this many tokens (text + visual) are dropped.")
     group_by_length: bool = hfield(True, help="Batch examples of similar token length together (less padding, "
                                               "faster steps); batch order stays seeded-random.")
@@ -92,6 +96,10 @@ class SFTConfig(LaunchConfig, ZoomSettings):
                                                      "eval_text_data (whose facts are held out by entity).")
     eval_train_samples: int = hfield(0, help="Also score this many training TextQA before/after (memorisation "
                                              "check beside the held-out score; 0 = off).")
+
+    def trajectory_folder(self) -> Path:
+        """Where the oracle trajectories are rendered and read (`trajectory_dir`, else output_dir/sft_data)."""
+        return Path(self.trajectory_dir) if self.trajectory_dir else Path(self.output_dir) / "sft_data"
 
     def validate(self) -> list[str]:
         p = super().validate()

@@ -50,6 +50,7 @@ def oracle_trajectory(sample: VQASample, store: ImageStore, zoom_cfg: ZoomConfig
         ToolCall,
         build_prompt_messages,
         format_answer,
+        format_box,
         format_tool_call,
         tool_message,
     )
@@ -62,11 +63,11 @@ def oracle_trajectory(sample: VQASample, store: ImageStore, zoom_cfg: ZoomConfig
     limit = zoom_cfg.max_turns if max_zooms is None else min(max_zooms, zoom_cfg.max_turns)
     targets = sample.targets[:limit]
     where = sample.meta.get("zoom_on") if isinstance(sample.meta, dict) else None
-    zoom_think = ZOOM_THINK_AT.format(where=where) if where else ZOOM_THINK
     for t in targets:
         source = f"image_{t.image}"
         bbox = episode.oracle_bbox(t.image, t.bbox)
         call_text = format_tool_call(bbox, source=source)
+        zoom_think = ZOOM_THINK_AT.format(where=where, box=format_box(bbox)) if where else ZOOM_THINK
         messages.append({"role": "assistant", "content": (zoom_think if think else "") + call_text})
         result = episode.execute(ToolCall(name=TOOL_NAME, arguments={"bbox": list(bbox), "source": source}))
         if result.error is not None or result.observation is None:
@@ -144,8 +145,9 @@ FIRST_ZOOM_MODES = ("off", "add", "only")
 
 
 def trajectory_items(path: str | Path, merge_pixels: int = 28 * 28, *,
-                     first_zoom_examples: str = "off") -> list[ChatItem]:
-    """ChatItems from a materialized trajectory JSONL (image paths resolved against its folder).
+                     first_zoom_examples: str = "off", sample_ids: set[str] | None = None) -> list[ChatItem]:
+    """ChatItems from a materialized trajectory JSONL (image paths resolved against its folder); with
+    `sample_ids`, only those samples' trajectories (a folder shared by stages may hold more).
 
     first_zoom_examples: "add" puts after each trajectory that zooms its prefix cut right after the first zoom
     call (system, user turn with the input images, the aiming turn); "only" keeps just those prefixes (an
@@ -156,6 +158,8 @@ def trajectory_items(path: str | Path, merge_pixels: int = 28 * 28, *,
     base = Path(path).parent
     items = []
     for t in read_jsonl(path, Trajectory):
+        if sample_ids is not None and t.sample_id not in sample_ids:
+            continue
         if first_zoom_examples != "only":
             items.append(_chat_item(t.messages, t.observations, base, merge_pixels))
         first = next((i for i, m in enumerate(t.messages) if m["role"] == "assistant"), None)

@@ -72,13 +72,14 @@ def build_items(cfg: SFTConfig, processor: Any, *, materialize: bool = True) -> 
         zoom_cfg = ZoomConfig(**cfg.zoom_tool_kwargs())
         samples = read_vqa(cfg.vqa_data, limit=cfg.max_vqa_samples)
         if materialize:
-            path, tstats = materialize_trajectories(samples, store, zoom_cfg, Path(cfg.output_dir) / "sft_data",
+            path, tstats = materialize_trajectories(samples, store, zoom_cfg, cfg.trajectory_folder(),
                                                     think=cfg.think, max_zooms=cfg.max_zooms)
         else:
-            path, tstats = Path(cfg.output_dir) / "sft_data" / "trajectories.jsonl", {}
+            path, tstats = cfg.trajectory_folder() / "trajectories.jsonl", {}
             if not path.exists():
                 raise SFTDataError(f"{path} missing after rank 0 built it (is output_dir on a shared disk?)")
-        vqas = trajectory_items(path, first_zoom_examples=cfg.first_zoom_examples)
+        vqas = trajectory_items(path, first_zoom_examples=cfg.first_zoom_examples,
+                                sample_ids={s.id for s in samples})
         stats.update({"vqa_records": len(samples), **{f"trajectories_{k}": v for k, v in tstats.items()}})
     items = mix(texts, vqas, cfg.text_mix_ratio, cfg.seed)
     items, dropped = filter_by_length(items, processor, cfg.max_length)

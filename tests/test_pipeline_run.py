@@ -23,6 +23,8 @@ FAST = {
     "sft_text": {"max_steps": 2, "per_device_train_batch_size": 4, "warmup_steps": 0, "eval_max_samples": 4,
                  "eval_train_samples": 4, "save_steps": 1, "torch_threads": 1},
     "mine_hard": {"limit": 6, "k": 2, "max_zooms": 1, "max_new_tokens": 24, "batch_size": 6},
+    "sft_aim": {"max_steps": 2, "per_device_train_batch_size": 2, "warmup_steps": 0, "save_steps": 1,
+                "torch_threads": 1},
     "sft_prewarm": {"max_steps": 2, "per_device_train_batch_size": 2, "warmup_steps": 0, "eval_max_samples": 4,
                     "save_steps": 1, "torch_threads": 1},
     "rl": {"max_steps": 1, "num_generations": 2, "per_device_train_batch_size": 2, "max_completion_length": 48,
@@ -51,6 +53,9 @@ def test_tiny_pipeline_runs_every_stage_and_reports(tiny_run):
     res = json.loads((tmp / "run/eval/results.json").read_text())
     assert res["metrics"]["overall"]["n"] == 6
     assert (tmp / "run/rl/model").is_dir() and (tmp / "run/sft_prewarm/model").is_dir()
+    # the aiming step rendered the oracle trajectories once; the pre-warm reused them
+    assert json.loads((tmp / "run/sft_prewarm/metrics.json").read_text())["data"]["trajectories_written"] == 0
+    assert json.loads((tmp / "run/sft_aim/metrics.json").read_text())["data"]["trajectories_written"] > 0
     report = (tmp / "run/report.md").read_text()
     html = (tmp / "run/report.html").read_text()
     for sid in ids:
@@ -152,7 +157,7 @@ def test_ablate_runs_the_three_variants_from_one_seed_and_tabulates(tiny_run, tm
     for r in rows:
         assert r["n"] == 6 and r["k"] == 2 and 0 <= r["pass@1_micro"] <= r["pass@k_micro"] <= 1
     a, b = tmp_path / "abl/a_rl_only", tmp_path / "abl/b_prewarm_rl"
-    assert not (a / "sft_text").exists() and not (a / "sft_prewarm").exists()  # RL only: no SFT at all
+    assert not any((a / s).exists() for s in ("sft_text", "sft_aim", "sft_prewarm"))  # RL only: no SFT at all
     assert not (b / "sft_text").exists() and (b / "sft_prewarm/model").is_dir()
     import yaml
 
@@ -161,7 +166,8 @@ def test_ablate_runs_the_three_variants_from_one_seed_and_tabulates(tiny_run, tm
 
     base = str(tmp / "data/base/model")
     assert resolved(a / "rl")["model"] == base and resolved(a / "hard")["model"] == base
-    assert resolved(b / "sft_prewarm")["model"] == base and resolved(b / "rl")["model"] == str(b / "sft_prewarm/model")
+    assert resolved(b / "sft_aim")["model"] == base and resolved(b / "sft_prewarm")["model"] == str(b / "sft_aim/model")
+    assert resolved(b / "rl")["model"] == str(b / "sft_prewarm/model")
     evals = [resolved(d / "eval") for d in (a, b, tmp / "run")]
     assert len({(e["dataset_path"], e["seed"], e["limit"]) for e in evals}) == 1  # same held-out set and seed
     table = (tmp_path / "abl/ablation.md").read_text()

@@ -146,6 +146,28 @@ def test_first_zoom_examples_cut_each_zooming_trajectory_after_its_first_call(sc
         assert it.n_image_tokens == sum(im.size[0] * im.size[1] // 784 for im in row["images"])
 
 
+def test_stages_sharing_a_trajectory_folder_reuse_it_and_train_on_their_own_samples(scenes, tmp_path):
+    """`trajectory_dir`: a later stage reuses the trajectories an earlier one rendered there (not rendered twice)
+    and trains only on its own vqa_data's samples, even when the folder holds more."""
+    from pipeline.core.records import read_vqa
+    from sft.config import SFTConfig
+    from sft.data import materialize_trajectories, trajectory_items
+    from tools.store import ImageStore
+    from tools.zoom import ZoomConfig
+
+    manifest, vqa = scenes
+    samples = read_vqa([vqa])
+    shared = SFTConfig(output_dir=str(tmp_path / "b"), trajectory_dir=str(tmp_path / "shared")).trajectory_folder()
+    assert shared == tmp_path / "shared" and SFTConfig(output_dir="x").trajectory_folder() == Path("x/sft_data")
+    store = ImageStore.from_manifest(manifest)
+    path, first = materialize_trajectories(samples, store, ZoomConfig(), shared, progress=False)
+    path2, again = materialize_trajectories(samples[:3], store, ZoomConfig(), shared, progress=False)
+    assert path2 == path and again["written"] == 0 and again["skipped_existing"] == 3 and first["written"] > 3
+    mine = trajectory_items(path, sample_ids={s.id for s in samples[:3]})
+    assert [it.messages[1] for it in mine] == [it.messages[1] for it in trajectory_items(path)[:3]]
+    assert len(mine) == 3 < len(trajectory_items(path))
+
+
 def test_mix_and_length_filter(tmp_path):
     from sft.data import ChatItem, mix
 

@@ -134,7 +134,7 @@ def test_grid_10_base_0_norm1000_boxes_copy_the_grid_index(tmp_path: Path) -> No
 
 def test_tiny_site_phrasing_copies_in_box_order_and_the_think_restates_it(tmp_path: Path) -> None:
     """The tiny default names sites "column c, row r" (the box's digit order), asks only about row/column >= 1
-    (3-digit boxes), zooms land use on the site box, and the oracle zoom turn restates the site before the box."""
+    (3-digit boxes), zooms land use on the site box, and the oracle zoom turn restates the site, then the box."""
     from types import SimpleNamespace
 
     import numpy as np
@@ -159,7 +159,7 @@ def test_tiny_site_phrasing_copies_in_box_order_and_the_think_restates_it(tmp_pa
     for f in ("site_order", "min_site_index", "landuse_box"):
         assert f in msgs
 
-    # the oracle trajectory's zoom turn: "... zoom in on column 7, row 3.</think><tool_call>... [741, 341, ..."
+    # the oracle trajectory's zoom turn works the box out in its think, then calls the tool with the same box
     ov = SimpleNamespace(image=Image.new("RGB", (224, 224)))
 
     class _Ep:
@@ -184,7 +184,8 @@ def test_tiny_site_phrasing_copies_in_box_order_and_the_think_restates_it(tmp_pa
     finally:
         proto.Episode, proto.tool_message = orig, orig_tm  # type: ignore[misc]
     zoom_turn = next(m["content"] for m in msgs_ if m["role"] == "assistant")
-    assert "zoom in on column 7, row 3.</think>" in zoom_turn and "[741, 341, 759, 359]" in zoom_turn
+    assert zoom_turn.startswith("<think>Zoom in on column 7, row 3: [741, 341, 759, 359].</think><tool_call>")
+    assert zoom_turn.endswith('"bbox": [741, 341, 759, 359], "source": "image_0"}}</tool_call>')
 
 
 def test_default_config_counts_and_validation(tmp_path: Path) -> None:
@@ -270,3 +271,32 @@ def test_knowledge_family_needs_the_text_fact_and_the_probe_set_is_a_fixed_test_
     for s in probe:
         per_task[s.category] = per_task.get(s.category, 0) + 1
     assert max(per_task.values()) <= 24 and set(per_task) == {s.category for s in test}
+
+
+def test_site_hint_ends_every_site_question_at_one_offset() -> None:
+    """With `site_hint` (the tiny default) every question about a site, single scenes and change pairs, ends its
+    user turn with "Site: column c, row r." naming the site the oracle zooms on, so the tokens between that site
+    and the answer are the same for every template; without it the prompt is the plain XLRS-style one."""
+    from tools.protocol import DEFAULT_INSTRUCTION, build_prompt_messages
+    from tools.scenes import pair_questions, plan_scene, scene_questions
+
+    assert load_config(MakeScenesConfig, Path("configs/tiny/make_scenes.yaml")).site_hint
+    scene = plan_scene(np.random.default_rng(0), "s", 8192, 10, 144)
+    for site in scene.sites:
+        site.setdefault("first_is", "left of")
+        site.setdefault("new", 1)
+    kw = dict(base=0, order="column_row", min_index=1, landuse_box="site")
+    qs = scene_questions(scene, "s", "train", np.random.default_rng(1), 1.0, 1.0, ("ship",), site_hint=True, **kw)
+    qs += pair_questions(scene, ("a", "b"), "train", 0, "column_row", 1, site_hint=True)
+    tails = set()
+    for q in qs:
+        text = build_prompt_messages(q, "norm1000")[-1]["content"][-1]["text"]
+        if "zoom_on" not in q.meta:  # the whole-image question has no site
+            assert q.hint == "" and text.endswith(DEFAULT_INSTRUCTION)
+            continue
+        assert q.hint == f"Site: {q.meta['zoom_on']}." and q.meta["zoom_on"] in q.question
+        assert text.endswith(DEFAULT_INSTRUCTION + "\n" + q.hint)
+        tails.add(q.meta["task"])
+    assert tails >= {"count", "colour", "class", "relation", "operator", "landuse", "change"}
+    plain = scene_questions(scene, "s", "train", np.random.default_rng(1), 1.0, **kw)
+    assert all(q.hint == "" for q in plain)

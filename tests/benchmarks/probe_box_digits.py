@@ -1,11 +1,12 @@
 """Teacher-forced digit probe of a pre-warm model: for oracle trajectories (a pre-warm's
 `sft_data/trajectories.jsonl`), the share of correctly predicted digits at each digit position of the aiming
-turn under teacher forcing: the site restated in the think (column, row), the box's 12 digits, the source.
+turn under teacher forcing: the site restated in the think (column, row), the box the think works out from it
+(when the think names one), the call's 12 box digits, the source.
 
-It separates the two copies the aiming turn needs (docs/tiny_model.md, "Where the aiming fails"): the
-restatement must find the site's digits in the question, ~80 tokens back (a content lookup); each box digit
-then copies a digit a fixed number of tokens back in the same turn. A model whose box digits are right but
-whose restated site is wrong has learned the second and not the first.
+It separates the copies the aiming turn needs (docs/tiny_model.md): the restatement must find the site's
+digits in the prompt (the hint line, a fixed number of tokens back; without a hint, in the question ~80 tokens
+back); each box digit then copies a digit a fixed number of tokens back in the same turn. A model whose box
+digits are right but whose restated site is wrong has learned the later copies and not the first.
 
     python tests/benchmarks/probe_box_digits.py --model runs/tiny/sft_prewarm/model \\
         --trajectories runs/tiny/sft_prewarm/sft_data/trajectories.jsonl --n 64
@@ -62,8 +63,11 @@ def main() -> None:
                 seen[k] = seen.get(k, 0) + 1
                 right[k] = right.get(k, 0) + int(pred[i - 1].item() == ids[i])
                 k += 1
-    # think: column, row; the box: 4 numbers x 3 digits; then the source's image index
-    names = ["think column", "think row"] + [f"box digit {j + 1}" for j in range(12)] + ["source index"]
+    # think: column, row (+ the box worked out: 4 numbers x 3 digits); the call's box; the source's image index
+    names = ["think column", "think row"]
+    if len(seen) >= 27:  # the think names the box too (ZOOM_THINK_AT with {box})
+        names += [f"think box digit {j + 1}" for j in range(12)]
+    names += [f"box digit {j + 1}" for j in range(12)] + ["source index"]
     names += [f"digit {j + 1}" for j in range(len(names), len(seen))]
     print(json.dumps({"model": args.model, "n": min(args.n, len(rows)),
                       "digit_accuracy": {names[k]: round(right[k] / seen[k], 3) for k in sorted(seen)}},

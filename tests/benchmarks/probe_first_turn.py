@@ -24,6 +24,7 @@ def main() -> None:
     ap.add_argument("--max_pixels", type=int, default=50176)
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--max_new_tokens", type=int, default=96, help="the zoom agent's default turn length")
     args = ap.parse_args()
 
     import torch
@@ -54,7 +55,7 @@ def main() -> None:
                  for s, v in zip(chunk, views, strict=True)]
         enc = proc(text=texts, images=[o.image for v in views for o in v], padding=True, return_tensors="pt")
         with torch.no_grad():
-            out = model.generate(**enc, max_new_tokens=80, do_sample=False, pad_token_id=tok.pad_token_id)
+            out = model.generate(**enc, max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
         for s, ep, seq in zip(chunk, episodes, out[:, enc["input_ids"].shape[1]:], strict=True):
             text = tok.decode(seq, skip_special_tokens=False).split("<|im_end|>")[0]
             task = str(s.meta.get("task", s.category))
