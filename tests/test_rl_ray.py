@@ -117,7 +117,9 @@ def test_ray_train_run_and_resume_from_ray_checkpoint(task, tmp_path):
     base = dict(output_dir=str(tmp_path / "out"), model="tiny", train_data=str(task / "vqa.jsonl"),
                 image_manifest=str(task / "images.jsonl"), num_generations=2, per_device_train_batch_size=2,
                 max_completion_length=32, max_zooms=1, save_steps=1, mask_length_truncated=False,
-                learning_rate=0.01, use_ray=True, ray_num_workers=1, tool_actors=1)
+                learning_rate=0.01, use_ray=True, ray_num_workers=1, tool_actors=1,
+                # a gradient whatever the random model's rewards are (all zero gives zero advantages, no update)
+                entropy_coef=0.01)
     s1 = run(RLConfig(max_steps=2, **base))
     assert s1["steps"] == 2 and s1["param_delta_l2"] > 0 and s1["ray_checkpoint"]
     s2 = run(RLConfig(max_steps=3, **base))
