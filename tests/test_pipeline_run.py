@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # Tiny-data overrides: every stage runs for real, on a few items / steps.
 FAST = {
     "make-scenes": {"size": 4096, "n_train_scenes": 1, "n_test_scenes": 1, "n_train_pairs": 0,
-                    "n_test_pairs": 1, "grid": 4, "n_vehicles": 300, "n_houses": 100},
+                    "n_test_pairs": 1, "pair_size": 4096, "grid": 4, "n_vehicles": 300, "n_houses": 100},
     "build-qa": {"n_train": 200, "n_val": 20, "n_test": 40, "min_test": 20, "max_spectra": 200},
     "sft_text": {"max_steps": 2, "per_device_train_batch_size": 4, "warmup_steps": 0, "eval_max_samples": 4,
                  "eval_train_samples": 4, "save_steps": 1, "torch_threads": 1},
