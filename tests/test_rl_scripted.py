@@ -175,3 +175,35 @@ def test_nonfinite_gradients_skip_the_update(task, tmp_path):
     assert run.counters.get("nonfinite_skipped") == 1
     for p, b in zip(model.parameters(), before, strict=True):
         assert torch.equal(p.detach(), b)
+
+
+def test_a_length_truncated_rollout_with_a_crop_leaves_the_loss_not_the_attention(task, tmp_path):
+    """Fix 5 of rl/trainer.py through TRL's real tool loop: rollout 0 zooms, then rambles past
+    max_completion_length (TRL cuts it: no stop token), the others zoom and answer. With TRL's own
+    mask_truncated_completions the cut rollout's crop tokens left the attention mask and the step crashed in
+    Qwen2.5-VL's get_rope_index; here it trains, the cut row carries no loss and keeps its attention."""
+    sample = _sample(task)
+    ramble = "<think>" + "the view shows some ships near the dock " * 60
+    rollouts = [[f"<think>r0</think>{VALID}", ramble]]
+    rollouts += [[f"<think>r{k}</think>{VALID}", f"<answer>{sample['answer']}</answer>"] for k in range(1, 8)]
+    run = build_run(_cfg(task, tmp_path / "out", max_completion_length=240, mask_length_truncated=True))
+    trainer = run.trainer
+    script_policy(trainer, rollouts)
+    captured = {}
+    orig = trainer._compute_loss
+
+    def spy(model, inputs):
+        captured.setdefault("inputs", inputs)
+        return orig(model, inputs)
+
+    trainer._compute_loss = spy
+    trainer.train()
+    inputs = captured["inputs"]
+    ids, mask, loss_mask = inputs["completion_ids"], inputs["completion_mask"], inputs["tool_mask"]
+    pad = trainer.processing_class.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    with_crop = (ids == pad).any(dim=1)
+    cut = [i for i in range(ids.shape[0]) if int(mask[i].sum()) == ids.shape[1]]  # fills the whole budget
+    assert cut and all(bool(with_crop[i]) for i in cut)
+    for i in cut:
+        assert int(loss_mask[i].sum()) == 0 and int(mask[i].sum()) > 0  # out of the loss, still attended
+    assert int((mask * loss_mask).sum()) > 0 and int(inputs["num_items_in_batch"]) == int((mask * loss_mask).sum())
