@@ -453,7 +453,7 @@ def build_prompt_messages(sample: Any, frame: str = "shown_pixels", *, instructi
     if system:
         msgs.append({"role": "system", "content": system_prompt(frame)})
     msgs.append(user_message(sample.question, list(sample.choices), len(sample.images), instruction, sizes,
-                             getattr(sample, "hint", "")))
+                             sample.hint))
     return msgs
 
 
