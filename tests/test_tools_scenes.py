@@ -39,6 +39,10 @@ def test_layout_and_records(scenes: Path) -> None:
     assert train and test
     train_imgs = {i for s in train for i in s.images}
     assert not train_imgs & {i for s in test for i in s.images}, "test scenes must be held out"
+    truth = {d["id"]: d for d in map(json.loads, (scenes / "scenes.jsonl").read_text().splitlines())}
+    assert truth["scene_train_000"]["sites"] != truth["scene_test_000"]["sites"], "a test scene copies a train scene"
+    train_q = {(s.question, s.answer) for s in train}
+    assert sum((s.question, s.answer) in train_q for s in test) < len(test) / 2, "test questions repeat train ones"
     cats = {s.category for s in test}
     assert "Object properties/Object color" in cats and "Counting/Counting with changing detection" in cats
     assert all("/" in s.category and s.l2_category for s in test)

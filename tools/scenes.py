@@ -642,9 +642,9 @@ def knowledge_facts(seed: int = 0) -> list[TextQA]:
 
 
 # -- stage ----------------------------------------------------------------------------------------------
-def _make_single(cfg: MakeScenesConfig, idx: int, split: str, img_dir: Path, tex: np.ndarray,
+def _make_single(cfg: MakeScenesConfig, idx: int, split: str, img_dir: Path, tex: np.ndarray, seed_index: int,
                  ) -> tuple[Scene, list[VQASample], np.ndarray | None]:
-    rng = np.random.default_rng([cfg.seed, idx, 1])
+    rng = np.random.default_rng([cfg.seed, seed_index, 1])
     sid = f"scene_{split}_{idx:03d}"
     scene = plan_scene(rng, sid, cfg.size, cfg.grid, cfg.site_box)
     path = img_dir / f"{sid}.tif"
@@ -652,15 +652,15 @@ def _make_single(cfg: MakeScenesConfig, idx: int, split: str, img_dir: Path, tex
                        overview_side=cfg.overview_side)
     if cfg.overwrite or not path.exists():
         write_cog(arr, path, cfg.compress, cfg.quality, cfg.blocksize)
-    qs = scene_questions(scene, sid, split, np.random.default_rng([cfg.seed, idx, 2]), cfg.landuse_fraction,
+    qs = scene_questions(scene, sid, split, np.random.default_rng([cfg.seed, seed_index, 2]), cfg.landuse_fraction,
                          cfg.knowledge_fraction, cfg.knowledge_train_classes, cfg.site_index_base,
                          cfg.site_order, cfg.min_site_index, cfg.landuse_box, cfg.site_hint)
     return scene, qs, arr
 
 
-def _make_pair(cfg: MakeScenesConfig, idx: int, split: str, img_dir: Path, tex: np.ndarray,
+def _make_pair(cfg: MakeScenesConfig, idx: int, split: str, img_dir: Path, tex: np.ndarray, seed_index: int,
                ) -> tuple[Scene, list[VQASample], list[str]]:
-    rng = np.random.default_rng([cfg.seed, idx, 3])
+    rng = np.random.default_rng([cfg.seed, seed_index, 3])
     sid = f"pair_{split}_{idx:03d}"
     scene = plan_scene(rng, sid, cfg.pair_size, cfg.grid, cfg.site_box)
     for site in scene.sites:  # change pairs: groups of 1-3 objects, 0-3 new (max 5 after)
@@ -724,21 +724,24 @@ def run(cfg: MakeScenesConfig) -> dict[str, Any]:
     images: list[dict[str, str]] = []
     truth: list[dict[str, Any]] = []
     vqa: dict[str, list[VQASample]] = {"train": [], "test": []}
-    jobs = ([("single", "train", i) for i in range(cfg.n_train_scenes)]
-            + [("single", "test", i) for i in range(cfg.n_test_scenes)]
-            + [("pair", "train", i) for i in range(cfg.n_train_pairs)]
-            + [("pair", "test", i) for i in range(cfg.n_test_pairs)])
+    # (kind, split, index in its split, seed index): the seed index runs on across the splits, so a test scene is
+    # never a copy of the train scene with the same index (before, both drew from [seed, index] and every test
+    # scene repeated a train scene, questions included)
+    jobs = ([("single", "train", i, i) for i in range(cfg.n_train_scenes)]
+            + [("single", "test", i, cfg.n_train_scenes + i) for i in range(cfg.n_test_scenes)]
+            + [("pair", "train", i, i) for i in range(cfg.n_train_pairs)]
+            + [("pair", "test", i, cfg.n_train_pairs + i) for i in range(cfg.n_test_pairs)])
     preview_done = not cfg.preview
-    for kind, split, i in tqdm(jobs, desc="make-scenes", unit="scene"):
+    for kind, split, i, seed_index in tqdm(jobs, desc="make-scenes", unit="scene"):
         if kind == "single":
-            scene, qs, arr = _make_single(cfg, i, split, img_dir, tex)
+            scene, qs, arr = _make_single(cfg, i, split, img_dir, tex, seed_index)
             ids = [scene.id]
             if not preview_done and arr is not None:
                 write_preview(arr, scene, out / "preview.png")
                 preview_done = True
             del arr
         else:
-            scene, qs, ids = _make_pair(cfg, i, split, img_dir, tex)
+            scene, qs, ids = _make_pair(cfg, i, split, img_dir, tex, seed_index)
         images += [{"id": iid, "path": f"images/{iid}.tif"} for iid in ids]
         truth.append({**scene.to_dict(), "split": split, "images": ids})
         vqa[split] += qs
