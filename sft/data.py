@@ -42,6 +42,7 @@ def oracle_trajectory(sample: VQASample, store: ImageStore, zoom_cfg: ZoomConfig
     tool (`Episode.execute`); a rejected box raises TrajectoryError."""
     from tools.protocol import (
         ANSWER_THINK,
+        ANSWER_THINK_SEES,
         DIRECT_THINK,
         TOOL_NAME,
         ZOOM_THINK,
@@ -62,7 +63,8 @@ def oracle_trajectory(sample: VQASample, store: ImageStore, zoom_cfg: ZoomConfig
     images = [o.image for o in observations]
     limit = zoom_cfg.max_turns if max_zooms is None else min(max_zooms, zoom_cfg.max_turns)
     targets = sample.targets[:limit]
-    where = sample.meta.get("zoom_on") if isinstance(sample.meta, dict) else None
+    meta = sample.meta if isinstance(sample.meta, dict) else {}
+    where, sees = meta.get("zoom_on"), meta.get("sees")
     for t in targets:
         source = f"image_{t.image}"
         bbox = episode.oracle_bbox(t.image, t.bbox)
@@ -76,7 +78,12 @@ def oracle_trajectory(sample: VQASample, store: ImageStore, zoom_cfg: ZoomConfig
         messages.append(tool_message(result))
         observations.append(result.observation)
         images.append(result.observation.image)
-    final = (ANSWER_THINK if targets else DIRECT_THINK) if think else ""
+    if not think:
+        final = ""
+    elif targets:
+        final = ANSWER_THINK_SEES.format(sees=sees) if sees else ANSWER_THINK
+    else:
+        final = DIRECT_THINK
     messages.append({"role": "assistant", "content": final + format_answer(sample.answer)})
     return messages, images, observations
 

@@ -190,6 +190,49 @@ def test_tiny_site_phrasing_copies_in_box_order_and_the_think_restates_it(tmp_pa
     zoom_turn = next(m["content"] for m in msgs_ if m["role"] == "assistant")
     assert zoom_turn.startswith("<think>Zoom in on column 7, row 3: [741, 341, 759, 359].</think><tool_call>")
     assert zoom_turn.endswith('"bbox": [741, 341, 759, 359], "source": "image_0"}}</tool_call>')
+    # the answer turn first says what the zoom shows, then answers
+    assert msgs_[-1]["content"] == f"<think>I see {s.meta['sees']}.</think><answer>{s.answer}</answer>"
+
+
+def test_what_a_zoom_shows_agrees_with_every_answer_about_its_site(scenes: Path) -> None:
+    """meta["sees"] (the oracle's answer think) names the count, colour, class, relation, land cover and change
+    that the site's questions ask about: each answer option can be read off it."""
+    from tools.scenes import CHANGE_COUNTS, COVERS, RELATIONS, plan_scene, scene_questions
+
+    samples = list(read_jsonl(scenes / "vqa_test.jsonl", VQASample)) + list(
+        read_jsonl(scenes / "vqa_train.jsonl", VQASample))
+    # land use on the site box (the tiny default's landuse_box) is what the zoom shows; on the grid cell it is not
+    scene = plan_scene(np.random.default_rng(0), "s", 8192, 10, 144)
+    for site in scene.sites:
+        site.setdefault("first_is", "left of")
+        site["objects"] = [[0, 0, 1, 1]] * len(site["colours"])
+    samples += scene_questions(scene, "s", "test", np.random.default_rng(1), 1.0, landuse_box="site")
+    seen = set()
+    for s in samples:
+        if "site" not in s.meta:
+            assert s.meta["task"] == "overall" and "sees" not in s.meta
+            continue
+        if "sees" not in s.meta:
+            assert s.meta["task"] == "landuse" and "grid cell" in s.question
+            continue
+        sees, task = s.meta["sees"], s.meta["task"]
+        option = s.choices["ABCDEFGH".index(s.answer)].split(") ", 1)[1]
+        seen.add(task)
+        if task == "change":
+            assert sees.endswith(f": {option} new") and int(option) in CHANGE_COUNTS, (sees, option)
+        elif task == "relation":
+            assert f" {option} a " in sees and option in RELATIONS, (sees, option)
+        elif task == "landuse":
+            assert sees.endswith(f" on {option}") and option in COVERS, (sees, option)
+        elif task == "count":
+            assert sees.startswith(f"{option} "), (sees, option)
+        elif task == "colour":
+            assert sees.split()[1] == option, (sees, option)
+        elif task == "class":
+            assert f" {option} on " in sees or f" {option.rstrip('s')} on " in sees, (sees, option)
+        if task in ("count", "colour", "class"):
+            assert int(sees.split()[0]) == len(s.meta["objects"]), (sees, s.meta["objects"])
+    assert {"change", "count", "colour", "class", "relation", "landuse"} <= seen, seen
 
 
 def test_default_config_counts_and_validation(tmp_path: Path) -> None:
@@ -304,3 +347,30 @@ def test_site_hint_ends_every_site_question_at_one_offset() -> None:
     assert tails >= {"count", "colour", "class", "relation", "operator", "landuse", "change"}
     plain = scene_questions(scene, "s", "train", np.random.default_rng(1), 1.0, **kw)
     assert all(q.hint == "" for q in plain)
+
+
+def test_a_site_zoom_shows_the_land_cover_its_land_use_question_asks(tmp_path: Path) -> None:
+    """With land use asked on the site box, the cover in the answer is the cover visible around the site's pad
+    (the pad once covered the whole box, and the answer was not in the view the oracle zoom opens)."""
+    from rasterio.windows import Window
+
+    from tools.scenes import COVER_RGB, COVERS, PAD_INSET
+
+    cfg = MakeScenesConfig(output_dir=str(tmp_path), size=4096, n_train_scenes=1, n_test_scenes=0, n_train_pairs=0,
+                           n_test_pairs=0, grid=4, landuse_box="site", landuse_fraction=1.0, preview=False,
+                           n_vehicles=0, n_houses=0)
+    run(cfg)
+    store = ImageStore.from_manifest(tmp_path / "images.jsonl")
+    lu = [s for s in read_jsonl(tmp_path / "vqa_train.jsonl", VQASample) if s.meta["task"] == "landuse"]
+    assert len(lu) >= 8
+    agree = 0
+    for s in lu:
+        x0, y0, x1, y1 = (int(v) for v in s.targets[0].bbox)
+        with store.open(s.images[0]) as ds:
+            px = ds.read(window=Window(x0, y0, x1 - x0, y1 - y0)).transpose(1, 2, 0).astype(float)
+        frame = np.ones(px.shape[:2], bool)
+        frame[PAD_INSET:-PAD_INSET, PAD_INSET:-PAD_INSET] = False
+        seen = np.median(px[frame], axis=0) - 20  # the scene texture adds 0-40 grey to the palette
+        nearest = min(COVERS, key=lambda c: np.abs(seen - np.array(COVER_RGB[c], float)).sum())
+        agree += "ABCDEF"[COVERS.index(nearest)] == s.answer
+    assert agree >= 0.8 * len(lu), (agree, len(lu))

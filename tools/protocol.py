@@ -505,6 +505,10 @@ ZOOM_THINK = "<think>The evidence is small in the overview, so I zoom in on it.<
 # one 300-step run; with the site alone in the think the box digits stayed at chance (docs/tiny_model.md)
 ZOOM_THINK_AT = "<think>Zoom in on {where}: {box}.</think>"
 ANSWER_THINK = "<think>The zoomed view shows the evidence.</think>"
+# when a sample states what its zooms show (meta "sees", e.g. "3 red ships on water" from make-scenes), the answer
+# think says it first: reading the crop becomes one target that every question about a site shares, and the
+# letter then follows from those words and the options (docs/tiny_model.md)
+ANSWER_THINK_SEES = "<think>I see {sees}.</think>"
 DIRECT_THINK = "<think>The overview shows the evidence.</think>"
 
 
@@ -545,6 +549,7 @@ __all__ = [
     "text_qa_messages",
     "ZOOM_THINK",
     "ZOOM_THINK_AT",
+    "ANSWER_THINK_SEES",
     "ANSWER_THINK",
     "DIRECT_THINK",
 ]

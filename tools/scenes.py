@@ -80,6 +80,9 @@ CAT = {
     "operator_text_only": ("Object properties/Object operator (text only)", "Reasoning"),
 }
 LETTERS = "ABCDEFGH"
+# a site's pad (harbour basin, apron, concrete) covers its box less this frame: a zoom on the box shows the land
+# cover around the pad, which the land-use question about the site asks (a pad over the whole box hid it)
+PAD_INSET = 24
 
 
 @dataclass
@@ -392,8 +395,9 @@ def render_scene(rng: np.random.Generator, scene: Scene, tex: np.ndarray, box: i
         cls = site["cls"]
         m = 20
         pad = np.array(PAD_RGB[cls], np.uint8)
-        img[y0 - m:y1 + m, x0 - m:x1 + m] = pad
-        img[y0 - m:y1 + m, x0 - m:x1 + m] += tex[: y1 - y0 + 2 * m, : x1 - x0 + 2 * m, None] // 4
+        a, b, c, d = y0 + PAD_INSET, y1 - PAD_INSET, x0 + PAD_INSET, x1 - PAD_INSET
+        img[a:b, c:d] = pad
+        img[a:b, c:d] += tex[: b - a, : d - c, None] // 4
         if cls == "plane":  # runway strip beside the apron
             img[y1 + m:y1 + m + 30, x0 - 6 * m:x1 + 6 * m] = (88, 88, 90)
             img[y1 + m + 13:y1 + m + 17, x0 - 6 * m:x1 + 6 * m:24] = (230, 230, 230)
@@ -485,14 +489,38 @@ def _where(site: dict[str, Any], grid: int, base: int = 1, order: str = "row_col
     return f"the site in {_rc(site, base, order)} of a {grid}x{grid} grid over the image"
 
 
-def _box_cover(scene: Scene, box: list[int] | list[float]) -> str:
-    """Main land cover inside a native box (the land-use answer when the question's target is the site box)."""
+def _box_cover(scene: Scene, box: list[int] | list[float], inset: int = PAD_INSET) -> str:
+    """Main land cover inside a native box, outside its central pad (the box less `inset` px a side): the cover a
+    zoom on a site box shows around the pad (the land-use answer when the question's target is the site box)."""
     lo = scene.cover_lo.shape[0]
     f = lo / scene.size
     x0, y0 = int(box[0] * f), int(box[1] * f)
     x1, y1 = max(x0 + 1, int(math.ceil(box[2] * f))), max(y0 + 1, int(math.ceil(box[3] * f)))
-    vals = np.bincount(scene.cover_lo[y0:y1, x0:x1].ravel(), minlength=len(COVERS))
+    seen = np.ones((y1 - y0, x1 - x0), bool)
+    a, b = int(math.ceil((box[1] + inset) * f)) - y0, int((box[3] - inset) * f) - y0
+    c, d = int(math.ceil((box[0] + inset) * f)) - x0, int((box[2] - inset) * f) - x0
+    if inset > 0 and a < b and c < d:
+        seen[a:b, c:d] = False
+    vals = np.bincount(scene.cover_lo[y0:y1, x0:x1][seen].ravel(), minlength=len(COVERS))
     return COVERS[int(vals.argmax())]
+
+
+def site_description(scene: Scene, site: dict[str, Any]) -> str:
+    """What a zoom on a site shows, in the words of the answer options: "3 red ships on water", "1 white plane on
+    urban", "a blue ship below a red ship on forest". The oracle trajectories state it before the answer
+    (protocol.ANSWER_THINK_SEES): one reading of the crop that every question about the site shares, then the
+    option it picks, instead of a letter guessed straight from the image (docs/tiny_model.md)."""
+    cls, cols = site["cls"], site["colours"]
+    cover = _box_cover(scene, site["box"])
+    if site["kind"] == "pair":
+        return f"a {cols[0]} {cls} {site['first_is']} a {cols[1]} {cls} on {cover}"
+    return f"{len(cols)} {cols[0]} {PLURAL[cls] if len(cols) > 1 else cls} on {cover}"
+
+
+def change_description(site: dict[str, Any]) -> str:
+    """What the two zooms of a change question show: "1 ship before, 3 after: 2 new"."""
+    k, new = len(site["colours"]), int(site.get("new", 0))
+    return f"{k} {PLURAL[site['cls']] if k > 1 else site['cls']} before, {k + new} after: {new} new"
 
 
 def _opts(values: tuple, fmt: Any = str) -> list[str]:
@@ -525,7 +553,7 @@ def scene_questions(scene: Scene, image_id: str, split: str, rng: np.random.Gene
         where = _where(site, g, base, order)
         cls, cols, k = site["cls"], site["colours"], len(site["colours"])
         meta = {"site": [site["row"], site["col"]], "object_size": site.get("size"), "objects": site["objects"],
-                "zoom_on": _rc(site, base, order)}
+                "zoom_on": _rc(site, base, order), "sees": site_description(scene, site)}
         if site["kind"] == "group":
             add("count", f"How many {PLURAL[cls]} are at {where}?", _opts(COUNTS),
                 LETTERS[COUNTS.index(k)], site, **meta)
@@ -559,7 +587,8 @@ def scene_questions(scene: Scene, image_id: str, split: str, rng: np.random.Gene
                 question = (f"What is the main land cover of the grid cell in {_rc(site, base, order)} of a {g}x{g} "
                             "grid over the image (around its site)?")
             add("landuse", question, _opts(COVERS), LETTERS[COVERS.index(cover)], s,
-                site=[site["row"], site["col"]], zoom_on=_rc(site, base, order))
+                site=[site["row"], site["col"]], zoom_on=_rc(site, base, order),
+                **({"sees": meta["sees"]} if landuse_box == "site" else {}))
     letters = "".join(LETTERS[COVERS.index(c)] for c in scene.covers_present)
     add("overall", "Which land-cover types appear in this image? Select all that apply.", _opts(COVERS),
         letters, None, qtype="multi")
@@ -585,7 +614,7 @@ def pair_questions(scene: Scene, ids: tuple[str, str], split: str, base: int = 1
             category=cat, l2_category=l2,
             targets=[TargetRegion(image=0, bbox=box), TargetRegion(image=1, bbox=box)], split=split,
             meta={"scene": scene.id, "task": "change", "site": [site["row"], site["col"]],
-                  "zoom_on": _rc(site, base, order),
+                  "zoom_on": _rc(site, base, order), "sees": change_description(site),
                   "object_size": site.get("size"), "objects": site.get("objects_after", [])},
             hint=f"Site: {_rc(site, base, order)}." if site_hint else "",
         ))
