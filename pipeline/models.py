@@ -169,7 +169,8 @@ def _protocol_corpus(repeat: int = 20) -> list[str]:
         texts.append(protocol.DEFAULT_INSTRUCTION)
         texts += list(protocol.TEXT_INSTRUCTIONS.values())
         texts += [protocol.ZOOM_THINK, protocol.ANSWER_THINK, protocol.DIRECT_THINK,
-                  protocol.ZOOM_THINK_AT.format(where="column 7, row 3", box="[741, 341, 759, 359]")]
+                  protocol.ZOOM_THINK_AT.format(where="column 7, row 3", box="[741, 341, 759, 359]"),
+                  protocol.ANSWER_THINK_SEES.format(sees="3 red ships on water")]
     except Exception as e:  # pragma: no cover
         log.debug("tools.protocol not usable for the tokenizer corpus: %s", e)
     return texts * repeat

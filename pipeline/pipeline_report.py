@@ -64,6 +64,8 @@ def _eval_rows(o: dict[str, Any], b: dict[str, Any]) -> list[tuple[str, str, str
         keys.append((f"pass@{ks[-1]}_macro", f"Pass@{ks[-1]} macro"))
     keys += [("valid_zoom_rate", "valid zoom calls"), ("target_hit_rate", "zooms covering the target"),
              ("tool_error_rate", "tool error rate (per call)"), ("parse_failure_rate", "parse failures")]
+    if o.get("read_rate") is not None:
+        keys.append(("read_rate", "views read right (think names what the zoom shows)"))
     n = o.get("n")
     for k, label in keys:
         rows.append((f"{label}" + (f" (n={n})" if k == "pass@1_macro" and n else ""),

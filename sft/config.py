@@ -28,6 +28,9 @@ class SFTConfig(LaunchConfig, ZoomSettings):
     text_data: list[str] = hfield([], help="TextQA JSONL files (text cold start).")
     text_split: str = hfield("", help="Keep only TextQA records of this split ('' = all records).")
     vqa_data: list[str] = hfield([], help="VQASample JSONL files (pre-warm: oracle zoom trajectories).")
+    trajectory_data: list[str] = hfield([], help="Trajectory JSONL files trained as they are, every record (images "
+                                                 "resolved against each file's folder): episodes rendered elsewhere, "
+                                                 "e.g. make-scenes' look/ views for the tiny vision tower.")
     images_manifest: str = hfield("", help="images.jsonl of the image store holding the VQA images "
                                            "(required with vqa_data).")
     image_roots: list[str] = hfield([], help="Allowed image roots (default: the manifest's folder).")
@@ -103,8 +106,12 @@ class SFTConfig(LaunchConfig, ZoomSettings):
 
     def validate(self) -> list[str]:
         p = super().validate()
-        if not self.text_data and not self.vqa_data:
-            p.append("text_data/vqa_data: both empty; give TextQA and/or VQASample JSONL files")
+        if not self.text_data and not self.vqa_data and not self.trajectory_data:
+            p.append("text_data/vqa_data/trajectory_data: all empty; give TextQA, VQASample and/or Trajectory JSONL "
+                     "files")
+        for f in self.trajectory_data:
+            if not Path(f).is_file():
+                p.append(f"trajectory_data: {f} does not exist")
         if self.vqa_data and not self.images_manifest:
             p.append("images_manifest: required with vqa_data; give the images.jsonl written by make-scenes")
         if self.text_mix_ratio is not None and not 0.0 < self.text_mix_ratio < 1.0:

@@ -81,6 +81,10 @@ def build_items(cfg: SFTConfig, processor: Any, *, materialize: bool = True) -> 
         vqas = trajectory_items(path, first_zoom_examples=cfg.first_zoom_examples,
                                 sample_ids={s.id for s in samples})
         stats.update({"vqa_records": len(samples), **{f"trajectories_{k}": v for k, v in tstats.items()}})
+    if cfg.trajectory_data:
+        ready = [it for f in cfg.trajectory_data for it in trajectory_items(f)]
+        stats["trajectory_data_items"] = len(ready)
+        vqas += ready
     items = mix(texts, vqas, cfg.text_mix_ratio, cfg.seed)
     items, dropped = filter_by_length(items, processor, cfg.max_length)
     stats.update(items=len(items), text_items=sum(i.kind == "text" for i in items),

@@ -40,7 +40,7 @@ def _data_overrides(env, out):
             "torch_threads": 1, "save_steps": 1, "dataloader_num_workers": 0}
 
 
-@pytest.mark.parametrize("config", ["configs/tiny/sft_text.yaml", "configs/tiny/sft_aim.yaml",
+@pytest.mark.parametrize("config", ["configs/tiny/sft_look.yaml", "configs/tiny/sft_text.yaml", "configs/tiny/sft_aim.yaml",
                                     "configs/tiny/sft_prewarm.yaml", "configs/qwen2_5_vl_7b/sft.yaml"])
 def test_one_step_of_every_config(config, env, tmp_path):
     from pipeline.core.config import load_config
@@ -54,6 +54,16 @@ def test_one_step_of_every_config(config, env, tmp_path):
         over.pop("vqa_data"), over.pop("images_manifest")
         over.update(eval_text_data=[env["test"]], eval_max_samples=4, eval_max_new_tokens=8, eval_train_samples=3,
                     eval_rephrased_data=[env["test"]])
+    if "sft_look" in config:  # make-scenes' look/ views, trained as they are
+        import numpy as np
+
+        from tools.scenes import MakeScenesConfig, _texture_tile, write_look_set
+
+        look = tmp_path / "look"
+        write_look_set(MakeScenesConfig(look_crops=4), look, _texture_tile(np.random.default_rng(0)))
+        for k in ("text_data", "vqa_data", "images_manifest"):
+            over.pop(k)
+        over["trajectory_data"] = [str(look / "trajectories.jsonl")]
     if "qwen2_5_vl_7b" in config:  # the paper's recipe with a tiny-model override (no GPU, no DeepSpeed here)
         over.update(model="tiny", bf16=False, deepspeed="", zoom_max_pixels=50176, max_length=4096, warmup_ratio=0.0,
                     warmup_steps=0, num_processes=1)  # warmup would make the single step's lr 0
@@ -69,6 +79,8 @@ def test_one_step_of_every_config(config, env, tmp_path):
         assert "eval_before" in metrics and "eval_after" in metrics and metrics["eval_after"]["n"] == 4
         assert metrics["eval_train_after"]["n"] == 3
         assert metrics["eval_rephrased_before"]["n"] == metrics["eval_rephrased_after"]["n"] >= 4
+    elif "sft_look" in config:
+        assert metrics["data"]["trajectory_data_items"] == metrics["data"]["vqa_items"] == 4
     else:
         assert metrics["data"]["vqa_items"] >= 3 and metrics["data"]["trajectories_failed"] == 0
     model, processor = load_model(str(out))  # loadable by the next stage

@@ -374,3 +374,29 @@ def test_a_site_zoom_shows_the_land_cover_its_land_use_question_asks(tmp_path: P
         nearest = min(COVERS, key=lambda c: np.abs(seen - np.array(COVER_RGB[c], float)).sum())
         agree += "ABCDEF"[COVERS.index(nearest)] == s.answer
     assert agree >= 0.8 * len(lu), (agree, len(lu))
+
+
+def test_look_set_views_show_what_their_think_names(tmp_path: Path) -> None:
+    """make-scenes' look/ set: one-turn trajectories in the tool turn's format, each view holding objects of the
+    colour its think names, and the think in the words of site_description."""
+    import re
+
+    from pipeline.core.records import Trajectory
+    from tools.scenes import COLOUR_RGB, COVERS, PLURAL, _texture_tile, write_look_set
+
+    n = write_look_set(MakeScenesConfig(look_crops=12), tmp_path, _texture_tile(np.random.default_rng(0)))
+    rows = list(read_jsonl(tmp_path / "trajectories.jsonl", Trajectory))
+    assert n == len(rows) == 12
+    nouns = "|".join(sorted({*PLURAL, *PLURAL.values()}, key=len, reverse=True))
+    pat = re.compile(rf"<think>I see ([1-5]) (white|red|blue|yellow) ({nouns}) on ({'|'.join(COVERS)})\.</think>")
+    for t in rows:
+        tool, think = t.messages
+        assert tool["role"] == "tool" and tool["content"][0] == {"type": "image"}
+        assert re.fullmatch(r"obs_1: zoom of image_0 \[[1-9]41, [1-9]41, [1-9]59, [1-9]59\], shown at 224x224\.",
+                            tool["content"][1]["text"])
+        m = pat.fullmatch(think["content"])
+        assert m, think["content"]
+        px = np.asarray(Image.open(tmp_path / t.observations[0]["file"]), float)
+        assert px.shape == (224, 224, 3)
+        near = (np.abs(px - np.array(COLOUR_RGB[m.group(2)], float)).sum(-1) < 40).mean()
+        assert near > 0.005, (think["content"], near)  # the named colour covers part of the view

@@ -43,7 +43,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.core.config import StageConfig, hfield
-from pipeline.core.records import TargetRegion, TextQA, VQASample, write_jsonl
+from pipeline.core.records import TargetRegion, TextQA, Trajectory, VQASample, write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +132,11 @@ class MakeScenesConfig(StageConfig):
     blocksize: int = hfield(512, help="COG tile side.")
     probe_per_task: int = hfield(24, help="vqa_probe.jsonl: a fixed, seeded held-out probe set with at most this "
                                           "many test items per sub-task (stage-by-stage before/after checks).")
+    look_crops: int = hfield(0, help="Also write look/: this many synthetic site views (what a zoom on a site shows: "
+                                     "land cover, pad, 1-5 objects) as one-turn trajectories, the tool turn with "
+                                     "the view then 'I see 3 red ships on water.' (0 = none). `knowzoom sft "
+                                     "--trajectory_data` trains the tiny model's random vision tower on them "
+                                     "(docs/tiny_model.md).")
     preview: bool = hfield(True, help="Write preview.png: one scene's overview and a site with its targets drawn.")
     overwrite: bool = hfield(False, help="Rewrite COGs that already exist (otherwise kept: resumable).")
 
@@ -155,6 +160,8 @@ class MakeScenesConfig(StageConfig):
             p.append("landuse_box: use cell or site")
         if not 1 <= self.grid <= 16:
             p.append("grid: use 1..16 sites per side")
+        if self.look_crops < 0:
+            p.append("look_crops: must be >= 0")
         if self.site_box < 96:
             p.append("site_box: must be >= 96 px to hold up to five 32-44 px objects")
         if self.grid and min(self.size, self.pair_size) // max(self.grid, 1) < 2 * self.site_box:
@@ -670,6 +677,59 @@ def knowledge_facts(seed: int = 0) -> list[TextQA]:
     return [out[int(i)] for i in order]
 
 
+# -- look set: synthetic site views for the tiny model's vision tower -------------------------------------
+def look_view(rng: np.random.Generator, tex: np.ndarray, site_box: int = 144, max_px: int = 44, view: int = 224,
+              ) -> tuple[Image.Image, str]:
+    """One synthetic view of a site as the oracle zoom shows it (the box plus ~1 % rounding, magnified to
+    `view` px): a land-cover patch with the scene texture, the pad, and 1-5 objects drawn by the scenes' own
+    code; returns (image, what it shows in site_description's words)."""
+    side = site_box + 3
+    cover = COVERS[int(rng.integers(len(COVERS)))]
+    cls = CLASSES[int(rng.integers(len(CLASSES)))]
+    k = 1 if rng.random() < 0.25 else int(rng.choice(COUNTS))
+    colour = COLOURS[int(rng.integers(len(COLOURS)))]
+    ox, oy = (int(v) for v in rng.integers(0, tex.shape[0] - side, 2))
+    arr = np.array(COVER_RGB[cover], np.int16) + tex[oy:oy + side, ox:ox + side, None].astype(np.int16)
+    img = np.clip(arr, 0, 255).astype(np.uint8)
+    o = 1 + int(rng.integers(0, 2))
+    site = {"kind": "single" if k == 1 else "group", "cls": cls, "colours": [colour] * k,
+            "box": [o, o, o + site_box, o + site_box]}
+    a, b = o + PAD_INSET, o + site_box - PAD_INSET
+    img[a:b, a:b] = PAD_RGB[cls]
+    img[a:b, a:b] += tex[: b - a, : b - a, None] // 4
+    size, layout = layout_site(rng, site, site_box, max_px=max_px)
+    draw_site(img, site, size, layout)
+    noun = PLURAL[cls] if k > 1 else cls
+    return Image.fromarray(img).resize((view, view), Image.Resampling.BILINEAR), f"{k} {colour} {noun} on {cover}"
+
+
+def write_look_set(cfg: MakeScenesConfig, out: Path, tex: np.ndarray) -> int:
+    """look/trajectories.jsonl + look/images/: `cfg.look_crops` one-turn trajectories, each the tool turn of a
+    zoom on a site (its view and the tool's text for a site box) then the answer think naming what it shows
+    (protocol.ANSWER_THINK_SEES): the in-episode step from a view to its words, without the rest of the
+    episode. Views are drawn like the scenes' sites but are not from any scene (no test site is among them)."""
+    from tools.protocol import ANSWER_THINK_SEES
+
+    rng = np.random.default_rng([cfg.seed, 5])
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    max_px = max_object_px(cfg.size, cfg.overview_side)
+    rows = []
+    for i in range(cfg.look_crops):
+        image, sees = look_view(rng, tex, cfg.site_box, max_px)
+        name = f"images/look_{i:05d}.png"
+        image.save(out / name)
+        c, r = (int(v) for v in rng.integers(1, 10, 2))
+        tool_text = f"obs_1: zoom of image_0 [{c}41, {r}41, {c}59, {r}59], shown at {image.width}x{image.height}."
+        think = ANSWER_THINK_SEES.format(sees=sees)
+        rows.append(Trajectory(
+            sample_id=f"look_{i:05d}",
+            messages=[{"role": "tool", "content": [{"type": "image"}, {"type": "text", "text": tool_text}]},
+                      {"role": "assistant", "content": think}],
+            observations=[{"name": "obs_1", "file": name, "shown_size": list(image.size)}],
+            final_text=think, meta={"kind": "look", "sees": sees}))
+    return write_jsonl(out / "trajectories.jsonl", rows)
+
+
 # -- stage ----------------------------------------------------------------------------------------------
 def _make_single(cfg: MakeScenesConfig, idx: int, split: str, img_dir: Path, tex: np.ndarray, seed_index: int,
                  ) -> tuple[Scene, list[VQASample], np.ndarray | None]:
@@ -783,12 +843,13 @@ def run(cfg: MakeScenesConfig) -> dict[str, Any]:
     write_jsonl(out / "kg_facts.jsonl", [dataclasses.replace(f, id=f"{f.id}-r{r}") for r in
                                           range(max(1, cfg.knowledge_fact_repeats)) for f in facts if f.split == "train"])
     write_jsonl(out / "kg_facts_test.jsonl", [f for f in facts if f.split == "test"])
+    n_look = write_look_set(cfg, out / "look", tex) if cfg.look_crops else 0
     by_cat: dict[str, int] = {}
     for s in vqa["test"]:
         by_cat[s.category] = by_cat.get(s.category, 0) + 1
     summary = {"images": len(images), "vqa_train": n_train, "vqa_test": n_test, "vqa_probe": n_probe,
                "test_by_category": by_cat,
-               "kg_facts": sum(f.split == "train" for f in facts),
+               "kg_facts": sum(f.split == "train" for f in facts), "look_views": n_look,
                "seconds": round(time.time() - t0, 1)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return summary

@@ -89,6 +89,10 @@ def compute_metrics(
             t["attempts"].append(float(row["attempts"]))
             t["zoomed"].append(1.0 if g.tool_calls > 0 else 0.0)
             t["truncated"].append(1.0 if g.truncated else 0.0)
+            sees = s.meta.get("sees") if isinstance(s.meta, dict) else None
+            if sees:  # make-scenes says what the site's zooms show: did the answer think name exactly that?
+                row["read"] = f"I see {sees}." in (g.final_text or "")
+                t["read"].append(1.0 if row["read"] else 0.0)
             if s.targets:
                 zooms, hits = zoom_hits(g, s)
                 row.update(zooms_ok=zooms, zoom_hits=hits)
@@ -126,6 +130,7 @@ def compute_metrics(
             "tool_error_rate": errs / calls if calls else 0.0,
             "truncated_rate": _mean(t["truncated"]),
             "target_hit_rate": sum(t["zoom_hits"]) / sum(t["zooms_ok"]) if sum(t["zooms_ok"]) else None,
+            "read_rate": _mean(t["read"]),
             "errors": int(sum(t["errors"])),
         }
     scored = [r for r in items if "correct" in r]
@@ -154,6 +159,7 @@ def compute_metrics(
         # a successful zoom opens a view; a malformed call or a rejected box counts an error (both attempts)
         valid_zoom_rate=(zooms_all / (zooms_all + errs_all)) if zooms_all + errs_all else None,
         target_hit_rate=(sum(r.get("zoom_hits", 0) for r in scored) / zooms_ok) if zooms_ok else None,
+        read_rate=_mean(1.0 if r["read"] else 0.0 for r in scored if "read" in r),
     )
     return {"overall": overall, "tasks": tasks, "metrics": metric_names, "items": items}
 
@@ -178,14 +184,16 @@ def markdown_report(result: dict[str, Any]) -> str:
         lines += ["", f"- sampled rollouts that errored: {o['sampled_errors']}; items missing rollouts: "
                       f"{o['items_missing_rollouts']}"]
     lines += ["", "## Per task", ""]
+    # "read %": answers whose think names exactly what the zoom shows (samples whose meta says it, make-scenes')
+    read = o.get("read_rate") is not None
     head = "| task | n | " + " | ".join(metrics) + " | parse fail % | zooms/q | tool err % | target hit % |"
-    lines += [head, "|---|---:|" + "---:|" * (len(metrics) + 4)]
+    lines += [head + (" read % |" if read else ""), "|---|---:|" + "---:|" * (len(metrics) + 4 + read)]
     for task, t in result["metrics"]["tasks"].items():
         cells = " | ".join(_pct(t[m]) for m in metrics)
         zq = t["tool_calls_per_question"]
         lines.append(f"| {task} | {t['n']} | {cells} | {_pct(t['parse_failure_rate'])} | "
                      f"{'–' if zq is None else f'{zq:.2f}'} | {_pct(t['tool_error_rate'])} | "
-                     f"{_pct(t.get('target_hit_rate'))} |")
+                     f"{_pct(t.get('target_hit_rate'))} |" + (f" {_pct(t.get('read_rate'))} |" if read else ""))
     zq = o["tool_calls_per_question"]
     lines += ["", "## Tool use", "",
               f"- zoom calls per question: {'–' if zq is None else f'{zq:.2f}'}",
@@ -193,6 +201,8 @@ def markdown_report(result: dict[str, Any]) -> str:
               f"- tool error rate (errors per zoom attempt, malformed calls included): {_pct(o['tool_error_rate'])} %",
               f"- valid zoom calls (view opened / calls attempted): {_pct(o.get('valid_zoom_rate'))} %",
               f"- successful zooms covering the question's target region: {_pct(o.get('target_hit_rate'))} %",
+              *([f"- views read right (the answer think names exactly what the zoom shows): "
+                 f"{_pct(o['read_rate'])} %"] if read else []),
               f"- parse failures: {o['parse_failures']} ({_pct(o['parse_failure_rate'])} %)",
               f"- cut by the turn limit: {_pct(o['truncated_rate'])} %", ""]
     return "\n".join(lines)
