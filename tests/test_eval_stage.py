@@ -170,6 +170,26 @@ def test_compute_metrics_counts_tool_errors():
                          meta={"parse_failure": False})}
     m = compute_metrics(s, g)
     assert m["overall"]["tool_error_rate"] == 0.25 and m["overall"]["tool_calls_per_question"] == 4
+    assert m["overall"]["read_rate"] is None  # no sample says what its zoom shows: no read % column
+
+
+def test_read_rate_counts_answer_thinks_that_name_what_the_zoom_shows():
+    from pipeline.core.records import Trajectory
+    from pipeline.eval.report import markdown_report
+
+    s = [VQASample(id=i, images=["x"], question="q", answer="B", choices=["(A) x", "(B) y"], category="T/u",
+                   meta={"sees": "3 red ships on water"}) for i in ("a", "b")]
+    s.append(VQASample(id="c", images=["x"], question="q", answer="A", choices=["(A) x", "(B) y"], category="T/v"))
+    g = {"a": Trajectory(sample_id="a", messages=[], final_text="<think>I see 3 red ships on water.</think><answer>B"
+                                                                "</answer>", correct=True),
+         "b": Trajectory(sample_id="b", messages=[], final_text="<think>I see 3 red ships on forest.</think><answer>B"
+                                                                "</answer>", correct=True),
+         "c": Trajectory(sample_id="c", messages=[], final_text="<answer>A</answer>", correct=True)}
+    m = compute_metrics(s, g)
+    assert m["overall"]["read_rate"] == 0.5 and m["tasks"]["u"]["read_rate"] == 0.5
+    assert m["tasks"]["v"]["read_rate"] is None
+    md = markdown_report({"metrics": m, "model": "m", "dataset": "d", "protocol": "zoom"})
+    assert "target hit % | read % |" in md and "| u | 2 |" in md and "views read right" in md
 
 
 def test_mine_hard_keeps_low_pass_rate_and_resumes(data, tmp_path):

@@ -91,7 +91,9 @@ def compute_metrics(
             t["truncated"].append(1.0 if g.truncated else 0.0)
             sees = s.meta.get("sees") if isinstance(s.meta, dict) else None
             if sees:  # make-scenes says what the site's zooms show: did the answer think name exactly that?
-                row["read"] = f"I see {sees}." in (g.final_text or "")
+                from tools.protocol import ANSWER_THINK_SEES
+
+                row["read"] = ANSWER_THINK_SEES.format(sees=sees) in (g.final_text or "")
                 t["read"].append(1.0 if row["read"] else 0.0)
             if s.targets:
                 zooms, hits = zoom_hits(g, s)
