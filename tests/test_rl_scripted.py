@@ -74,6 +74,19 @@ def _sample(task):
     return json.loads((task / "vqa.jsonl").read_text().splitlines()[0])
 
 
+def capture_first_loss_inputs(trainer) -> dict:
+    """Wrap the trainer's `_compute_loss`: the returned dict gets the first batch of inputs it sees ("inputs")."""
+    captured: dict = {}
+    orig = trainer._compute_loss
+
+    def spy(model, inputs):
+        captured.setdefault("inputs", inputs)
+        return orig(model, inputs)
+
+    trainer._compute_loss = spy
+    return captured
+
+
 def test_scripted_rewards_counters_and_masks(task, tmp_path):
     from rl.env import LocalEpisodes
 
@@ -85,14 +98,7 @@ def test_scripted_rewards_counters_and_masks(task, tmp_path):
     run = build_run(cfg, backend=RaisingBackend(run.backend))  # same store, one call raises
     trainer = run.trainer
     script_policy(trainer, scripts(sample["answer"], wrong))
-    captured = {}
-    orig = trainer._compute_loss
-
-    def spy(model, inputs):
-        captured.setdefault("inputs", inputs)
-        return orig(model, inputs)
-
-    trainer._compute_loss = spy
+    captured = capture_first_loss_inputs(trainer)
     before = [p.detach().clone() for p in trainer.model.parameters()]
     trainer.train()
 
@@ -189,14 +195,7 @@ def test_a_length_truncated_rollout_with_a_crop_leaves_the_loss_not_the_attentio
     run = build_run(_cfg(task, tmp_path / "out", max_completion_length=240, mask_length_truncated=True))
     trainer = run.trainer
     script_policy(trainer, rollouts)
-    captured = {}
-    orig = trainer._compute_loss
-
-    def spy(model, inputs):
-        captured.setdefault("inputs", inputs)
-        return orig(model, inputs)
-
-    trainer._compute_loss = spy
+    captured = capture_first_loss_inputs(trainer)
     trainer.train()
     inputs = captured["inputs"]
     ids, mask, loss_mask = inputs["completion_ids"], inputs["completion_mask"], inputs["tool_mask"]
