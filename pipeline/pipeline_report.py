@@ -84,7 +84,10 @@ def stage_measures(name: str, out: Path, before: Path | None = None) -> list[tup
             b, a = m.get(f"{key}_before"), m.get(f"{key}_after")
             if b or a:
                 n = (a or b or {}).get("n", "?")
-                rows.append((f"{label} (n={n})", _pct((b or {}).get("accuracy")), _pct((a or {}).get("accuracy"))))
+                chance = (a or b or {}).get("chance")
+                note = f", chance {_pct(chance)}" if chance else ""
+                rows.append((f"{label} (n={n}{note})", _pct((b or {}).get("accuracy")),
+                             _pct((a or {}).get("accuracy"))))
         for key, label in (("probe", "held-out scenes"),):
             b, a = m.get(f"{key}_before"), m.get(f"{key}_after")
             if b or a:

@@ -79,6 +79,8 @@ def test_one_step_of_every_config(config, env, tmp_path):
         assert "eval_before" in metrics and "eval_after" in metrics and metrics["eval_after"]["n"] == 4
         assert metrics["eval_train_after"]["n"] == 3
         assert metrics["eval_rephrased_before"]["n"] == metrics["eval_rephrased_after"]["n"] >= 4
+        after = metrics["eval_after"]
+        assert sum(v["n"] for v in after["by_qtype"].values()) == 4 and 0.0 <= after["chance"] <= 0.5
     elif "sft_look" in config:
         assert metrics["data"]["trajectory_data_items"] == metrics["data"]["vqa_items"] == 4
     else:
@@ -169,3 +171,36 @@ def test_kill_and_resume_matches_uninterrupted_run(env, tmp_path):
     wa = load_file(tmp_path / "full" / "model" / "model.safetensors")
     wb = load_file(killed / "model" / "model.safetensors")
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
+def test_guess_rate_is_the_chance_of_a_uniform_guess():
+    from pipeline.core.records import TextQA
+    from sft.stage import guess_rate
+
+    def qa(qtype, choices=()):
+        return TextQA(id="q", question="?", qtype=qtype, answer="A", choices=list(choices))
+
+    assert guess_rate(qa("mcq", ["(A) x", "(B) y", "(C) z", "(D) w"])) == 0.25
+    assert guess_rate(qa("mcq", ["(A) x", "(B) y"])) == 0.5
+    assert guess_rate(qa("tf")) == 0.5
+    assert guess_rate(qa("fill")) == guess_rate(qa("free")) == 0.0
+
+
+def test_length_grouped_sampler_shuffles_whole_batches_and_replays():
+    """Batches still hold one length group (low padding), but come in a seeded shuffled order, not HF's
+    long-to-short sweep through each 50-batch megabatch; the same (seed, epoch) replays the same order (a resumed
+    run skips the right batches)."""
+    from sft.stage import _SeededLengthGroupedSampler
+
+    lengths = [10] * 400 + [100] * 400 + [50] * 3  # two length groups and a short tail
+    s = _SeededLengthGroupedSampler(4, lengths, seed=0)
+    order = list(s)
+    assert sorted(order) == list(range(len(lengths))) and order[-3:] != []
+    batches = [[lengths[i] for i in order[k:k + 4]] for k in range(0, len(order) - 3, 4)]
+    assert sum(len(set(b)) == 1 for b in batches) >= 0.9 * len(batches)  # grouped by length
+    kinds = [max(b) for b in batches]
+    same_as_next = sum(a == b for a, b in zip(kinds, kinds[1:])) / (len(kinds) - 1)
+    assert same_as_next < 0.75  # HF's sweep: ~0.98 (every megabatch: all long batches, then all short ones)
+    assert list(_SeededLengthGroupedSampler(4, lengths, seed=0)) == order
+    s.set_epoch(1)
+    assert list(s) != order
