@@ -292,7 +292,7 @@ def test_knowledge_family_needs_the_text_fact_and_the_probe_set_is_a_fixed_test_
     """Operator questions never name the class; text-only classes are never asked in training; kg_facts.jsonl
     states every operator; vqa_probe.jsonl is a per-task subset of the held-out set."""
     from pipeline.core.records import TextQA
-    from tools.scenes import OPERATOR_OF, OPERATORS
+    from tools.scenes import CLASSES, OPERATOR_OF, OPERATORS, PLURAL
 
     train = list(read_jsonl(scenes / "vqa_train.jsonl", VQASample))
     test = list(read_jsonl(scenes / "vqa_test.jsonl", VQASample))
@@ -310,7 +310,19 @@ def test_knowledge_family_needs_the_text_fact_and_the_probe_set_is_a_fixed_test_
     facts = list(read_jsonl(scenes / "kg_facts.jsonl", TextQA))
     for cls, op in OPERATOR_OF.items():
         assert any(cls.split()[-1] in f.question and f.answer == "ABCD"[OPERATORS.index(op)] for f in facts)
-    assert list(read_jsonl(scenes / "kg_facts_test.jsonl", TextQA))
+    held_out = list(read_jsonl(scenes / "kg_facts_test.jsonl", TextQA))
+    assert len(held_out) >= 60 and not {f.question for f in held_out} & {f.question for f in facts}  # rephrasings
+    tf = [f.answer for f in held_out if f.qtype == "tf"]
+    assert tf and tf.count("true") == tf.count("false")  # a constant true/false answer scores chance, no more
+    for f in held_out:  # the same facts, asked anew: every answer follows from OPERATOR_OF
+        named_op = [o for o in OPERATORS if o in f.question]
+        named_cls = [c for c in CLASSES if PLURAL[c] in f.question]
+        if f.qtype == "tf":
+            assert (f.answer == "true") == (OPERATOR_OF[named_cls[0]] == named_op[0])
+        elif named_cls:
+            assert f.answer == "ABCD"[OPERATORS.index(OPERATOR_OF[named_cls[0]])]
+        else:
+            assert f.answer == "ABCD"[CLASSES.index(next(c for c, o in OPERATOR_OF.items() if o == named_op[0]))]
     probe = list(read_jsonl(scenes / "vqa_probe.jsonl", VQASample))
     ids = {s.id for s in test}
     assert probe and all(s.id in ids for s in probe)

@@ -641,34 +641,46 @@ def probe_subset(samples: list[VQASample], per_task: int, seed: int = 0) -> list
 
 
 def knowledge_facts(seed: int = 0) -> list[TextQA]:
-    """Text QA stating the tiny world's operator facts (several phrasings per fact; every one is training
-    data, the `test` split rephrases them for a held-out check of the text cold start)."""
+    """Text QA stating the tiny world's operator facts. The `train` split has 6 phrasings per fact; the `test`
+    split (kg_facts_test.jsonl) asks the same facts in 17 phrasings never trained (new verbs, word orders and
+    answer forms; true/false balanced), the text cold start's check that the tiny model learned the fact, not
+    the sentence. Chance on the test split: 25 % for its 11 four-option items per fact, 50 % for its 6 true/false."""
     out: list[TextQA] = []
     rng = np.random.default_rng([seed, 7])
     for cls, op in OPERATOR_OF.items():
         pl = PLURAL[cls]
         fact = f"In the KnowZoom scenes, {pl} are operated by {op}."
         letter = LETTERS[OPERATORS.index(op)]
+        ops, classes = _opts(OPERATORS), _opts(CLASSES, lambda c: PLURAL[c])
+        cls_letter = LETTERS[CLASSES.index(cls)]
+        wrong = [o for o in OPERATORS if o != op]
         items = [
-            ("train", "mcq", f"Which company operates the {pl} in the KnowZoom scenes?", _opts(OPERATORS), letter),
-            ("train", "mcq", f"Which company operates objects that are {pl}?", _opts(OPERATORS), letter),
-            ("train", "mcq", f"Which objects does {op} operate?", _opts(CLASSES, lambda c: PLURAL[c]),
-             LETTERS[CLASSES.index(cls)]),
+            ("train", "mcq", f"Which company operates the {pl} in the KnowZoom scenes?", ops, letter),
+            ("train", "mcq", f"Which company operates objects that are {pl}?", ops, letter),
+            ("train", "mcq", f"Which objects does {op} operate?", classes, cls_letter),
             ("train", "tf", f"True or false: {op} operates the {pl}.", [], "true"),
             ("train", "tf", f"True or false: {OPERATORS[(OPERATORS.index(op) + 1) % 4]} operates the {pl}.", [],
              "false"),
             ("train", "fill", f"In the KnowZoom scenes, {pl} are operated by ____.", [], op),
-            # held-out rephrasings of the same facts (kg_facts_test.jsonl): the text cold start's check that the
-            # tiny model learned the fact, not one sentence (chance: 25 % mcq, 50 % tf)
-            ("test", "mcq", f"The {pl} seen after zooming in: which company operates them?", _opts(OPERATORS),
-             letter),
-            ("test", "mcq", f"Who is the operator of the {pl} in the KnowZoom scenes?", _opts(OPERATORS), letter),
-            ("test", "mcq", f"{op} is the operator of which objects?", _opts(CLASSES, lambda c: PLURAL[c]),
-             LETTERS[CLASSES.index(cls)]),
-            ("test", "tf", f"True or false: the {pl} in the KnowZoom scenes are operated by {op}.", [], "true"),
-            ("test", "tf", f"True or false: the {pl} in the KnowZoom scenes are operated by "
-                           f"{OPERATORS[(OPERATORS.index(op) + 2) % 4]}.", [], "false"),
         ]
+        items += [("test", "mcq", q, ops, letter) for q in (
+            f"The {pl} seen after zooming in: which company operates them?",
+            f"Who is the operator of the {pl} in the KnowZoom scenes?",
+            f"Which firm runs the {pl}?",
+            f"Name the operator of the {pl} in the KnowZoom scenes.",
+            f"Which operator is responsible for the {pl}?",
+            f"{pl.capitalize()} in the KnowZoom scenes belong to which operator?",
+            f"Who runs all {pl} in the KnowZoom scenes?",
+            f"Which company manages the {pl} seen in the images?")]
+        items += [("test", "mcq", q, classes, cls_letter) for q in (
+            f"{op} is the operator of which objects?",
+            f"Which objects are run by {op}?",
+            f"What kind of object does {op} operate?")]
+        # true/false: one true and one false statement per phrasing, the false operator never the trained one
+        for j, tf in enumerate((lambda o: f"True or false: the {pl} in the KnowZoom scenes are operated by {o}.",
+                                lambda o: f"True or false: {o} runs the {pl}.",
+                                lambda o: f"True or false: the operator of the {pl} is {o}.")):
+            items += [("test", "tf", tf(op), [], "true"), ("test", "tf", tf(wrong[(j + 1) % 3]), [], "false")]
         for j, (split, qtype, q, choices, ans) in enumerate(items):
             out.append(TextQA(id=f"fact-{cls.replace(' ', '_')}-{j}", question=q, qtype=qtype, answer=ans,
                               choices=choices, rationale=[fact], evidence=[[pl, "operated_by", op]], hops=1,
