@@ -27,6 +27,10 @@ class SFTConfig(LaunchConfig, ZoomSettings):
     # --- data
     text_data: list[str] = hfield([], help="TextQA JSONL files (text cold start).")
     text_split: str = hfield("", help="Keep only TextQA records of this split ('' = all records).")
+    text_qtypes: list[str] = hfield([], help="Keep only TextQA records of these question types (mcq, tf, fill, "
+                                             "free; [] = all). The tiny default trains mcq and tf: one-token "
+                                             "answers, so a fact's letter is not drowned by the loss of long free "
+                                             "answers it cannot learn (docs/tiny_model.md).")
     vqa_data: list[str] = hfield([], help="VQASample JSONL files (pre-warm: oracle zoom trajectories).")
     trajectory_data: list[str] = hfield([], help="Trajectory JSONL files trained as they are, every record (images "
                                                  "resolved against each file's folder): episodes rendered elsewhere, "
@@ -112,6 +116,11 @@ class SFTConfig(LaunchConfig, ZoomSettings):
         for f in self.trajectory_data:
             if not Path(f).is_file():
                 p.append(f"trajectory_data: {f} does not exist")
+        from pipeline.core.records import TEXT_QTYPES
+
+        bad = [t for t in self.text_qtypes if t not in TEXT_QTYPES]
+        if bad:
+            p.append(f"text_qtypes: {bad} unknown; use some of {', '.join(TEXT_QTYPES)}")
         if self.vqa_data and not self.images_manifest:
             p.append("images_manifest: required with vqa_data; give the images.jsonl written by make-scenes")
         if self.text_mix_ratio is not None and not 0.0 < self.text_mix_ratio < 1.0:

@@ -29,9 +29,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-def read_text_qa(paths: Sequence[str | Path], split: str | None = None, limit: int | None = None) -> list[TextQA]:
-    """TextQA records from JSONL files (optionally one split), in file order."""
-    return read_records(paths, TextQA, limit, keep=(lambda qa: qa.split == split) if split else None)
+def read_text_qa(paths: Sequence[str | Path], split: str | None = None, limit: int | None = None,
+                 qtypes: Sequence[str] = ()) -> list[TextQA]:
+    """TextQA records from JSONL files (optionally one split, only some question types), in file order."""
+    def keep(qa: TextQA) -> bool:
+        return (not split or qa.split == split) and (not qtypes or qa.qtype in qtypes)
+
+    return read_records(paths, TextQA, limit, keep=keep if split or qtypes else None)
 
 
 # ----------------------------------------------------------------------------------------- trajectories

@@ -58,7 +58,8 @@ def build_items(cfg: SFTConfig, processor: Any, *, materialize: bool = True) -> 
     texts: list[Any] = []
     vqas: list[Any] = []
     if cfg.text_data:
-        records = read_text_qa(cfg.text_data, split=cfg.text_split or None, limit=cfg.max_text_samples)
+        records = read_text_qa(cfg.text_data, split=cfg.text_split or None, limit=cfg.max_text_samples,
+                               qtypes=cfg.text_qtypes)
         texts = text_items(records, think=cfg.think and cfg.text_think)
         stats["text_records"] = len(records)
     if cfg.vqa_data:
@@ -226,14 +227,14 @@ def _trainer_class() -> type:
 
 
 class _SeededLengthGroupedSampler:
-    """Length-grouped order drawn from (seed, epoch) alone, its batches in shuffled order.
+    """Length-grouped order drawn from (seed, epoch) alone. HF's LengthGroupedSampler draws from the global
+    torch RNG when iteration starts, so a resumed run (RNG restored to its mid-epoch state) would see another
+    order and skip the wrong batches; this one replays the same order and the trainer skips what was seen.
 
-    HF's LengthGroupedSampler draws from the global torch RNG when iteration starts, so a resumed run (RNG
-    restored to its mid-epoch state) would see another order and skip the wrong batches; this one replays the
-    same order and the trainer skips what was seen. HF also yields each megabatch (50 batches) sorted from the
-    longest batch to the shortest, a periodic sweep: with text QA of two lengths (build-qa items, the short
-    kg_facts) the loss swung 0.15 <-> 4 every 50 steps and the tiny model's facts formed ~150 steps later than with
-    a random order (docs/tiny_model.md). Shuffling whole batches keeps the low padding and drops the sweep."""
+    The order is HF's: each megabatch of 50 batches runs from its longest batch to its shortest. Shuffling whole
+    batches instead did not help the text stage learn a fact (docs/tiny_model.md, "Text cold start"), and in
+    the one whole run with it the aiming step formed late (loss 0.16 at step 280, against < 0.01 from step ~170);
+    stages that mix item lengths set `group_by_length: false` (random order) instead."""
 
     def __init__(self, batch_size: int, lengths: list[int], seed: int) -> None:
         self.batch_size, self.lengths, self.seed, self.epoch = batch_size, list(lengths), seed, 0
@@ -250,11 +251,7 @@ class _SeededLengthGroupedSampler:
 
         g = torch.Generator()
         g.manual_seed(self.seed * 1_000_003 + self.epoch)
-        idx = get_length_grouped_indices(self.lengths, self.batch_size, generator=g)
-        full = len(idx) // self.batch_size  # a short last batch stays last, so every batch stays one group
-        batches = [idx[i * self.batch_size:(i + 1) * self.batch_size] for i in range(full)]
-        order = [i for b in torch.randperm(full, generator=g).tolist() for i in batches[b]]
-        return iter(order + idx[full * self.batch_size:])
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=g))
 
 
 def run(cfg: SFTConfig, callbacks: list[Any] | None = None) -> dict[str, Any]:
@@ -289,7 +286,8 @@ def run(cfg: SFTConfig, callbacks: list[Any] | None = None) -> dict[str, Any]:
         resume_from = get_last_checkpoint(str(ckpt_dir))
     elif cfg.resume not in ("auto", "never"):
         resume_from = cfg.resume
-    train_probe = (read_text_qa(cfg.text_data, split=cfg.text_split or None, limit=cfg.eval_train_samples)
+    train_probe = (read_text_qa(cfg.text_data, split=cfg.text_split or None, limit=cfg.eval_train_samples,
+                                qtypes=cfg.text_qtypes)
                    if cfg.eval_train_samples > 0 and cfg.text_data else [])
     rephrased = read_text_qa(cfg.eval_rephrased_data) if cfg.eval_rephrased_data else []
     probes = {"eval": eval_records, "eval_train": train_probe, "eval_rephrased": rephrased}

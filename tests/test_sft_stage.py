@@ -186,21 +186,17 @@ def test_guess_rate_is_the_chance_of_a_uniform_guess():
     assert guess_rate(qa("fill")) == guess_rate(qa("free")) == 0.0
 
 
-def test_length_grouped_sampler_shuffles_whole_batches_and_replays():
-    """Batches still hold one length group (low padding), but come in a seeded shuffled order, not HF's
-    long-to-short sweep through each 50-batch megabatch; the same (seed, epoch) replays the same order (a resumed
-    run skips the right batches)."""
-    from sft.stage import _SeededLengthGroupedSampler
+def test_text_qtypes_keeps_only_those_question_types(tmp_path):
+    from pipeline.core.records import TextQA, write_jsonl
+    from sft.config import SFTConfig
+    from sft.data import read_text_qa
 
-    lengths = [10] * 400 + [100] * 400 + [50] * 3  # two length groups and a short tail
-    s = _SeededLengthGroupedSampler(4, lengths, seed=0)
-    order = list(s)
-    assert sorted(order) == list(range(len(lengths))) and order[-3:] != []
-    batches = [[lengths[i] for i in order[k:k + 4]] for k in range(0, len(order) - 3, 4)]
-    assert sum(len(set(b)) == 1 for b in batches) >= 0.9 * len(batches)  # grouped by length
-    kinds = [max(b) for b in batches]
-    same_as_next = sum(a == b for a, b in zip(kinds, kinds[1:])) / (len(kinds) - 1)
-    assert same_as_next < 0.75  # HF's sweep: ~0.98 (every megabatch: all long batches, then all short ones)
-    assert list(_SeededLengthGroupedSampler(4, lengths, seed=0)) == order
-    s.set_epoch(1)
-    assert list(s) != order
+    path = tmp_path / "qa.jsonl"
+    write_jsonl(path, [TextQA(id=f"q{i}", question="?", qtype=t, answer="true" if t == "tf" else "A",
+                              choices=["(A) x", "(B) y"] if t == "mcq" else [])
+                       for i, t in enumerate(["mcq", "tf", "fill", "free", "mcq"])])
+    assert [q.id for q in read_text_qa([path], qtypes=["mcq", "tf"])] == ["q0", "q1", "q4"]
+    assert [q.id for q in read_text_qa([path], qtypes=["mcq"], limit=1)] == ["q0"]
+    assert len(read_text_qa([path])) == 5
+    problems = SFTConfig(text_data=[str(path)], text_qtypes=["mcq", "essay"]).validate()
+    assert any("text_qtypes" in p and "essay" in p for p in problems)
