@@ -232,9 +232,8 @@ class _SeededLengthGroupedSampler:
     order and skip the wrong batches; this one replays the same order and the trainer skips what was seen.
 
     The order is HF's: each megabatch of 50 batches runs from its longest batch to its shortest. Shuffling whole
-    batches instead did not help the text stage learn a fact (docs/tiny_model.md, "Text cold start"), and in
-    the one whole run with it the aiming step formed late (loss 0.16 at step 280, against < 0.01 from step ~170);
-    stages that mix item lengths set `group_by_length: false` (random order) instead."""
+    batches instead did not help the tiny text stage learn a fact (docs/tiny_model.md, "Text cold start"); a
+    stage that needs every batch mixed sets `group_by_length: false` (random order)."""
 
     def __init__(self, batch_size: int, lengths: list[int], seed: int) -> None:
         self.batch_size, self.lengths, self.seed, self.epoch = batch_size, list(lengths), seed, 0
