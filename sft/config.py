@@ -28,9 +28,8 @@ class SFTConfig(LaunchConfig, ZoomSettings):
     text_data: list[str] = hfield([], help="TextQA JSONL files (text cold start).")
     text_split: str = hfield("", help="Keep only TextQA records of this split ('' = all records).")
     text_qtypes: list[str] = hfield([], help="Keep only TextQA records of these question types (mcq, tf, fill, "
-                                             "free; [] = all). The tiny default trains mcq and tf: one-token "
-                                             "answers, so a fact's letter is not drowned by the loss of long free "
-                                             "answers it cannot learn (docs/tiny_model.md).")
+                                             "free; [] = all), e.g. [mcq, tf]: one-token answers, whose loss long "
+                                             "free answers do not drown (docs/tiny_model.md, 'Text cold start').")
     vqa_data: list[str] = hfield([], help="VQASample JSONL files (pre-warm: oracle zoom trajectories).")
     trajectory_data: list[str] = hfield([], help="Trajectory JSONL files trained as they are, every record (images "
                                                  "resolved against each file's folder): episodes rendered elsewhere, "

@@ -676,7 +676,7 @@ def knowledge_facts(seed: int = 0) -> list[TextQA]:
             f"{op} is the operator of which objects?",
             f"Which objects are run by {op}?",
             f"What kind of object does {op} operate?")]
-        # true/false: one true and one false statement per phrasing, the false operator never the trained one
+        # true/false: one true and one false statement per phrasing; each wrong operator is the false one once
         for j, tf in enumerate((lambda o: f"True or false: the {pl} in the KnowZoom scenes are operated by {o}.",
                                 lambda o: f"True or false: {o} runs the {pl}.",
                                 lambda o: f"True or false: the operator of the {pl} is {o}.")):
