@@ -316,7 +316,7 @@ def test_knowledge_family_needs_the_text_fact_and_the_probe_set_is_a_fixed_test_
     assert tf and tf.count("true") == tf.count("false")  # a constant true/false answer scores chance, no more
     for f in held_out:  # the same facts, asked anew: every answer follows from OPERATOR_OF
         named_op = [o for o in OPERATORS if o in f.question]
-        named_cls = [c for c in CLASSES if PLURAL[c] in f.question]
+        named_cls = [c for c in CLASSES if PLURAL[c] in f.question.lower()]
         if f.qtype == "tf":
             assert (f.answer == "true") == (OPERATOR_OF[named_cls[0]] == named_op[0])
         elif named_cls:
