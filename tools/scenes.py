@@ -677,10 +677,11 @@ def knowledge_facts(seed: int = 0) -> list[TextQA]:
             f"Which objects are run by {op}?",
             f"What kind of object does {op} operate?")]
         # true/false: one true and one false statement per phrasing; each wrong operator is the false one once
-        for j, tf in enumerate((lambda o: f"True or false: the {pl} in the KnowZoom scenes are operated by {o}.",
-                                lambda o: f"True or false: {o} runs the {pl}.",
-                                lambda o: f"True or false: the operator of the {pl} is {o}.")):
-            items += [("test", "tf", tf(op), [], "true"), ("test", "tf", tf(wrong[(j + 1) % 3]), [], "false")]
+        for j, tf in enumerate(("True or false: the {pl} in the KnowZoom scenes are operated by {o}.",
+                                "True or false: {o} runs the {pl}.",
+                                "True or false: the operator of the {pl} is {o}.")):
+            items += [("test", "tf", tf.format(pl=pl, o=op), [], "true"),
+                      ("test", "tf", tf.format(pl=pl, o=wrong[(j + 1) % 3]), [], "false")]
         for j, (split, qtype, q, choices, ans) in enumerate(items):
             out.append(TextQA(id=f"fact-{cls.replace(' ', '_')}-{j}", question=q, qtype=qtype, answer=ans,
                               choices=choices, rationale=[fact], evidence=[[pl, "operated_by", op]], hops=1,
