@@ -64,8 +64,8 @@ def test_one_step_of_every_config(config, env, tmp_path):
         for k in ("text_data", "vqa_data", "images_manifest"):
             over.pop(k)
         over["trajectory_data"] = [str(look / "trajectories.jsonl")]
-    if "qwen2_5_vl_7b" in config:  # the paper's recipe with a tiny-model override (no GPU, no DeepSpeed here)
-        over.update(model="tiny", bf16=False, deepspeed="", zoom_max_pixels=50176, max_length=4096, warmup_ratio=0.0,
+    if "qwen2_5_vl_7b" in config:  # the paper's recipe with a tiny-model override (no GPU, no DeepSpeed; its bf16 stays on)
+        over.update(model="tiny", deepspeed="", zoom_max_pixels=50176, max_length=4096, warmup_ratio=0.0,
                     warmup_steps=0, num_processes=1)  # warmup would make the single step's lr 0
     cfg = load_config(SFTConfig, ROOT / config, over)
     if "qwen2_5_vl_7b" in config:
@@ -87,9 +87,11 @@ def test_one_step_of_every_config(config, env, tmp_path):
         assert metrics["data"]["vqa_items"] >= 3 and metrics["data"]["trajectories_failed"] == 0
     model, processor = load_model(str(out))  # loadable by the next stage
     assert model.config.model_type == "qwen2_5_vl"
-    if "qwen2_5_vl_7b" in config:  # frozen tower and projector did not move
-        base, _ = load_model("tiny")
-        sd, sb = model.state_dict(), base.state_dict()
+    if "qwen2_5_vl_7b" in config:  # trained and saved in bf16; frozen tower and projector did not move
+        assert json.loads((out / "model" / "config.json").read_text())["dtype"] == "bfloat16"
+        base, _ = load_model("tiny")  # fp32; the run loaded it in bf16 (the recipe's bf16 on CPU), so compare in bf16
+        sd = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
+        sb = {k: v.to(torch.bfloat16) for k, v in base.state_dict().items()}
         visual = [k for k in sd if ".visual." in k]
         assert visual and all(torch.equal(sd[k], sb[k]) for k in visual)
         assert any(not torch.equal(sd[k], sb[k]) for k in sd if "language_model" in k)
