@@ -56,6 +56,11 @@ class AblateConfig(StageConfig):
     training_stages: list[str] = hfield(["sft_text", "mine_hard", "sft_aim", "sft_prewarm", "rl", "eval"],
                                         help="Stage ids whose seed follows the ablation seed.")
     eval_stage: str = hfield("eval", help="Stage id whose results.json is tabulated.")
+    probe_stage: str = hfield("probe_rl", help="Eval stage id that scores the RL model on the fixed probe set; with "
+                              "the eval before it on the same items (the pre-warm probe) it gives RL's gain per run. "
+                              "Empty: no RL columns.")
+    rl_stage: str = hfield("rl", help="RL stage id whose rewards.jsonl gives the mean reward of the first and the "
+                           "last 10 steps.")
     force: bool = hfield(False, help="Rerun stages even when their outputs exist.")
 
     def validate(self) -> list[str]:
@@ -97,13 +102,19 @@ def _pipeline_for(cfg: AblateConfig, name: str, variant: dict[str, Any], seed: i
 
 
 TABLE_KEYS = ["pass@1_macro", "pass@1_micro", "pass@k_macro", "pass@k_micro", "k", "n", "parse_failure_rate",
-              "tool_calls_per_question", "zoom_rate", "knowledge_seen_pass@1", "knowledge_text_only_pass@1"]
+              "tool_calls_per_question", "zoom_rate", "knowledge_seen_pass@1", "knowledge_text_only_pass@1",
+              "probe_before_rl", "probe_after_rl", "probe_rl_gain", "rl_reward_first", "rl_reward_last"]
 # sub-tasks of the knowledge family (tools/scenes.py): operator questions about classes whose operator is also
 # in the image training split, and about classes whose operator only the text QA states
 KNOWLEDGE_TASKS = {"knowledge_seen_pass@1": "Object operator",
                    "knowledge_text_only_pass@1": "Object operator (text only)"}
 SPREAD_KEYS = ["pass@1_macro", "pass@1_micro", "pass@k_macro", "knowledge_seen_pass@1", "knowledge_text_only_pass@1",
-               "parse_failure_rate", "tool_error_rate"]
+               "parse_failure_rate", "tool_error_rate", "probe_after_rl", "probe_rl_gain"]
+
+
+def _percent(key: str) -> bool:
+    """Accuracies and rates (fractions, printed in percent): Pass@k, *_rate, the knowledge and probe columns."""
+    return key.startswith(("pass@", "knowledge_", "probe_")) or key.endswith("rate")
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -115,7 +126,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         cells = []
         for k in keys:
             v = r.get(k)
-            if isinstance(v, float) and (k.startswith("pass@") or k.endswith("rate")):
+            if isinstance(v, float) and _percent(k):
                 v = f"{100 * v:.1f}"
             cells.append(f"{v:.2f}" if isinstance(v, float) else ("–" if v is None else str(v)))
         label = r["variant"] + (f" seed {r['seed']}" if "seed" in r else "")
@@ -141,6 +152,26 @@ def metrics_row(name: str, label: str, result: dict[str, Any]) -> dict[str, Any]
     for key, task in KNOWLEDGE_TASKS.items():
         row[key] = (tasks.get(task) or {}).get("pass@1")
     return row
+
+
+def rl_columns(probe_before: Path | None, probe_after: Path | None, rl_out: Path | None) -> dict[str, Any]:
+    """RL's effect in one run: probe Pass@1 macro before (the pre-warm model) and after RL on the same fixed
+    probe items, their difference, and the mean reward of the first and the last 10 GRPO steps. A column is None
+    when its stage did not run (RL only has no pre-warm probe)."""
+    from pipeline.pipeline_report import reward_windows
+
+    def macro(folder: Path | None) -> float | None:
+        path = folder / "results.json" if folder else None
+        if not path or not path.exists():
+            return None
+        v = json.loads(path.read_text()).get("metrics", {}).get("overall", {}).get("pass@1_macro")
+        return float(v) if isinstance(v, (int, float)) else None
+
+    before, after = macro(probe_before), macro(probe_after)
+    reward = reward_windows(rl_out).get("reward") if rl_out else None
+    return {"probe_before_rl": before, "probe_after_rl": after,
+            "probe_rl_gain": after - before if before is not None and after is not None else None,
+            "rl_reward_first": reward[0] if reward else None, "rl_reward_last": reward[1] if reward else None}
 
 
 def spread_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -177,6 +208,7 @@ def format_spread(aggs: list[dict[str, Any]]) -> str:
 
 
 def run(cfg: AblateConfig) -> dict[str, Any]:
+    from pipeline.pipeline_report import eval_baselines
     from pipeline.runner import run as run_pipeline
     from pipeline.runner import stage_configs
 
@@ -187,10 +219,14 @@ def run(cfg: AblateConfig) -> dict[str, Any]:
             pcfg = _pipeline_for(cfg, name, variant, seed)
             if not cfg.only or name in cfg.only:
                 run_pipeline(pcfg)
-            eval_cfg = next(c for sid, _, c in stage_configs(pcfg) if sid == cfg.eval_stage)
-            mpath = Path(eval_cfg.output_dir) / "results.json"
+            resolved = stage_configs(pcfg)
+            folders = {sid: Path(c.output_dir) for sid, _, c in resolved}
+            mpath = folders[cfg.eval_stage] / "results.json"
             metrics = json.loads(mpath.read_text()) if mpath.exists() else {}
             row = metrics_row(name, variant.get("label", name), metrics)
+            if cfg.probe_stage:
+                row.update(rl_columns(eval_baselines(resolved).get(cfg.probe_stage), folders.get(cfg.probe_stage),
+                                      folders.get(cfg.rl_stage)))
             if len(seeds) > 1:
                 row["seed"] = seed
             rows.append(row)

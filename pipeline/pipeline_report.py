@@ -118,25 +118,36 @@ def stage_measures(name: str, out: Path, before: Path | None = None) -> list[tup
     return rows
 
 
-def _rl_rows(out: Path) -> list[tuple[str, str, str]]:
-    """Mean reward (and accuracy reward) over the first and the last 10 logged GRPO steps."""
+REWARD_KEYS = (("reward", "mean reward"), ("rewards/accuracy/mean", "accuracy reward"),
+               ("rewards/tool_bonus/mean", "tool bonus"))
+
+
+def reward_windows(out: Path) -> dict[str, tuple[float, float, int]]:
+    """GRPO log key → (mean over the first w logged steps, mean over the last w, w), w = min(10, steps // 2),
+    for the keys of REWARD_KEYS that an RL stage's `rewards.jsonl` in OUT logs on at least two steps."""
     path = out / "rewards.jsonl"
     if not path.exists():
-        return []
+        return {}
     logs = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
             logs.append(json.loads(line))
         except ValueError:
             continue
-    rows = []
-    for key, label in (("reward", "mean reward"), ("rewards/accuracy/mean", "accuracy reward"),
-                       ("rewards/tool_bonus/mean", "tool bonus")):
+    windows = {}
+    for key, _ in REWARD_KEYS:
         vals = [float(r[key]) for r in logs if isinstance(r.get(key), (int, float))]
         if len(vals) >= 2:
             w = max(1, min(10, len(vals) // 2))
-            rows.append((f"{label} (first → last {w} steps)", _num(sum(vals[:w]) / w), _num(sum(vals[-w:]) / w)))
-    return rows
+            windows[key] = (sum(vals[:w]) / w, sum(vals[-w:]) / w, w)
+    return windows
+
+
+def _rl_rows(out: Path) -> list[tuple[str, str, str]]:
+    """Mean reward (and accuracy reward) over the first and the last 10 logged GRPO steps."""
+    windows = reward_windows(out)
+    return [(f"{label} (first → last {windows[key][2]} steps)", _num(windows[key][0]), _num(windows[key][1]))
+            for key, label in REWARD_KEYS if key in windows]
 
 
 def eval_baselines(resolved: list[tuple[str, str, StageConfig]]) -> dict[str, Path]:

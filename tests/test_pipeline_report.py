@@ -174,3 +174,29 @@ def test_ablate_seeds_get_own_roots_seeded_training_stages_and_a_spread_table(tm
     assert agg[0]["pass@1_macro"]["mean"] == pytest.approx(0.6) and agg[0]["pass@1_macro"]["sd"] == pytest.approx(0.1414, abs=1e-3)
     assert agg[0]["knowledge_text_only_pass@1"]["max"] == 0.4
     assert "| c (full) | 2 | 60.0 ± 14.1 (50.0–70.0) |" in format_spread(agg)
+
+
+def test_ablate_rl_columns_give_the_probe_gain_and_reward_windows_and_none_for_stages_not_run(tmp_path):
+    from pipeline.ablate import format_table, metrics_row, rl_columns
+
+    def probe(name: str, macro: float) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        (d / "results.json").write_text(json.dumps({"metrics": {"overall": {"pass@1_macro": macro}}}))
+        return d
+
+    rl = tmp_path / "rl"
+    rl.mkdir()
+    rewards = [0.1] * 10 + [0.3] * 40 + [0.6] * 10  # 60 steps: first 10 → 0.1, last 10 → 0.6
+    (rl / "rewards.jsonl").write_text("".join(json.dumps({"step": i + 1, "reward": r}) + "\n"
+                                              for i, r in enumerate(rewards)) + "not json\n")
+    cols = rl_columns(probe("before", 0.20), probe("after", 0.25), rl)
+    assert cols["probe_rl_gain"] == pytest.approx(0.05)
+    assert (cols["rl_reward_first"], cols["rl_reward_last"]) == (pytest.approx(0.1), pytest.approx(0.6))
+    none = rl_columns(tmp_path / "never_ran", probe("after_only", 0.3), tmp_path / "no_rl")
+    assert none["probe_before_rl"] is None and none["probe_rl_gain"] is None and none["rl_reward_first"] is None
+    row = {**metrics_row("b", "pre-warm", {"metrics": {"overall": {"pass@1_macro": 0.5}, "tasks": {
+        "Object operator": {"pass@1": 0.25}}}}), **cols}
+    line = format_table([row]).splitlines()[-1]
+    # fractions print in percent (the knowledge and probe columns too), rewards as numbers
+    assert "| 50.0 |" in line and "| 25.0 |" in line and "| 5.0 | 0.10 | 0.60 |" in line
