@@ -130,6 +130,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
                 v = f"{100 * v:.1f}"
             cells.append(f"{v:.2f}" if isinstance(v, float) else ("–" if v is None else str(v)))
         label = r["variant"] + (f" seed {r['seed']}" if "seed" in r else "")
+        if r.get("not_run"):
+            lines.append(f"| {label} | not run |" + " |" * (len(keys) - 1))
+            continue
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -180,7 +183,8 @@ def spread_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
     by: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
-        by.setdefault(r["variant"], []).append(r)
+        if not r.get("not_run"):
+            by.setdefault(r["variant"], []).append(r)
     out = []
     for variant, rs in by.items():
         agg: dict[str, Any] = {"variant": variant, "seeds": [r.get("seed") for r in rs]}
@@ -224,6 +228,8 @@ def run(cfg: AblateConfig) -> dict[str, Any]:
             mpath = folders[cfg.eval_stage] / "results.json"
             metrics = json.loads(mpath.read_text()) if mpath.exists() else {}
             row = metrics_row(name, variant.get("label", name), metrics)
+            if not metrics:
+                row["not_run"] = True  # listed as "not run", left out of the spread
             if cfg.probe_stage:
                 row.update(rl_columns(eval_baselines(resolved).get(cfg.probe_stage), folders.get(cfg.probe_stage),
                                       folders.get(cfg.rl_stage)))

@@ -147,6 +147,7 @@ def test_ablate_seeds_get_own_roots_seeded_training_stages_and_a_spread_table(tm
         AblateConfig,
         _pipeline_for,
         format_spread,
+        format_table,
         metrics_row,
         spread_rows,
     )
@@ -174,6 +175,10 @@ def test_ablate_seeds_get_own_roots_seeded_training_stages_and_a_spread_table(tm
     assert agg[0]["pass@1_macro"]["mean"] == pytest.approx(0.6) and agg[0]["pass@1_macro"]["sd"] == pytest.approx(0.1414, abs=1e-3)
     assert agg[0]["knowledge_text_only_pass@1"]["max"] == 0.4
     assert "| c (full) | 2 | 60.0 ± 14.1 (50.0–70.0) |" in format_spread(agg)
+    # a seed whose run has no results yet is listed as not run and left out of the spread
+    missing = dict(metrics_row("c", "full", {}), seed=2, not_run=True)
+    assert spread_rows([*rows, missing]) == agg
+    assert "| c (full) seed 2 | not run |" in format_table([*rows, missing])
 
 
 def test_ablate_rl_columns_give_the_probe_gain_and_reward_windows_and_none_for_stages_not_run(tmp_path):
