@@ -156,7 +156,8 @@ def test_ablate_runs_the_three_variants_from_one_seed_and_tabulates(tiny_run, tm
     assert [r["variant"].split()[0] for r in rows] == list(DEFAULT_VARIANTS)
     for r in rows:
         assert r["n"] == 6 and r["k"] == 2 and 0 <= r["pass@1_micro"] <= r["pass@k_micro"] <= 1
-        assert isinstance(r["probe_after_rl"], float) and isinstance(r["rl_reward_last"], float)
+        assert isinstance(r["probe_after_rl"], float)
+        assert r["rl_reward_last"] is None  # one RL step here: no first → last window (two steps at least)
     # RL's gain on the probe: RL only has no pre-warm probe; the others are after − before on the same items
     assert rows[0]["probe_before_rl"] is None and rows[0]["probe_rl_gain"] is None
     for r in rows[1:]:
