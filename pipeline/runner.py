@@ -135,7 +135,14 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
         ran = not (isinstance(results[sid], dict) and results[sid].get("skipped"))
         upstream_ran = upstream_ran or (ran and name not in READ_ONLY_STAGES)
         timings[sid] = round(time.time() - t0, 1)
-        log.info("stage %s done in %.1fs", sid, timings[sid])
+        if ran:
+            log.info("stage %s done in %.1fs", sid, timings[sid])
+        else:  # reused: the report keeps what the run that wrote the outputs took
+            from pipeline.core.manifest import stage_seconds
+
+            recorded = stage_seconds(scfg.output_dir)
+            timings[sid] = recorded if recorded is not None else timings[sid]
+            log.info("stage %s reused (its outputs took %s s)", sid, "?" if recorded is None else f"{recorded:.1f}")
     summary = {"stages": results, "seconds": timings, "output_dir": cfg.output_dir}
     if cfg.report:
         from pipeline.pipeline_report import write_pipeline_report

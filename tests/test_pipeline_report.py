@@ -205,3 +205,21 @@ def test_ablate_rl_columns_give_the_probe_gain_and_reward_windows_and_none_for_s
     line = format_table([row]).splitlines()[-1]
     # fractions print in percent (the knowledge and probe columns too), rewards as numbers
     assert "| 50.0 |" in line and "| 25.0 |" in line and "| 5.0 | 0.10 | 0.60 |" in line
+
+
+def test_stage_seconds_from_done_and_from_older_outputs_without_it(tmp_path):
+    from pipeline.core.config import StageConfig
+    from pipeline.core.manifest import mark_done, stage_seconds, write_manifest
+
+    cfg = StageConfig(output_dir=str(tmp_path / "stage"))
+    write_manifest(cfg, "demo")
+    mark_done(cfg, "demo")
+    done = json.loads((tmp_path / "stage/DONE.json").read_text())
+    assert 0 <= done["seconds"] < 60 and stage_seconds(tmp_path / "stage") == done["seconds"]
+    # outputs written before DONE carried seconds: finished − started
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "manifest.json").write_text(json.dumps({"started": "2026-11-30T14:25:29"}))
+    (old / "DONE.json").write_text(json.dumps({"finished": "2026-11-30T14:27:12"}))
+    assert stage_seconds(old) == 103.0
+    assert stage_seconds(tmp_path / "never_ran") is None

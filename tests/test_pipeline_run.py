@@ -64,9 +64,14 @@ def test_tiny_pipeline_runs_every_stage_and_reports(tiny_run):
 
 
 def test_rerun_skips_and_a_changed_stage_reruns_downstream(tiny_run):
-    tmp, cfg, _ = tiny_run
+    tmp, cfg, first = tiny_run
     again = run(cfg)
     assert all(r.get("skipped") for r in again["stages"].values())
+    # the report of a rerun keeps what each reused stage took when it ran (not the ~0 s of the skip)
+    for sid in ("make-scenes", "sft_text", "rl"):
+        assert 0 < again["seconds"][sid] <= first["seconds"][sid] + 1.0  # from its manifest to its DONE
+    assert f"| sft_text | `knowzoom sft` | {again['seconds']['sft_text']} (cached) |" in (
+        Path(cfg.output_dir) / "report.md").read_text()
     changed = _tiny(tmp, overrides={**FAST, "eval": {**FAST["eval"], "max_new_tokens": 16}})
     out = run(changed)
     # every eval stage (the probes too) reruns, and nothing else: no stage reads an eval's outputs

@@ -86,6 +86,7 @@ def write_manifest(cfg: StageConfig, stage: str, extra: dict[str, Any] | None = 
         "seed": cfg.seed,
         "argv": sys.argv,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "started_epoch": time.time(),
         **(extra or {}),
     }
     atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2, default=str))
@@ -93,12 +94,31 @@ def write_manifest(cfg: StageConfig, stage: str, extra: dict[str, Any] | None = 
 
 
 def mark_done(cfg: StageConfig, stage: str, summary: dict[str, Any] | None = None) -> None:
-    """Written last: the stage's outputs for this exact config are complete."""
-    atomic_write_text(
-        Path(cfg.output_dir) / DONE,
-        json.dumps({"stage": stage, "config_fingerprint": cfg.fingerprint(), "summary": summary or {},
-                    "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2, default=str),
-    )
+    """Written last: the stage's outputs for this exact config are complete (with the seconds since the
+    stage's manifest was written, so a later run that reuses the outputs can still say what they cost)."""
+    out = Path(cfg.output_dir)
+    done: dict[str, Any] = {"stage": stage, "config_fingerprint": cfg.fingerprint(), "summary": summary or {},
+                            "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    try:
+        done["seconds"] = round(time.time() - float(json.loads((out / "manifest.json").read_text())["started_epoch"]), 1)
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    atomic_write_text(out / DONE, json.dumps(done, indent=2, default=str))
+
+
+def stage_seconds(output_dir: str | Path) -> float | None:
+    """How long the run that wrote OUTPUT_DIR's outputs took: DONE's seconds, or, for outputs written before
+    DONE carried them, its finished time minus the manifest's started time (1 s resolution); None if unknown."""
+    import datetime as dt
+
+    done = read_done(output_dir) or {}
+    if isinstance(done.get("seconds"), (int, float)):
+        return float(done["seconds"])
+    try:
+        started = json.loads((Path(output_dir) / "manifest.json").read_text())["started"]
+        return (dt.datetime.fromisoformat(done["finished"]) - dt.datetime.fromisoformat(started)).total_seconds()
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def is_done(cfg: StageConfig) -> bool:
