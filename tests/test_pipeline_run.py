@@ -81,6 +81,10 @@ def test_rerun_skips_and_a_changed_stage_reruns_downstream(tiny_run):
     out = run(changed)
     assert [s for s, r in out["stages"].items() if not r.get("skipped")] == ["probe_text", "probe_prewarm", "rl",
                                                                           "probe_rl", "eval"]  # evals: back to FAST
+    # the rerun RL does not resume from the checkpoints the other learning rate wrote: it starts at step 0
+    rl_dir = Path(dict((sid, c) for sid, _, c in stage_configs(changed))["rl"].output_dir)
+    assert out["stages"]["rl"]["resumed_from_step"] == 0 and out["stages"]["rl"]["steps"] == 1
+    assert [json.loads(x)["step"] for x in (rl_dir / "rewards.jsonl").read_text().splitlines()] == [1]
 
 
 def test_7b_recipe_wiring_with_tiny_overrides(tiny_run, tmp_path):

@@ -137,12 +137,36 @@ def launch(name: str, cfg: StageConfig) -> dict[str, Any]:
     return summary
 
 
+def drop_stale_checkpoints(cfg: StageConfig) -> bool:
+    """Delete OUTPUT_DIR/checkpoints when the manifest there was written for another config (a stage rerun after
+    its config changed): the SFT and RL trainers resume from that folder, and a checkpoint of another config
+    (another learning rate, data or step count) is not this run's. A killed run of the same config keeps its
+    checkpoints and resumes. True when something was deleted."""
+    import shutil
+
+    out = Path(cfg.output_dir)
+    ckpt = out / "checkpoints"
+    if not ckpt.is_dir():
+        return False
+    try:
+        old = json.loads((out / "manifest.json").read_text())["config_fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False  # no record of what wrote them: keep them (the trainers' own resume rules apply)
+    if old == cfg.fingerprint():
+        return False
+    log.warning("%s: its checkpoints were written for another config (%s, now %s); starting fresh", out, old,
+                cfg.fingerprint())
+    shutil.rmtree(ckpt)
+    return True
+
+
 def run_recorded(name: str, cfg: StageConfig, func: Callable[[Any], dict[str, Any] | None]) -> dict[str, Any]:
     """Run `func(cfg)` as stage `name` with manifest + DONE bookkeeping, starting its ranks when it needs them.
 
     Only rank 0 writes the bookkeeping (inside a job someone else launched, WORLD_SIZE is set)."""
     main = is_main_rank()
     if main:
+        drop_stale_checkpoints(cfg)
         write_manifest(cfg, name)
     if needs_launch(name, cfg):
         summary = launch(name, cfg)
