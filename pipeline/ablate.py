@@ -161,13 +161,10 @@ def rl_columns(probe_before: Path | None, probe_after: Path | None, rl_out: Path
     """RL's effect in one run: probe Pass@1 macro before (the pre-warm model) and after RL on the same fixed
     probe items, their difference, and the mean reward of the first and the last 10 GRPO steps. A column is None
     when its stage did not run (RL only has no pre-warm probe)."""
-    from pipeline.pipeline_report import reward_windows
+    from pipeline.pipeline_report import eval_overall, reward_windows
 
     def macro(folder: Path | None) -> float | None:
-        path = folder / "results.json" if folder else None
-        if not path or not path.exists():
-            return None
-        v = json.loads(path.read_text()).get("metrics", {}).get("overall", {}).get("pass@1_macro")
+        v = eval_overall(folder).get("pass@1_macro")
         return float(v) if isinstance(v, (int, float)) else None
 
     before, after = macro(probe_before), macro(probe_after)

@@ -50,7 +50,8 @@ def _num(v: Any, fmt: str = "{:.3f}") -> str:
     return "–" if not isinstance(v, (int, float)) else fmt.format(v)
 
 
-def _eval_overall(out: Path | None) -> dict[str, Any]:
+def eval_overall(out: Path | None) -> dict[str, Any]:
+    """The `overall` block of an eval stage's results.json in OUT ({} when absent or unreadable)."""
     return ((_json(out / "results.json").get("metrics") or {}).get("overall") or {}) if out else {}
 
 
@@ -103,9 +104,9 @@ def stage_measures(name: str, out: Path, before: Path | None = None) -> list[tup
     elif name == "rl":
         rows += _rl_rows(out)
     elif name == "eval":
-        o = _eval_overall(out)
+        o = eval_overall(out)
         if o:
-            rows += _eval_rows(o, _eval_overall(before))
+            rows += _eval_rows(o, eval_overall(before))
     elif name == "mine-hard":
         s = _json(out / "stats.json")
         if s:

@@ -15,6 +15,7 @@ from typing import Any
 
 from pipeline.core.config import StageConfig, config_from_dict, hfield, load_yaml
 from pipeline.core.errors import ConfigError
+from pipeline.core.manifest import stage_seconds
 from pipeline.stages import STAGES, run_stage
 
 log = logging.getLogger(__name__)
@@ -138,8 +139,6 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
         if ran:
             log.info("stage %s done in %.1fs", sid, timings[sid])
         else:  # reused: the report keeps what the run that wrote the outputs took
-            from pipeline.core.manifest import stage_seconds
-
             recorded = stage_seconds(scfg.output_dir)
             timings[sid] = recorded if recorded is not None else timings[sid]
             log.info("stage %s reused (its outputs took %s s)", sid, "?" if recorded is None else f"{recorded:.1f}")
