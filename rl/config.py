@@ -54,6 +54,7 @@ class RLConfig(LaunchConfig, ZoomSettings):
     mask_truncated_episodes: bool = hfield(True, help="Episodes cut by the zoom limit get no reward (zero advantage) instead of a penalty.")
     mask_length_truncated: bool = hfield(True, help="Completions cut by max_completion_length carry no loss (they stay in the attention mask; rl/trainer.py fix 5).")
     max_failure_rate: float = hfield(0.25, help="A step fails when more than this share of its rollouts raised.")
+    tool_errors_break_format: bool = hfield(True, help="The format reward is 0 when the tool rejected a call (bad arguments, a box it cannot open).")
     # checkpoints and logs
     save_steps: int = hfield(4, help="Checkpoint every N optimizer steps (0 = only at the end).")
     save_total_limit: int = hfield(2, help="Checkpoints kept.")
@@ -164,7 +165,8 @@ class RLConfig(LaunchConfig, ZoomSettings):
 
     def reward_settings(self) -> RewardSettings:
         return RewardSettings(self.accuracy_weight, self.format_weight, self.tool_bonus_weight, self.region_weight,
-                              self.max_answer_chars, self.mask_truncated_episodes, self.max_failure_rate)
+                              self.max_answer_chars, self.mask_truncated_episodes, self.max_failure_rate,
+                              self.tool_errors_break_format)
 
     def zoom_config(self) -> dict[str, Any]:
         return self.zoom_tool_kwargs()

@@ -7,7 +7,11 @@ reward function so TRL logs `rewards/<name>/mean` on its own; the weights live i
   `max_answer_chars` characters or more get no credit.
 - format: 1 when every turn is well formed (`tools.protocol.parse_turn`), the last turn answers and the
   others call the tool; 0 on a format error (bad call JSON, unknown tool, several calls, a tool call and an
-  answer in one turn, no answer); −1 when `<think>`/`<tool_call>`/`<answer>` tags are unbalanced.
+  answer in one turn, no answer) and, with `tool_errors_break_format` (the default), when the tool rejected
+  a call (arguments it cannot run: `{"name": [...]}` for `{"bbox": [...]}`, an inverted or outside box, an
+  unknown source); −1 when `<think>`/`<tool_call>`/`<answer>` tags are unbalanced. Without the rejected
+  calls in it nothing in the reward tells a call the tool ran from one it refused unless the answer was
+  right, and GRPO let the tiny model's change-pair calls drift to 100 % rejected (docs/tiny_model.md).
 - tool bonus: 1 only when the answer is right AND at least one zoom succeeded.
 - region (optional, weight 0 by default): the largest share of a target region covered by a successful zoom.
 
@@ -44,6 +48,7 @@ class RewardSettings:
     max_answer_chars: int = 1000
     mask_truncated_episodes: bool = True
     max_failure_rate: float = 0.25
+    tool_errors_break_format: bool = True
 
     def weights(self) -> list[float]:
         """Weights in the order of `ZoomRewards.functions()`."""
@@ -156,6 +161,9 @@ def score_episode(turns: Sequence[str], sample: VQASample, stats: EpisodeStats,
         s.format_errors = [f"episode raised: {stats.failure}"]
         return s
     s.format, s.format_errors, s.truncated = format_score(turns)
+    if settings.tool_errors_break_format and stats.n_errors and s.format > 0:
+        s.format = 0.0
+        s.format_errors.append(f"{stats.n_errors} tool call(s) rejected by the tool")
     final = turns[-1] if turns else ""
     res = verify_sample(final, sample, max_chars=settings.max_answer_chars)
     s.correct, s.prediction, s.parse_failure = bool(res.correct), res.prediction, bool(res.parse_failure)

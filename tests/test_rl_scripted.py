@@ -118,7 +118,9 @@ def test_scripted_rewards_counters_and_masks(task, tmp_path):
     assert any("ToolCallParseError" in e for e in s[1].format_errors)
     assert s[2].format == 0.0 and s[2].accuracy == 1.0 and s[2].tool_bonus == 0.0
     assert any("UnknownToolError" in e for e in s[2].format_errors)
-    assert s[3].format == 1.0 and s[3].accuracy == 0.0 and s[3].n_tool_errors == 1 and s[3].n_zooms_ok == 0
+    # an out-of-bounds box: the turn parses, the tool rejects the call, and that costs the format reward
+    assert s[3].format == 0.0 and s[3].accuracy == 0.0 and s[3].n_tool_errors == 1 and s[3].n_zooms_ok == 0
+    assert any("rejected by the tool" in e for e in s[3].format_errors)
     assert s[4].format == 0.0 and s[4].accuracy == 1.0  # a tool call and an answer in one turn
     assert s[5].format == -1.0
     assert s[6].truncated and s[6].masked and s[6].component("accuracy") is None

@@ -75,7 +75,12 @@ def test_score_episode_components_and_weights():
     nozoom = score_episode(["<answer>B</answer>"], SAMPLE, EpisodeStats(), st)
     assert (nozoom.accuracy, nozoom.tool_bonus) == (1.0, 0.0)  # no bonus without a successful zoom
     failed = score_episode([CALL, "<answer>B</answer>"], SAMPLE, EpisodeStats(n_calls=1, n_errors=1), st)
-    assert failed.tool_bonus == 0.0
+    assert (failed.tool_bonus, failed.format) == (0.0, 0.0)  # a call the tool rejected is not well formed
+    assert "rejected" in failed.format_errors[-1]
+    retried = EpisodeStats(n_calls=2, n_errors=1, zooms=[(0, (90.0, 90.0, 150.0, 150.0))])
+    assert score_episode([CALL, CALL, "<answer>B</answer>"], SAMPLE, retried, st).format == 0.0
+    lax = RewardSettings(tool_errors_break_format=False)
+    assert score_episode([CALL, "<answer>B</answer>"], SAMPLE, EpisodeStats(n_calls=1, n_errors=1), lax).format == 1.0
     long = score_episode(["<answer>" + "B" * 1000 + "</answer>"], SAMPLE, EpisodeStats(), st)
     assert long.accuracy == 0.0  # answers >= max_answer_chars get no credit
     cut = score_episode([CALL, CALL], SAMPLE, zoomed, st)
