@@ -48,7 +48,8 @@ class SFTConfig(LaunchConfig, ZoomSettings):
     max_zooms: int = hfield(5, help="Zoom calls per oracle trajectory (one per target region, at most this).")
     first_zoom_examples: str = hfield("off", help="Zooming trajectories cut after their first zoom call (the "
                                       "aiming turn): 'add' them to the whole trajectories, train 'only' on them (the "
-                                      "tiny default's aiming stage, before the pre-warm; docs/tiny_model.md), 'off'.")
+                                      "tiny default's aiming stage, before the pre-warm; docs/tiny_model.md), 'every' "
+                                      "zoom call's cut (a change pair's call on image_1 too), 'off'.")
     trajectory_dir: str = hfield("", help="Folder of the oracle trajectories and crops ('' = output_dir/sft_data). "
                                  "Stages training on the same vqa_data with the same zoom settings and think may "
                                  "share one: the later stage reuses what the earlier rendered (samples are kept "

@@ -152,7 +152,7 @@ class ChatItem:
     n_tokens: int = 0  # full tokenized length, set by filter_by_length (for length-grouped batches)
 
 
-FIRST_ZOOM_MODES = ("off", "add", "only")
+FIRST_ZOOM_MODES = ("off", "add", "only", "every")
 
 
 def trajectory_items(path: str | Path, merge_pixels: int = 28 * 28, *,
@@ -162,8 +162,9 @@ def trajectory_items(path: str | Path, merge_pixels: int = 28 * 28, *,
 
     first_zoom_examples: "add" puts after each trajectory that zooms its prefix cut right after the first zoom
     call (system, user turn with the input images, the aiming turn); "only" keeps just those prefixes (an
-    aiming curriculum: every target in them is learnable, none is an answer guessed at chance); "off": whole
-    trajectories only."""
+    aiming curriculum: every target in them is learnable, none is an answer guessed at chance); "every" keeps a
+    prefix cut after each zoom call instead (a change pair's second call, on image_1, as well as its first);
+    "off": whole trajectories only."""
     if first_zoom_examples not in FIRST_ZOOM_MODES:
         raise ValueError(f"first_zoom_examples {first_zoom_examples!r} not in {FIRST_ZOOM_MODES}")
     base = Path(path).parent
@@ -171,13 +172,15 @@ def trajectory_items(path: str | Path, merge_pixels: int = 28 * 28, *,
     for t in read_jsonl(path, Trajectory):
         if sample_ids is not None and t.sample_id not in sample_ids:
             continue
-        if first_zoom_examples != "only":
+        if first_zoom_examples in ("off", "add"):
             items.append(_chat_item(t.messages, t.observations, base, merge_pixels))
-        first = next((i for i, m in enumerate(t.messages) if m["role"] == "assistant"), None)
-        if first_zoom_examples != "off" and first is not None and first < len(t.messages) - 1:
-            n_inputs = sum(1 for m in t.messages[:first] if isinstance(m["content"], list)
-                           for c in m["content"] if c.get("type") == "image")
-            items.append(_chat_item(t.messages[:first + 1], t.observations[:n_inputs], base, merge_pixels))
+        if first_zoom_examples == "off":
+            continue
+        calls = [i for i, m in enumerate(t.messages[:-1]) if m["role"] == "assistant"]  # the last turn answers
+        for i in calls if first_zoom_examples == "every" else calls[:1]:
+            n_seen = sum(1 for m in t.messages[:i] if isinstance(m["content"], list)
+                         for c in m["content"] if c.get("type") == "image")
+            items.append(_chat_item(t.messages[:i + 1], t.observations[:n_seen], base, merge_pixels))
     return items
 
 

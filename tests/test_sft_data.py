@@ -3,6 +3,7 @@ direct answers without a region, resumable materialization, mixing, length filte
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -125,8 +126,12 @@ def test_first_zoom_examples_cut_each_zooming_trajectory_after_its_first_call(sc
 
     manifest, vqa = scenes
     samples = read_vqa([vqa])
-    path, _ = materialize_trajectories(samples, ImageStore.from_manifest(manifest), ZoomConfig(), tmp_path,
-                                       progress=False)
+    # a change pair: the same site zoomed in image_0, then in image_1
+    s = next(x for x in samples if x.targets)
+    pair = dataclasses.replace(s, id=s.id + "-pair", images=[s.images[0], s.images[0]],
+                               targets=[dataclasses.replace(s.targets[0], image=k) for k in (0, 1)])
+    path, _ = materialize_trajectories(samples + [pair], ImageStore.from_manifest(manifest), ZoomConfig(),
+                                       tmp_path, progress=False)
     whole = trajectory_items(path)
     both = trajectory_items(path, first_zoom_examples="add")
     only = trajectory_items(path, first_zoom_examples="only")
@@ -134,6 +139,18 @@ def test_first_zoom_examples_cut_each_zooming_trajectory_after_its_first_call(sc
     assert zooming and len(both) == len(whole) + len(zooming)
     cuts = [it for it in both if it not in whole]
     assert [it.messages for it in only] == [it.messages for it in cuts]
+    # "every": a cut after each zoom call (a change pair's call on image_1 too), the first ones among them
+    every = trajectory_items(path, first_zoom_examples="every")
+    n_calls = sum(sum(m["role"] == "assistant" for m in it.messages) - 1 for it in zooming)
+    assert len(every) == n_calls > len(only)
+    assert all(any(e.messages == o.messages for e in every) for o in only)
+    for it in every:
+        last = it.messages[-1]
+        assert last["role"] == "assistant" and parse_turn(last["content"]).tool_call is not None
+        assert len(ChatDataset([it])[0]["images"]) == len(it.image_files)
+    second = [it for it in every if [m["role"] for m in it.messages].count("assistant") == 2]
+    assert len(second) == 1 and parse_turn(second[0].messages[-1]["content"]).tool_call.arguments["source"] == "image_1"
+    assert second[0].messages[-2]["role"] == "tool" and len(second[0].image_files) == 3  # 2 inputs + the 1st view
     for it in cuts:
         last = it.messages[-1]
         assert last["role"] == "assistant" and [m["role"] for m in it.messages].count("assistant") == 1
