@@ -29,7 +29,7 @@ from typing import Any
 
 from pipeline.core.config import StageConfig, hfield, save_config
 from pipeline.core.errors import KnowZoomError
-from pipeline.core.manifest import mark_done, seed_everything, write_manifest
+from pipeline.core.manifest import mark_done, read_manifest, seed_everything, write_manifest
 
 log = logging.getLogger(__name__)
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -148,12 +148,9 @@ def drop_stale_checkpoints(cfg: StageConfig) -> bool:
     ckpt = out / "checkpoints"
     if not ckpt.is_dir():
         return False
-    try:
-        old = json.loads((out / "manifest.json").read_text())["config_fingerprint"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return False  # no record of what wrote them: keep them (the trainers' own resume rules apply)
-    if old == cfg.fingerprint():
-        return False
+    old = read_manifest(out).get("config_fingerprint")
+    if old is None or old == cfg.fingerprint():
+        return False  # the same config, or no record of what wrote them: keep them (the trainers' resume rules apply)
     log.warning("%s: its checkpoints were written for another config (%s, now %s); starting fresh", out, old,
                 cfg.fingerprint())
     shutil.rmtree(ckpt)

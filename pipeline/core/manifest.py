@@ -99,10 +99,9 @@ def mark_done(cfg: StageConfig, stage: str, summary: dict[str, Any] | None = Non
     out = Path(cfg.output_dir)
     done: dict[str, Any] = {"stage": stage, "config_fingerprint": cfg.fingerprint(), "summary": summary or {},
                             "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    try:
-        done["seconds"] = round(time.time() - float(json.loads((out / "manifest.json").read_text())["started_epoch"]), 1)
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
+    started = read_manifest(out).get("started_epoch")
+    if isinstance(started, (int, float)):
+        done["seconds"] = round(time.time() - float(started), 1)
     atomic_write_text(out / DONE, json.dumps(done, indent=2, default=str))
 
 
@@ -115,9 +114,9 @@ def stage_seconds(output_dir: str | Path) -> float | None:
     if isinstance(done.get("seconds"), (int, float)):
         return float(done["seconds"])
     try:
-        started = json.loads((Path(output_dir) / "manifest.json").read_text())["started"]
+        started = read_manifest(output_dir)["started"]
         return (dt.datetime.fromisoformat(done["finished"]) - dt.datetime.fromisoformat(started)).total_seconds()
-    except (OSError, ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError):
         return None
 
 
@@ -129,6 +128,15 @@ def is_done(cfg: StageConfig) -> bool:
         return json.loads(p.read_text())["config_fingerprint"] == cfg.fingerprint()
     except (ValueError, KeyError):
         return False
+
+
+def read_manifest(output_dir: str | Path) -> dict[str, Any]:
+    """OUTPUT_DIR's manifest.json ({} when absent or unreadable: outputs with no record of what wrote them)."""
+    try:
+        m = json.loads((Path(output_dir) / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return m if isinstance(m, dict) else {}
 
 
 def read_done(output_dir: str | Path) -> dict[str, Any] | None:
