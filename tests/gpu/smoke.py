@@ -328,13 +328,22 @@ def main(argv: list[str] | None = None) -> int:
         report["model"] = dims
         report["stages"]["build"] = {"seconds": round(time.time() - t, 2), **_memory(device)}
         store, samples, zoom_cfg = data(work, max_pixels)
-        report["stages"]["sft"] = sft_step(model, processor, store, samples, zoom_cfg, work, device)
-        report["stages"]["grpo"] = grpo_step(model, processor, store, samples, zoom_cfg, device, max_new)
-        report["stages"]["eval"] = evaluate(model, processor, store, samples, zoom_cfg, device, max_new)
-    report["total_seconds"] = round(time.time() - t_all, 1)
-    (out / "smoke.json").write_text(json.dumps(report, indent=2))
+        steps = {"sft": lambda: sft_step(model, processor, store, samples, zoom_cfg, work, device),
+                 "grpo": lambda: grpo_step(model, processor, store, samples, zoom_cfg, device, max_new),
+                 "eval": lambda: evaluate(model, processor, store, samples, zoom_cfg, device, max_new)}
+        for name, step in steps.items():
+            # a failed stage (say, out of memory) is recorded and the next one still runs: a device run is
+            # scarce, and every stage's figures should come back from it
+            try:
+                report["stages"][name] = step()
+            except Exception as e:
+                report["stages"][name] = {"error": f"{type(e).__name__}: {e}"[:2000], **_memory(device)}
+                print(f"smoke: stage {name} failed: {type(e).__name__}: {e}", file=sys.stderr)
+            report["total_seconds"] = round(time.time() - t_all, 1)
+            (out / "smoke.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
-    return 0
+    failed = [n for n, st in report["stages"].items() if "error" in st]
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
