@@ -1,14 +1,27 @@
-"""A short real run of `knowzoom rl` on CPU with the tiny model: reward log, plot, summary, parameters move."""
+"""A short real run of `knowzoom rl` with the tiny model: reward log, plot, summary, parameters move."""
 
 from __future__ import annotations
 
 import json
 
 from fixtures.scenes import make_scenes
+from fixtures.scripted_trainer import anchor_first_rollout
 
 
-def test_tiny_run_logs_rewards_and_updates_parameters(tmp_path):
+def test_tiny_run_logs_rewards_and_updates_parameters(tmp_path, monkeypatch):
+    import rl.stage
     from pipeline.stages import STAGES, run_stage
+
+    build_run = rl.stage.build_run
+
+    def anchored(*args, **kwargs):
+        # The random model's samples can all score alike (on CUDA's random stream they did: three steps of
+        # tied rewards, zero advantage, no update); one well-formed rollout per group keeps a learning signal.
+        run = build_run(*args, **kwargs)
+        anchor_first_rollout(run.trainer, "<think>The crop shows it.</think><answer>A</answer>")
+        return run
+
+    monkeypatch.setattr(rl.stage, "build_run", anchored)
 
     cfg_cls, run_fn = STAGES["rl"].load()
     task = tmp_path / "task"
