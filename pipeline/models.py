@@ -114,6 +114,22 @@ def torchvision_available() -> bool:
     return importlib.util.find_spec("torchvision") is not None
 
 
+def has_video_processor(path: Path) -> bool:
+    """Whether a model folder describes a video processor. A folder saved where torchvision is absent (every CPU
+    host here) has none, and `AutoProcessor` refuses it where torchvision is installed (every GPU host: the
+    `gpu` extra pins it): "Can't load video processor", seen on an H200. Such a folder is loaded from its parts,
+    with a default video processor there (`make_processor`)."""
+    # transformers 5.17 (`BaseVideoProcessor.get_video_processor_dict`) reads the "video_processor" entry of
+    # processor_config.json, else video_preprocessor_config.json, else the legacy preprocessor_config.json (the
+    # layout of the Hugging Face Qwen2.5-VL repositories)
+    if (path / "video_preprocessor_config.json").exists() or (path / "preprocessor_config.json").exists():
+        return True
+    try:
+        return "video_processor" in json.loads((path / "processor_config.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
 # --------------------------------------------------------------------------------------------- corpus
 def _builtin_corpus() -> list[str]:
     """Deterministic project text: protocol strings, question templates, Earth-science vocabulary."""
@@ -487,7 +503,7 @@ def load_processor(spec: str = TINY, *, max_pixels: int | None = None, min_pixel
     the zoom tool's so images the tool already sized are not resized again)."""
     path = resolve_model_path(spec, cache_dir)
     model_type = json.loads((path / "config.json").read_text()).get("model_type", "")
-    if torchvision_available() or model_type not in ("qwen2_5_vl", "qwen2_vl"):
+    if model_type not in ("qwen2_5_vl", "qwen2_vl") or (torchvision_available() and has_video_processor(path)):
         from transformers import AutoProcessor
 
         try:

@@ -4,6 +4,7 @@ and image placeholder tokens == image features for a prompt image and a tool-ret
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
@@ -208,3 +209,47 @@ def test_checkpoint_weights_reload_strictly(tmp_path, tiny):
     type(model)(type(model.config).from_dict(d)).save_pretrained(tmp_path / "small")
     with pytest.raises(CheckpointMismatchError, match="does not match the model"):
         load_checkpoint_weights(other, tmp_path / "small")
+
+
+def test_a_folder_saved_without_torchvision_loads_from_parts_where_torchvision_is(cache, tmp_path, monkeypatch):
+    """On an H200 (torchvision installed, as the gpu extra pins it) `AutoProcessor` refused a model folder that
+    `knowzoom build-model` had saved on a CPU host: "Can't load video processor". Such a folder (no video
+    processor in it) is loaded from its tokenizer and image processor; a Hugging Face Qwen2.5-VL folder (a legacy
+    preprocessor_config.json, which transformers' video processor falls back to) still goes to AutoProcessor.
+    torchvision is never installed here, so its presence and the video-processor half of `make_processor` are
+    stand-ins that record what they get."""
+    import shutil
+
+    import transformers
+
+    import pipeline.models as pm
+
+    folder = pm.resolve_model_path("tiny")
+    assert not pm.has_video_processor(folder)
+    monkeypatch.setattr(pm, "torchvision_available", lambda: True)
+    auto_calls: list[str] = []
+
+    def auto_processor(path, **kwargs):  # what transformers 5.17 raised on the H200 for such a folder
+        auto_calls.append(str(path))
+        raise OSError(f"Can't load video processor for '{path}'.")
+
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", auto_processor)
+    made: list[tuple[Any, Any]] = []
+
+    def make_processor(tokenizer, image_processor, template=None):
+        made.append((tokenizer, image_processor))
+        return pm._processor_class()(image_processor=image_processor, tokenizer=tokenizer, chat_template=template)
+
+    monkeypatch.setattr(pm, "make_processor", make_processor)
+    processor = pm.load_processor(str(folder))
+    assert not auto_calls and len(made) == 1
+    assert processor.tokenizer.convert_tokens_to_ids("<|image_pad|>") == json.loads(
+        (folder / "config.json").read_text())["image_token_id"]
+    assert type(made[0][1]).__name__ == "Qwen2VLImageProcessorPil"
+    hf_layout = tmp_path / "hf_layout"
+    shutil.copytree(folder, hf_layout)
+    (hf_layout / "preprocessor_config.json").write_text(json.dumps({"image_processor_type": "Qwen2VLImageProcessor"}))
+    assert pm.has_video_processor(hf_layout)
+    with pytest.raises(pm.ModelNotFoundError, match="Can't load video processor"):
+        pm.load_processor(str(hf_layout))
+    assert auto_calls == [str(hf_layout)]
