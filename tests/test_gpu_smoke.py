@@ -80,3 +80,35 @@ def test_deepspeed_sft_driver_runs_the_7b_config_through_the_launcher_on_cpu(tmp
     assert sorted(report["checkpoints"]) == ["checkpoint-1", "checkpoint-2"] and report["deepspeed_partitions"] == []
     w = report["weights"]
     assert w["language_changed"] > 0.1 and w["vision_changed"] == 0.0 and w["saved_dtype"] == "bfloat16"
+
+
+def test_text_seeds_repeats_a_runs_text_stage_over_seeds_and_budgets(tmp_path, monkeypatch):
+    """tests/gpu/text_seeds.py on CPU: a run's sft_text/config.yaml, moved to another folder (--data_root), two
+    seeds of one step each; every run's scores land in text_seeds.json."""
+    import shutil
+
+    from fixtures.toy import write_text_qa
+
+    from pipeline.core.config import load_config, save_config
+    from sft.config import SFTConfig
+
+    monkeypatch.setenv("KNOWZOOM_CACHE", str(tmp_path.parent / "kz_model_cache"))
+    run = tmp_path / "run"
+    train, test = write_text_qa(run / "qa")
+    cfg = load_config(SFTConfig, ROOT / "configs/tiny/sft_text.yaml", {
+        "output_dir": str(run / "sft_text"), "model": "tiny", "text_data": [str(train)],
+        "eval_text_data": [str(test)], "eval_max_samples": 2, "eval_train_samples": 2, "eval_max_new_tokens": 4,
+        "warmup_steps": 0, "torch_threads": 1, "save_steps": 100})
+    save_config(cfg, run / "sft_text" / "config.yaml")
+    moved = tmp_path / "moved"
+    shutil.copytree(run, moved)
+    shutil.rmtree(run / "qa")  # the runs must read the moved copy
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, str(ROOT / "tests/gpu/text_seeds.py"), "--run_dir", str(moved),
+                        "--data_root", str(moved), "--out", str(out), "--seeds", "0,1", "--steps", "1",
+                        "--parallel", "2", "--timeout", "240"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    rows = json.loads((out / "text_seeds.json").read_text())["runs"]
+    assert sorted((x["seed"], x["steps"], x["exit"]) for x in rows) == [(0, 1, 0), (1, 1, 0)]
+    for x in rows:
+        assert x["global_step"] == 1 and x["eval_after"]["n"] == 2 and x["eval_train_after"]["n"] == 2
