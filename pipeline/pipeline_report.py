@@ -86,7 +86,9 @@ def stage_measures(name: str, out: Path, before: Path | None = None) -> list[tup
             if b or a:
                 n = (a or b or {}).get("n", "?")
                 chance = (a or b or {}).get("chance")
-                note = f", chance {_pct(chance)}" if chance else ""
+                prior = (a or b or {}).get("prior")
+                note = (f", chance {_pct(chance)}" if chance else "") + (
+                    f", answer prior {_pct(prior)}" if prior is not None else "")
                 rows.append((f"{label} (n={n}{note})", _pct((b or {}).get("accuracy")),
                              _pct((a or {}).get("accuracy"))))
         for key, label in (("probe", "held-out scenes"),):

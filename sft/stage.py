@@ -168,6 +168,28 @@ def evaluate_text_qa(model: Any, processor: Any, records: list[TextQA], *, max_n
             "examples": examples}
 
 
+def prior_rate(train: list[TextQA], records: list[TextQA]) -> float:
+    """Accuracy of a model that learned no fact, only each question template's most common training answer
+    (the template in `meta["template"]`, else the question type), scored by the same verifier. Build-qa's
+    held-out split asks about entities no training item mentions, so what the text stage can show there is this
+    prior at best; `chance` (a uniform guess, 0 for free answers) reads below it."""
+    from collections import Counter
+
+    from rl.verifier import verify_sample
+
+    counts: dict[tuple[str, str], Counter[str]] = {}
+    for q in train:
+        for key in ((str(q.meta.get("template") or ""), q.qtype), ("", q.qtype)):
+            counts.setdefault(key, Counter())[str(q.answer).strip()] += 1
+        # ("", qtype) is the fallback for a template no training item has
+    hits = 0
+    for q in records:
+        c = counts.get((str(q.meta.get("template") or ""), q.qtype)) or counts.get(("", q.qtype))
+        if c:
+            hits += int(verify_sample(f"<answer>{c.most_common(1)[0][0]}</answer>", q).correct)
+    return hits / len(records) if records else 0.0
+
+
 def guess_rate(q: TextQA) -> float:
     """Expected accuracy of a uniform guess on one question (mcq 1/k, tf 1/2, fill and free 0)."""
     if q.qtype == "mcq" and q.choices:
@@ -289,6 +311,9 @@ def run(cfg: SFTConfig, callbacks: list[Any] | None = None) -> dict[str, Any]:
                                 qtypes=cfg.text_qtypes)
                    if cfg.eval_train_samples > 0 and cfg.text_data else [])
     rephrased = read_text_qa(cfg.eval_rephrased_data) if cfg.eval_rephrased_data else []
+    # the answer prior of the held-out set: from every training record the stage reads
+    prior_train = (read_text_qa(cfg.text_data, split=cfg.text_split or None, qtypes=cfg.text_qtypes)
+                   if eval_records and cfg.text_data and is_main else [])
     probes = {"eval": eval_records, "eval_train": train_probe, "eval_rephrased": rephrased}
 
     def score(name: str, when: str) -> None:
@@ -303,6 +328,8 @@ def run(cfg: SFTConfig, callbacks: list[Any] | None = None) -> dict[str, Any]:
         metrics[f"{name}_{when}"] = evaluate_text_qa(model, processor, records, max_new_tokens=cfg.eval_max_new_tokens,
                                                      batch_size=cfg.eval_batch_size)
         metrics[f"{name}_{when}"]["seconds"] = round(time.time() - t, 1)
+        if name == "eval" and prior_train:
+            metrics[f"{name}_{when}"]["prior"] = prior_rate(prior_train, records)
         path.write_text(json.dumps(metrics[f"{name}_{when}"], indent=2))
 
     score("eval", "before")

@@ -45,7 +45,8 @@ def test_report_tables_are_whole_and_show_every_stage_before_and_after(tmp_path)
     text, warm, rl, ev = root / "sft_text", root / "sft_prewarm", root / "rl", root / "eval"
     (text / "metrics.json").parent.mkdir(parents=True)
     (text / "metrics.json").write_text(json.dumps({
-        "eval_before": {"n": 200, "accuracy": 0.25}, "eval_after": {"n": 200, "accuracy": 0.61},
+        "eval_before": {"n": 200, "accuracy": 0.25}, "eval_after": {"n": 200, "accuracy": 0.61, "chance": 0.085,
+                                                                     "prior": 0.165},
         "eval_rephrased_before": {"n": 20, "accuracy": 0.0},
         "eval_rephrased_after": {"n": 20, "accuracy": 0.7, "chance": 0.35},
         "first_logged_loss": 7.3, "final_logged_loss": 0.9}))
@@ -75,7 +76,7 @@ def test_report_tables_are_whole_and_show_every_stage_before_and_after(tmp_path)
     assert len(stage_table) == 2 + len(resolved)
     assert all(line.count("|") == stage_table[0].count("|") for line in stage_table)
     measures = "\n".join(next(t for t in tables if t[0].startswith("| stage | measure")))
-    assert "| sft_text | held-out KG accuracy (n=200) | 25.0 % | 61.0 % |" in measures
+    assert "| sft_text | held-out KG accuracy (n=200, chance 8.5 %, answer prior 16.5 %) | 25.0 % | 61.0 % |" in measures
     assert "| sft_text | held-out rephrasings of trained facts (n=20, chance 35.0 %) | 0.0 % | 70.0 % |" in measures
     assert "| sft_prewarm | held-out scenes: valid zoom calls | 0.0 % | 97.0 % |" in measures
     assert "zooms covering target | – | 81.0 % |" in measures

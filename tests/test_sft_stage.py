@@ -81,6 +81,7 @@ def test_one_step_of_every_config(config, env, tmp_path):
         assert metrics["eval_rephrased_before"]["n"] == metrics["eval_rephrased_after"]["n"] >= 4
         after = metrics["eval_after"]
         assert sum(v["n"] for v in after["by_qtype"].values()) == 4 and 0.0 <= after["chance"] <= 0.5
+        assert 0.0 <= after["prior"] <= 1.0 and "prior" in metrics["eval_before"]
     elif "sft_look" in config:
         assert metrics["data"]["trajectory_data_items"] == metrics["data"]["vqa_items"] == 4
     else:
@@ -202,3 +203,26 @@ def test_text_qtypes_keeps_only_those_question_types(tmp_path):
     assert len(read_text_qa([path])) == 5
     problems = SFTConfig(text_data=[str(path)], text_qtypes=["mcq", "essay"]).validate()
     assert any("text_qtypes" in p and "essay" in p for p in problems)
+
+
+def test_prior_rate_is_the_template_majority_answer():
+    """The held-out set's answer prior: each template's most common training answer (else the question
+    type's), scored by the verifier, on entities no training item mentions."""
+    from pipeline.core.records import TextQA
+    from sft.stage import prior_rate
+
+    def qa(i, qtype, answer, template="", choices=()):
+        return TextQA(id=f"q{i}", question=f"question {i}?", qtype=qtype, answer=answer, choices=list(choices),
+                      meta={"template": template} if template else {})
+
+    abc = ["(A) a", "(B) b", "(C) c"]
+    train = [qa(1, "free", "moving", "motion"), qa(2, "free", "moving", "motion"), qa(3, "free", "stationary", "motion"),
+             qa(4, "free", "0", "count"), qa(5, "mcq", "B", "kind", abc), qa(6, "mcq", "B", "kind", abc),
+             qa(7, "mcq", "C", "other", abc)]
+    held = [qa(10, "free", "moving", "motion"),  # the template's majority: right
+            qa(11, "free", "stationary", "motion"),  # wrong
+            qa(12, "free", "0", "never-seen"),  # an unseen template falls back to the type's majority, "moving"
+            qa(13, "mcq", "B", "kind", abc),  # right
+            qa(14, "tf", "true", "truth")]  # no training item of this type: never right
+    assert prior_rate(train, held) == 2 / 5
+    assert prior_rate(train, []) == 0.0
