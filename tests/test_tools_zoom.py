@@ -267,6 +267,8 @@ BAD = [
     ("unknown source", [0, 0, 10, 10], "obs_7", UnknownSourceError),
     ("source not a string", [0, 0, 10, 10], 3, UnknownSourceError),
     ("huge numbers", [0, 0, 1e300, 1e300], "image_0", None),  # clipped: a valid full view
+    # found by the server fuzz test: 1e295 written out is 296 digits, and the message must stay one short line
+    ("outside by huge numbers", [0.0, 1e66, 1.0, 1e295], "image_0", BoxOutsideError),
 ]
 
 

@@ -326,7 +326,9 @@ class ToolResult:
 
 
 def _box_text(box: Any) -> str:
-    return "[" + ", ".join(str(_num(v)) for v in box) + "]"
+    """A box for messages; a coordinate of 1e9 or more in scientific notation (a float such as 1e295 written
+    out is 296 digits, and an error naming it must stay a one-line message)."""
+    return "[" + ", ".join(str(_num(v)) if abs(float(v)) < 1e9 else f"{float(v):.3g}" for v in box) + "]"
 
 
 class Episode:
