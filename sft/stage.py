@@ -177,11 +177,10 @@ def prior_rate(train: list[TextQA], records: list[TextQA]) -> float:
 
     from rl.verifier import verify_sample
 
-    counts: dict[tuple[str, str], Counter[str]] = {}
+    counts: dict[tuple[str, str], Counter[str]] = {}  # ("", qtype): for a template no training item has
     for q in train:
         for key in ((str(q.meta.get("template") or ""), q.qtype), ("", q.qtype)):
             counts.setdefault(key, Counter())[str(q.answer).strip()] += 1
-        # ("", qtype) is the fallback for a template no training item has
     hits = 0
     for q in records:
         c = counts.get((str(q.meta.get("template") or ""), q.qtype)) or counts.get(("", q.qtype))
