@@ -253,3 +253,33 @@ def test_a_folder_saved_without_torchvision_loads_from_parts_where_torchvision_i
     with pytest.raises(pm.ModelNotFoundError, match="Can't load video processor"):
         pm.load_processor(str(hf_layout))
     assert auto_calls == [str(hf_layout)]
+    # the other way round: a folder with a video processor (saved on a GPU host) loads from its parts on a CPU
+    # host, where torchvision is absent
+    monkeypatch.setattr(pm, "torchvision_available", lambda: False)
+    pm.load_processor(str(hf_layout))
+    assert auto_calls == [str(hf_layout)] and len(made) == 2
+
+
+def test_a_folder_without_a_video_processor_loads_for_real(cache, tmp_path):
+    """No stand-ins: the tiny model's folder with every description of a video processor taken out (as a CPU
+    host saves it) loads here and processes an image. On a host with torchvision (tests/gpu/device_check.sh
+    runs this file on the GPU machine) this is the path that failed on the H200."""
+    import shutil
+
+    from PIL import Image
+
+    import pipeline.models as pm
+
+    folder = tmp_path / "cpu_saved"
+    shutil.copytree(pm.resolve_model_path("tiny"), folder)
+    for name in ("video_preprocessor_config.json", "preprocessor_config.json"):
+        (folder / name).unlink(missing_ok=True)
+    cfg = json.loads((folder / "processor_config.json").read_text())
+    cfg.pop("video_processor", None)
+    (folder / "processor_config.json").write_text(json.dumps(cfg))
+    assert not pm.has_video_processor(folder)
+    processor = pm.load_processor(str(folder))
+    enc = processor(text=["<|vision_start|><|image_pad|><|vision_end|>"], images=[Image.new("RGB", (56, 56))],
+                    return_tensors="pt")
+    pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert int((enc["input_ids"] == pad).sum()) == int(enc["image_grid_thw"].prod()) // 4

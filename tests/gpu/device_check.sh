@@ -12,7 +12,7 @@
 set -uo pipefail
 WHEELS="$1"; OUT="$2"; SMOKE_S="${3:-300}"; TESTS_S="${4:-240}"
 PHASES="${PHASES:-smoke tests deepspeed}"
-TESTS="${TESTS:-tests/test_learning.py tests/test_rl_gpu_path.py tests/test_rl_scripted.py tests/test_rl_train.py tests/test_sft_stage.py}"
+TESTS="${TESTS:-tests/test_learning.py tests/test_rl_gpu_path.py tests/test_rl_scripted.py tests/test_rl_train.py tests/test_sft_stage.py tests/test_model_tiny.py}"
 mkdir -p "$OUT"
 SITE="${SITE:-/tmp/kz_site}"
 if ! python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
