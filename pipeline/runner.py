@@ -99,10 +99,12 @@ def stage_configs(cfg: PipelineConfig) -> list[tuple[str, str, StageConfig]]:
         data: dict[str, Any] = {}
         if entry.get("config"):
             data.update(load_yaml(_resolve_path(entry["config"])))
+        # the pipeline's seed beats the stage YAML's own (every shipped one says 0, so `knowzoom run --seed 1`
+        # used to run seed 0 throughout); a stage's `set` or an override still picks its own
+        data["seed"] = cfg.seed
         data.update(entry.get("set") or {})
         data.update(cfg.overrides.get(entry["name"], {}) or {})
         data.update(cfg.overrides.get(sid, {}) or {})
-        data.setdefault("seed", cfg.seed)
         try:
             scfg = config_from_dict(cls, _subst(data, env), f"stage {sid}", check=False)
         except ConfigError as e:

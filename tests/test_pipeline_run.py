@@ -193,3 +193,13 @@ def test_ablate_runs_the_three_variants_from_one_seed_and_tabulates(tiny_run, tm
     assert [r["pass@1_micro"] for r in again["rows"]] == [r["pass@1_micro"] for r in rows]
     with pytest.raises(ConfigError, match="only: 'd_nope' is not a variant"):
         load_config(AblateConfig, None, {**over, "only": ["d_nope"]})
+
+
+def test_the_pipeline_seed_reaches_every_stage(tmp_path):
+    """`knowzoom run --seed 1` ran seed 0 throughout: every stage YAML says `seed: 0`, and the pipeline's seed
+    only filled a missing one (a whole run with --seed 1 reproduced seed 0's figures to the digit)."""
+    stages = stage_configs(_tiny(tmp_path, seed=3))
+    assert stages and all(c.seed == 3 for _, _, c in stages)
+    pinned = stage_configs(_tiny(tmp_path, seed=3, overrides={"rl": {"seed": 5}}))
+    assert {sid: c.seed for sid, _, c in pinned}["rl"] == 5
+    assert all(c.seed == 0 for _, _, c in stage_configs(_tiny(tmp_path)))  # the default is unchanged
