@@ -50,6 +50,9 @@ class SFTConfig(LaunchConfig, ZoomSettings):
                                       "aiming turn): 'add' them to the whole trajectories, train 'only' on them (the "
                                       "tiny default's aiming stage, before the pre-warm; docs/tiny_model.md), 'every' "
                                       "zoom call's cut (a change pair's call on image_1 too), 'off'.")
+    loss_turns: str = hfield("all", help="Assistant turns that carry the loss: 'all', or 'last' (an agent "
+                             "trajectory's answer turn alone; its zoom turns are context, as the prompt is). The "
+                             "counterpart of first_zoom_examples 'only', which trains the aiming turn alone.")
     trajectory_dir: str = hfield("", help="Folder of the oracle trajectories and crops ('' = output_dir/sft_data). "
                                  "Stages training on the same vqa_data with the same zoom settings and think may "
                                  "share one: the later stage reuses what the earlier rendered (samples are kept "
@@ -133,6 +136,8 @@ class SFTConfig(LaunchConfig, ZoomSettings):
             p.append(f"first_zoom_examples: {self.first_zoom_examples!r}; use one of {', '.join(FIRST_ZOOM_MODES)}")
         elif self.first_zoom_examples != "off" and not self.vqa_data:
             p.append("first_zoom_examples: needs vqa_data (it cuts the oracle zoom trajectories)")
+        if self.loss_turns not in ("all", "last"):
+            p.append(f"loss_turns: {self.loss_turns!r}; use 'all' or 'last'")
         if not 0 < self.zoom_min_pixels <= self.zoom_max_pixels:
             p.append("zoom_min_pixels/zoom_max_pixels: need 0 < zoom_min_pixels <= zoom_max_pixels")
         for name in ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps",

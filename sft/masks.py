@@ -29,8 +29,9 @@ def _decode_one(tokenizer: Any, tid: int) -> str:
     return tokenizer.decode([tid], skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
-def assistant_mask(input_ids: list[int], tokenizer: Any) -> list[bool]:
-    """True for the tokens of assistant turns (content + closing `<|im_end|>` + its newline)."""
+def assistant_mask(input_ids: list[int], tokenizer: Any, last_only: bool = False) -> list[bool]:
+    """True for the tokens of assistant turns (content + closing `<|im_end|>` + its newline); with `last_only`,
+    of the last assistant turn alone (an agent trajectory's answer turn)."""
     start_id = tokenizer.convert_tokens_to_ids("<|im_start|>")
     end_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
     n = len(input_ids)
@@ -53,20 +54,23 @@ def assistant_mask(input_ids: list[int], tokenizer: Any) -> list[bool]:
             stop = k + 1 if k < n and input_ids[k] == end_id else k
             if stop < n and input_ids[stop] != start_id and _decode_one(tokenizer, input_ids[stop]) == "\n":
                 stop += 1
+            if last_only:
+                mask = [False] * n
             for t in range(j, min(stop, n)):
                 mask[t] = True
         i = k if k > i else i + 1
     return mask
 
 
-def assistant_labels(input_ids: Any, attention_mask: Any, tokenizer: Any) -> Any:
-    """Labels tensor: input ids on assistant tokens, IGNORE_INDEX elsewhere (prompts, tools, images, padding)."""
+def assistant_labels(input_ids: Any, attention_mask: Any, tokenizer: Any, last_only: bool = False) -> Any:
+    """Labels tensor: input ids on assistant tokens (the last assistant turn's alone with `last_only`),
+    IGNORE_INDEX elsewhere (prompts, tools, images, padding)."""
     import torch
 
     labels = torch.full_like(input_ids, IGNORE_INDEX)
     for b in range(input_ids.shape[0]):
         ids = input_ids[b].tolist()
-        m = torch.tensor(assistant_mask(ids, tokenizer), dtype=torch.bool)
+        m = torch.tensor(assistant_mask(ids, tokenizer, last_only), dtype=torch.bool)
         m &= attention_mask[b].bool()
         labels[b][m] = input_ids[b][m]
     return labels
@@ -74,10 +78,12 @@ def assistant_labels(input_ids: Any, attention_mask: Any, tokenizer: Any) -> Any
 
 class ZoomSFTCollator:
     """Renders chat examples ({"messages", "images"}) with the processor's chat template, tokenizes with images
-    (placeholders expanded to feature counts) and builds assistant-only labels. Right padding."""
+    (placeholders expanded to feature counts) and builds assistant-only labels (the last assistant turn's
+    alone with `last_turn_only`). Right padding."""
 
-    def __init__(self, processor: Any, max_length: int | None = None) -> None:
+    def __init__(self, processor: Any, max_length: int | None = None, last_turn_only: bool = False) -> None:
         self.processor = processor
+        self.last_turn_only = last_turn_only
         self.tokenizer = processor.tokenizer
         self.tokenizer.padding_side = "right"
         self.max_length = max_length
@@ -96,7 +102,8 @@ class ZoomSFTCollator:
                 f"a batch has {batch['input_ids'].shape[1]} tokens > max_length {self.max_length}; raise "
                 f"max_length or lower max_pixels (long examples are dropped when the dataset is built)"
             )
-        batch["labels"] = assistant_labels(batch["input_ids"], batch["attention_mask"], self.tokenizer)
+        batch["labels"] = assistant_labels(batch["input_ids"], batch["attention_mask"], self.tokenizer,
+                                           self.last_turn_only)
         return dict(batch)
 
 

@@ -339,7 +339,8 @@ def run(cfg: SFTConfig, callbacks: list[Any] | None = None) -> dict[str, Any]:
     model = prep.pop("model")
     metrics["parameters"] = prep
     trainer = _trainer_class()(model=model, args=args, train_dataset=dataset.to_hf(), processing_class=processor,
-                             data_collator=ZoomSFTCollator(processor), callbacks=callbacks or [])
+                             data_collator=ZoomSFTCollator(processor, last_turn_only=cfg.loss_turns == "last"),
+                             callbacks=callbacks or [])
     t0 = time.time()
     result = trainer.train(resume_from_checkpoint=resume_from)
     wall = time.time() - t0

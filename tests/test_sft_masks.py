@@ -107,3 +107,43 @@ def test_mask_ignores_truncated_and_roleless_segments(processor):
     assert sum(m) > 0 and tok.decode([i for i, k in zip(cut, m, strict=True) if k]).startswith("<think>")
     assert assistant_mask([], tok) == []
     assert not any(assistant_mask(tok("no chat markup here")["input_ids"], tok))
+
+
+def test_last_turn_only_labels_the_answer_turn_alone(processor, tmp_path):
+    """loss_turns 'last' (the answer step): the trajectory's zoom turn is context, its answer turn the target; a
+    text QA conversation (one assistant turn) keeps its labels."""
+    from fixtures.scenes import make_scenes
+    from fixtures.toy import spectral_index_qa
+
+    from pipeline.core.records import read_vqa
+    from sft.data import oracle_trajectory
+    from sft.masks import ZoomSFTCollator, assistant_mask
+    from tools.protocol import text_qa_messages
+    from tools.store import ImageStore
+    from tools.zoom import ZoomConfig
+
+    tok = processor.tokenizer
+    ids = tok(processor.apply_chat_template(CONV, tokenize=False), add_special_tokens=False)["input_ids"]
+    last = assistant_mask(ids, tok, last_only=True)
+    assert tok.decode([i for i, m in zip(ids, last, strict=True) if m]) == "\n<answer>A</answer><|im_end|>\n"
+
+    scenes = make_scenes(tmp_path, n=1, size=1200, square=48)
+    msgs, images, _ = oracle_trajectory(read_vqa([scenes.vqa])[0], ImageStore.from_manifest(scenes.manifest),
+                                        ZoomConfig())
+    text_msgs = text_qa_messages(spectral_index_qa(1)[0])
+    examples = [{"messages": msgs, "images": images}, {"messages": text_msgs, "images": []}]
+    batch = ZoomSFTCollator(processor, last_turn_only=True)(examples)
+    turns = [m for m in msgs if m["role"] == "assistant"]
+    assert len(turns) == 2 and "<tool_call>" in str(turns[0]["content"])
+    assert _labelled_text(batch, tok, 0) == _assistant_texts(turns[-1:])
+    assert _labelled_text(batch, tok, 1) == _assistant_texts(text_msgs)
+    full = ZoomSFTCollator(processor)(examples)
+    assert (batch["input_ids"] == full["input_ids"]).all()  # the same input, fewer labels
+    assert ((batch["labels"] != -100) <= (full["labels"] != -100)).all()
+
+
+def test_loss_turns_is_checked():
+    from sft.config import SFTConfig
+
+    assert any(p.startswith("loss_turns") for p in SFTConfig(text_data=["x"], loss_turns="first").validate())
+    assert not any(p.startswith("loss_turns") for p in SFTConfig(text_data=["x"], loss_turns="last").validate())
