@@ -50,6 +50,10 @@ class SFTConfig(LaunchConfig, ZoomSettings):
                                       "aiming turn): 'add' them to the whole trajectories, train 'only' on them (the "
                                       "tiny default's aiming stage, before the pre-warm; docs/tiny_model.md), 'every' "
                                       "zoom call's cut (a change pair's call on image_1 too), 'off'.")
+    view_swap_data: list[str] = hfield([], help="make-scenes' swap/views.jsonl files (`--swap_views N`): each "
+                                   "row trains the oracle episode of a vqa_data sample again with a synthetic view "
+                                   "in place of its zoom's crop, and that view's answer (reading a view needs "
+                                   "thousands of distinct views; docs/tiny_model.md).")
     loss_turns: str = hfield("all", help="Assistant turns that carry the loss: 'all', or 'last' (an agent "
                              "trajectory's answer turn alone; its zoom turns are context, as the prompt is). The "
                              "counterpart of first_zoom_examples 'only', which trains the aiming turn alone.")
@@ -136,6 +140,11 @@ class SFTConfig(LaunchConfig, ZoomSettings):
             p.append(f"first_zoom_examples: {self.first_zoom_examples!r}; use one of {', '.join(FIRST_ZOOM_MODES)}")
         elif self.first_zoom_examples != "off" and not self.vqa_data:
             p.append("first_zoom_examples: needs vqa_data (it cuts the oracle zoom trajectories)")
+        if self.view_swap_data and not self.vqa_data:
+            p.append("view_swap_data: needs vqa_data (a swapped view replaces the crop of a sample's oracle episode)")
+        for f in self.view_swap_data:
+            if not Path(f).is_file():
+                p.append(f"view_swap_data: {f} does not exist; run make-scenes with --swap_views N")
         if self.loss_turns not in ("all", "last"):
             p.append(f"loss_turns: {self.loss_turns!r}; use 'all' or 'last'")
         if not 0 < self.zoom_min_pixels <= self.zoom_max_pixels:

@@ -184,6 +184,41 @@ def trajectory_items(path: str | Path, merge_pixels: int = 28 * 28, *,
     return items
 
 
+def view_swap_items(path: str | Path, trajectories: str | Path, merge_pixels: int = 28 * 28, *,
+                    sample_ids: set[str] | None = None) -> tuple[list[ChatItem], int]:
+    """ChatItems of make-scenes' swapped views (`swap/views.jsonl`: sample_id, file, sees, answer): each the
+    oracle episode of its sample (from the materialized `trajectories`) with the view in place of the crop of its
+    one zoom, and the answer turn saying what the view shows and the view's answer. The prompt and the aiming
+    turn are the sample's own; only the view tells the answer. Returns (items, rows skipped: sample not among the
+    trajectories or `sample_ids`, or an episode without exactly one zoom)."""
+    from PIL import Image
+
+    from tools.protocol import ANSWER_THINK_SEES, format_answer
+
+    base_t, base_v = Path(trajectories).parent, Path(path).parent
+    episodes = {t.sample_id: t for t in read_jsonl(trajectories, Trajectory)
+                if (sample_ids is None or t.sample_id in sample_ids) and t.tool_calls == 1}
+    items, skipped = [], 0
+    for row in read_jsonl(path):
+        t = episodes.get(str(row.get("sample_id")))
+        if t is None:
+            skipped += 1
+            continue
+        view = base_v / str(row["file"])
+        crop = dict(t.observations[-1])
+        with Image.open(view) as im:
+            if list(im.size) != [int(v) for v in crop["shown_size"]]:
+                raise TrajectoryError(f"{view}: a swapped view is {im.size[0]}x{im.size[1]}, the crop it replaces "
+                                      f"in {t.sample_id} is {crop['shown_size']}; make-scenes and the zoom settings "
+                                      "disagree (view side vs zoom_max_pixels)")
+        crop["file"] = str(view.resolve())
+        think = str(t.messages[-1]["content"]).startswith("<think>")
+        final = (ANSWER_THINK_SEES.format(sees=row["sees"]) if think else "") + format_answer(str(row["answer"]))
+        messages = [*t.messages[:-1], {"role": "assistant", "content": final}]
+        items.append(_chat_item(messages, [*t.observations[:-1], crop], base_t, merge_pixels))
+    return items, skipped
+
+
 def _chat_item(messages: list[dict], observations: list[dict], base: Path, merge_pixels: int) -> ChatItem:
     n_tok = sum(int(o["shown_size"][0]) * int(o["shown_size"][1]) // merge_pixels for o in observations)
     return ChatItem(messages=messages, image_files=[str(base / o["file"]) for o in observations], kind="vqa",
@@ -271,5 +306,5 @@ def filter_by_length(items: list[ChatItem], processor: Any, max_length: int) -> 
 
 __all__ = [
     "read_text_qa", "oracle_trajectory", "materialize_trajectories", "ChatItem", "ChatDataset",
-    "trajectory_items", "text_items", "mix", "filter_by_length",
+    "trajectory_items", "view_swap_items", "text_items", "mix", "filter_by_length",
 ]

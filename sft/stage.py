@@ -52,6 +52,7 @@ def build_items(cfg: SFTConfig, processor: Any, *, materialize: bool = True) -> 
         read_text_qa,
         text_items,
         trajectory_items,
+        view_swap_items,
     )
 
     stats: dict[str, Any] = {}
@@ -81,6 +82,11 @@ def build_items(cfg: SFTConfig, processor: Any, *, materialize: bool = True) -> 
                 raise SFTDataError(f"{path} missing after rank 0 built it (is output_dir on a shared disk?)")
         vqas = trajectory_items(path, first_zoom_examples=cfg.first_zoom_examples,
                                 sample_ids={s.id for s in samples})
+        for f in cfg.view_swap_data:
+            swapped, skipped = view_swap_items(f, path, sample_ids={s.id for s in samples})
+            vqas += swapped
+            stats["view_swap_items"] = stats.get("view_swap_items", 0) + len(swapped)
+            stats["view_swap_skipped"] = stats.get("view_swap_skipped", 0) + skipped
         stats.update({"vqa_records": len(samples), **{f"trajectories_{k}": v for k, v in tstats.items()}})
     if cfg.trajectory_data:
         ready = [it for f in cfg.trajectory_data for it in trajectory_items(f)]

@@ -412,3 +412,70 @@ def test_look_set_views_show_what_their_think_names(tmp_path: Path) -> None:
         assert px.shape == (224, 224, 3)
         near = (np.abs(px - np.array(COLOUR_RGB[m.group(2)], float)).sum(-1) < 40).mean()
         assert near > 0.005, (think["content"], near)  # the named colour covers part of the view
+
+
+def test_swap_views_answer_their_question_and_replace_the_crop_in_its_episode(tmp_path: Path) -> None:
+    """make-scenes --swap_views: each view draws the asked attribute anew and keeps the site's class and count
+    otherwise, its answer is the letter of what it shows, and the named colour is in its pixels; sft's
+    view_swap_items trains the sample's own oracle episode with the view in place of the crop and the view's
+    answer (the prompt and aiming turn unchanged)."""
+    import re
+
+    from pipeline.core.records import Trajectory
+    from sft.data import materialize_trajectories, trajectory_items, view_swap_items
+    from sft.errors import TrajectoryError
+    from tools.scenes import CLASSES, COLOUR_RGB, COLOURS, COUNTS, COVERS, PLURAL
+
+    cfg = MakeScenesConfig(output_dir=str(tmp_path / "s"), size=4096, n_train_scenes=1, n_test_scenes=0,
+                           n_train_pairs=0, n_test_pairs=0, grid=4, landuse_box="site", landuse_fraction=1.0,
+                           preview=False, n_vehicles=0, n_houses=0, swap_views=2, site_hint=True)
+    summary = run(cfg)
+    train = {s.id: s for s in read_jsonl(tmp_path / "s" / "vqa_train.jsonl", VQASample)}
+    rows = list(read_jsonl(tmp_path / "s" / "swap" / "views.jsonl"))
+    eligible = [s for s in train.values() if s.meta["task"] in ("count", "colour", "class", "landuse")
+                and s.meta["sees"][0].isdigit()]  # not a pair site's land cover ("a red ship above a ...")
+    assert summary["swap_views"] == len(rows) == 2 * len(eligible) > 0
+    assert {r["task"] for r in rows} == {"count", "colour", "class", "landuse"}
+    nouns = "|".join(sorted({*PLURAL, *PLURAL.values()}, key=len, reverse=True))
+    pat = re.compile(rf"([1-5]) (white|red|blue|yellow) ({nouns}) on ({'|'.join(COVERS)})")
+    options = {"count": [str(c) for c in COUNTS], "colour": list(COLOURS), "class": list(CLASSES),
+               "landuse": list(COVERS)}
+    for r in rows:
+        k, colour, noun, cover = pat.fullmatch(r["sees"]).groups()
+        cls = next(c for c in CLASSES if noun in (c, PLURAL[c]))
+        value = {"count": k, "colour": colour, "class": cls, "landuse": cover}[r["task"]]
+        assert options[r["task"]]["ABCDEF".index(r["answer"])] == value
+        site = train[r["sample_id"]].meta["sees"]
+        site_k, site_cls = site.split()[0], next(c for c in CLASSES if f" {PLURAL[c]} " in site or f" {c} " in site)
+        if r["task"] != "count":
+            assert k == site_k, (r, site)
+        if r["task"] != "class":
+            assert cls == site_cls, (r, site)
+        px = np.asarray(Image.open(tmp_path / "s" / "swap" / r["file"]), float)
+        assert px.shape == (224, 224, 3)
+        assert (np.abs(px - np.array(COLOUR_RGB[colour], float)).sum(-1) < 40).mean() > 0.003, r
+
+    store = ImageStore.from_manifest(tmp_path / "s" / "images.jsonl")
+    some = eligible[:3]
+    path, _ = materialize_trajectories(some, store, ZoomConfig(frame="norm1000", max_pixels=50176, min_pixels=3136),
+                                       tmp_path / "t", progress=False)
+    items, skipped = view_swap_items(tmp_path / "s" / "swap" / "views.jsonl", path)
+    assert len(items) == 6 and skipped == len(rows) - 6
+    oracle = {t.sample_id: t for t in read_jsonl(path, Trajectory)}
+    plain = trajectory_items(path)
+    for it, r in zip(items, [r for r in rows if r["sample_id"] in oracle], strict=True):
+        t = oracle[r["sample_id"]]
+        assert it.messages[:-1] == t.messages[:-1]  # prompt, aiming turn and tool text as in the oracle episode
+        assert it.messages[-1] == {"role": "assistant",
+                                   "content": f"<think>I see {r['sees']}.</think><answer>{r['answer']}</answer>"}
+        assert it.image_files[-1] == str((tmp_path / "s" / "swap" / r["file"]).resolve())
+        assert it.image_files[0] == next(p for p in plain if p.messages == t.messages).image_files[0]
+    only = view_swap_items(tmp_path / "s" / "swap" / "views.jsonl", path, sample_ids={some[0].id})[0]
+    assert len(only) == 2
+    small = tmp_path / "small"
+    (small / "images").mkdir(parents=True)
+    Image.new("RGB", (112, 112)).save(small / "images" / "v.png")
+    (small / "views.jsonl").write_text(json.dumps({"sample_id": some[0].id, "file": "images/v.png", "sees": "x",
+                                                   "answer": "A"}) + "\n")
+    with pytest.raises(TrajectoryError, match="112x112"):
+        view_swap_items(small / "views.jsonl", path)

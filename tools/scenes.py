@@ -137,6 +137,10 @@ class MakeScenesConfig(StageConfig):
                                      "the view then 'I see 3 red ships on water.' (0 = none). `knowzoom sft "
                                      "--trajectory_data` trains the tiny model's random vision tower on them "
                                      "(docs/tiny_model.md).")
+    swap_views: int = hfield(0, help="Also write swap/: this many synthetic views per training question that a view "
+                                     "of its site answers (count, colour, class, site land cover), each with the "
+                                     "answer it gives (0 = none). `knowzoom sft --view_swap_data` trains the "
+                                     "question's episode with the view in place of its crop (docs/tiny_model.md).")
     preview: bool = hfield(True, help="Write preview.png: one scene's overview and a site with its targets drawn.")
     overwrite: bool = hfield(False, help="Rewrite COGs that already exist (otherwise kept: resumable).")
 
@@ -162,6 +166,8 @@ class MakeScenesConfig(StageConfig):
             p.append("grid: use 1..16 sites per side")
         if self.look_crops < 0:
             p.append("look_crops: must be >= 0")
+        if self.swap_views < 0:
+            p.append("swap_views: must be >= 0")
         if self.site_box < 96:
             p.append("site_box: must be >= 96 px to hold up to five 32-44 px objects")
         if self.grid and min(self.size, self.pair_size) // max(self.grid, 1) < 2 * self.site_box:
@@ -692,14 +698,16 @@ def knowledge_facts(seed: int = 0) -> list[TextQA]:
 
 # -- look set: synthetic site views for the tiny model's vision tower -------------------------------------
 def look_view(rng: np.random.Generator, tex: np.ndarray, site_box: int = 144, max_px: int = 44, view: int = 224,
-              ) -> tuple[Image.Image, str]:
+              *, cls: str | None = None, k: int | None = None) -> tuple[Image.Image, str, dict[str, Any]]:
     """One synthetic view of a site as the oracle zoom shows it (the box plus ~1 % rounding, magnified to
     `view` px): a land-cover patch with the scene texture, the pad, and 1-5 objects drawn by the scenes' own
-    code; returns (image, what it shows in site_description's words)."""
+    code, of class `cls` and count `k` where given (drawn otherwise); returns (image, what it shows in
+    site_description's words, its attributes: count, colour, class, cover)."""
     side = site_box + 3
     cover = COVERS[int(rng.integers(len(COVERS)))]
-    cls = CLASSES[int(rng.integers(len(CLASSES)))]
-    k = 1 if rng.random() < 0.25 else int(rng.choice(COUNTS))
+    drawn_cls = CLASSES[int(rng.integers(len(CLASSES)))]
+    drawn_k = 1 if rng.random() < 0.25 else int(rng.choice(COUNTS))
+    cls, k = cls or drawn_cls, k or drawn_k
     colour = COLOURS[int(rng.integers(len(COLOURS)))]
     ox, oy = (int(v) for v in rng.integers(0, tex.shape[0] - side, 2))
     arr = np.array(COVER_RGB[cover], np.int16) + tex[oy:oy + side, ox:ox + side, None].astype(np.int16)
@@ -713,7 +721,9 @@ def look_view(rng: np.random.Generator, tex: np.ndarray, site_box: int = 144, ma
     size, layout = layout_site(rng, site, site_box, max_px=max_px)
     draw_site(img, site, size, layout)
     noun = PLURAL[cls] if k > 1 else cls
-    return Image.fromarray(img).resize((view, view), Image.Resampling.BILINEAR), f"{k} {colour} {noun} on {cover}"
+    attrs = {"count": k, "colour": colour, "class": cls, "cover": cover}
+    return (Image.fromarray(img).resize((view, view), Image.Resampling.BILINEAR), f"{k} {colour} {noun} on {cover}",
+            attrs)
 
 
 def write_look_set(cfg: MakeScenesConfig, out: Path, tex: np.ndarray) -> int:
@@ -728,7 +738,7 @@ def write_look_set(cfg: MakeScenesConfig, out: Path, tex: np.ndarray) -> int:
     max_px = max_object_px(cfg.size, cfg.overview_side)
     rows = []
     for i in range(cfg.look_crops):
-        image, sees = look_view(rng, tex, cfg.site_box, max_px)
+        image, sees, _ = look_view(rng, tex, cfg.site_box, max_px)
         name = f"images/look_{i:05d}.png"
         image.save(out / name)
         c, r = (int(v) for v in rng.integers(1, 10, 2))
@@ -741,6 +751,44 @@ def write_look_set(cfg: MakeScenesConfig, out: Path, tex: np.ndarray) -> int:
             observations=[{"name": "obs_1", "file": name, "shown_size": list(image.size)}],
             final_text=think, meta={"kind": "look", "sees": sees}))
     return write_jsonl(out / "trajectories.jsonl", rows)
+
+
+# the questions whose answer a site view alone gives, with the option values their letters index
+SWAP_OPTIONS: dict[str, tuple[Any, ...]] = {"count": COUNTS, "colour": COLOURS, "class": CLASSES, "landuse": COVERS}
+SWAP_ATTR = {"count": "count", "colour": "colour", "class": "class", "landuse": "cover"}
+
+
+def write_swap_views(cfg: MakeScenesConfig, out: Path, tex: np.ndarray, samples: list[VQASample],
+                     scenes: list[Scene]) -> int:
+    """swap/views.jsonl + swap/images/: for each training question about one site that a view of the site
+    answers (count, colour, class, and land cover when `landuse_box` is 'site'), `cfg.swap_views` synthetic
+    views of that site, with the site's class and object count except where the question asks for them, and the
+    answer each view gives. `knowzoom sft --view_swap_data` trains the question's oracle episode again with the
+    view in place of the zoom's crop and the view's answer, so that only the view tells the answer: thousands of
+    distinct views where six scenes hold ~500 sites (docs/tiny_model.md, "Reading a view")."""
+    rng = np.random.default_rng([cfg.seed, 6])
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    max_px = max_object_px(cfg.size, cfg.overview_side)
+    sites = {(sc.id, site["row"], site["col"]): site for sc in scenes for site in sc.sites}
+    rows: list[dict[str, Any]] = []
+    for q in samples:
+        meta = q.meta if isinstance(q.meta, dict) else {}
+        task = meta.get("task")
+        if task not in SWAP_OPTIONS or "sees" not in meta or len(q.images) != 1:
+            continue
+        site = sites.get((meta["scene"], *meta["site"]))
+        if site is None or site["kind"] == "pair":
+            continue
+        for _ in range(cfg.swap_views):
+            cls = CLASSES[int(rng.integers(len(CLASSES)))] if task == "class" else site["cls"]
+            k = int(rng.choice(COUNTS)) if task == "count" else len(site["colours"])
+            image, sees, attrs = look_view(rng, tex, cfg.site_box, max_px, cls=cls, k=k)
+            name = f"images/swap_{len(rows):05d}.png"
+            image.save(out / name)
+            value = attrs[SWAP_ATTR[task]]
+            rows.append({"sample_id": q.id, "task": task, "file": name, "sees": sees,
+                         "answer": LETTERS[SWAP_OPTIONS[task].index(value)]})
+    return write_jsonl(out / "views.jsonl", rows)
 
 
 # -- stage ----------------------------------------------------------------------------------------------
@@ -826,6 +874,7 @@ def run(cfg: MakeScenesConfig) -> dict[str, Any]:
     images: list[dict[str, str]] = []
     truth: list[dict[str, Any]] = []
     vqa: dict[str, list[VQASample]] = {"train": [], "test": []}
+    scenes: list[Scene] = []
     # (kind, split, index in its split, seed index): the seed index runs on across the splits, so a test scene is
     # never a copy of the train scene with the same index (before, both drew from [seed, index] and every test
     # scene repeated a train scene, questions included)
@@ -846,6 +895,7 @@ def run(cfg: MakeScenesConfig) -> dict[str, Any]:
             scene, qs, ids = _make_pair(cfg, i, split, img_dir, tex, seed_index)
         images += [{"id": iid, "path": f"images/{iid}.tif"} for iid in ids]
         truth.append({**scene.to_dict(), "split": split, "images": ids})
+        scenes.append(scene)
         vqa[split] += qs
     write_jsonl(out / "images.jsonl", images)
     write_jsonl(out / "scenes.jsonl", truth)
@@ -857,12 +907,13 @@ def run(cfg: MakeScenesConfig) -> dict[str, Any]:
                                           range(max(1, cfg.knowledge_fact_repeats)) for f in facts if f.split == "train"])
     write_jsonl(out / "kg_facts_test.jsonl", [f for f in facts if f.split == "test"])
     n_look = write_look_set(cfg, out / "look", tex) if cfg.look_crops else 0
+    n_swap = write_swap_views(cfg, out / "swap", tex, vqa["train"], scenes) if cfg.swap_views else 0
     by_cat: dict[str, int] = {}
     for s in vqa["test"]:
         by_cat[s.category] = by_cat.get(s.category, 0) + 1
     summary = {"images": len(images), "vqa_train": n_train, "vqa_test": n_test, "vqa_probe": n_probe,
                "test_by_category": by_cat,
-               "kg_facts": sum(f.split == "train" for f in facts), "look_views": n_look,
+               "kg_facts": sum(f.split == "train" for f in facts), "look_views": n_look, "swap_views": n_swap,
                "seconds": round(time.time() - t0, 1)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return summary
