@@ -150,6 +150,7 @@ class ChatItem:
     n_image_tokens: int = 0  # visual tokens after merging (for length filtering)
     images: list[Any] | None = None
     n_tokens: int = 0  # full tokenized length, set by filter_by_length (for length-grouped batches)
+    image_sizes: list[tuple[int, int]] | None = None  # (w, h) each file is shown at; resized on load if it differs
 
 
 FIRST_ZOOM_MODES = ("off", "add", "only", "every")
@@ -188,7 +189,8 @@ def view_swap_items(path: str | Path, trajectories: str | Path, merge_pixels: in
                     sample_ids: set[str] | None = None) -> tuple[list[ChatItem], int]:
     """ChatItems of make-scenes' swapped views (`swap/views.jsonl`: sample_id, file, sees, answer): each the
     oracle episode of its sample (from the materialized `trajectories`) with the view in place of the crop of its
-    one zoom, and the answer turn saying what the view shows and the view's answer. The prompt and the aiming
+    one zoom (shown at the crop's size: a site's crop is 224x224 or, with the box rounded to the frame, 224x196),
+    and the answer turn saying what the view shows and the view's answer. The prompt and the aiming
     turn are the sample's own; only the view tells the answer. Returns (items, rows skipped: sample not among the
     trajectories or `sample_ids`, or an episode without exactly one zoom)."""
     from PIL import Image
@@ -206,11 +208,11 @@ def view_swap_items(path: str | Path, trajectories: str | Path, merge_pixels: in
             continue
         view = base_v / str(row["file"])
         crop = dict(t.observations[-1])
+        w, h = (int(v) for v in crop["shown_size"])
         with Image.open(view) as im:
-            if list(im.size) != [int(v) for v in crop["shown_size"]]:
+            if abs(im.size[0] / im.size[1] - w / h) > 0.25:
                 raise TrajectoryError(f"{view}: a swapped view is {im.size[0]}x{im.size[1]}, the crop it replaces "
-                                      f"in {t.sample_id} is {crop['shown_size']}; make-scenes and the zoom settings "
-                                      "disagree (view side vs zoom_max_pixels)")
+                                      f"in {t.sample_id} is {w}x{h}; a view of a site should have the crop's shape")
         crop["file"] = str(view.resolve())
         think = str(t.messages[-1]["content"]).startswith("<think>")
         final = (ANSWER_THINK_SEES.format(sees=row["sees"]) if think else "") + format_answer(str(row["answer"]))
@@ -222,7 +224,8 @@ def view_swap_items(path: str | Path, trajectories: str | Path, merge_pixels: in
 def _chat_item(messages: list[dict], observations: list[dict], base: Path, merge_pixels: int) -> ChatItem:
     n_tok = sum(int(o["shown_size"][0]) * int(o["shown_size"][1]) // merge_pixels for o in observations)
     return ChatItem(messages=messages, image_files=[str(base / o["file"]) for o in observations], kind="vqa",
-                    n_image_tokens=n_tok)
+                    n_image_tokens=n_tok,
+                    image_sizes=[(int(o["shown_size"][0]), int(o["shown_size"][1])) for o in observations])
 
 
 def text_items(records: Iterable[TextQA], *, think: bool = True, system: str | None = None) -> list[ChatItem]:
@@ -263,9 +266,11 @@ class ChatDataset:
             images = list(it.images)
         else:
             images = []
-            for f in it.image_files:
+            for j, f in enumerate(it.image_files):
                 with Image.open(f) as im:
-                    images.append(im.convert("RGB"))
+                    rgb = im.convert("RGB")
+                size = it.image_sizes[j] if it.image_sizes else rgb.size
+                images.append(rgb if rgb.size == size else rgb.resize(size, Image.Resampling.BILINEAR))
         return {"messages": it.messages, "images": images}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:

@@ -422,7 +422,7 @@ def test_swap_views_answer_their_question_and_replace_the_crop_in_its_episode(tm
     import re
 
     from pipeline.core.records import Trajectory
-    from sft.data import materialize_trajectories, trajectory_items, view_swap_items
+    from sft.data import ChatDataset, materialize_trajectories, trajectory_items, view_swap_items
     from sft.errors import TrajectoryError
     from tools.scenes import CLASSES, COLOUR_RGB, COLOURS, COUNTS, COVERS, PLURAL
 
@@ -470,12 +470,14 @@ def test_swap_views_answer_their_question_and_replace_the_crop_in_its_episode(tm
                                    "content": f"<think>I see {r['sees']}.</think><answer>{r['answer']}</answer>"}
         assert it.image_files[-1] == str((tmp_path / "s" / "swap" / r["file"]).resolve())
         assert it.image_files[0] == next(p for p in plain if p.messages == t.messages).image_files[0]
+        assert it.image_sizes == [tuple(o["shown_size"]) for o in t.observations]
+        assert [im.size for im in ChatDataset([it])[0]["images"]] == it.image_sizes  # the view at the crop's size
     only = view_swap_items(tmp_path / "s" / "swap" / "views.jsonl", path, sample_ids={some[0].id})[0]
     assert len(only) == 2
     small = tmp_path / "small"
     (small / "images").mkdir(parents=True)
-    Image.new("RGB", (112, 112)).save(small / "images" / "v.png")
+    Image.new("RGB", (224, 112)).save(small / "images" / "v.png")
     (small / "views.jsonl").write_text(json.dumps({"sample_id": some[0].id, "file": "images/v.png", "sees": "x",
                                                    "answer": "A"}) + "\n")
-    with pytest.raises(TrajectoryError, match="112x112"):
+    with pytest.raises(TrajectoryError, match="224x112"):
         view_swap_items(small / "views.jsonl", path)
