@@ -46,13 +46,13 @@ def oracle_trajectory(sample: VQASample, store: ImageStore, zoom_cfg: ZoomConfig
     tool (`Episode.execute`); a rejected box raises TrajectoryError."""
     from tools.protocol import (
         ANSWER_THINK,
-        ANSWER_THINK_SEES,
         DIRECT_THINK,
         TOOL_NAME,
         ZOOM_THINK,
         ZOOM_THINK_AT,
         Episode,
         ToolCall,
+        answer_think,
         build_prompt_messages,
         format_answer,
         format_box,
@@ -68,7 +68,7 @@ def oracle_trajectory(sample: VQASample, store: ImageStore, zoom_cfg: ZoomConfig
     limit = zoom_cfg.max_turns if max_zooms is None else min(max_zooms, zoom_cfg.max_turns)
     targets = sample.targets[:limit]
     meta = sample.meta if isinstance(sample.meta, dict) else {}
-    where, sees = meta.get("zoom_on"), meta.get("sees")
+    where, sees, asks = meta.get("zoom_on"), meta.get("sees"), meta.get("asks")
     for t in targets:
         source = f"image_{t.image}"
         bbox = episode.oracle_bbox(t.image, t.bbox)
@@ -85,7 +85,7 @@ def oracle_trajectory(sample: VQASample, store: ImageStore, zoom_cfg: ZoomConfig
     if not think:
         final = ""
     elif targets:
-        final = ANSWER_THINK_SEES.format(sees=sees) if sees else ANSWER_THINK
+        final = answer_think(sees, asks) if sees else ANSWER_THINK
     else:
         final = DIRECT_THINK
     messages.append({"role": "assistant", "content": final + format_answer(sample.answer)})
@@ -195,7 +195,7 @@ def view_swap_items(path: str | Path, trajectories: str | Path, merge_pixels: in
     trajectories or `sample_ids`, or an episode without exactly one zoom)."""
     from PIL import Image
 
-    from tools.protocol import ANSWER_THINK_SEES, format_answer
+    from tools.protocol import answer_think, format_answer
 
     base_t, base_v = Path(trajectories).parent, Path(path).parent
     episodes = {t.sample_id: t for t in read_jsonl(trajectories, Trajectory)
@@ -215,7 +215,7 @@ def view_swap_items(path: str | Path, trajectories: str | Path, merge_pixels: in
                                       f"in {t.sample_id} is {w}x{h}; a view of a site should have the crop's shape")
         crop["file"] = str(view.resolve())
         think = str(t.messages[-1]["content"]).startswith("<think>")
-        final = (ANSWER_THINK_SEES.format(sees=row["sees"]) if think else "") + format_answer(str(row["answer"]))
+        final = (answer_think(str(row["sees"]), row.get("asks")) if think else "") + format_answer(str(row["answer"]))
         messages = [*t.messages[:-1], {"role": "assistant", "content": final}]
         items.append(_chat_item(messages, [*t.observations[:-1], crop], base_t, merge_pixels))
     return items, skipped

@@ -481,3 +481,46 @@ def test_swap_views_answer_their_question_and_replace_the_crop_in_its_episode(tm
                                                    "answer": "A"}) + "\n")
     with pytest.raises(TrajectoryError, match="224x112"):
         view_swap_items(small / "views.jsonl", path)
+
+
+def test_think_asks_ends_the_oracle_answer_think_with_the_asked_part(tmp_path: Path) -> None:
+    """make-scenes --think_asks: each site question states the asked part in its right option's words, the
+    oracle's answer think ends with it, eval's read % still finds the view's words, and a swapped view's row
+    states its own answer's part."""
+    from sft.data import oracle_trajectory, view_swap_items
+    from tools.protocol import reads_view
+
+    cfg = MakeScenesConfig(output_dir=str(tmp_path / "s"), size=4096, n_train_scenes=1, n_test_scenes=0,
+                           n_train_pairs=1, n_test_pairs=0, pair_size=4096, grid=4, landuse_box="site",
+                           landuse_fraction=1.0, preview=False, n_vehicles=0, n_houses=0, think_asks=True,
+                           swap_views=1, site_hint=True)
+    run(cfg)
+    train = list(read_jsonl(tmp_path / "s" / "vqa_train.jsonl", VQASample))
+    labels = {"count": "Count", "colour": "Colour", "class": "Class", "landuse": "Cover", "relation": "Relation",
+              "operator": "Operator", "change": "New"}
+    asked = [s for s in train if "asks" in s.meta]
+    assert {s.meta["task"] for s in asked} == set(labels)
+    assert all(s.meta["task"] == "overall" for s in train if "asks" not in s.meta)
+    for s in asked:
+        label, value = s.meta["asks"].split(": ", 1)
+        assert label == labels[s.meta["task"]]
+        assert f"({s.answer}) {value}" in s.choices
+    store = ImageStore.from_manifest(tmp_path / "s" / "images.jsonl")
+    colour = next(s for s in asked if s.meta["task"] == "colour")
+    msgs, _, _ = oracle_trajectory(colour, store, ZoomConfig(frame="norm1000", max_pixels=50176, min_pixels=3136))
+    final = msgs[-1]["content"]
+    assert final == (f"<think>I see {colour.meta['sees']}. {colour.meta['asks']}.</think>"
+                     f"<answer>{colour.answer}</answer>")
+    assert reads_view(final, colour.meta["sees"]) and not reads_view(final, "2 blue planes on water")
+    rows = list(read_jsonl(tmp_path / "s" / "swap" / "views.jsonl"))
+    by_id = {s.id: s for s in train}
+    for r in rows:
+        choices = by_id[r["sample_id"]].choices
+        assert r["asks"].split(": ", 1)[1] == choices["ABCDEF".index(r["answer"])].split(") ", 1)[1]
+    from sft.data import materialize_trajectories
+
+    path, _ = materialize_trajectories([colour], store, ZoomConfig(frame="norm1000", max_pixels=50176,
+                                                                   min_pixels=3136), tmp_path / "t", progress=False)
+    (item,), _ = view_swap_items(tmp_path / "s" / "swap" / "views.jsonl", path)
+    r = next(r for r in rows if r["sample_id"] == colour.id)
+    assert item.messages[-1]["content"] == f"<think>I see {r['sees']}. {r['asks']}.</think><answer>{r['answer']}</answer>"

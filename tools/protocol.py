@@ -511,6 +511,20 @@ ANSWER_THINK = "<think>The zoomed view shows the evidence.</think>"
 # think says it first: reading the crop becomes one target that every question about a site shares, and the
 # letter then follows from those words and the options (docs/tiny_model.md)
 ANSWER_THINK_SEES = "<think>I see {sees}.</think>"
+# and, when it also states the asked part in the options' words (meta "asks", e.g. "Colour: red"), the think ends
+# with it: the letter is then one step from the word before it, and the part asked (the only thing the answer
+# turn needs from the question, ~150 tokens back) is a target of its own (docs/tiny_model.md, "The answer turn")
+ANSWER_THINK_SEES_ASKS = "<think>I see {sees}. {asks}.</think>"
+
+
+def answer_think(sees: str, asks: str | None = None) -> str:
+    """The oracle's answer think for a view described by `sees` (and the asked part, `asks`)."""
+    return ANSWER_THINK_SEES_ASKS.format(sees=sees, asks=asks) if asks else ANSWER_THINK_SEES.format(sees=sees)
+
+
+def reads_view(final_text: str | None, sees: str) -> bool:
+    """Does an answer turn's think name exactly what the view shows (what eval's "read %" counts)?"""
+    return bool(final_text) and f"<think>I see {sees}." in str(final_text)
 DIRECT_THINK = "<think>The overview shows the evidence.</think>"
 
 
@@ -552,6 +566,9 @@ __all__ = [
     "ZOOM_THINK",
     "ZOOM_THINK_AT",
     "ANSWER_THINK_SEES",
+    "ANSWER_THINK_SEES_ASKS",
+    "answer_think",
+    "reads_view",
     "ANSWER_THINK",
     "DIRECT_THINK",
 ]

@@ -137,6 +137,9 @@ class MakeScenesConfig(StageConfig):
                                      "the view then 'I see 3 red ships on water.' (0 = none). `knowzoom sft "
                                      "--trajectory_data` trains the tiny model's random vision tower on them "
                                      "(docs/tiny_model.md).")
+    think_asks: bool = hfield(False, help="Questions about a site also state the asked part in the options' words "
+                                          "(meta 'asks', e.g. 'Colour: red'); the oracle's answer think then ends "
+                                          "with it: 'I see 3 red ships on water. Colour: red.' (docs/tiny_model.md).")
     swap_views: int = hfield(0, help="Also write swap/: this many synthetic views per training question that a view "
                                      "of its site answers (count, colour, class, site land cover), each with the "
                                      "answer it gives (0 = none). `knowzoom sft --view_swap_data` trains the "
@@ -536,6 +539,16 @@ def change_description(site: dict[str, Any]) -> str:
     return f"{k} {PLURAL[site['cls']] if k > 1 else site['cls']} before, {k + new} after: {new} new"
 
 
+# the asked part of each sub-task, as the answer think names it (think_asks)
+ASK_LABEL = {"count": "Count", "colour": "Colour", "class": "Class", "landuse": "Cover", "relation": "Relation",
+             "operator": "Operator", "operator_text_only": "Operator", "change": "New"}
+
+
+def asks_text(kind: str, choices: list[str], answer: str) -> str:
+    """'Colour: red': the asked part and the right option's words."""
+    return f"{ASK_LABEL[kind]}: {choices[LETTERS.index(answer)].split(') ', 1)[1]}"
+
+
 def _opts(values: tuple, fmt: Any = str) -> list[str]:
     return [f"({LETTERS[i]}) {fmt(v)}" for i, v in enumerate(values)]
 
@@ -544,7 +557,7 @@ def scene_questions(scene: Scene, image_id: str, split: str, rng: np.random.Gene
                     landuse_fraction: float, knowledge_fraction: float = 0.0,
                     knowledge_train_classes: tuple[str, ...] | list[str] = (), base: int = 1,
                     order: str = "row_column", min_index: int = 0, landuse_box: str = "cell",
-                    site_hint: bool = False) -> list[VQASample]:
+                    site_hint: bool = False, think_asks: bool = False) -> list[VQASample]:
     """XLRS-style MCQs from a scene's truth; each with the site box as target region (and, with `site_hint`,
     the site repeated as the hint line)."""
     out: list[VQASample] = []
@@ -556,6 +569,8 @@ def scene_questions(scene: Scene, image_id: str, split: str, rng: np.random.Gene
         targets = [TargetRegion(image=0, bbox=[float(v) for v in tsite["box"]])] if tsite else []
         sid = f"{image_id}-{kind}-{tsite['row']}-{tsite['col']}" if tsite else f"{image_id}-{kind}"
         hint = f"Site: {meta['zoom_on']}." if site_hint and "zoom_on" in meta else ""
+        if think_asks and qtype == "single" and "sees" in meta:
+            meta["asks"] = asks_text(kind, choices, answer)
         out.append(VQASample(id=sid, images=[image_id], question=question, answer=answer, qtype=qtype,
                              choices=choices, category=cat, l2_category=l2, targets=targets, split=split,
                              meta={"scene": scene.id, "task": kind, **meta}, hint=hint))
@@ -609,7 +624,7 @@ def scene_questions(scene: Scene, image_id: str, split: str, rng: np.random.Gene
 
 
 def pair_questions(scene: Scene, ids: tuple[str, str], split: str, base: int = 1, order: str = "row_column",
-                   min_index: int = 0, site_hint: bool = False) -> list[VQASample]:
+                   min_index: int = 0, site_hint: bool = False, think_asks: bool = False) -> list[VQASample]:
     """Change-detection counting: how many new objects appeared at a site between image_0 and image_1."""
     out = []
     for site in scene.sites:
@@ -628,7 +643,8 @@ def pair_questions(scene: Scene, ids: tuple[str, str], split: str, base: int = 1
             targets=[TargetRegion(image=0, bbox=box), TargetRegion(image=1, bbox=box)], split=split,
             meta={"scene": scene.id, "task": "change", "site": [site["row"], site["col"]],
                   "zoom_on": _rc(site, base, order), "sees": change_description(site),
-                  "object_size": site.get("size"), "objects": site.get("objects_after", [])},
+                  "object_size": site.get("size"), "objects": site.get("objects_after", []),
+                  **({"asks": f"{ASK_LABEL['change']}: {n_new}"} if think_asks else {})},
             hint=f"Site: {_rc(site, base, order)}." if site_hint else "",
         ))
     return out
@@ -785,9 +801,9 @@ def write_swap_views(cfg: MakeScenesConfig, out: Path, tex: np.ndarray, samples:
             image, sees, attrs = look_view(rng, tex, cfg.site_box, max_px, cls=cls, k=k)
             name = f"images/swap_{len(rows):05d}.png"
             image.save(out / name)
-            value = attrs[SWAP_ATTR[task]]
-            rows.append({"sample_id": q.id, "task": task, "file": name, "sees": sees,
-                         "answer": LETTERS[SWAP_OPTIONS[task].index(value)]})
+            letter = LETTERS[SWAP_OPTIONS[task].index(attrs[SWAP_ATTR[task]])]
+            rows.append({"sample_id": q.id, "task": task, "file": name, "sees": sees, "answer": letter,
+                         **({"asks": asks_text(task, q.choices, letter)} if "asks" in meta else {})})
     return write_jsonl(out / "views.jsonl", rows)
 
 
@@ -804,7 +820,7 @@ def _make_single(cfg: MakeScenesConfig, idx: int, split: str, img_dir: Path, tex
         write_cog(arr, path, cfg.compress, cfg.quality, cfg.blocksize)
     qs = scene_questions(scene, sid, split, np.random.default_rng([cfg.seed, seed_index, 2]), cfg.landuse_fraction,
                          cfg.knowledge_fraction, cfg.knowledge_train_classes, cfg.site_index_base,
-                         cfg.site_order, cfg.min_site_index, cfg.landuse_box, cfg.site_hint)
+                         cfg.site_order, cfg.min_site_index, cfg.landuse_box, cfg.site_hint, cfg.think_asks)
     return scene, qs, arr
 
 
@@ -833,7 +849,7 @@ def _make_pair(cfg: MakeScenesConfig, idx: int, split: str, img_dir: Path, tex: 
         if cfg.overwrite or not path.exists():
             write_cog(arr, path, cfg.compress, cfg.quality, cfg.blocksize)
     return scene, pair_questions(scene, ids, split, cfg.site_index_base, cfg.site_order, cfg.min_site_index,
-                                 cfg.site_hint), list(ids)
+                                 cfg.site_hint, cfg.think_asks), list(ids)
 
 
 def write_preview(arr: np.ndarray, scene: Scene, path: Path, overview_side: int = 448) -> None:

@@ -63,7 +63,7 @@ def compute_metrics(
     computed per item on its error-free rollouts; `overall` says on how many items each k was computed
     (`pass@k_items`), how many rollouts errored (`sampled_errors`) and how many items have fewer than
     `n_samples` scored rollouts (`items_missing_rollouts`: such a run is not reportable)."""
-    from tools.protocol import ANSWER_THINK_SEES
+    from tools.protocol import reads_view
 
     sampled = sampled or {}
     ks = sorted(set(ks or []))
@@ -93,7 +93,7 @@ def compute_metrics(
             t["truncated"].append(1.0 if g.truncated else 0.0)
             sees = s.meta.get("sees") if isinstance(s.meta, dict) else None
             if sees:  # make-scenes says what the site's zooms show: did the answer think name exactly that?
-                row["read"] = ANSWER_THINK_SEES.format(sees=sees) in (g.final_text or "")
+                row["read"] = reads_view(g.final_text, sees)
                 t["read"].append(1.0 if row["read"] else 0.0)
             if s.targets:
                 zooms, hits = zoom_hits(g, s)
