@@ -524,3 +524,16 @@ def test_think_asks_ends_the_oracle_answer_think_with_the_asked_part(tmp_path: P
     (item,), _ = view_swap_items(tmp_path / "s" / "swap" / "views.jsonl", path)
     r = next(r for r in rows if r["sample_id"] == colour.id)
     assert item.messages[-1]["content"] == f"<think>I see {r['sees']}. {r['asks']}.</think><answer>{r['answer']}</answer>"
+
+    # the SFT stage's data build: every row of a training sample becomes an example beside its oracle episode
+    from pipeline.models import load_processor
+    from sft.config import SFTConfig
+    from sft.stage import build_items
+
+    sft = SFTConfig(output_dir=str(tmp_path / "sft"), vqa_data=[str(tmp_path / "s" / "vqa_train.jsonl")],
+                    images_manifest=str(tmp_path / "s" / "images.jsonl"), zoom_frame="norm1000",
+                    zoom_max_pixels=50176, view_swap_data=[str(tmp_path / "s" / "swap" / "views.jsonl")])
+    assert not sft.validate()
+    items, stats = build_items(sft, load_processor("tiny"))
+    assert stats["view_swap_items"] == len(rows) and stats["view_swap_skipped"] == 0
+    assert len(items) == stats["trajectories_written"] + len(rows)
