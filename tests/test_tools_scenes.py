@@ -483,7 +483,8 @@ def test_swap_views_answer_their_question_and_replace_the_crop_in_its_episode(tm
         view_swap_items(small / "views.jsonl", path)
 
 
-def test_think_asks_ends_the_oracle_answer_think_with_the_asked_part(tmp_path: Path) -> None:
+def test_think_asks_ends_the_oracle_answer_think_with_the_asked_part(
+        tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """make-scenes --think_asks: each site question states the asked part in its right option's words, the
     oracle's answer think ends with it, eval's read % still finds the view's words, and a swapped view's row
     states its own answer's part."""
@@ -534,6 +535,7 @@ def test_think_asks_ends_the_oracle_answer_think_with_the_asked_part(tmp_path: P
                     images_manifest=str(tmp_path / "s" / "images.jsonl"), zoom_frame="norm1000",
                     zoom_max_pixels=50176, view_swap_data=[str(tmp_path / "s" / "swap" / "views.jsonl")])
     assert not sft.validate()
+    monkeypatch.setenv("KNOWZOOM_CACHE", str(tmp_path_factory.getbasetemp() / "kz_model_cache"))
     items, stats = build_items(sft, load_processor("tiny"))
     assert stats["view_swap_items"] == len(rows) and stats["view_swap_skipped"] == 0
     assert len(items) == stats["trajectories_written"] + len(rows)
