@@ -112,7 +112,9 @@ MEASURED = [
     # reset in plan_measure.py targets that, unconfirmed, so they run with the other measured cases
     pytest.param({**CASE_SMALL, "bf16": False, "grad_ckpt": False, "freeze_vision": False, "seq": 256}, 0.15,
                  id="fp32-full", marks=pytest.mark.slow),
-    pytest.param({**CASE_SMALL, "bf16": True, "grad_ckpt": True, "freeze_vision": True, "seq": 512}, 0.15,
+    # 0.2: the same code measured 298 MB (ratio 1.08) on the host of docs/gpu.md's table and 280 MB (1.15, three
+    # runs within 0.6 MB, a fresh install) on another, 2026-12-01; the 322 MB estimate is over both (the safe side)
+    pytest.param({**CASE_SMALL, "bf16": True, "grad_ckpt": True, "freeze_vision": True, "seq": 512}, 0.2,
                  id="bf16-ckpt-frozen-vision", marks=pytest.mark.slow),
     pytest.param({**CASE_LARGE, "bf16": False, "grad_ckpt": False, "freeze_vision": False, "seq": 512}, 0.1,
                  id="large-fp32", marks=pytest.mark.slow),
