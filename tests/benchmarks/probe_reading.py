@@ -50,10 +50,10 @@ def main() -> None:
     import torch
     from PIL import Image
 
-    from pipeline.core.records import VQASample, read_jsonl
+    from pipeline.core.records import Trajectory, VQASample, read_jsonl
     from pipeline.models import load_model, set_pixel_bounds
     from rl.verifier import verify_sample
-    from sft.data import materialize_trajectories, trajectory_items
+    from sft.data import ChatDataset, materialize_trajectories, trajectory_items
     from tools.protocol import parse_turn
     from tools.store import ImageStore
     from tools.zoom import ZoomConfig
@@ -64,18 +64,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path, _ = materialize_trajectories(samples, ImageStore.from_manifest(args.images), zoom, tmp,
                                            max_zooms=1, progress=False)
-        items = [it for it in trajectory_items(path) if len(it.image_files) >= 2]
-        ids = [json.loads(line)["sample_id"] for line in Path(path).read_text().splitlines() if line.strip()]
+        # one item per trajectory, in file order (whole trajectories); images load as SFT feeds them
+        trajectories, items = list(read_jsonl(path, Trajectory)), trajectory_items(path)
         episodes = []
-        for sid, it in zip(ids, items, strict=True):
-            images = []
-            for k, f in enumerate(it.image_files):
-                with Image.open(f) as im:
-                    im = im.convert("RGB")
-                if args.blank_crop and k == len(it.image_files) - 1:
-                    im = Image.new("RGB", im.size, (60, 90, 120))
-                images.append(im)
-            episodes.append((by_id[sid], it.messages[:-1], images))
+        for t, it in zip(trajectories, items, strict=True):
+            images = ChatDataset([it])[0]["images"]
+            if args.blank_crop:
+                images[-1] = Image.new("RGB", images[-1].size, (60, 90, 120))
+            episodes.append((by_id[t.sample_id], it.messages[:-1], images))
 
     model, proc = load_model(args.model)
     set_pixel_bounds(proc, min_pixels=3136, max_pixels=args.max_pixels)
