@@ -421,6 +421,26 @@ def load_checkpoint_weights(model: Any, checkpoint: str | Path) -> None:
 
 
 @contextlib.contextmanager
+def scored_positions_only() -> Iterator[None]:
+    """TRL's fused LM head scores only the labelled positions on every device (the loss of sft and rl).
+
+    TRL 1.16's `add_fused_lm_head` projects only the positions with a label on CUDA/XPU (its Triton check), but
+    every position of the batch elsewhere, so that Neuron keeps one tile shape. On CPU that is the prompt, the
+    images and the padding too: a tiny zoom episode has ~10 % of its tokens labelled, and the all-position
+    projection, entropy and backward took ~40 % of each SFT step (tests/benchmarks/bench_loss_positions.py).
+    The per-token values are the same either way (each row's log-softmax is its own, and the skipped rows are
+    zeroed by TRL afterwards), so here the CPU takes the CUDA branch; the kernels keep their own device check."""
+    from trl.trainer import utils as trl_utils
+
+    use_triton = trl_utils._use_triton
+    trl_utils._use_triton = lambda device: device.type == "cpu" or use_triton(device)
+    try:
+        yield
+    finally:
+        trl_utils._use_triton = use_triton
+
+
+@contextlib.contextmanager
 def _file_lock(path: Path) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as f:

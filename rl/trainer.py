@@ -28,6 +28,8 @@
 6. Tool calls: TRL runs one rollout's tool calls after another. Each turn, the first call starts every pending
    zoom of the batch on a thread pool (GDAL reads and Ray actor calls release the GIL) and each call then
    takes its own result, so the rollouts' state changes are the ones a sequential loop would make.
+7. On CPU, TRL's fused LM head projects every position of the batch, prompt and images included; the log-prob
+   forwards here project only the scored ones, as TRL does on CUDA (`pipeline.models.scored_positions_only`).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ import numpy as np
 import torch
 from trl import GRPOTrainer
 
-from pipeline.models import load_checkpoint_weights
+from pipeline.models import load_checkpoint_weights, scored_positions_only
 
 _IMAGE_FIELDS = ("pixel_values", "image_grid_thw")
 log = logging.getLogger(__name__)
@@ -108,6 +110,11 @@ class ZoomGRPOTrainer(GRPOTrainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         self._keep_fsdp()
         super().save_model(output_dir, _internal_call=_internal_call)
+
+    # --- 7. the loss forward scores only the completion's positions on CPU too -----------------------------
+    def _get_per_token_logps_and_entropies(self, *args: Any, **kwargs: Any) -> Any:
+        with scored_positions_only():
+            return super()._get_per_token_logps_and_entropies(*args, **kwargs)
 
     # --- 3. one image placeholder per image for vLLM colocate ---------------------------------------------
     def _generate_single_turn(self, prompt_ids: list, images: Any, multimodal_fields: Any, num_generations: int,

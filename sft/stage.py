@@ -230,7 +230,7 @@ def _trainer_class() -> type:
     `pipeline.models.load_checkpoint_weights` loads it through `from_pretrained` and fails loudly on a mismatch."""
     import trl
 
-    from pipeline.models import load_checkpoint_weights
+    from pipeline.models import load_checkpoint_weights, scored_positions_only
 
     class KZSFTTrainer(trl.SFTTrainer):
         def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
@@ -239,6 +239,10 @@ def _trainer_class() -> type:
                 return super()._load_from_checkpoint(resume_from_checkpoint, model)
             load_checkpoint_weights(model, resume_from_checkpoint)
 
+        def compute_loss(self, *args: Any, **kwargs: Any) -> Any:
+            with scored_positions_only():
+                return super().compute_loss(*args, **kwargs)
+
         def _get_train_sampler(self, train_dataset: Any = None) -> Any:
             sampler = super()._get_train_sampler(train_dataset)
             if self.args.train_sampling_strategy != "group_by_length" or sampler is None:
@@ -246,7 +250,12 @@ def _trainer_class() -> type:
             from transformers.trainer_pt_utils import LengthGroupedSampler
 
             assert isinstance(sampler, LengthGroupedSampler)  # what HF builds for group_by_length
-            return _SeededLengthGroupedSampler(sampler.batch_size, sampler.lengths,
+            # the length column read without the dataset's transform, which would load every example's images
+            ds: Any = train_dataset if train_dataset is not None else self.train_dataset
+            column = self.args.length_column_name
+            lengths = ds.with_format(None)[column] \
+                if hasattr(ds, "with_format") and column in ds.column_names else sampler.lengths
+            return _SeededLengthGroupedSampler(sampler.batch_size, list(lengths),
                                                seed=self.args.data_seed if self.args.data_seed is not None
                                                else self.args.seed)
 

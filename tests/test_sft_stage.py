@@ -226,3 +226,85 @@ def test_prior_rate_is_the_template_majority_answer():
             qa(14, "tf", "true", "truth")]  # no training item of this type: never right
     assert prior_rate(train, held) == 2 / 5
     assert prior_rate(train, []) == 0.0
+
+
+def test_the_loss_scores_only_labelled_positions_and_equals_trls_all_position_loss(env, tmp_path):
+    """On CPU TRL's fused LM head projects every position (prompt, images, padding); KZSFTTrainer projects the
+    labelled ones, as TRL does on CUDA. The loss and every gradient must be the same."""
+    import trl
+    from trl.trainer import utils as trl_utils
+
+    from pipeline.core.config import config_from_dict
+    from pipeline.core.records import read_vqa
+    from pipeline.models import load_model
+    from sft.config import SFTConfig
+    from sft.data import ChatDataset, ChatItem, oracle_trajectory
+    from sft.masks import ZoomSFTCollator
+    from sft.stage import _trainer_class, _training_args
+    from tools.store import ImageStore
+    from tools.zoom import ZoomConfig
+
+    model, processor = load_model("tiny", device="cpu")
+    store = ImageStore.from_manifest(env["manifest"])
+    samples = [s for s in read_vqa(env["vqa"]) if s.targets][:3]
+    items = []
+    for s in samples:
+        messages, images, _ = oracle_trajectory(s, store, ZoomConfig(), think=True, max_zooms=1)
+        items.append(ChatItem(messages=messages, image_files=[], kind="vqa", images=images))
+    collator = ZoomSFTCollator(processor)
+    batch = collator([ChatDataset(items)[i] for i in range(len(items))])
+    cfg = config_from_dict(SFTConfig, {"output_dir": str(tmp_path), "vqa_data": ["x"], "images_manifest": "x",
+                                       "max_steps": 1, "group_by_length": False}, check=False)
+    trainer = _trainer_class()(model=model, args=_training_args(cfg, tmp_path / "ck"),
+                               train_dataset=ChatDataset(items).to_hf(), processing_class=processor,
+                               data_collator=collator)
+    rows: list[int] = []
+    apply = trl_utils._ChunkedLogProbFunction.apply
+
+    def spy(hidden, *args):
+        rows.append(int(hidden.shape[0]))
+        return apply(hidden, *args)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(trl_utils._ChunkedLogProbFunction, "apply", spy)
+    results = []
+    try:
+        for compute in (trainer.compute_loss, lambda m, b: trl.SFTTrainer.compute_loss(trainer, m, b)):
+            model.zero_grad()
+            loss = compute(model, {k: v.clone() if hasattr(v, "clone") else v for k, v in batch.items()})
+            loss.backward()
+            results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                            if p.grad is not None}))
+    finally:
+        mp.undo()
+    labelled = int((batch["labels"][:, 1:] != -100).sum())
+    assert rows == [labelled, batch["labels"][:, 1:].numel()]
+    assert labelled < rows[1] / 3  # most of a zoom episode is prompt and image tokens
+    (ours, g_ours), (trls, g_trl) = results
+    assert torch.allclose(ours, trls, rtol=1e-5, atol=1e-6)
+    assert g_ours.keys() == g_trl.keys() and len(g_ours) > 10
+    for n in g_ours:
+        assert torch.allclose(g_ours[n], g_trl[n], rtol=1e-4, atol=1e-6), n
+    assert trl_utils._use_triton(torch.device("cpu")) is False  # the patch ends with the loss
+
+
+def test_the_length_sampler_reads_no_images(env, tmp_path, monkeypatch):
+    """group_by_length reads the dataset's length column; through the dataset's transform that loaded every
+    example's images before the first step (21 s for the pre-warm's 4,867 episodes)."""
+    from pipeline.core.config import load_config
+    from sft.config import SFTConfig
+    from sft.data import ChatDataset
+    from sft.stage import run
+
+    loads = {"n": 0}
+    getitem = ChatDataset.__getitem__
+
+    def counting(self, i):
+        loads["n"] += 1
+        return getitem(self, i)
+
+    monkeypatch.setattr(ChatDataset, "__getitem__", counting)
+    over = _data_overrides(env, tmp_path / "run")
+    over.update(model="tiny", max_steps=2, max_text_samples=40, group_by_length=True, save_steps=100)
+    run(load_config(SFTConfig, "configs/tiny/sft_prewarm.yaml", over))
+    assert 0 < loads["n"] <= 2 * 2 + 2  # the two steps' batches (+ a look-ahead), not the whole dataset

@@ -1,0 +1,92 @@
+"""The SFT loss on CPU, side by side in one process: TRL's fused LM head scoring every position of the batch
+(what TRL 1.16 does off CUDA) against scoring only the labelled positions (what it does on CUDA, and what the
+project's trainers do everywhere: `pipeline.models.scored_positions_only`). Forward + backward of oracle zoom
+episodes, in alternating rounds; prints seconds per step, the ratio and the largest loss difference (never
+asserts absolute times).
+
+    python tests/benchmarks/bench_loss_positions.py --vqa runs/tiny/scenes/vqa_train.jsonl \
+        --images runs/tiny/scenes/images.jsonl --model runs/tiny/sft_aim/model
+(without --vqa it writes the seeded fixture scenes to a temporary folder; without --model the embedded tiny model)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the fixtures package
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--vqa", default="")
+    ap.add_argument("--images", default="")
+    ap.add_argument("--model", default="tiny")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    import trl
+
+    from pipeline.core.config import config_from_dict
+    from pipeline.core.records import read_vqa
+    from pipeline.models import load_model
+    from sft.config import SFTConfig
+    from sft.data import ChatDataset, ChatItem, oracle_trajectory
+    from sft.masks import ZoomSFTCollator
+    from sft.stage import _trainer_class, _training_args
+    from tools.store import ImageStore
+    from tools.zoom import ZoomConfig
+
+    tmp = Path(tempfile.mkdtemp(prefix="kz_bench_loss_"))
+    if not args.vqa:
+        from fixtures.scenes import make_scenes
+
+        sc = make_scenes(tmp / "scenes", n=args.batch, size=2048, square=48)
+        args.vqa, args.images = str(sc.vqa), str(sc.manifest)
+    model, processor = load_model(args.model, device="cpu")
+    store = ImageStore.from_manifest(args.images)
+    zoom = ZoomConfig(frame="norm1000", max_pixels=50176, min_pixels=3136)
+    items = []
+    for s in [s for s in read_vqa(args.vqa) if s.targets][:args.batch]:
+        messages, images, _ = oracle_trajectory(s, store, zoom, think=True, max_zooms=3)
+        items.append(ChatItem(messages=messages, image_files=[], kind="vqa", images=images))
+    collator = ZoomSFTCollator(processor)
+    batch = collator([ChatDataset(items)[i] for i in range(len(items))])
+    cfg = config_from_dict(SFTConfig, {"output_dir": str(tmp), "vqa_data": ["x"], "images_manifest": "x",
+                                       "max_steps": 1, "group_by_length": False}, check=False)
+    trainer = _trainer_class()(model=model, args=_training_args(cfg, tmp / "ck"),
+                               train_dataset=ChatDataset(items).to_hf(), processing_class=processor,
+                               data_collator=collator)
+    modes = {"TRL, every position": lambda m, b: trl.SFTTrainer.compute_loss(trainer, m, b),
+             "labelled positions only": trainer.compute_loss}
+    times: dict[str, list[float]] = {k: [] for k in modes}
+    losses: dict[str, float] = {}
+    for _ in range(args.rounds + 1):  # the first round warms up and is not timed
+        for name, compute in modes.items():
+            model.zero_grad()
+            t0 = time.perf_counter()
+            loss = compute(model, dict(batch))
+            loss.backward()
+            times[name].append(time.perf_counter() - t0)
+            losses[name] = float(loss.detach())
+    labelled = int((batch["labels"][:, 1:] != -100).sum())
+    print(f"batch {len(items)} episodes, {batch['input_ids'].numel()} positions, {labelled} labelled "
+          f"({100 * labelled / batch['input_ids'].numel():.1f} %)")
+    per = {k: sum(v[1:]) / len(v[1:]) for k, v in times.items()}
+    for name, s in per.items():
+        print(f"{name:26s}: {s:.3f} s per forward + backward (loss {losses[name]:.6f})")
+    a, b = per.values()
+    print(f"labelled positions only is {a / b:.2f}x the speed of every position; loss difference "
+          f"{abs(losses['TRL, every position'] - losses['labelled positions only']):.2e}")
+
+
+if __name__ == "__main__":
+    main()
