@@ -426,7 +426,7 @@ def scored_positions_only() -> Iterator[None]:
 
     TRL 1.16's `add_fused_lm_head` projects only the positions with a label on CUDA/XPU (its Triton check), but
     every position of the batch elsewhere, so that Neuron keeps one tile shape. On CPU that is the prompt, the
-    images and the padding too: a tiny zoom episode has ~10 % of its tokens labelled, and the all-position
+    images and the padding too: a tiny zoom episode has ~18 % of its positions labelled, and the all-position
     projection, entropy and backward took ~40 % of each SFT step (tests/benchmarks/bench_loss_positions.py).
     The per-token values are the same either way (each row's log-softmax is its own, and the skipped rows are
     zeroed by TRL afterwards), so here the CPU takes the CUDA branch; the kernels keep their own device check."""
