@@ -6,6 +6,7 @@ asserts absolute times).
 
     python tests/benchmarks/bench_loss_positions.py --vqa runs/tiny/scenes/vqa_train.jsonl \
         --images runs/tiny/scenes/images.jsonl --model runs/tiny/sft_aim/model
+    python tests/benchmarks/bench_loss_positions.py --qa runs/tiny/qa/qa_train.jsonl --batch 32 --model runs/tiny/base/model
 (without --vqa it writes the seeded fixture scenes to a temporary folder; without --model the embedded tiny model)
 """
 
@@ -27,6 +28,7 @@ def main() -> None:
     ap.add_argument("--vqa", default="")
     ap.add_argument("--images", default="")
     ap.add_argument("--model", default="tiny")
+    ap.add_argument("--qa", default="", help="text QA JSONL: time text items (the text cold start) instead")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
@@ -46,18 +48,23 @@ def main() -> None:
     from tools.zoom import ZoomConfig
 
     tmp = Path(tempfile.mkdtemp(prefix="kz_bench_loss_"))
-    if not args.vqa:
-        from fixtures.scenes import make_scenes
-
-        sc = make_scenes(tmp / "scenes", n=args.batch, size=2048, square=48)
-        args.vqa, args.images = str(sc.vqa), str(sc.manifest)
     model, processor = load_model(args.model, device="cpu")
-    store = ImageStore.from_manifest(args.images)
-    zoom = ZoomConfig(frame="norm1000", max_pixels=50176, min_pixels=3136)
     items = []
-    for s in [s for s in read_vqa(args.vqa) if s.targets][:args.batch]:
-        messages, images, _ = oracle_trajectory(s, store, zoom, think=True, max_zooms=3)
-        items.append(ChatItem(messages=messages, image_files=[], kind="vqa", images=images))
+    if args.qa:  # the text stage's items (no thinks, as configs/tiny/sft_text.yaml trains them)
+        from sft.data import read_text_qa, text_items
+
+        items = text_items(read_text_qa([args.qa])[:args.batch], think=False)
+    else:
+        if not args.vqa:
+            from fixtures.scenes import make_scenes
+
+            sc = make_scenes(tmp / "scenes", n=args.batch, size=2048, square=48)
+            args.vqa, args.images = str(sc.vqa), str(sc.manifest)
+        store = ImageStore.from_manifest(args.images)
+        zoom = ZoomConfig(frame="norm1000", max_pixels=50176, min_pixels=3136)
+        for s in [s for s in read_vqa(args.vqa) if s.targets][:args.batch]:
+            messages, images, _ = oracle_trajectory(s, store, zoom, think=True, max_zooms=3)
+            items.append(ChatItem(messages=messages, image_files=[], kind="vqa", images=images))
     collator = ZoomSFTCollator(processor)
     batch = collator([ChatDataset(items)[i] for i in range(len(items))])
     cfg = config_from_dict(SFTConfig, {"output_dir": str(tmp), "vqa_data": ["x"], "images_manifest": "x",
@@ -78,7 +85,7 @@ def main() -> None:
             times[name].append(time.perf_counter() - t0)
             losses[name] = float(loss.detach())
     labelled = int((batch["labels"][:, 1:] != -100).sum())
-    print(f"batch {len(items)} episodes, {batch['input_ids'].numel()} positions, {labelled} labelled "
+    print(f"batch {len(items)} {'text items' if args.qa else 'episodes'}, {batch['input_ids'].numel()} positions, {labelled} labelled "
           f"({100 * labelled / batch['input_ids'].numel():.1f} %)")
     per = {k: sum(v[1:]) / len(v[1:]) for k, v in times.items()}
     for name, s in per.items():
