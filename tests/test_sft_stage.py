@@ -232,32 +232,14 @@ def test_the_loss_scores_only_labelled_positions_and_equals_trls_all_position_lo
     """On CPU TRL's fused LM head projects every position (prompt, images, padding); KZSFTTrainer projects the
     labelled ones, as TRL does on CUDA. The loss and every gradient must be the same."""
     import trl
+    from fixtures.sft_trainer import oracle_items, trainer_and_batch
     from trl.trainer import utils as trl_utils
 
-    from pipeline.core.config import config_from_dict
-    from pipeline.core.records import read_vqa
     from pipeline.models import load_model
-    from sft.config import SFTConfig
-    from sft.data import ChatDataset, ChatItem, oracle_trajectory
-    from sft.masks import ZoomSFTCollator
-    from sft.stage import _trainer_class, _training_args
-    from tools.store import ImageStore
-    from tools.zoom import ZoomConfig
 
     model, processor = load_model("tiny", device="cpu")
-    store = ImageStore.from_manifest(env["manifest"])
-    samples = [s for s in read_vqa(env["vqa"]) if s.targets][:3]
-    items = []
-    for s in samples:
-        messages, images, _ = oracle_trajectory(s, store, ZoomConfig(), think=True, max_zooms=1)
-        items.append(ChatItem(messages=messages, image_files=[], kind="vqa", images=images))
-    collator = ZoomSFTCollator(processor)
-    batch = collator([ChatDataset(items)[i] for i in range(len(items))])
-    cfg = config_from_dict(SFTConfig, {"output_dir": str(tmp_path), "vqa_data": ["x"], "images_manifest": "x",
-                                       "max_steps": 1, "group_by_length": False}, check=False)
-    trainer = _trainer_class()(model=model, args=_training_args(cfg, tmp_path / "ck"),
-                               train_dataset=ChatDataset(items).to_hf(), processing_class=processor,
-                               data_collator=collator)
+    items = oracle_items(env["vqa"], env["manifest"], 3)
+    trainer, batch = trainer_and_batch(model, processor, items, tmp_path)
     rows: list[int] = []
     apply = trl_utils._ChunkedLogProbFunction.apply
 

@@ -36,20 +36,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     import trl
+    from fixtures.sft_trainer import oracle_items, trainer_and_batch
 
-    from pipeline.core.config import config_from_dict
-    from pipeline.core.records import read_vqa
     from pipeline.models import load_model
-    from sft.config import SFTConfig
-    from sft.data import ChatDataset, ChatItem, oracle_trajectory
-    from sft.masks import ZoomSFTCollator
-    from sft.stage import _trainer_class, _training_args
-    from tools.store import ImageStore
     from tools.zoom import ZoomConfig
 
     tmp = Path(tempfile.mkdtemp(prefix="kz_bench_loss_"))
     model, processor = load_model(args.model, device="cpu")
-    items = []
     if args.qa:  # the text stage's items (no thinks, as configs/tiny/sft_text.yaml trains them)
         from sft.data import read_text_qa, text_items
 
@@ -60,18 +53,9 @@ def main() -> None:
 
             sc = make_scenes(tmp / "scenes", n=args.batch, size=2048, square=48)
             args.vqa, args.images = str(sc.vqa), str(sc.manifest)
-        store = ImageStore.from_manifest(args.images)
         zoom = ZoomConfig(frame="norm1000", max_pixels=50176, min_pixels=3136)
-        for s in [s for s in read_vqa(args.vqa) if s.targets][:args.batch]:
-            messages, images, _ = oracle_trajectory(s, store, zoom, think=True, max_zooms=3)
-            items.append(ChatItem(messages=messages, image_files=[], kind="vqa", images=images))
-    collator = ZoomSFTCollator(processor)
-    batch = collator([ChatDataset(items)[i] for i in range(len(items))])
-    cfg = config_from_dict(SFTConfig, {"output_dir": str(tmp), "vqa_data": ["x"], "images_manifest": "x",
-                                       "max_steps": 1, "group_by_length": False}, check=False)
-    trainer = _trainer_class()(model=model, args=_training_args(cfg, tmp / "ck"),
-                               train_dataset=ChatDataset(items).to_hf(), processing_class=processor,
-                               data_collator=collator)
+        items = oracle_items(args.vqa, args.images, args.batch, zoom, max_zooms=3)
+    trainer, batch = trainer_and_batch(model, processor, items, tmp)
     modes = {"TRL, every position": lambda m, b: trl.SFTTrainer.compute_loss(trainer, m, b),
              "labelled positions only": trainer.compute_loss}
     times: dict[str, list[float]] = {k: [] for k in modes}
