@@ -539,3 +539,38 @@ def test_think_asks_ends_the_oracle_answer_think_with_the_asked_part(
     items, stats = build_items(sft, load_processor("tiny"))
     assert stats["view_swap_items"] == len(rows) and stats["view_swap_skipped"] == 0
     assert len(items) == stats["trajectories_written"] + len(rows)
+
+
+def test_the_cog_is_the_same_whatever_the_staging_layout_and_a_failed_write_fails_the_stage(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import rasterio
+
+    from tools import scenes as sc
+
+    rng = np.random.default_rng(0)
+    arr = (rng.integers(0, 40, (1536, 1280, 3)) + np.linspace(0, 200, 1280)[None, :, None]).astype("uint8")
+    sc.write_cog(arr, tmp_path / "striped.tif", stage_tiled=False)
+    sc.write_cog(arr, tmp_path / "tiled.tif")
+    assert (tmp_path / "striped.tif").read_bytes() == (tmp_path / "tiled.tif").read_bytes()
+    with rasterio.open(tmp_path / "tiled.tif") as ds:
+        assert ds.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
+        assert ds.block_shapes[0] == (512, 512) and ds.overviews(1)
+
+    # the writer thread's error reaches the stage, which fails; no half-written COG is left under its name
+    calls: list[Path] = []
+    real_write = sc.write_cog
+
+    def fail_second(a: np.ndarray, path: Path, *args: object) -> None:
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        real_write(a, path, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(sc, "write_cog", fail_second)
+    cfg = MakeScenesConfig(output_dir=str(tmp_path / "s"), size=4096, n_train_scenes=2, n_test_scenes=1,
+                           n_train_pairs=0, n_test_pairs=0, grid=4, n_vehicles=30, n_houses=10, preview=False)
+    with pytest.raises(OSError, match="disk full"):
+        run(cfg)
+    assert len(calls) == 2, "the stage went on after a failed write"
+    assert [p.name for p in (tmp_path / "s" / "images").iterdir()] == ["scene_train_000.tif"]
+    assert not (tmp_path / "s" / "vqa_train.jsonl").exists()
