@@ -117,6 +117,51 @@ def test_materialize_is_resumable_and_skips_rejected_boxes(scenes, tmp_path):
     assert items[0].n_image_tokens == sum(im.size[0] * im.size[1] // 784 for im in row["images"])
 
 
+def test_the_written_pngs_hold_the_rendered_pixels_and_a_failed_write_fails_the_build(scenes, tmp_path,
+                                                                                       monkeypatch):
+    """The crops are written in a background thread at PNG level 1: the same pixels and the same JSONL as at
+    PIL's default level; a write that fails stops the build with its error, and no line is appended for a
+    sample whose image is not on disk, so the rerun renders it again."""
+    import numpy as np
+    from PIL import Image
+
+    from pipeline.core.records import Trajectory, read_jsonl, read_vqa
+    from sft.data import PNG_COMPRESS_LEVEL, materialize_trajectories, oracle_trajectory
+    from tools.store import ImageStore
+    from tools.zoom import ZoomConfig
+
+    manifest, vqa = scenes
+    store = ImageStore.from_manifest(manifest)
+    samples = read_vqa([vqa])[:4]
+    fast, _ = materialize_trajectories(samples, store, ZoomConfig(), tmp_path / "fast", progress=False)
+    slow, _ = materialize_trajectories(samples, store, ZoomConfig(), tmp_path / "slow", progress=False,
+                                       png_compress_level=6)
+    assert PNG_COMPRESS_LEVEL == 1 and fast.read_text() == slow.read_text()
+    recs = list(read_jsonl(fast, Trajectory))
+    assert len(recs) == 4 and any(t.tool_calls for t in recs)
+    for t in recs:
+        _, images, _ = oracle_trajectory(next(s for s in samples if s.id == t.sample_id), store, ZoomConfig())
+        assert len(images) == len(t.observations)
+        for o, im in zip(t.observations, images, strict=True):
+            a, b = (np.asarray(Image.open(root / o["file"]).convert("RGB")) for root in (fast.parent, slow.parent))
+            assert np.array_equal(a, np.asarray(im.convert("RGB"))) and np.array_equal(a, b)
+
+    save = Image.Image.save
+
+    def failing(self, fp, *args, **kwargs):
+        if Path(fp).name.startswith(f"{samples[1].id}_"):
+            raise OSError(28, "No space left on device")
+        return save(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", failing)
+    with pytest.raises(OSError, match="No space left"):
+        materialize_trajectories(samples, store, ZoomConfig(), tmp_path / "full", progress=False)
+    assert [t.sample_id for t in read_jsonl(tmp_path / "full" / "trajectories.jsonl", Trajectory)] == [samples[0].id]
+    monkeypatch.setattr(Image.Image, "save", save)
+    path, stats = materialize_trajectories(samples, store, ZoomConfig(), tmp_path / "full", progress=False)
+    assert stats == {"written": 3, "skipped_existing": 1, "failed": 0} and path.read_text() == fast.read_text()
+
+
 def test_first_zoom_examples_cut_each_zooming_trajectory_after_its_first_call(scenes, tmp_path):
     from pipeline.core.records import read_vqa
     from sft.data import ChatDataset, materialize_trajectories, trajectory_items
