@@ -86,6 +86,9 @@ class SFTConfig(LaunchConfig, ZoomSettings):
     # --- what trains
     freeze_vision: bool = hfield(False, help="Freeze the vision tower (the paper froze it for the 7B).")
     freeze_projector: bool = hfield(False, help="Freeze the vision→language projector (merger).")
+    freeze_modules: list[str] = hfield([], help="Language-model linear layers (of q_proj k_proj v_proj o_proj "
+                                                "gate_proj up_proj down_proj) left untrained in every layer, "
+                                                "e.g. [q_proj, k_proj]: where attention looks stays as it was.")
     lora: bool = hfield(False, help="Train LoRA adapters on the language model instead of full weights; the "
                                     "saved model has them merged.")
     lora_r: int = hfield(16, help="LoRA rank.")
@@ -145,6 +148,11 @@ class SFTConfig(LaunchConfig, ZoomSettings):
         for f in self.view_swap_data:
             if not Path(f).is_file():
                 p.append(f"view_swap_data: {f} does not exist; run make-scenes with --swap_views N")
+        bad = [m for m in self.freeze_modules if m not in LM_PROJECTIONS]
+        if bad:
+            p.append(f"freeze_modules: {bad} unknown; use some of {', '.join(LM_PROJECTIONS)}")
+        if self.lora and self.freeze_modules:
+            p.append("freeze_modules: with lora only the adapters train already; leave it empty or set lora: false")
         if self.loss_turns not in ("all", "last"):
             p.append(f"loss_turns: {self.loss_turns!r}; use 'all' or 'last'")
         if not 0 < self.zoom_min_pixels <= self.zoom_max_pixels:

@@ -126,6 +126,33 @@ def test_freeze_and_lora_options(env, tmp_path):
     assert all(torch.equal(sm[k], sb[k]) for k in sm if ".visual." in k)
 
 
+def test_freeze_modules_keeps_where_attention_looks_and_trains_the_rest(env, tmp_path):
+    """`freeze_modules: [q_proj, k_proj]` (the tiny text cold start): after training, every language layer's
+    query and key projections (weights and biases) are the base model's, and the value/output projections and
+    MLPs have moved; unknown names and the LoRA combination are refused with a clear message."""
+    from pipeline.core.config import load_config
+    from pipeline.models import load_model
+    from sft.config import SFTConfig
+    from sft.stage import run
+
+    over = _data_overrides(env, tmp_path / "qk")
+    over.pop("vqa_data"), over.pop("images_manifest")
+    over.update(freeze_modules=["q_proj", "k_proj"], max_steps=2, learning_rate=1e-2, warmup_steps=0)
+    summary = run(load_config(SFTConfig, None, over))
+    trained, _ = load_model(summary["model"])
+    base, _ = load_model("tiny")
+    st, sb = trained.state_dict(), base.state_dict()
+    lm = [k for k in st if "language_model" in k]
+    frozen = [k for k in lm if ".q_proj." in k or ".k_proj." in k]
+    assert len(frozen) == 4 * base.config.text_config.num_hidden_layers  # weight + bias, q and k, every layer
+    assert all(torch.equal(st[k], sb[k]) for k in frozen)
+    for name in ("v_proj", "o_proj", "up_proj", "down_proj"):
+        assert any(not torch.equal(st[k], sb[k]) for k in lm if f".{name}." in k), name
+    assert any("freeze_modules: ['qkv']" in p for p in SFTConfig(text_data=["x"], freeze_modules=["qkv"]).validate())
+    assert any(p.startswith("freeze_modules: with lora")
+               for p in SFTConfig(text_data=["x"], freeze_modules=["q_proj"], lora=True).validate())
+
+
 KILL_SCRIPT = textwrap.dedent("""
     import os, signal, sys, json
     import torch
