@@ -112,11 +112,12 @@ def prepare_model(model: Any, cfg: SFTConfig) -> dict[str, Any]:
             is_proj = id(p) in merger_ids
             if (is_proj and cfg.freeze_projector) or (not is_proj and cfg.freeze_vision):
                 p.requires_grad_(False)
-    frozen = tuple(f".{m}." for m in cfg.freeze_modules)
-    visual_ids = {id(p) for p in visual.parameters()} if visual is not None else set()
-    for name, p in model.named_parameters():
-        if frozen and id(p) not in visual_ids and any(f in name for f in frozen):
-            p.requires_grad_(False)  # weight and bias of the named projections, in every language layer
+    if cfg.freeze_modules:
+        frozen = tuple(f".{m}." for m in cfg.freeze_modules)
+        visual_ids = {id(p) for p in visual.parameters()} if visual is not None else set()
+        for name, p in model.named_parameters():
+            if id(p) not in visual_ids and any(f in name for f in frozen):
+                p.requires_grad_(False)  # weight and bias of the named projections, in every language layer
     if cfg.lora:
         from peft import LoraConfig, get_peft_model
 

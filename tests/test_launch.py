@@ -38,8 +38,18 @@ def test_two_rank_sft_through_the_launcher(data, tmp_path, monkeypatch, capsys):
     rc = main(["sft", "--output_dir", str(out), "--text_data", data["train"], "--vqa_data", data["vqa"],
                "--images_manifest", data["manifest"], "--max_steps", "2", "--logging_steps", "1",
                "--per_device_train_batch_size", "2", "--max_text_samples", "8", "--torch_threads", "1",
-               "--save_steps", "10", "--num_processes", "2", "--report_to", "tensorboard"])
+               "--save_steps", "10", "--num_processes", "2", "--report_to", "tensorboard",
+               "--freeze_modules", "[q_proj, k_proj]"])
     assert rc == 0, capsys.readouterr().err[-3000:]
+    # freeze_modules under DDP: the query/key projections are the base model's, the rest of the layers trained
+    import torch
+
+    from pipeline.models import load_model
+
+    trained = load_model(str(out / "model"))[0].state_dict()
+    base = load_model("tiny")[0].state_dict()
+    lm = [k for k in trained if "language_model" in k and k.endswith(".weight") and "_proj." in k]
+    assert all(torch.equal(trained[k], base[k]) == (".q_proj." in k or ".k_proj." in k) for k in lm)
     # the trajectory JSONL was written once: one line per sample, no duplicates from a second rank
     lines = (out / "sft_data" / "trajectories.jsonl").read_text().splitlines()
     ids = [json.loads(ln)["sample_id"] for ln in lines]
