@@ -69,11 +69,16 @@ def oracle_trajectory(sample: VQASample, store: ImageStore, zoom_cfg: ZoomConfig
     targets = sample.targets[:limit]
     meta = sample.meta if isinstance(sample.meta, dict) else {}
     where, sees, asks = meta.get("zoom_on"), meta.get("sees"), meta.get("asks")
-    for t in targets:
+    for k, t in enumerate(targets):
         source = f"image_{t.image}"
         bbox = episode.oracle_bbox(t.image, t.bbox)
         call_text = format_tool_call(bbox, source=source)
-        zoom_think = ZOOM_THINK_AT.format(where=where, box=format_box(bbox)) if where else ZOOM_THINK
+        # a later zoom (a change pair's second, on image_1) names the image it zooms, not the site again: its box
+        # is then a copy of the box the tool's text just echoed ("obs_1: zoom of image_0 [741, ...]"), a fixed
+        # few tokens back, where restating the site meant a copy from before the view's tokens, which the tiny
+        # model does not learn (docs/tiny_model.md, "The change pair's second call")
+        at = where if k == 0 else source
+        zoom_think = ZOOM_THINK_AT.format(where=at, box=format_box(bbox)) if where else ZOOM_THINK
         messages.append({"role": "assistant", "content": (zoom_think if think else "") + call_text})
         result = episode.execute(ToolCall(name=TOOL_NAME, arguments={"bbox": list(bbox), "source": source}))
         if result.error is not None or result.observation is None:

@@ -215,6 +215,38 @@ def test_mine_hard_keeps_low_pass_rate_and_resumes(data, tmp_path):
     assert be2.calls == 0  # resumed from the rollout cache
 
 
+def test_mine_hard_sample_draws_a_seeded_subset_of_the_whole_set(data, tmp_path):
+    """`sample: N` mines N items drawn with the seed from the whole set, in the set's order (the tiny run mines
+    120 of its ~1,500 train items; the first 120 were one scene's questions, and no change pair reached RL)."""
+    from pipeline.core.errors import ConfigError
+
+    class Blank:
+        def generate(self, conversations, images, **kw):
+            return ["<answer>A</answer>"] * len(conversations)
+
+    order = [s.id for s in _samples(data)]
+    drawn = {}
+    for seed in range(6):
+        cfg = load_config(MineHardConfig, None, {
+            "output_dir": str(tmp_path / f"h{seed}"), "dataset_path": str(data / "vqa_test.jsonl"),
+            "images_manifest": str(data / "images.jsonl"), "k": 1, "sample": 2, "seed": seed,
+            "max_pass_rate": 1.0})
+        stats = run_mine(cfg, backend=Blank())
+        ids = [h.id for h in read_jsonl(tmp_path / f"h{seed}" / "hard.jsonl", VQASample)]
+        assert stats["n_scored"] == 2 and ids == sorted(ids, key=order.index)  # every item kept, in set order
+        drawn[seed] = tuple(ids)
+    assert len(set(drawn.values())) > 1  # the seed draws, over the whole set (not the first N)
+    again = load_config(MineHardConfig, None, {
+        "output_dir": str(tmp_path / "again"), "dataset_path": str(data / "vqa_test.jsonl"),
+        "images_manifest": str(data / "images.jsonl"), "k": 1, "sample": 2, "seed": 3,
+        "max_pass_rate": 1.0})
+    run_mine(again, backend=Blank())
+    assert [h.id for h in read_jsonl(tmp_path / "again" / "hard.jsonl", VQASample)] == [
+        h.id for h in read_jsonl(tmp_path / "h3" / "hard.jsonl", VQASample)]
+    with pytest.raises(ConfigError, match="sample"):
+        load_config(MineHardConfig, None, {"sample": 0})
+
+
 def test_cli_eval_with_tiny_model(data, tmp_path, capsys):
     """The real path: `knowzoom eval` with the tiny transformers model, 2 items, 1 turn."""
     from pipeline.cli import main

@@ -112,6 +112,32 @@ def test_questions_need_zoom_and_oracle_view_shows_32px(scenes: Path) -> None:
     assert 8192 / 224 * 2 > 44
 
 
+def test_a_change_pairs_second_zoom_names_image_1_and_copies_the_box_the_tool_just_echoed(scenes: Path) -> None:
+    """The oracle episode of a change question zooms the site in image_0, then the same box in image_1. The
+    second think names the image, not the site: its box is the one the tool's text just echoed, a fixed few tokens
+    back, and the call zooms image_1 with it (docs/tiny_model.md, "The change pair's second call")."""
+    import re
+
+    from sft.data import oracle_trajectory
+    from tools.protocol import parse_turn
+
+    store = ImageStore.from_manifest(scenes / "images.jsonl")
+    pairs = [s for s in read_jsonl(scenes / "vqa_test.jsonl", VQASample) if s.meta["task"] == "change"]
+    assert pairs
+    for s in pairs:
+        msgs, images, _ = oracle_trajectory(s, store, ZoomConfig(frame="norm1000"))
+        assert [m["role"] for m in msgs[2:]] == ["assistant", "tool", "assistant", "tool", "assistant"]
+        first, second = parse_turn(msgs[2]["content"]).tool_call, parse_turn(msgs[4]["content"]).tool_call
+        assert first is not None and second is not None
+        box = first.arguments["bbox"]
+        assert msgs[2]["content"].startswith(f"<think>Zoom in on {s.meta['zoom_on']}: [")
+        echoed = re.search(r"obs_1: zoom of image_0 (\[[0-9, ]+\])", msgs[3]["content"][-1]["text"])
+        assert echoed and json.loads(echoed.group(1)) == box
+        assert msgs[4]["content"].startswith(f"<think>Zoom in on image_1: {echoed.group(1)}.</think><tool_call>")
+        assert second.arguments == {"bbox": box, "source": "image_1"}
+        assert len(images) == 4 and images[2].size == images[3].size
+
+
 def test_grid_10_base_0_norm1000_boxes_copy_the_grid_index(tmp_path: Path) -> None:
     """The tiny default's quantised boxes: site (r, c) of a 10x10 grid on an 8192 scene zooms on [c41, r41, c59,
     r59] in norm1000, and the question names the same 0-based row and column."""

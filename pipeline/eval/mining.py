@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import random
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,9 @@ class MineHardConfig(RolloutStageConfig):
     min_pass_rate: float = hfield(0.0, help="... and >= this (raise above 0 to drop items the model never solves).")
     temperature: float = hfield(1.0, help="Sampling temperature of the rollouts (> 0).")
     top_p: float = hfield(1.0, help="Nucleus p of the rollouts.")
+    sample: int | None = hfield(None, help="Mine a random N items of the set (drawn with `seed`, kept in the set's "
+                                           "order) instead of all: a budget that still spans every scene and "
+                                           "sub-task, where `limit` takes the first N (one scene's questions).")
 
     def validate(self) -> list[str]:
         p = super().validate()
@@ -46,6 +50,8 @@ class MineHardConfig(RolloutStageConfig):
             p.append("min_pass_rate/max_pass_rate: need 0 <= min_pass_rate <= max_pass_rate <= 1")
         if not 0 < self.top_p <= 1:
             p.append("top_p: must be in (0, 1]")
+        if self.sample is not None and self.sample < 1:
+            p.append("sample: must be >= 1 (or null to mine every item)")
         return p
 
 
@@ -56,6 +62,9 @@ def run(cfg: MineHardConfig, backend: Backend | None = None) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     samples, store = load_eval_data(cfg)
+    if cfg.sample is not None and cfg.sample < len(samples):
+        keep = sorted(random.Random(cfg.seed).sample(range(len(samples)), cfg.sample))
+        samples = [samples[i] for i in keep]
     agent = cfg.agent_config(temperature=cfg.temperature, top_p=cfg.top_p)
     if backend is None:
         backend = cfg.make_backend()
