@@ -97,6 +97,36 @@ def oracle_trajectory(sample: VQASample, store: ImageStore, zoom_cfg: ZoomConfig
     return messages, images, observations
 
 
+# what a rendered trajectory depends on besides its sample: bump when oracle_trajectory's output changes for the
+# same inputs (2: a change pair's second zoom names image_1), so a folder rendered before is refused, not reused
+ORACLE_FORMAT = 2
+
+
+def trajectory_settings(zoom_cfg: Any, *, think: bool, max_zooms: int | None) -> dict[str, Any]:
+    """The settings a trajectory folder was rendered with (`trajectories.settings.json`): the oracle's format,
+    think, the zoom cap and the zoom tool's settings."""
+    zoom = {k: (list(v) if isinstance(v, tuple) else v) for k, v in sorted(vars(zoom_cfg).items())
+            if k != "read_timeout_s"}  # how long a read may take changes no pixel
+    return {"oracle_format": ORACLE_FORMAT, "think": think, "max_zooms": max_zooms, "zoom": zoom}
+
+
+def check_trajectory_settings(out: Path, settings: dict[str, Any]) -> None:
+    """Record `settings` beside a new trajectory JSONL, or refuse a folder whose trajectories were rendered with
+    others (the JSONL is resumed by sample id, so they would be reused as they are)."""
+    import json
+
+    path, meta = out / "trajectories.jsonl", out / "trajectories.settings.json"
+    if path.exists() and path.stat().st_size > 0:
+        had = json.loads(meta.read_text(encoding="utf-8")) if meta.exists() else {}
+        if had != settings:
+            differ = sorted(k for k in set(had) | set(settings) if had.get(k) != settings.get(k))
+            raise SFTDataError(f"{out} holds oracle trajectories rendered with other settings ({', '.join(differ)} "
+                               f"differ{'; written by an older version' if not had else ''}); set trajectory_dir "
+                               f"to a new folder, or remove {path} to render them again")
+        return
+    meta.write_text(json.dumps(settings, indent=2, sort_keys=True), encoding="utf-8")
+
+
 # PNG is lossless at every level: level 1 encodes the rendered crops ~3.5x faster than PIL's default 6 for ~20 %
 # more bytes (tests/benchmarks/bench_trajectories.py), and every pixel the trainer reads is the same.
 PNG_COMPRESS_LEVEL = 1
@@ -108,7 +138,8 @@ def materialize_trajectories(samples: Iterable[VQASample], store: ImageStore, zo
                              ) -> tuple[Path, dict[str, int]]:
     """Write oracle trajectories as `Trajectory` JSONL (`trajectories.jsonl`) + PNG observations under
     `out_dir/images/`, and their LLaMA-Factory sharegpt copy + `dataset_info.json` (sft/export.py). Resumable: samples already in the JSONL are skipped; a sample whose box the tool
-    rejects is counted and skipped (never crashes the build).
+    rejects is counted and skipped (never crashes the build). A folder rendered with other settings (think, zoom
+    cap, the tool's settings, ORACLE_FORMAT) is refused with SFTDataError rather than resumed.
 
     A sample's PNGs are encoded in a background thread while the next sample renders (Pillow's encoder releases
     the GIL); its JSONL line is appended only once all of them are on disk, so a killed build never leaves a line
@@ -119,6 +150,7 @@ def materialize_trajectories(samples: Iterable[VQASample], store: ImageStore, zo
 
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
+    check_trajectory_settings(out, trajectory_settings(zoom_cfg, think=think, max_zooms=max_zooms))
     path = out / "trajectories.jsonl"
     stats = {"written": 0, "skipped_existing": 0, "failed": 0}
     samples = list(samples)

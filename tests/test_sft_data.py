@@ -116,6 +116,26 @@ def test_materialize_is_resumable_and_skips_rejected_boxes(scenes, tmp_path):
     assert len(row["images"]) == len(items[0].image_files) and row["images"][0].mode == "RGB"
     assert items[0].n_image_tokens == sum(im.size[0] * im.size[1] // 784 for im in row["images"])
 
+    # a folder rendered with other settings is refused, never resumed as it is (its lines are kept by sample id)
+    from sft.errors import SFTDataError
+
+    for kw, field in [({"zoom_cfg": ZoomConfig(frame="norm1000")}, "zoom"), ({"think": False}, "think"),
+                      ({"max_zooms": 1}, "max_zooms")]:
+        args = {"zoom_cfg": ZoomConfig(), **kw}
+        with pytest.raises(SFTDataError, match=f"{field} differ.*trajectory_dir"):
+            materialize_trajectories(samples, store, args.pop("zoom_cfg"), tmp_path, progress=False, **args)
+    settings = tmp_path / "trajectories.settings.json"
+    assert json.loads(settings.read_text())["oracle_format"] >= 2
+    settings.unlink()  # a folder from before the settings were recorded
+    with pytest.raises(SFTDataError, match="older version"):
+        materialize_trajectories(samples, store, ZoomConfig(), tmp_path, progress=False)
+    assert len(list(read_jsonl(path, Trajectory))) == len(samples)  # nothing was removed
+    _, stats = materialize_trajectories(samples, store, ZoomConfig(read_timeout_s=3.0), tmp_path / "new",
+                                        progress=False)
+    assert stats["written"] == len(samples)
+    _, stats = materialize_trajectories(samples, store, ZoomConfig(), tmp_path / "new", progress=False)
+    assert stats["skipped_existing"] == len(samples)  # the read timeout changes no pixel: resumed
+
 
 def test_the_written_pngs_hold_the_rendered_pixels_and_a_failed_write_fails_the_build(scenes, tmp_path,
                                                                                        monkeypatch):
