@@ -60,7 +60,8 @@ class SFTConfig(LaunchConfig, ZoomSettings):
     trajectory_dir: str = hfield("", help="Folder of the oracle trajectories and crops ('' = output_dir/sft_data). "
                                  "Stages training on the same vqa_data with the same zoom settings and think may "
                                  "share one: the later stage reuses what the earlier rendered (samples are kept "
-                                 "by id), as the tiny pipeline's aiming and pre-warm stages do.")
+                                 "by id), as the tiny pipeline's aiming and pre-warm stages do. A folder rendered "
+                                 "with other settings (think, max_zooms, the zoom tool's) is refused, not reused.")
     max_length: int = hfield(4096, help="Examples longer than this many tokens (text + visual) are dropped.")
     group_by_length: bool = hfield(True, help="Batch examples of similar token length together (less padding, "
                                               "faster steps); batch order stays seeded-random.")
