@@ -12,6 +12,7 @@ rasters.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 from collections.abc import Iterable, Iterator, Sequence
@@ -113,8 +114,6 @@ def trajectory_settings(zoom_cfg: Any, *, think: bool, max_zooms: int | None) ->
 def check_trajectory_settings(out: Path, settings: dict[str, Any]) -> None:
     """Record `settings` beside a new trajectory JSONL, or refuse a folder whose trajectories were rendered with
     others (the JSONL is resumed by sample id, so they would be reused as they are)."""
-    import json
-
     path, meta = out / "trajectories.jsonl", out / "trajectories.settings.json"
     if path.exists() and path.stat().st_size > 0:
         had = json.loads(meta.read_text(encoding="utf-8")) if meta.exists() else {}
