@@ -147,10 +147,22 @@ def reward_windows(out: Path) -> dict[str, tuple[float, float, int]]:
 
 
 def _rl_rows(out: Path) -> list[tuple[str, str, str]]:
-    """Mean reward (and accuracy reward) over the first and the last 10 logged GRPO steps."""
+    """Mean reward (and accuracy reward) over the first and the last 10 logged GRPO steps, and the rollouts'
+    accuracy with the zoom on the target, off it, and by a uniform guess (a right answer that is no likelier on
+    target than off it was not read from the view)."""
+    from rl.plots import read_reward_log, view_accuracy
+
     windows = reward_windows(out)
-    return [(f"{label} (first → last {windows[key][2]} steps)", _num(windows[key][0]), _num(windows[key][1]))
+    rows = [(f"{label} (first → last {windows[key][2]} steps)", _num(windows[key][0]), _num(windows[key][1]))
             for key, label in REWARD_KEYS if key in windows]
+    logs = [r for r in read_reward_log(out / "rewards.jsonl") if "episodes/on_target_rate" in r]
+    if len(logs) >= 2:
+        w = max(1, min(10, len(logs) // 2))
+        first, last = view_accuracy(logs[:w]), view_accuracy(logs[-w:])
+        for key, label in (("on", "rollouts right, zoom on the target"), ("off", "rollouts right, zoom off it or none"),
+                           ("guess", "a uniform guess would be right")):
+            rows.append((f"{label} (first → last {w} steps)", _pct(first[key]), _pct(last[key])))
+    return rows
 
 
 def eval_baselines(resolved: list[tuple[str, str, StageConfig]]) -> dict[str, Path]:

@@ -15,6 +15,11 @@ reward function so TRL logs `rewards/<name>/mean` on its own; the weights live i
 - tool bonus: 1 only when the answer is right AND at least one zoom succeeded.
 - region (optional, weight 0 by default): the largest share of a target region covered by a successful zoom.
 
+Beside the rewards each batch logs whether the answer depends on the view: the accuracy of the rollouts whose
+zoom covered the target (`pipeline.core.records.ON_TARGET_COVER`, as the eval counts it) and of the others, against a uniform guess
+(`episodes/on_target_rate`, `episodes/correct_on_target_rate`, `episodes/guess_rate`). When the first is no
+better than a guess, a right answer is luck, and GRPO rewards letters rather than reading (rl/plots.py).
+
 Episodes that raised are unscorable (every reward function returns None → TRL gives them zero advantage);
 episodes cut by the turn limit are masked the same way when `mask_truncated_episodes` is on (not punished).
 Scores are computed once per episode and cached on the environment (`env.score`).
@@ -74,6 +79,8 @@ class EpisodeScore:
     format: float = 0.0
     tool_bonus: float = 0.0
     region: float = 0.0
+    on_target: bool = False  # region >= ON_TARGET_COVER
+    guess_rate: float = 0.0  # what a uniform guess at the sample's answer would score
     correct: bool = False
     prediction: str | None = None
     parse_failure: bool = False
@@ -152,10 +159,11 @@ def region_coverage(zooms: Sequence[tuple[int, Sequence[float]]], targets: Seque
 def score_episode(turns: Sequence[str], sample: VQASample, stats: EpisodeStats,
                   settings: RewardSettings) -> EpisodeScore:
     """Every reward component of one episode, from its raw assistant turns and the environment's stats."""
+    from pipeline.core.records import ON_TARGET_COVER
     from rl.verifier import verify_sample
 
     s = EpisodeScore(n_turns=len(turns), n_tool_calls=stats.n_calls, n_tool_errors=stats.n_errors,
-                     n_zooms_ok=len(stats.zooms))
+                     n_zooms_ok=len(stats.zooms), guess_rate=sample.guess_rate())
     if stats.failure is not None:
         s.unscorable = s.masked = True
         s.format_errors = [f"episode raised: {stats.failure}"]
@@ -170,6 +178,7 @@ def score_episode(turns: Sequence[str], sample: VQASample, stats: EpisodeStats,
     s.accuracy = 1.0 if s.correct else 0.0
     s.tool_bonus = 1.0 if (s.correct and s.n_zooms_ok >= 1) else 0.0
     s.region = region_coverage(stats.zooms, getattr(sample, "targets", []) or [])
+    s.on_target = s.region >= ON_TARGET_COVER
     if s.truncated and settings.mask_truncated_episodes:
         s.masked = True
     return s
@@ -190,7 +199,8 @@ class ZoomRewards:
         self.episode_log = episode_log  # JSONL of a few scored episodes per batch (what the policy writes)
         self.episodes_per_batch = episodes_per_batch
         self.totals = {"episodes": 0, "unscorable": 0, "masked_truncated": 0, "tool_calls": 0, "tool_errors": 0,
-                       "format_errors": 0, "correct": 0, "failed_steps": 0}
+                       "format_errors": 0, "correct": 0, "failed_steps": 0, "on_target": 0,
+                       "correct_on_target": 0, "guess_rate_sum": 0.0}
         self.last_batch: dict[str, float] = {}
 
     def functions(self) -> list[Callable[..., list[float | None]]]:
@@ -250,6 +260,10 @@ class ZoomRewards:
             "episodes/accuracy": sum(s.correct for s in scores) / n,
             "episodes/parse_failure_rate": sum(s.parse_failure for s in scores) / n,
             "episodes/mean_turns": sum(s.n_turns for s in scores) / n,
+            # does the answer depend on the view? (rl/plots.py: cumulative accuracy on / off target vs a guess)
+            "episodes/on_target_rate": sum(s.on_target for s in scores) / n,
+            "episodes/correct_on_target_rate": sum(s.on_target and s.correct for s in scores) / n,
+            "episodes/guess_rate": sum(s.guess_rate for s in scores) / n,
         }
         self.last_batch = batch
         t = self.totals
@@ -260,6 +274,9 @@ class ZoomRewards:
         t["tool_errors"] += sum(s.n_tool_errors for s in scores)
         t["format_errors"] += sum(bool(s.format_errors) and not s.unscorable for s in scores)
         t["correct"] += sum(s.correct for s in scores)
+        t["on_target"] += sum(s.on_target for s in scores)
+        t["correct_on_target"] += sum(s.on_target and s.correct for s in scores)
+        t["guess_rate_sum"] += sum(s.guess_rate for s in scores)
         if log_metric is not None:
             for k, v in batch.items():
                 log_metric(k, float(v))

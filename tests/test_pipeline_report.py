@@ -57,7 +57,12 @@ def test_report_tables_are_whole_and_show_every_stage_before_and_after(tmp_path)
     _png(text / "loss_curve.png")
     _png(warm / "loss_curve.png")
     rl.mkdir()
-    (rl / "rewards.jsonl").write_text("".join(json.dumps({"step": i, "reward": 0.1 * i}) + "\n" for i in range(20)))
+    # 8 rollouts a step: the first 10 steps 6 on target (3 right), 2 off (1 right); the last 10 all on target,
+    # 4 right; a uniform guess is right on a quarter
+    (rl / "rewards.jsonl").write_text("".join(json.dumps({
+        "step": i, "reward": 0.1 * i, "episodes/on_target_rate": 6 / 8 if i < 10 else 1.0,
+        "episodes/correct_on_target_rate": 3 / 8 if i < 10 else 4 / 8, "episodes/accuracy": 4 / 8,
+        "episodes/guess_rate": 0.25}) + "\n" for i in range(20)))
     _png(rl / "reward_curve.png")
     ev.mkdir()
     (ev / "results.json").write_text(json.dumps({"metrics": {"overall": {
@@ -81,6 +86,9 @@ def test_report_tables_are_whole_and_show_every_stage_before_and_after(tmp_path)
     assert "| sft_prewarm | held-out scenes: valid zoom calls | 0.0 % | 97.0 % |" in measures
     assert "zooms covering target | – | 81.0 % |" in measures
     assert "| rl | mean reward (first → last 10 steps) | 0.450 | 1.450 |" in measures
+    assert "| rl | rollouts right, zoom on the target (first → last 10 steps) | 50.0 % | 50.0 % |" in measures
+    assert "| rl | rollouts right, zoom off it or none (first → last 10 steps) | 50.0 % | – |" in measures
+    assert "| rl | a uniform guess would be right (first → last 10 steps) | 25.0 % | 25.0 % |" in measures
     assert "| eval | Pass@1 macro | – | 64.0 % |" in measures and "Pass@4 macro" in measures
     # figures sit in sections below the tables, never inside one
     assert "![sft_text: loss_curve.png](sft_text/loss_curve.png)" in md

@@ -139,6 +139,11 @@ def test_scripted_rewards_counters_and_masks(task, tmp_path):
     assert s[1].n_tool_errors >= 1 and s[1].n_turns > 1  # the malformed call got an observation and more turns
     assert logged["episodes/unscorable_rate"] == pytest.approx(1 / 8)
     assert logged["episodes/masked_truncated_rate"] == pytest.approx(1 / 8)
+    # whether a right answer came with a zoom on the target, against a guess, reaches TRL's log
+    assert logged["episodes/on_target_rate"] == pytest.approx(sum(x.on_target for x in s.values()) / 8)
+    assert logged["episodes/correct_on_target_rate"] == pytest.approx(
+        sum(x.on_target and x.correct for x in s.values()) / 8)
+    assert logged["episodes/guess_rate"] == pytest.approx(1 / len(sample["choices"]))
 
     # tool tokens never carry loss: every tool-masked token lies inside a tool turn, and the tool turns
     # (image pads, observation text) are all masked

@@ -91,6 +91,56 @@ def test_score_episode_components_and_weights():
     assert crashed.unscorable and crashed.component("accuracy") is None
 
 
+def test_on_target_and_guess_rate_say_whether_a_right_answer_was_read():
+    st = RewardSettings()
+    full = score_episode([CALL, "<answer>B</answer>"], SAMPLE, EpisodeStats(n_calls=1, zooms=[(0, (90, 90, 150, 150))]), st)
+    half = score_episode([CALL, "<answer>B</answer>"], SAMPLE, EpisodeStats(n_calls=1, zooms=[(0, (0, 0, 120, 999))]), st)
+    third = score_episode([CALL, "<answer>B</answer>"], SAMPLE, EpisodeStats(n_calls=1, zooms=[(0, (0, 0, 113, 999))]), st)
+    none = score_episode(["<answer>B</answer>"], SAMPLE, EpisodeStats(), st)
+    crashed = score_episode([CALL], SAMPLE, EpisodeStats(failure="boom"), st)
+    # the eval's threshold (pipeline.eval.report.zoom_hits): half of a target box
+    assert (full.on_target, half.on_target, third.on_target, none.on_target) == (True, True, False, False)
+    assert {full.guess_rate, none.guess_rate, crashed.guess_rate} == {0.25}  # 4 choices, crashed or not
+    assert VQASample(id="m", images=["a"], question="q", answer="AC", qtype="multi",
+                     choices=["(A) a", "(B) b", "(C) c"]).guess_rate() == pytest.approx(1 / 7)
+    assert VQASample(id="t", images=["a"], question="q", answer="true", qtype="tf").guess_rate() == 0.5
+    assert VQASample(id="n", images=["a"], question="q", answer="3", qtype="numeric").guess_rate() == 0.0
+
+    # the batch's rates and the run's totals: 2 right on target, 1 right off it, of 5 rollouts
+    from rl.rewards import EpisodeScore, ZoomRewards
+
+    rewards = ZoomRewards(tokenizer=None, settings=st)
+    logged: dict = {}
+    scores = [EpisodeScore(correct=c, on_target=o, guess_rate=0.25)
+              for c, o in ((True, True), (True, True), (False, True), (True, False), (False, False))]
+    rewards._account(scores, lambda k, v: logged.__setitem__(k, v))
+    assert logged["episodes/on_target_rate"] == pytest.approx(3 / 5)
+    assert logged["episodes/correct_on_target_rate"] == pytest.approx(2 / 5)
+    assert logged["episodes/guess_rate"] == pytest.approx(0.25)
+    t = rewards.totals
+    assert (t["on_target"], t["correct_on_target"], t["correct"], t["guess_rate_sum"]) == (3, 2, 3, 1.25)
+
+    # pooled over steps as the plot and the report read them; a log without the keys gives None
+    from rl.plots import view_accuracy
+
+    other = {"episodes/on_target_rate": 1.0, "episodes/correct_on_target_rate": 0.0, "episodes/accuracy": 0.0,
+             "episodes/guess_rate": 0.5}
+    pooled = view_accuracy([dict(logged, **{"episodes/accuracy": 3 / 5}), other])
+    assert pooled == {"on": pytest.approx(2 / 8), "off": pytest.approx(1 / 2), "guess": pytest.approx(0.375)}
+    assert view_accuracy([{"step": 1, "reward": 0.5}]) == {"on": None, "off": None, "guess": None}
+
+
+def test_reward_curve_plots_the_view_panel_and_older_logs(tmp_path):
+    from rl.plots import plot_reward_curve
+
+    keys = {"episodes/on_target_rate": 0.5, "episodes/correct_on_target_rate": 0.25, "episodes/accuracy": 0.25,
+            "episodes/guess_rate": 0.25, "reward": 0.3}
+    for name, rows in (("new", [dict(keys, step=i) for i in range(1, 4)]),
+                       ("old", [{"step": i, "reward": 0.1 * i} for i in range(1, 4)])):
+        path = plot_reward_curve(rows, tmp_path / f"{name}.png")
+        assert path.stat().st_size > 0
+
+
 def test_region_coverage():
     t = [TargetRegion(image=0, bbox=[100, 100, 140, 140])]
     assert region_coverage([(0, (0, 0, 120, 1000))], t) == pytest.approx(0.5)

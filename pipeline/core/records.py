@@ -49,6 +49,9 @@ class TextQA:
             raise RecordError(f"TextQA {self.id}: question and answer must be non-empty")
 
 
+ON_TARGET_COVER = 0.5  # a zoom is "on target" when its window covers half of a target box (eval and RL alike)
+
+
 @dataclass
 class TargetRegion:
     """Where the evidence is: image index and a box [x0, y0, x1, y1] in native pixels of that image."""
@@ -96,6 +99,15 @@ class VQASample:
         for t in self.targets:
             if not 0 <= t.image < len(self.images) or len(t.bbox) != 4:
                 raise RecordError(f"VQASample {self.id}: bad target region {t}")
+
+    def guess_rate(self) -> float:
+        """Expected accuracy of a uniform guess: 1/k of k choices (single), 1/(2^k - 1) (multi: any non-empty
+        set), 1/2 (true/false); 0 for numeric and text answers."""
+        if self.qtype == "single" and self.choices:
+            return 1.0 / len(self.choices)
+        if self.qtype == "multi" and self.choices:
+            return 1.0 / (2 ** len(self.choices) - 1)
+        return 0.5 if self.qtype == "tf" else 0.0
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> VQASample:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.datasets import subtask_name
-from pipeline.core.records import Trajectory, VQASample
+from pipeline.core.records import ON_TARGET_COVER, Trajectory, VQASample
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -25,7 +25,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
-def zoom_hits(trajectory: Trajectory, sample: VQASample, min_cover: float = 0.5) -> tuple[int, int]:
+def zoom_hits(trajectory: Trajectory, sample: VQASample, min_cover: float = ON_TARGET_COVER) -> tuple[int, int]:
     """(successful zooms, zooms whose native window covers >= min_cover of one of the sample's target boxes
     on the same image). A sample without targets counts no zoom as a hit."""
     zooms = hits = 0
