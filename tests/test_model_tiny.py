@@ -52,6 +52,34 @@ def test_tiny_is_small_qwen2_5_vl_with_qwen_tokens(tiny):
     assert "<|im_start|>assistant" in processor.chat_template or "message['role']" in processor.chat_template
 
 
+def test_fixed_instruction_texts_are_one_token_each_and_round_trip(tiny):
+    """The tool system prompt (169 tokens of BPE) and the answer instructions cost one position each, inside a
+    rendered prompt too; a text that differs from them tokenizes as BPE; `prompt_tokens: false` keeps BPE."""
+    from pipeline.models import TinySpec, build_tiny_tokenizer, prompt_token_texts
+    from tools.protocol import DEFAULT_INSTRUCTION, build_prompt_messages, system_prompt
+
+    _, processor = tiny
+    tok = processor.tokenizer
+    assert system_prompt("norm1000") in prompt_token_texts() and DEFAULT_INSTRUCTION in prompt_token_texts()
+    for t in prompt_token_texts():
+        ids = tok.encode(t, add_special_tokens=False)
+        assert len(ids) == 1 and tok.decode(ids) == t, t
+    from pipeline.core.records import VQASample
+
+    sample = VQASample(id="q", images=["a"], question="How many ships?", answer="A", choices=["(A) 1", "(B) 2"],
+                       hint="Site: column 7, row 3.")
+    messages = build_prompt_messages(sample, frame="norm1000")
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = tok.encode(text, add_special_tokens=False)
+    assert tok.decode(ids) == text
+    assert tok.convert_tokens_to_ids(system_prompt("norm1000")) in ids
+    changed = system_prompt("norm1000").replace("very large", "very big")
+    assert len(tok.encode(changed, add_special_tokens=False)) > 100
+    plain = build_tiny_tokenizer(TinySpec(prompt_tokens=False))
+    assert len(plain.encode(system_prompt("norm1000"), add_special_tokens=False)) > 100
+    assert len(plain.encode(text, add_special_tokens=False)) > len(ids) + 100
+
+
 def test_build_is_deterministic_and_cached(tmp_path, cache):
     from safetensors.torch import load_file
 
