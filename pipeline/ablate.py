@@ -154,7 +154,21 @@ def metrics_row(name: str, label: str, result: dict[str, Any]) -> dict[str, Any]
     tasks = metrics.get("tasks", {})
     for key, task in KNOWLEDGE_TASKS.items():
         row[key] = (tasks.get(task) or {}).get("pass@1")
+        # what one answer always scores on the family (its answers are two letters, not four)
+        row[key.replace("pass@1", "one_answer")] = (tasks.get(task) or {}).get("answer_prior")
     return row
+
+
+def one_answer_line(rows: list[dict[str, Any]]) -> str:
+    """A sentence under the table: what writing one answer always scores on each knowledge family (the same
+    held-out items in every variant), or "" when no row has it."""
+    parts = []
+    for key, task in KNOWLEDGE_TASKS.items():
+        v = next((r[k] for r in rows if isinstance(r.get(k := key.replace("pass@1", "one_answer")), float)), None)
+        if v is not None:
+            parts.append(f"{task} {100 * v:.1f} %")
+    return ("Writing the most common answer every time, whatever the image, scores: " + ", ".join(parts)
+            + ". A knowledge column shows transfer only above that.") if parts else ""
 
 
 def rl_columns(probe_before: Path | None, probe_after: Path | None, rl_out: Path | None) -> dict[str, Any]:
@@ -235,6 +249,8 @@ def run(cfg: AblateConfig) -> dict[str, Any]:
             rows.append(row)
     table = format_table(rows)
     text = "# Ablation\n\n" + table + "\n"
+    if note := one_answer_line(rows):
+        text += "\n" + note + "\n"
     result: dict[str, Any] = {"table": table, "rows": rows}
     if len(seeds) > 1:
         aggs = spread_rows(rows)

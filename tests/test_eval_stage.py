@@ -189,7 +189,31 @@ def test_read_rate_counts_answer_thinks_that_name_what_the_zoom_shows():
     assert m["overall"]["read_rate"] == 0.5 and m["tasks"]["u"]["read_rate"] == 0.5
     assert m["tasks"]["v"]["read_rate"] is None
     md = markdown_report({"metrics": m, "model": "m", "dataset": "d", "protocol": "zoom"})
-    assert "target hit % | read % |" in md and "| u | 2 |" in md and "views read right" in md
+    assert "target hit % | read % | one answer always % |" in md and "| u | 2 |" in md and "views read right" in md
+
+
+def test_answer_prior_is_what_one_answer_always_would_score(tmp_path):
+    """A model that writes one letter whatever the view scores a task's most common answer share; the
+    per-task table and plot show it beside Pass@1 (the knowledge family's answers are two letters)."""
+    from pipeline.core.records import Trajectory
+    from pipeline.eval.report import bar_plot, markdown_report
+
+    answers = {"a": "A", "b": "A", "c": "b", "d": "C"}  # task u: A, A, B (case and spaces do not matter), C
+    s = [VQASample(id=i, images=["x"], question="q", answer=a, choices=["(A) x", "(B) y", "(C) z"], category="T/u")
+         for i, a in answers.items()]
+    s.append(VQASample(id="e", images=["x"], question="q", answer="B", choices=["(A) x", "(B) y"], category="T/v"))
+    g = {i: Trajectory(sample_id=i, messages=[], final_text="<answer>A</answer>", prediction="A",
+                       correct=answers.get(i) == "A") for i in "abcde"}
+    g["d"] = Trajectory(sample_id="d", messages=[], error="boom")  # not scored, not in the prior either
+    m = compute_metrics(s, g)
+    assert m["tasks"]["u"]["answer_prior"] == pytest.approx(2 / 3) and m["tasks"]["u"]["pass@1"] == pytest.approx(2 / 3)
+    assert m["tasks"]["v"]["answer_prior"] == 1.0
+    md = markdown_report({"metrics": m, "model": "m", "dataset": "d", "protocol": "zoom"})
+    row = next(line for line in md.splitlines() if line.startswith("| u |"))
+    header = next(line for line in md.splitlines() if line.startswith("| task |"))
+    assert header.endswith("| one answer always % |") and row.endswith("| 66.67 |")
+    assert row.count("|") == header.count("|")
+    assert bar_plot({"metrics": m}, tmp_path / "p.png").stat().st_size > 0
 
 
 def test_mine_hard_keeps_low_pass_rate_and_resumes(data, tmp_path):

@@ -177,7 +177,7 @@ def test_ablate_seeds_get_own_roots_seeded_training_stages_and_a_spread_table(tm
 
     def result(p1: float, know: float) -> dict:
         return {"metrics": {"metrics": ["pass@1"], "overall": {"pass@1_macro": p1, "pass@1_micro": p1, "n": 10},
-                            "tasks": {"Object operator (text only)": {"pass@1": know}}}}
+                            "tasks": {"Object operator (text only)": {"pass@1": know, "answer_prior": 2 / 3}}}}
 
     rows = [dict(metrics_row("c", "full", result(v, k)), seed=s) for s, (v, k) in enumerate([(0.5, 0.2), (0.7, 0.4)])]
     agg = spread_rows(rows)
@@ -188,6 +188,11 @@ def test_ablate_seeds_get_own_roots_seeded_training_stages_and_a_spread_table(tm
     missing = dict(metrics_row("c", "full", {}), seed=2, not_run=True)
     assert spread_rows([*rows, missing]) == agg
     assert "| c (full) seed 2 | not run |" in format_table([*rows, missing])
+    # under the table: what one answer always scores on the knowledge family (its answers are two letters)
+    from pipeline.ablate import one_answer_line
+
+    assert "Object operator (text only) 66.7 %" in one_answer_line([missing, *rows])
+    assert one_answer_line(rows).count(" %") == 1 and one_answer_line([missing]) == ""  # seen: no prior given
 
 
 def test_ablate_rl_columns_give_the_probe_gain_and_reward_windows_and_none_for_stages_not_run(tmp_path):

@@ -70,6 +70,7 @@ def compute_metrics(
     k_items: dict[int, int] = {k: 0 for k in ks if k > 1}
     sampled_errors = missing_rollouts = 0
     per_task: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    answers: dict[str, list[str]] = defaultdict(list)  # each task's gold answers: what one answer always gets
     items = []
     for s in samples:
         task = subtask_name(s.category)
@@ -81,6 +82,7 @@ def compute_metrics(
                        tool_errors=g.tool_errors, truncated=g.truncated, turns=g.turns)
             t = per_task[task]
             t["pass@1"].append(1.0 if g.correct else 0.0)
+            answers[task].append(str(s.answer).strip().upper())
             t["parse_failure"].append(1.0 if row["parse_failure"] else 0.0)
             t["tool_calls"].append(float(g.tool_calls))
             t["tool_errors"].append(float(g.tool_errors))
@@ -133,6 +135,10 @@ def compute_metrics(
             "truncated_rate": _mean(t["truncated"]),
             "target_hit_rate": sum(t["zoom_hits"]) / sum(t["zooms_ok"]) if sum(t["zooms_ok"]) else None,
             "read_rate": _mean(t["read"]),
+            # the Pass@1 of giving the task's most common answer every time (a model that ignores the image
+            # and writes one letter can score this much, more than 1/k when the answers are unbalanced)
+            "answer_prior": (max(answers[task].count(a) for a in set(answers[task])) / len(answers[task])
+                             if answers[task] else None),
             "errors": int(sum(t["errors"])),
         }
     scored = [r for r in items if "correct" in r]
@@ -189,13 +195,15 @@ def markdown_report(result: dict[str, Any]) -> str:
     # "read %": answers whose think names exactly what the zoom shows (samples whose meta says it, make-scenes')
     read = o.get("read_rate") is not None
     head = "| task | n | " + " | ".join(metrics) + " | parse fail % | zooms/q | tool err % | target hit % |"
-    lines += [head + (" read % |" if read else ""), "|---|---:|" + "---:|" * (len(metrics) + 4 + read)]
+    lines += [head + (" read % |" if read else "") + " one answer always % |",
+              "|---|---:|" + "---:|" * (len(metrics) + 5 + read)]
     for task, t in result["metrics"]["tasks"].items():
         cells = " | ".join(_pct(t[m]) for m in metrics)
         zq = t["tool_calls_per_question"]
         lines.append(f"| {task} | {t['n']} | {cells} | {_pct(t['parse_failure_rate'])} | "
                      f"{'–' if zq is None else f'{zq:.2f}'} | {_pct(t['tool_error_rate'])} | "
-                     f"{_pct(t.get('target_hit_rate'))} |" + (f" {_pct(t.get('read_rate'))} |" if read else ""))
+                     f"{_pct(t.get('target_hit_rate'))} |" + (f" {_pct(t.get('read_rate'))} |" if read else "")
+                     + f" {_pct(t.get('answer_prior'))} |")
     zq = o["tool_calls_per_question"]
     lines += ["", "## Tool use", "",
               f"- zoom calls per question: {'–' if zq is None else f'{zq:.2f}'}",
@@ -226,6 +234,10 @@ def bar_plot(result: dict[str, Any], path: str | Path) -> Path:
     for j, m in enumerate(show):
         vals = [100 * (tasks[t][m] or 0.0) for t in names]
         ax.bar([i + j * width for i in range(len(names))], vals, width=width, label=m)
+    prior = [(i, 100 * tasks[t]["answer_prior"]) for i, t in enumerate(names) if tasks[t].get("answer_prior")]
+    if prior:  # what writing the task's most common answer every time would score
+        ax.scatter([i + width * (len(show) - 1) / 2 for i, _ in prior], [v for _, v in prior], marker="_", s=400,
+                   color="k", zorder=3, label="one answer always")
     macro = result["metrics"]["overall"].get("pass@1_macro")
     if macro is not None:
         ax.axhline(100 * macro, color="k", ls="--", lw=1, label=f"pass@1 macro {100 * macro:.1f}")
