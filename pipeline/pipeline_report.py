@@ -125,6 +125,11 @@ REWARD_KEYS = (("reward", "mean reward"), ("rewards/accuracy/mean", "accuracy re
                ("rewards/tool_bonus/mean", "tool bonus"))
 
 
+def _window(n_steps: int) -> int:
+    """Steps averaged at each end of an RL log: 10, or half the log when it is shorter than 20 steps."""
+    return max(1, min(10, n_steps // 2))
+
+
 def reward_windows(out: Path) -> dict[str, tuple[float, float, int]]:
     """GRPO log key → (mean over the first w logged steps, mean over the last w, w), w = min(10, steps // 2),
     for the keys of REWARD_KEYS that an RL stage's `rewards.jsonl` in OUT logs on at least two steps."""
@@ -141,7 +146,7 @@ def reward_windows(out: Path) -> dict[str, tuple[float, float, int]]:
     for key, _ in REWARD_KEYS:
         vals = [float(r[key]) for r in logs if isinstance(r.get(key), (int, float))]
         if len(vals) >= 2:
-            w = max(1, min(10, len(vals) // 2))
+            w = _window(len(vals))
             windows[key] = (sum(vals[:w]) / w, sum(vals[-w:]) / w, w)
     return windows
 
@@ -157,7 +162,7 @@ def _rl_rows(out: Path) -> list[tuple[str, str, str]]:
             for key, label in REWARD_KEYS if key in windows]
     logs = [r for r in read_reward_log(out / "rewards.jsonl") if "episodes/on_target_rate" in r]
     if len(logs) >= 2:
-        w = max(1, min(10, len(logs) // 2))
+        w = _window(len(logs))
         first, last = view_accuracy(logs[:w]), view_accuracy(logs[-w:])
         for key, label in (("on", "rollouts right, zoom on the target"), ("off", "rollouts right, zoom off it or none"),
                            ("guess", "a uniform guess would be right")):

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline.core.manifest import atomic_write_text
 from pipeline.core.records import JsonlAppender, TextQA, Trajectory, VQASample, read_jsonl, read_records
 from sft.errors import SFTDataError, TrajectoryError
 from tools.protocol import text_qa_messages
@@ -116,14 +117,17 @@ def check_trajectory_settings(out: Path, settings: dict[str, Any]) -> None:
     others (the JSONL is resumed by sample id, so they would be reused as they are)."""
     path, meta = out / "trajectories.jsonl", out / "trajectories.settings.json"
     if path.exists() and path.stat().st_size > 0:
-        had = json.loads(meta.read_text(encoding="utf-8")) if meta.exists() else {}
+        try:
+            had = json.loads(meta.read_text(encoding="utf-8")) if meta.exists() else {}
+        except ValueError:
+            had = {"unreadable": str(meta)}  # refused below like any other mismatch, with the fix to apply
         if had != settings:
             differ = sorted(k for k in set(had) | set(settings) if had.get(k) != settings.get(k))
             raise SFTDataError(f"{out} holds oracle trajectories rendered with other settings ({', '.join(differ)} "
                                f"differ{'; written by an older version' if not had else ''}); set trajectory_dir "
                                f"to a new folder, or remove {path} to render them again")
         return
-    meta.write_text(json.dumps(settings, indent=2, sort_keys=True), encoding="utf-8")
+    atomic_write_text(meta, json.dumps(settings, indent=2, sort_keys=True))
 
 
 # PNG is lossless at every level: level 1 encodes the rendered crops ~3.5x faster than PIL's default 6 for ~20 %
