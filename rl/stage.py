@@ -263,6 +263,7 @@ class RLRun:
     start_step: int
     ray_mode: bool
     t0: float
+    padding_side: str = "right"  # the input model's tokenizer's; the saved model keeps it
 
 
 def build_run(cfg: RLConfig, ray_mode: bool = False, backend: Any = None) -> RLRun:
@@ -292,6 +293,13 @@ def build_run(cfg: RLConfig, ray_mode: bool = False, backend: Any = None) -> RLR
     model, processor = load_model(inputs["model"], dtype="float32", device="cpu" if sharded else device)
     set_pixel_bounds(processor, min_pixels=cfg.zoom_min_pixels, max_pixels=cfg.zoom_max_pixels)
     prepare_processor(processor, cfg.chat_template)
+    # TRL left-pads the prompt ids, and in a batch where no rollout opened a view it takes the image token types
+    # of the loss forward from the processor, padded as the tokenizer says. The tiny tokenizer (and the 7B's)
+    # pads on the right: the shorter prompts' image positions then shifted and get_rope_index crashed or placed
+    # them wrongly. TRL's own processor loading pads on the left; ours must too.
+    # (tests/test_rl_scripted.py::test_prompts_of_different_lengths_without_a_crop_keep_their_image_positions)
+    tok = getattr(processor, "tokenizer", processor)
+    padding_side, tok.padding_side = tok.padding_side, "left"
 
     counters: dict[str, int] = {}
     if backend is None and ray_mode and cfg.tool_actors > 0:
@@ -348,7 +356,7 @@ def build_run(cfg: RLConfig, ray_mode: bool = False, backend: Any = None) -> RLR
         mask_length_truncated=cfg.mask_length_truncated,
     )
     return RLRun(cfg, trainer, rewards, counters, backend, inputs, len(samples), resume_from, start_step,
-                 ray_mode, t0)
+                 ray_mode, t0, padding_side)
 
 
 def train_worker(cfg: RLConfig, ray_mode: bool = False, run: RLRun | None = None) -> dict[str, Any]:
@@ -381,7 +389,7 @@ def train_worker(cfg: RLConfig, ray_mode: bool = False, run: RLRun | None = None
         "ray": r.ray_mode, "train_seconds": round(time.time() - r.t0, 1),
     }
     final = out / "model"
-    save_final_model(trainer, final)
+    save_final_model(trainer, final, padding_side=r.padding_side)
     if trainer.is_world_process_zero():
         summary["final_model"] = str(final)
         rows = read_reward_log(out / "rewards.jsonl")
@@ -392,13 +400,20 @@ def train_worker(cfg: RLConfig, ray_mode: bool = False, run: RLRun | None = None
     return summary
 
 
-def save_final_model(trainer: Any, final: Path) -> None:
+def save_final_model(trainer: Any, final: Path, padding_side: str | None = None) -> None:
     """The trained policy as a loadable model folder: the weights from every rank (with FSDP the full state dict
     is gathered; rank 0 writes), the processor from rank 0 through the shared `save_processor` (tokenizer
-    truncation cleared, chat_template.jinja), as SFT saves its model."""
+    truncation cleared, chat_template.jinja), as SFT saves its model; with `padding_side`, the tokenizer is saved
+    padding on that side (the input model's; training padded on the left)."""
     trainer.save_model(str(final))
     if trainer.is_world_process_zero():
-        save_processor(trainer.processing_class, final)
+        tok = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
+        side = tok.padding_side
+        tok.padding_side = padding_side or side
+        try:
+            save_processor(trainer.processing_class, final)
+        finally:
+            tok.padding_side = side
 
 
 def _full(p: Any) -> Any:

@@ -13,7 +13,7 @@ from fixtures.scripted_trainer import VALID_CALL, script_policy
 
 from rl.config import RLConfig
 from rl.errors import RolloutFailureError
-from rl.stage import build_run
+from rl.stage import build_run, train_worker
 
 VALID = VALID_CALL
 
@@ -213,3 +213,44 @@ def test_a_length_truncated_rollout_with_a_crop_leaves_the_loss_not_the_attentio
     for i in cut:
         assert int(loss_mask[i].sum()) == 0 and int(mask[i].sum()) > 0  # out of the loss, still attended
     assert int((mask * loss_mask).sum()) > 0 and int(inputs["num_items_in_batch"]) == int((mask * loss_mask).sum())
+
+
+def test_prompts_of_different_lengths_without_a_crop_keep_their_image_positions(task, tmp_path):
+    """Two prompts of different lengths in one batch, and no rollout opens a view: TRL then takes the image
+    token types of its loss forward from the processor, which pads as its tokenizer says, while the prompt ids
+    are left-padded. The tiny model's tokenizer (and the 7B's) pads on the right, so the shorter prompt's image
+    positions were shifted by its padding: get_rope_index crashed ("shape mismatch: value tensor of shape
+    [3, 749] ...", `knowzoom ablate`'s RL-only variant, whose random model never zooms) or placed the image
+    at the wrong tokens. rl.stage gives TRL a left-padding processor, as TRL's own loading does."""
+    sample = _sample(task)
+    short = dict(sample, id="short")
+    long = dict(sample, id="long", question=sample["question"] + " Look closely at every part of the image before"
+                " you answer, and name the one option that fits best.")
+    data = tmp_path / "two.jsonl"
+    data.write_text(json.dumps(long) + "\n" + json.dumps(short) + "\n")
+    run = build_run(_cfg(task, tmp_path / "out", train_data=str(data), max_samples=2, num_generations=4,
+                         max_failure_rate=1.0))
+    trainer = run.trainer
+    script_policy(trainer, [[f"<think>r{k}</think><answer>{sample['answer']}</answer>"] for k in range(8)])
+    seen: list = []
+    model = trainer.model
+    orig = model.model.get_rope_index
+
+    def spy(input_ids=None, mm_token_type_ids=None, *args, **kwargs):
+        seen.append((input_ids.clone(), None if mm_token_type_ids is None else mm_token_type_ids.clone(),
+                     kwargs.get("attention_mask")))
+        return orig(input_ids, mm_token_type_ids, *args, **kwargs)
+
+    model.model.get_rope_index = spy
+    train_worker(run.cfg, run=run)
+    assert trainer.processing_class.tokenizer.padding_side == "left"
+    saved = json.loads((tmp_path / "out" / "model" / "tokenizer_config.json").read_text())
+    assert saved.get("padding_side", "right") == "right"  # the saved model pads as the input model did
+    pad = trainer.processing_class.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    lengths = set()
+    for ids, mm, mask in seen:
+        assert mm is not None
+        assert torch.equal(mm == 1, ids == pad)  # every image token typed as image, and nothing else
+        if mask is not None:
+            lengths |= {int(n) for n in mask.sum(dim=1)}
+    assert len(lengths) > 1  # the batch did mix prompt lengths
