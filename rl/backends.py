@@ -74,6 +74,12 @@ class TransformersBackend:
         self._stop_cls = _stop_criteria_class()
         self._end_strings = [s for s in {self.tokenizer.eos_token, self.tokenizer.pad_token, "<|im_end|>",
                                          "<|endoftext|>"} if s]
+        # a written image or video placeholder would come back in the next prompt as one image too many (the
+        # processor raises StopIteration and the episode is lost): the model may not write them, as TRL's GRPO
+        # generation may not write the image token (tests/test_rl_units.py)
+        self._placeholder_ids = sorted({i for t in ("<|image_pad|>", "<|video_pad|>")
+                                        if (i := self.tokenizer.convert_tokens_to_ids(t)) is not None
+                                        and i != self.tokenizer.unk_token_id})
 
     def render(self, conversation: list[dict]) -> str:
         return self.processor.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
@@ -136,6 +142,8 @@ class TransformersBackend:
             kwargs.update(temperature=None, top_p=None, top_k=None)
         if stop:
             kwargs["stopping_criteria"] = [self._stop_cls(self.tokenizer, stop, prompt_len)]
+        if self._placeholder_ids:
+            kwargs["suppress_tokens"] = self._placeholder_ids
         with torch.no_grad():
             out = self.model.generate(**inputs, **kwargs)
         new = out[:, prompt_len:]

@@ -300,3 +300,33 @@ def test_length_truncated_completions_leave_the_loss_not_the_attention():
     out = {"completion_ids": ids, "completion_mask": mask.clone(), "num_items_in_batch": torch.tensor(99)}
     loss_mask_without_truncated(out, [eos, pad], gather=lambda t: t.reshape(1))  # no tools: a mask is made
     assert out["tool_mask"].tolist()[1] == [0] * 7 and int(out["num_items_in_batch"]) == 9
+
+
+def test_a_model_cannot_write_an_image_placeholder_into_its_own_episode(task):
+    """A random model (the ablation's RL-only variant) sometimes writes `<|image_pad|>`: the turn went back into
+    the conversation, the processor found one image placeholder more than images and raised StopIteration, and
+    mine-hard and eval dropped the episode as unscorable ("generation failed", 12 of 40 items). The
+    transformers backend now suppresses the image and video placeholder tokens, as TRL's GRPO generation
+    suppresses the image token: a model pushed to write nothing else writes neither, and its episodes end
+    without an error."""
+    import torch
+
+    from pipeline.core.records import read_vqa
+    from rl.agent import AgentConfig, run_episodes
+    from rl.backends import make_backend
+    from tools.store import ImageStore
+
+    backend = make_backend("transformers", "tiny")
+    tok = backend.tokenizer
+    pads = [tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>")]
+    lm_head = backend.model.get_output_embeddings()
+    handle = lm_head.register_forward_hook(lambda m, i, o: o.index_fill(-1, torch.tensor(pads), 1e4))
+    try:
+        samples = read_vqa([task / "vqa.jsonl"])[:2]
+        store = ImageStore.from_manifest(task / "images.jsonl")
+        trajs = run_episodes(backend, samples, store, AgentConfig(max_new_tokens=8, max_turns=2))
+    finally:
+        handle.remove()
+    assert [t.error for t in trajs] == [None, None]
+    assert all("<|image_pad|>" not in str(m.get("content")) for t in trajs for m in t.messages
+               if m["role"] == "assistant")
