@@ -298,7 +298,7 @@ def build_run(cfg: RLConfig, ray_mode: bool = False, backend: Any = None) -> RLR
     # pads on the right: the shorter prompts' image positions then shifted and get_rope_index crashed or placed
     # them wrongly. TRL's own processor loading pads on the left; ours must too.
     # (tests/test_rl_scripted.py::test_prompts_of_different_lengths_without_a_crop_keep_their_image_positions)
-    tok = getattr(processor, "tokenizer", processor)
+    tok: Any = getattr(processor, "tokenizer", processor)
     padding_side, tok.padding_side = tok.padding_side, "left"
 
     counters: dict[str, int] = {}
