@@ -294,9 +294,10 @@ def build_run(cfg: RLConfig, ray_mode: bool = False, backend: Any = None) -> RLR
     set_pixel_bounds(processor, min_pixels=cfg.zoom_min_pixels, max_pixels=cfg.zoom_max_pixels)
     prepare_processor(processor, cfg.chat_template)
     # TRL left-pads the prompt ids, and in a batch where no rollout opened a view it takes the image token types
-    # of the loss forward from the processor, padded as the tokenizer says. The tiny tokenizer (and the 7B's)
-    # pads on the right: the shorter prompts' image positions then shifted and get_rope_index crashed or placed
-    # them wrongly. TRL's own processor loading pads on the left; ours must too.
+    # of the loss forward from the processor, padded as the tokenizer says. The tiny tokenizer pads on the right
+    # (transformers' default where a tokenizer config names no side): the shorter prompts' image positions then
+    # shifted and get_rope_index crashed or placed them wrongly. TRL's own processor loading pads on the left;
+    # ours must too.
     # (tests/test_rl_scripted.py::test_prompts_of_different_lengths_without_a_crop_keep_their_image_positions)
     tok: Any = getattr(processor, "tokenizer", processor)
     padding_side, tok.padding_side = tok.padding_side, "left"
