@@ -218,8 +218,8 @@ def test_a_length_truncated_rollout_with_a_crop_leaves_the_loss_not_the_attentio
 def test_prompts_of_different_lengths_without_a_crop_keep_their_image_positions(task, tmp_path):
     """Two prompts of different lengths in one batch, and no rollout opens a view: TRL then takes the image
     token types of its loss forward from the processor, which pads as its tokenizer says, while the prompt ids
-    are left-padded. The tiny model's tokenizer (and the 7B's) pads on the right, so the shorter prompt's image
-    positions were shifted by its padding: get_rope_index crashed ("shape mismatch: value tensor of shape
+    are left-padded. The tiny model's tokenizer pads on the right (transformers' default where a config names no
+    side), so the shorter prompt's image positions were shifted by its padding: get_rope_index crashed ("shape mismatch: value tensor of shape
     [3, 749] ...", `knowzoom ablate`'s RL-only variant, whose random model never zooms) or placed the image
     at the wrong tokens. rl.stage gives TRL a left-padding processor, as TRL's own loading does."""
     sample = _sample(task)
