@@ -61,6 +61,22 @@ def _stop_criteria_class() -> type:
     return StopOnStrings
 
 
+PLACEHOLDER_TOKENS = ("<|image_pad|>", "<|video_pad|>")
+
+
+def placeholder_tokens(tokenizer: Any) -> list[str]:
+    """The image and video placeholder tokens of `tokenizer`'s vocabulary (Qwen2.5-VL's `<|image_pad|>` and
+    `<|video_pad|>`), which no generation may write: a written one comes back in the next turn's prompt as a
+    placeholder without its image, and the processor (transformers) or the prompt update (vLLM) fails on it.
+    Every generation path bans them: `suppress_tokens` in transformers, `bad_words` in vLLM (rl.stage passes
+    them to TRL's own generation)."""
+    tok = getattr(tokenizer, "tokenizer", tokenizer)
+    if not hasattr(tok, "convert_tokens_to_ids"):
+        return []  # a text-only renderer without a vocabulary (test doubles): nothing to ban
+    unk = getattr(tok, "unk_token_id", None)
+    return [t for t in PLACEHOLDER_TOKENS if (i := tok.convert_tokens_to_ids(t)) is not None and i != unk]
+
+
 class TransformersBackend:
     """Batched `model.generate` with the processor's chat template. Images must already be sized by the zoom
     tool; set the processor's pixel bounds to the tool's (pipeline.models.set_pixel_bounds) so they are
@@ -77,9 +93,8 @@ class TransformersBackend:
         # a written image or video placeholder would come back in the next prompt as one image too many (the
         # processor raises StopIteration and the episode is lost): the model may not write them, as TRL's GRPO
         # generation may not write the image token (tests/test_rl_units.py)
-        self._placeholder_ids = sorted({i for t in ("<|image_pad|>", "<|video_pad|>")
-                                        if (i := self.tokenizer.convert_tokens_to_ids(t)) is not None
-                                        and i != self.tokenizer.unk_token_id})
+        self._placeholder_ids = sorted(self.tokenizer.convert_tokens_to_ids(t)
+                                       for t in placeholder_tokens(self.tokenizer))
 
     def render(self, conversation: list[dict]) -> str:
         return self.processor.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
@@ -161,6 +176,7 @@ class VLLMBackend:
         self.processor = processor
         self.seed = seed
         self._sp_cls = sampling_params_cls
+        self._placeholders = placeholder_tokens(processor)  # never written: see placeholder_tokens
 
     @classmethod
     def from_pretrained(cls, path: str, *, max_images: int = 8, max_pixels: int = 1003520, min_pixels: int = 3136,
@@ -219,9 +235,12 @@ class VLLMBackend:
             from vllm import SamplingParams
 
             self._sp_cls = SamplingParams
+        # vLLM 0.31 tokenizes each bad word without special tokens; a one-token word (a placeholder is a special
+        # token) gets -inf at every step (SamplingParams.update_from_tokenizer, v1/sample/ops/bad_words.py)
         return self._sp_cls(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
                             stop=list(stop), include_stop_str_in_output=True,
-                            seed=int(seed) if seed is not None and temperature > 0 else None)
+                            seed=int(seed) if seed is not None and temperature > 0 else None,
+                            bad_words=list(self._placeholders) or None)
 
     def generate(self, conversations: list[list[dict]], images: list[list[Image.Image]], *,
                  max_new_tokens: int, temperature: float, top_p: float, stop: list[str],
@@ -466,5 +485,5 @@ def make_backend(kind: str, model: str, *, base_url: str = "", api_key_env: str 
     raise BackendError(f"unknown backend {kind!r}; use transformers, vllm or openai")
 
 
-__all__ = ["TransformersBackend", "VLLMBackend", "OpenAIBackend", "make_backend", "image_data_url",
-           "to_openai_messages", "to_openai_native_messages", "message_text", "OPENAI_TOOL_MODES"]
+__all__ = ["PLACEHOLDER_TOKENS", "placeholder_tokens", "TransformersBackend", "VLLMBackend", "OpenAIBackend",
+           "make_backend", "image_data_url", "to_openai_messages", "to_openai_native_messages", "message_text", "OPENAI_TOOL_MODES"]

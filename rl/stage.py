@@ -161,8 +161,14 @@ def generation_batch_size(cfg: RLConfig, ray_mode: bool) -> int:
     return cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world
 
 
-def _grpo_config(cfg: RLConfig, ckpt_dir: Path, ray_mode: bool) -> Any:
+def _grpo_config(cfg: RLConfig, ckpt_dir: Path, ray_mode: bool, processor: Any = None) -> Any:
+    """TRL's GRPOConfig for `cfg`; with `processor`, TRL's generation may not write its image or video
+    placeholders (rl.backends.placeholder_tokens): vLLM gets them as `bad_words` (TRL passes generation_kwargs
+    into every SamplingParams, colocate and server), transformers as `suppress_tokens` (TRL suppresses the
+    image token alone)."""
     from trl import GRPOConfig
+
+    from rl.backends import placeholder_tokens
 
     kw: dict[str, Any] = dict(
         output_dir=str(ckpt_dir),
@@ -210,6 +216,11 @@ def _grpo_config(cfg: RLConfig, ckpt_dir: Path, ray_mode: bool) -> Any:
     )
     if cfg.vllm_max_model_length:
         kw["vllm_max_model_length"] = cfg.vllm_max_model_length
+    banned = placeholder_tokens(processor) if processor is not None else []
+    if banned:
+        tok = getattr(processor, "tokenizer", processor)
+        kw["generation_kwargs"] = ({"bad_words": banned} if cfg.use_vllm else
+                                   {"suppress_tokens": [tok.convert_tokens_to_ids(t) for t in banned]})
     if cfg.use_vllm and cfg.vllm_mode == "colocate":
         kw["vllm_enable_sleep_mode"] = cfg.vllm_enable_sleep_mode
     if cfg.bf16 and cfg.beta and not cfg.lora:
@@ -347,7 +358,7 @@ def build_run(cfg: RLConfig, ray_mode: bool = False, backend: Any = None) -> RLR
     trainer = ZoomGRPOTrainer(
         model=model,
         reward_funcs=rewards.functions(),
-        args=_grpo_config(cfg, ckpt_dir, ray_mode),
+        args=_grpo_config(cfg, ckpt_dir, ray_mode, processor),
         train_dataset=dataset,
         processing_class=processor,
         environment_factory=env_factory,

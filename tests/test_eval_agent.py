@@ -232,6 +232,28 @@ def test_vllm_backend_seeds_each_rollout_against_the_vllm_contract(vqa):
     assert be4.llm.requests[0][1].sampling_type == "GREEDY"
 
 
+def test_vllm_backend_bans_the_image_placeholders_against_the_vllm_contract(vqa, monkeypatch):
+    """A placeholder the model writes would come back in the next turn's prompt without its image, and vLLM's
+    prompt update would fail on it: every request bans them through `bad_words`, which the stand-in resolves
+    and applies as vLLM 0.31 does (one special token each, never generated)."""
+    import vllm_standin
+
+    samples, store = vqa
+    monkeypatch.setattr(vllm_standin.LLM, "prefix", "<think>I see <|image_pad|> and <|video_pad|>.</think>")
+    be, trajs = _vllm_run(samples[:1], store, batch_size=4, n=2)
+    tok = be.processor.tokenizer
+    ids = [tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>")]
+    for _, sp in be.llm.requests:
+        assert sp.bad_words == ["<|image_pad|>", "<|video_pad|>"]
+        assert sp._bad_words_token_ids == [[i] for i in ids]  # one token each: -inf at every step
+    assert all(t.error is None and t.final_text.startswith("<think>I see  and .</think><answer>")
+               for t in trajs)
+    # the stand-in's model does write them when nothing bans them
+    free = vllm_standin.SamplingParams(max_tokens=8)
+    out = be.llm.generate([{"prompt": "x"}], free)[0].outputs[0].text
+    assert "<|image_pad|>" in out and "<|video_pad|>" in out
+
+
 def test_vllm_backend_gets_the_resolved_local_folder(vqa, tmp_path):
     """Issue #11 finding 8: the engine is built on the resolved local model folder ("tiny", a stage output
     folder, a cached HF id), never on the raw spec; an HF id that is not cached is a clear error, offline."""

@@ -82,6 +82,9 @@ def test_vllm_colocate_sees_exactly_what_the_trainer_scores(tmp_path):
     assert all(q["prefix_of_scored"] for q in reqs), "vLLM's expanded prompt + output differ from the scored ids"
     assert all(q["placed"] for q in reqs), "an image's placeholder is not on its own run of image tokens"
     assert r["n_scored"] == 4 and all(r["scored_covered"])
+    # the policy's first turn writes <|image_pad|> in its think: banned by every request, so no placeholder
+    # without an image reaches the next turn (it would take the crop's place in vLLM's prompt update)
+    assert all(b == ["<|image_pad|>", "<|video_pad|>"] for b in r["bad_words"])
     assert r["weight_loads"] > 0  # TRL's colocate weight sync reached the engine
     # sleep mode: asleep after init, weights pushed back (wake) before generating, asleep again after
     ev = r["events"]

@@ -330,3 +330,20 @@ def test_a_model_cannot_write_an_image_placeholder_into_its_own_episode(task):
     assert [t.error for t in trajs] == [None, None]
     assert all("<|image_pad|>" not in str(m.get("content")) for t in trajs for m in t.messages
                if m["role"] == "assistant")
+
+
+def test_rl_generation_may_not_write_a_placeholder_on_either_path(tmp_path):
+    """TRL's own generation gets the same ban: vLLM (colocate or server) as `bad_words` in every SamplingParams
+    (TRL bans nothing there), transformers as `suppress_tokens` (TRL's default suppresses the image token only,
+    not the video token). tests/test_rl_gpu_path.py runs the vLLM one through TRL's colocate loop."""
+    from pipeline.models import load_processor, resolve_model_path
+    from rl.config import RLConfig
+    from rl.stage import _grpo_config
+
+    proc = load_processor(str(resolve_model_path("tiny")))
+    ids = [proc.tokenizer.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>")]
+    cfg = RLConfig(output_dir=str(tmp_path))
+    assert _grpo_config(cfg, tmp_path / "ck", False, proc).generation_kwargs == {"suppress_tokens": ids}
+    cfg.use_vllm = True
+    vllm = _grpo_config(cfg, tmp_path / "ck", False, proc)
+    assert vllm.use_vllm and vllm.generation_kwargs == {"bad_words": ["<|image_pad|>", "<|video_pad|>"]}

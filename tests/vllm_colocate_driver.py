@@ -26,8 +26,8 @@ def policy(text: str, n_images: int) -> str:
     """Turn t of a rollout: zoom image_0, zoom again (image_1 when there is one), answer."""
     turn = text.count("<|im_start|>assistant") - 1
     two = text.count("<|vision_start|>") - turn >= 2  # prompt images (one tool image per earlier turn)
-    if turn == 0:
-        return ('<think>look</think><tool_call>{"name": "zoom_in", "arguments": {"bbox": [10, 10, 80, 80], '
+    if turn == 0:  # the think holds an image placeholder, which the run's bad_words keep out of the rollout
+        return ('<think>look<|image_pad|></think><tool_call>{"name": "zoom_in", "arguments": {"bbox": [10, 10, 80, 80], '
                 '"source": "image_0"}}</tool_call><|im_end|>')
     if turn == 1:
         src = "image_1" if two else "image_0"
@@ -104,7 +104,7 @@ def main(work: Path, report_path: Path) -> int:
         checks.append({"n_images": len(r["images"]), "n_sent_pads": r["sent"].count(pad),
                        "n_tokens": r["n_tokens"], "prefix_of_scored": match is not None, "placed": placed})
     covered = [any(r["expanded"] + r["generated"] == s["ids"] for r in vllm_standin.REQUESTS) for s in scored]
-    report = {"requests": checks, "scored_covered": covered, "n_scored": len(scored),
+    report = {"requests": checks, "bad_words": [r["bad_words"] for r in vllm_standin.REQUESTS], "scored_covered": covered, "n_scored": len(scored),
               "max_images": max((len(s["images"]) for s in scored), default=0),
               "weight_loads": len(vllm_standin.WEIGHT_LOADS), "pad_id": pad, "events": vllm_standin.EVENTS,
               "weight_dtypes": sorted({d for _, d in vllm_standin.WEIGHT_LOADS}),

@@ -14,6 +14,8 @@ exactly as it would bind vLLM's. What it implements, read from the vLLM 0.31.0 w
   (`_apply_token_matches_with_placeholders` with `Qwen2VLMultiModalProcessor._get_prompt_updates`): image
   i replaces the first single `<|image_pad|>` at or after the end of image i-1's replacement with
   grid_thw.prod() // merge_size**2 pads; too few pads raise like `_validate_mm_placeholders`.
+- `SamplingParams(bad_words=[...])`, applied by the rule of `vllm_standin.py` (vLLM 0.31's tokenization of the
+  words and its -inf on their last token): the scripted completion's forbidden tokens are skipped.
 - Outputs are `RequestOutput`s (`prompt_token_ids` = the expanded ids, `outputs[0].token_ids`,
   `outputs[0].logprobs` as `{token_id: Logprob}` per token), one per prompt (TRL uses n=1 in colocate).
 
@@ -29,6 +31,8 @@ import sys
 import types
 from dataclasses import dataclass, field
 from typing import Any
+
+from vllm_standin import bad_words_token_ids, without_banned
 
 VERSION = "0.31.0"
 REQUESTS: list[dict[str, Any]] = []
@@ -56,6 +60,7 @@ class SamplingParams:
     max_tokens: int | None = 16
     logprobs: int | None = None
     structured_outputs: Any = None
+    bad_words: list[str] | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -171,9 +176,14 @@ class LLM:
             text = self.tokenizer.decode(expanded, skip_special_tokens=False)
             reply = POLICY["fn"](text, len(images))
             gen = self.tokenizer(reply, add_special_tokens=False)["input_ids"]
+            bad = getattr(sampling_params, "bad_words", None)
+            if bad:  # vLLM's bad-words rule, as the offline stand-in applies it
+                gen = without_banned(gen, bad_words_token_ids(self.tokenizer, bad))
+                reply = self.tokenizer.decode(gen, skip_special_tokens=False)
             if sampling_params is not None and sampling_params.max_tokens:
                 gen = gen[: sampling_params.max_tokens]
             REQUESTS.append({"sent": ids, "expanded": expanded, "generated": gen, "placeholders": placeholders,
+                             "bad_words": list(bad or []),
                              "images": [image_key(im) for im in images], "n_tokens": n_tok})
             lps = [{t: Logprob(-1.0, 1, None)} for t in gen]
             outs.append(RequestOutput(str(len(REQUESTS)), None, expanded, None,
