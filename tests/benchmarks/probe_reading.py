@@ -9,7 +9,9 @@ aiming turn, the real crop), lets the model write the answer turn greedily, and 
 
 With the aim taken from the oracle, it isolates the answer turn from the aiming turn (the probe in
 `knowzoom eval` needs both). `--blank_crop` shows a flat view instead of the crop: a model that reads the view
-loses what it had.
+loses what it had. `--single_view` asks the question about the crop alone (system prompt, then a user turn with
+the crop and the question's text, no overview and no aiming turn): the format of a perception step that trains on
+single views, so it shows what such a step learned before any episode.
 
     python tests/benchmarks/probe_reading.py --model runs/tiny/sft_prewarm/model \\
         --vqa runs/tiny/scenes/vqa_probe.jsonl --images runs/tiny/scenes/images.jsonl [--blank_crop]
@@ -42,6 +44,8 @@ def main() -> None:
     ap.add_argument("--vqa", required=True, help="VQASample JSONL (held-out: make-scenes' vqa_probe.jsonl)")
     ap.add_argument("--images", required=True, help="the images.jsonl of their image store")
     ap.add_argument("--blank_crop", action="store_true", help="show a flat view instead of the crop")
+    ap.add_argument("--single_view", action="store_true",
+                    help="the crop alone with the question's text, not inside the episode")
     ap.add_argument("--max_pixels", type=int, default=50176)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--out", default="", help="also write the per-item answers here (JSONL)")
@@ -71,7 +75,13 @@ def main() -> None:
             images = ChatDataset([it])[0]["images"]
             if args.blank_crop:
                 images[-1] = Image.new("RGB", images[-1].size, (60, 90, 120))
-            episodes.append((by_id[t.sample_id], it.messages[:-1], images))
+            messages = it.messages[:-1]
+            if args.single_view:
+                system, user = messages[0], messages[1]
+                text = [c for c in user["content"] if c.get("type") == "text"][-1]["text"]
+                messages = [system, {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+                images = images[-1:]
+            episodes.append((by_id[t.sample_id], messages, images))
 
     model, proc = load_model(args.model)
     set_pixel_bounds(proc, min_pixels=3136, max_pixels=args.max_pixels)
@@ -102,8 +112,8 @@ def main() -> None:
             rows.append({"id": s.id, "task": task, "answer": s.answer, "output": text, "correct": ok})
     table = {t: {k: f"{right[t][k]}/{n} ({100 * right[t][k] / n:.0f} %)" for k, n in seen[t].items()}
              for t in sorted(seen)}
-    print(json.dumps({"model": args.model, "blank_crop": args.blank_crop, "items": len(rows), "per_task": table},
-                     indent=1))
+    print(json.dumps({"model": args.model, "blank_crop": args.blank_crop, "single_view": args.single_view,
+                      "items": len(rows), "per_task": table}, indent=1))
     if args.out:
         Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in rows))
 
