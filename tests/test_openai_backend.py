@@ -167,3 +167,15 @@ def test_knowzoom_eval_exits_nonzero_when_no_episode_scores(data, tmp_path, caps
     assert rc != 0 and "no episode could be scored" in err and "Traceback" not in err
     assert (tmp_path / "e" / "results.json").exists()  # the reports with every error are still written
     assert not (tmp_path / "e" / "DONE.json").exists()
+
+
+def test_openai_extra_body_reaches_every_request(data, tmp_path, capsys):
+    """`openai_extra_body` is how a vLLM server is told to ban the image placeholders (its chat endpoint takes
+    `bad_words`): every request of the eval carries it, beside the fields the backend sets."""
+    from pipeline.cli import main
+
+    ban = ["<|image_pad|>", "<|video_pad|>"]
+    with StandinServer(answer="A") as srv:
+        rc = main(_eval_args(data, tmp_path / "e", srv.base_url, "--openai_extra_body", f"{{bad_words: {ban}}}"))
+    assert rc == 0 and srv.rejected == [] and len(srv.requests) >= 4
+    assert all(r["bad_words"] == ban and r["model"] == "served" for r in srv.requests)

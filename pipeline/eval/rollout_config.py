@@ -47,6 +47,12 @@ class RolloutStageConfig(ZoomSettings):
     openai_tool_mode: str = hfield("text", help="backend openai: text (our <tool_call> text protocol in the "
                                                 "messages) | native (zoom_in sent as an OpenAI tool; calls "
                                                 "come back in message.tool_calls, crops as images).")
+    openai_extra_body: dict = hfield({}, help="backend openai: fields added to every request body, for what the "
+                                              "server accepts beyond OpenAI's API; against a vLLM server "
+                                              "{bad_words: ['<|image_pad|>', '<|video_pad|>']} keeps the model "
+                                              "from writing an image placeholder, which comes back in the next "
+                                              "turn without its image (the vllm and transformers backends ban "
+                                              "them themselves).")
 
     def validate(self) -> list[str]:
         p = super().validate()
@@ -98,7 +104,7 @@ class RolloutStageConfig(ZoomSettings):
         elif self.backend == "openai":
             kw = {"concurrency": self.openai_concurrency, "timeout_s": self.openai_timeout_s,
                   "tool_mode": self.openai_tool_mode if self.protocol == "zoom" else "text",  # direct: no tools
-                  "frame": self.zoom_frame}
+                  "frame": self.zoom_frame, "extra_body": dict(self.openai_extra_body)}
         return make_backend(self.backend, self.model, base_url=self.base_url, api_key_env=self.api_key_env,
                             agent_max_pixels=self.zoom_max_pixels, agent_min_pixels=self.zoom_min_pixels,
                             seed=self.seed, **kw)
