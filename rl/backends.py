@@ -486,4 +486,5 @@ def make_backend(kind: str, model: str, *, base_url: str = "", api_key_env: str 
 
 
 __all__ = ["PLACEHOLDER_TOKENS", "placeholder_tokens", "TransformersBackend", "VLLMBackend", "OpenAIBackend",
-           "make_backend", "image_data_url", "to_openai_messages", "to_openai_native_messages", "message_text", "OPENAI_TOOL_MODES"]
+           "make_backend", "image_data_url", "to_openai_messages", "to_openai_native_messages", "message_text",
+           "OPENAI_TOOL_MODES"]
