@@ -77,6 +77,12 @@ def placeholder_tokens(tokenizer: Any) -> list[str]:
     return [t for t in PLACEHOLDER_TOKENS if (i := tok.convert_tokens_to_ids(t)) is not None and i != unk]
 
 
+def placeholder_token_ids(tokenizer: Any) -> list[int]:
+    """The ids of `placeholder_tokens(tokenizer)` (what transformers' `suppress_tokens` takes)."""
+    tok = getattr(tokenizer, "tokenizer", tokenizer)
+    return [int(tok.convert_tokens_to_ids(t)) for t in placeholder_tokens(tok)]
+
+
 class TransformersBackend:
     """Batched `model.generate` with the processor's chat template. Images must already be sized by the zoom
     tool; set the processor's pixel bounds to the tool's (pipeline.models.set_pixel_bounds) so they are
@@ -93,8 +99,7 @@ class TransformersBackend:
         # a written image or video placeholder would come back in the next prompt as one image too many (the
         # processor raises StopIteration and the episode is lost): the model may not write them, as TRL's GRPO
         # generation may not write the image token (tests/test_rl_units.py)
-        self._placeholder_ids = sorted(self.tokenizer.convert_tokens_to_ids(t)
-                                       for t in placeholder_tokens(self.tokenizer))
+        self._placeholder_ids = sorted(placeholder_token_ids(self.tokenizer))
 
     def render(self, conversation: list[dict]) -> str:
         return self.processor.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
@@ -485,6 +490,6 @@ def make_backend(kind: str, model: str, *, base_url: str = "", api_key_env: str 
     raise BackendError(f"unknown backend {kind!r}; use transformers, vllm or openai")
 
 
-__all__ = ["PLACEHOLDER_TOKENS", "placeholder_tokens", "TransformersBackend", "VLLMBackend", "OpenAIBackend",
-           "make_backend", "image_data_url", "to_openai_messages", "to_openai_native_messages", "message_text",
+__all__ = ["PLACEHOLDER_TOKENS", "placeholder_tokens", "placeholder_token_ids", "TransformersBackend", "VLLMBackend",
+           "OpenAIBackend", "make_backend", "image_data_url", "to_openai_messages", "to_openai_native_messages", "message_text",
            "OPENAI_TOOL_MODES"]

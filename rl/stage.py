@@ -168,7 +168,7 @@ def _grpo_config(cfg: RLConfig, ckpt_dir: Path, ray_mode: bool, processor: Any =
     image token alone)."""
     from trl import GRPOConfig
 
-    from rl.backends import placeholder_tokens
+    from rl.backends import placeholder_token_ids, placeholder_tokens
 
     kw: dict[str, Any] = dict(
         output_dir=str(ckpt_dir),
@@ -218,9 +218,8 @@ def _grpo_config(cfg: RLConfig, ckpt_dir: Path, ray_mode: bool, processor: Any =
         kw["vllm_max_model_length"] = cfg.vllm_max_model_length
     banned = placeholder_tokens(processor) if processor is not None else []
     if banned:
-        tok = getattr(processor, "tokenizer", processor)
         kw["generation_kwargs"] = ({"bad_words": banned} if cfg.use_vllm else
-                                   {"suppress_tokens": [tok.convert_tokens_to_ids(t) for t in banned]})
+                                   {"suppress_tokens": placeholder_token_ids(processor)})
     if cfg.use_vllm and cfg.vllm_mode == "colocate":
         kw["vllm_enable_sleep_mode"] = cfg.vllm_enable_sleep_mode
     if cfg.bf16 and cfg.beta and not cfg.lora:

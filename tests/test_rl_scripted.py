@@ -219,9 +219,9 @@ def test_prompts_of_different_lengths_without_a_crop_keep_their_image_positions(
     """Two prompts of different lengths in one batch, and no rollout opens a view: TRL then takes the image
     token types of its loss forward from the processor, which pads as its tokenizer says, while the prompt ids
     are left-padded. The tiny model's tokenizer pads on the right (transformers' default where a config names no
-    side), so the shorter prompt's image positions were shifted by its padding: get_rope_index crashed ("shape mismatch: value tensor of shape
-    [3, 749] ...", `knowzoom ablate`'s RL-only variant, whose random model never zooms) or placed the image
-    at the wrong tokens. rl.stage gives TRL a left-padding processor, as TRL's own loading does."""
+    side), so the shorter prompt's image positions were shifted by its padding: get_rope_index crashed ("shape
+    mismatch: value tensor of shape [3, 749] ...", `knowzoom ablate`'s RL-only variant, whose random model never
+    zooms) or placed the image at the wrong tokens. rl.stage gives TRL a left-padding processor, as TRL's own loading does."""
     sample = _sample(task)
     short = dict(sample, id="short")
     long = dict(sample, id="long", question=sample["question"] + " Look closely at every part of the image before"
