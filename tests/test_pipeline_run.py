@@ -130,6 +130,48 @@ def test_7b_recipe_wiring_with_tiny_overrides(tiny_run, tmp_path):
     assert res["reportable"] is False  # --limit runs are never reportable
 
 
+def test_the_reading_preset_chains_its_answer_step_over_swapped_views(tmp_path):
+    """configs/tiny/pipeline_reading.yaml end to end on tiny data: make-scenes writes swapped views and the asked
+    part, three answer stages each continue the last over those views, a probe follows each, and the report's
+    before → after rows chain the probes (each probe's "before" is the probe of the stage before it)."""
+    import yaml
+
+    answer = {**FAST["sft_prewarm"], "max_steps": 1}
+    over = {**FAST, "make-scenes": {**FAST["make-scenes"], "swap_views": 2},
+            "sft_answer300": answer, "sft_answer900": answer, "sft_prewarm": answer}
+    cfg = load_config(PipelineConfig, ROOT / "configs/tiny/pipeline_reading.yaml",
+                      {"output_dir": str(tmp_path / "run"), "data_root": str(tmp_path / "data"), "overrides": over})
+    summary = run(cfg)
+    ids = cfg.stage_ids()
+    assert list(summary["stages"]) == ids and not any(r.get("skipped") for r in summary["stages"].values())
+    chain = ["sft_aim", "sft_answer300", "sft_answer900", "sft_prewarm"]
+    assert [i for i in ids if i.startswith("sft_") and i != "sft_text"] == chain
+    root, data = tmp_path / "run", tmp_path / "data"
+    views = data / "scenes/swap/views.jsonl"
+    rows = [json.loads(x) for x in views.read_text().splitlines()]
+    assert rows and all(r.get("asks") for r in rows)  # think_asks reached the swapped views too
+    for before, stage in zip(chain, chain[1:], strict=False):
+        c = yaml.safe_load((root / stage / "config.yaml").read_text())
+        assert c["model"] == str(root / before / "model") and c["view_swap_data"] == [str(views)]
+        assert c["text_data"] == []
+        m = json.loads((root / stage / "metrics.json").read_text())["data"]
+        assert m["view_swap_items"] > 0 and m["trajectories_written"] == 0  # the aiming step's trajectories
+    # the oracle answer think ends with the asked part ("Colour: red.") in the trajectories every stage reads
+    from tools.scenes import ASK_LABEL
+
+    traj = [json.loads(x) for x in (root / "sft_data/trajectories.jsonl").read_text().splitlines()]
+    thinks = [t["messages"][-1]["content"].split("</think>")[0] for t in traj]
+    asked = [th for th in thinks if any(f". {label}: " in th for label in ASK_LABEL.values())]
+    assert len(asked) > len(thinks) / 2  # all but the whole-image land-use questions, which name no site
+    report = (root / "report.md").read_text()
+    probes = ["probe_text", "probe_answer300", "probe_answer900", "probe_prewarm", "probe_rl"]
+    for before, probe in zip(probes, probes[1:], strict=False):
+        a = json.loads((root / before / "results.json").read_text())["metrics"]["overall"]["pass@1_macro"]
+        assert f"| {probe} | Pass@1 macro (n=" in report
+        row = next(x for x in report.splitlines() if x.startswith(f"| {probe} | Pass@1 macro"))
+        assert row.split("|")[3].strip() == f"{100 * a:.1f} %"
+
+
 def test_bad_pipeline_configs_say_what_to_fix(tmp_path):
     bad = tmp_path / "p.yaml"
     bad.write_text("stages:\n  - {name: sft, config: configs/tiny/sft_text.yaml, set: {lerning_rate: 1}}\n"
