@@ -4,6 +4,7 @@ overrides; skip-when-done, rerun after a config change, the report; the ablation
 from __future__ import annotations
 
 import json
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -150,7 +151,7 @@ def test_the_reading_preset_chains_its_answer_step_over_swapped_views(tmp_path):
     views = data / "scenes/swap/views.jsonl"
     rows = [json.loads(x) for x in views.read_text().splitlines()]
     assert rows and all(r.get("asks") for r in rows)  # think_asks reached the swapped views too
-    for before, stage in zip(chain, chain[1:], strict=False):
+    for before, stage in pairwise(chain):
         c = yaml.safe_load((root / stage / "config.yaml").read_text())
         assert c["model"] == str(root / before / "model") and c["view_swap_data"] == [str(views)]
         assert c["text_data"] == []
@@ -165,7 +166,7 @@ def test_the_reading_preset_chains_its_answer_step_over_swapped_views(tmp_path):
     assert len(asked) > len(thinks) / 2  # all but the whole-image land-use questions, which name no site
     report = (root / "report.md").read_text()
     probes = ["probe_text", "probe_answer300", "probe_answer900", "probe_prewarm", "probe_rl"]
-    for before, probe in zip(probes, probes[1:], strict=False):
+    for before, probe in pairwise(probes):
         a = json.loads((root / before / "results.json").read_text())["metrics"]["overall"]["pass@1_macro"]
         assert f"| {probe} | Pass@1 macro (n=" in report
         row = next(x for x in report.splitlines() if x.startswith(f"| {probe} | Pass@1 macro"))
